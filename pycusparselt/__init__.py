@@ -1,0 +1,41 @@
+"""pycusparselt: Python bindings for NVIDIA cuSPARSELt, 2:4 structured-sparse matrix multiplies on
+Sparse Tensor Cores, with a NumPy reference that runs anywhere.
+
+Importing the package loads nothing native: the library is found and loaded on first use (see
+:func:`library_version`). Layers, each importing only the ones before it:
+
+- :mod:`pycusparselt.bindings`: one checked wrapper per C function; :mod:`pycusparselt.enums`: the
+  header's enumerations; :mod:`pycusparselt.errors`: the exceptions.
+- :mod:`pycusparselt.reference`: the NumPy oracle (pruning, compression, GEMM semantics); needs no GPU.
+"""
+
+from __future__ import annotations
+
+from . import enums, errors
+from ._library import ENV_VAR, MIN_VERSION, library_path, library_version
+from .errors import (
+    ClosedError,
+    CuSparseLtError,
+    CuSparseLtMemoryError,
+    CuSparseLtRuntimeError,
+    CuSparseLtUsageError,
+    LibraryNotFoundError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "ENV_VAR",
+    "MIN_VERSION",
+    "library_version",
+    "library_path",
+    "enums",
+    "errors",
+    "ClosedError",
+    "CuSparseLtError",
+    "CuSparseLtMemoryError",
+    "CuSparseLtRuntimeError",
+    "CuSparseLtUsageError",
+    "LibraryNotFoundError",
+]

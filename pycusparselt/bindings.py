@@ -1,0 +1,869 @@
+"""Thin checked wrappers: one Python function per cuSPARSELt C function.
+
+Each wrapper is named after its C function in snake_case (``cusparseLtMatmulPlanInit`` is
+:func:`matmul_plan_init`), checks its arguments' Python types, calls the library and raises a
+:class:`~pycusparselt.errors.CuSparseLtError` subclass on any status but success.
+
+The five opaque structures are Python objects that own 16-byte aligned storage (:class:`RawHandle`,
+:class:`RawMatDescriptor`, :class:`RawMatmulDescriptor`, :class:`RawAlgSelection`, :class:`RawPlan`). They
+remember whether they are initialised: a wrapper given one that was never initialised or was already
+destroyed raises :class:`~pycusparselt.errors.ClosedError` instead of handing freed memory to C, and
+initialising a live one twice raises instead of leaking it. Lifetimes across objects (destroy descriptors
+before their handle, say) are the object layer's business.
+
+Device memory is passed as integer addresses (``cupy_array.data.ptr``) or ``None`` for NULL; streams as an
+integer handle, ``None`` (the legacy default stream), or any object with ``__cuda_stream__`` or ``.ptr``
+(``cupy.cuda.Stream``). ``alpha`` and ``beta`` are host scalars (passed as C ``float``) unless wrapped in
+:class:`DevicePointer` (for alpha/beta vector scaling, where they point to device vectors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _library
+from ._ffi import ffi
+from .enums import (
+    ComputeType,
+    DataType,
+    LibraryProperty,
+    MatDescAttribute,
+    MatmulAlg,
+    MatmulAlgAttribute,
+    MatmulDescAttribute,
+    Operation,
+    Order,
+    PruneAlg,
+    Sparsity,
+    Status,
+)
+from .errors import ClosedError, error_class_for_status
+
+__all__ = [
+    "RawHandle",
+    "RawMatDescriptor",
+    "RawMatmulDescriptor",
+    "RawAlgSelection",
+    "RawPlan",
+    "DevicePointer",
+    "MAT_DESC_ATTRIBUTE_TYPES",
+    "MATMUL_DESC_ATTRIBUTE_TYPES",
+    "MATMUL_ALG_ATTRIBUTE_TYPES",
+    "check_status",
+    # one per C function, in the header's order
+    "init",
+    "destroy",
+    "get_version",
+    "get_property",
+    "get_error_name",
+    "get_error_string",
+    "dense_descriptor_init",
+    "structured_descriptor_init",
+    "mat_descriptor_destroy",
+    "mat_desc_set_attribute",
+    "mat_desc_get_attribute",
+    "matmul_descriptor_init",
+    "matmul_desc_set_attribute",
+    "matmul_desc_get_attribute",
+    "matmul_alg_selection_init",
+    "matmul_alg_selection_destroy",
+    "matmul_alg_set_attribute",
+    "matmul_alg_get_attribute",
+    "matmul_get_workspace",
+    "matmul_plan_init",
+    "matmul_plan_destroy",
+    "matmul",
+    "matmul_search",
+    "spmma_prune",
+    "spmma_prune_check",
+    "spmma_prune2",
+    "spmma_prune_check2",
+    "spmma_compressed_size",
+    "spmma_compress",
+    "spmma_compressed_size2",
+    "spmma_compress2",
+]
+
+_ALIGNMENT = 16
+_SUCCESS = 0
+
+
+def _lib() -> Any:
+    return _library.load().lib
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+# (function, status) -> what usually causes it. Keys with function None apply to any function.
+_HINTS: dict[tuple[str | None, int], str] = {
+    ("cusparseLtInit", Status.NOT_INITIALIZED): (
+        "no usable CUDA GPU or driver is visible to this process; cuSPARSELt needs an NVIDIA GPU of "
+        "compute capability 8.0 or newer and a driver that supports the library's CUDA version"
+    ),
+    ("cusparseLtStructuredDescriptorInit", Status.NOT_SUPPORTED): (
+        "check the data type, the order and the sizes: rows, cols and ld must be multiples of 16 for 16-bit "
+        "types, 32 for 8-bit types and 8 for float32 (sparse operand); 8-bit inputs need the 'TN' layout "
+        "(row-major A with column-major B, or the transposed equivalents)"
+    ),
+    ("cusparseLtDenseDescriptorInit", Status.NOT_SUPPORTED): (
+        "check the data type, the order and the sizes: rows, cols and ld must be multiples of 8 for 16-bit "
+        "types, 16 for 8-bit types and 4 for float32 (dense operands); ld must be at least the leading "
+        "dimension's extent"
+    ),
+    ("cusparseLtMatmulDescriptorInit", Status.NOT_SUPPORTED): (
+        "this combination of input/output types, compute type, operations and orders is not supported; 8-bit "
+        "inputs (INT8, FP8) need the 'TN' form (row-major A with column-major B); FP8 needs SM 8.9+"
+    ),
+    (None, Status.ARCH_MISMATCH): (
+        "the GPU is too old for this operation: cuSPARSELt needs SM 8.0+, and FP8 needs SM 8.9 or 9.0+"
+    ),
+    (None, Status.INSUFFICIENT_RESOURCES): "the GPU ran out of memory or the workspace is too small",
+    (None, Status.ALLOC_FAILED): "a memory allocation inside cuSPARSELt failed (out of host or device memory)",
+    ("cusparseLtMatDescSetAttribute", Status.INVALID_VALUE): "the value is out of range for this attribute",
+    ("cusparseLtMatmulDescSetAttribute", Status.INVALID_VALUE): (
+        "the value is out of range or conflicts with the descriptor's types (e.g. alpha vector scaling is "
+        "only for INT8 inputs with 32I compute in some releases)"
+    ),
+    ("cusparseLtMatmulAlgSetAttribute", Status.INVALID_VALUE): (
+        "the value is out of range for this attribute (config ids go from 0 to CONFIG_MAX_ID - 1; split-k "
+        "settings depend on the GPU architecture)"
+    ),
+    ("cusparseLtMatmul", Status.INVALID_VALUE): (
+        "a pointer is NULL or not 16-byte aligned, the workspace is too small, or the sparse operand was not "
+        "compressed with this plan"
+    ),
+}
+
+
+def _hint(function: str, status: int) -> str | None:
+    return _HINTS.get((function, status)) or _HINTS.get((None, status))
+
+
+def check_status(function: str, status: int, hint: str | None = None) -> None:
+    """Raise the matching :class:`~pycusparselt.errors.CuSparseLtError` unless ``status`` is success.
+
+    Parameters
+    ----------
+    function : str
+        Name of the C function that returned ``status``.
+    status : int
+        The ``cusparseStatus_t`` it returned.
+    hint : str, optional
+        Explanation to attach; by default pycusparselt's own hint for that function and status, if any.
+    """
+    if status == _SUCCESS:
+        return
+    lib = _lib()
+    name = ffi.string(lib.cusparseLtGetErrorName(status)).decode(errors="replace")
+    text = ffi.string(lib.cusparseLtGetErrorString(status)).decode(errors="replace")
+    raise error_class_for_status(status)(function, status, name, text, hint or _hint(function, status))
+
+
+# --------------------------------------------------------------------------------------------------
+# Opaque structures
+
+
+class _Opaque:
+    """Aligned storage for one opaque cuSPARSELt structure, tracking whether it is initialised."""
+
+    _ctype = ""
+    _what = ""
+    __slots__ = ("_storage", "_ptr", "_live", "__weakref__")
+
+    def __init__(self) -> None:
+        size = ffi.sizeof(self._ctype)
+        # cffi ignores the header's alignas(16), so over-allocate and align by hand.
+        self._storage = ffi.new("uint8_t[]", size + _ALIGNMENT)
+        address = int(ffi.cast("uintptr_t", self._storage))
+        self._ptr = ffi.cast(self._ctype + " *", self._storage + (-address) % _ALIGNMENT)
+        self._live = False
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the structure was initialised and not yet destroyed."""
+        return self._live
+
+    @property
+    def address(self) -> int:
+        """Host address of the structure (16-byte aligned)."""
+        return int(ffi.cast("uintptr_t", self._ptr))
+
+    def __repr__(self) -> str:
+        state = "initialized" if self._live else "not initialized"
+        return f"<{type(self).__name__} at 0x{self.address:x}, {state}>"
+
+
+class RawHandle(_Opaque):
+    """Storage for a ``cusparseLtHandle_t``; initialise with :func:`init`, release with :func:`destroy`."""
+
+    _ctype = "cusparseLtHandle_t"
+    _what = "handle"
+    __slots__ = ()
+
+
+class RawMatDescriptor(_Opaque):
+    """Storage for a ``cusparseLtMatDescriptor_t`` (dense or structured); release with
+    :func:`mat_descriptor_destroy`."""
+
+    _ctype = "cusparseLtMatDescriptor_t"
+    _what = "matrix descriptor"
+    __slots__ = ()
+
+
+class RawMatmulDescriptor(_Opaque):
+    """Storage for a ``cusparseLtMatmulDescriptor_t``. The C API has no destroy for it; call
+    :meth:`release` when its plan and algorithm selection are gone."""
+
+    _ctype = "cusparseLtMatmulDescriptor_t"
+    _what = "matmul descriptor"
+    __slots__ = ()
+
+    def release(self) -> None:
+        """Mark the descriptor as no longer usable (it holds no resources of its own)."""
+        self._live = False
+
+
+class RawAlgSelection(_Opaque):
+    """Storage for a ``cusparseLtMatmulAlgSelection_t``; release with :func:`matmul_alg_selection_destroy`."""
+
+    _ctype = "cusparseLtMatmulAlgSelection_t"
+    _what = "algorithm selection"
+    __slots__ = ()
+
+
+class RawPlan(_Opaque):
+    """Storage for a ``cusparseLtMatmulPlan_t``; release with :func:`matmul_plan_destroy`."""
+
+    _ctype = "cusparseLtMatmulPlan_t"
+    _what = "plan"
+    __slots__ = ()
+
+
+def _live(obj: Any, cls: type[_Opaque], arg: str) -> Any:
+    """The C pointer of an initialised structure, or a Python exception."""
+    if type(obj) is not cls:
+        raise TypeError(f"{arg}: expected a {cls.__name__}, got {type(obj).__name__}")
+    if not obj._live:
+        raise ClosedError(f"{arg}: the {cls._what} is not initialized (never initialized, or already destroyed)")
+    return obj._ptr
+
+
+def _fresh(obj: Any, cls: type[_Opaque], arg: str) -> Any:
+    """The C pointer of a structure about to be initialised."""
+    if type(obj) is not cls:
+        raise TypeError(f"{arg}: expected a {cls.__name__}, got {type(obj).__name__}")
+    if obj._live:
+        raise ValueError(f"{arg}: the {cls._what} is already initialized; destroy it before reusing its storage")
+    return obj._ptr
+
+
+# --------------------------------------------------------------------------------------------------
+# Scalars, pointers and streams
+
+
+class DevicePointer(int):
+    """An integer marked as a device address, for ``alpha``/``beta`` when they point to device vectors."""
+
+    def __repr__(self) -> str:
+        return f"DevicePointer(0x{int(self):x})"
+
+
+def _int(value: Any, arg: str, ctype: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{arg}: expected an integer ({ctype}), got {type(value).__name__}")
+    return value.__index__()
+
+
+def _pointer(value: Any, arg: str) -> Any:
+    """``void*`` from an integer device address or None (NULL)."""
+    if value is None:
+        return ffi.NULL
+    address = _int(value, arg, "a device address")
+    if address < 0:
+        raise ValueError(f"{arg}: a device address cannot be negative, got {address}")
+    return ffi.cast("void *", address)
+
+
+def _stream_handle(stream: Any, arg: str = "stream") -> int:
+    if stream is None:
+        return 0
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    if not isinstance(stream, int) and hasattr(stream, "ptr"):
+        return int(stream.ptr)
+    return _int(stream, arg, "a cudaStream_t handle")
+
+
+def _stream(stream: Any, arg: str = "stream") -> Any:
+    return ffi.cast("cudaStream_t", _stream_handle(stream, arg))
+
+
+def _streams(streams: Any) -> tuple[Any, int]:
+    """``cudaStream_t*`` and a count from None, one stream, or an iterable of streams."""
+    if streams is None:
+        return ffi.NULL, 0
+    if isinstance(streams, int) or hasattr(streams, "__cuda_stream__") or hasattr(streams, "ptr"):
+        streams = [streams]
+    handles = [_stream_handle(s, "streams") for s in streams]
+    if not handles:
+        return ffi.NULL, 0
+    return ffi.new("cudaStream_t[]", [ffi.cast("cudaStream_t", h) for h in handles]), len(handles)
+
+
+def _scalar(value: Any, arg: str) -> Any:
+    """``const void*`` to a host float, or a device address for vector scaling."""
+    if isinstance(value, DevicePointer):
+        return _pointer(value, arg)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"{arg}: expected a real number or a DevicePointer, got {type(value).__name__}")
+    return ffi.new("float *", float(value))
+
+
+def _enum(value: Any, enum_type: type, arg: str) -> int:
+    try:
+        return int(enum_type(value))
+    except (ValueError, TypeError):
+        valid = ", ".join(f"{m.name}={int(m)}" for m in enum_type)
+        raise ValueError(f"{arg}: expected a {enum_type.__name__} ({valid}), got {value!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Attribute value types (the C type each attribute's data points to)
+
+MAT_DESC_ATTRIBUTE_TYPES: dict[MatDescAttribute, str] = {
+    MatDescAttribute.NUM_BATCHES: "int",
+    MatDescAttribute.BATCH_STRIDE: "int64_t",
+}
+
+MATMUL_DESC_ATTRIBUTE_TYPES: dict[MatmulDescAttribute, str] = {
+    MatmulDescAttribute.ACTIVATION_RELU: "int",
+    MatmulDescAttribute.ACTIVATION_RELU_UPPERBOUND: "float",
+    MatmulDescAttribute.ACTIVATION_RELU_THRESHOLD: "float",
+    MatmulDescAttribute.ACTIVATION_GELU: "int",
+    MatmulDescAttribute.ACTIVATION_GELU_SCALING: "float",
+    MatmulDescAttribute.ALPHA_VECTOR_SCALING: "int",
+    MatmulDescAttribute.BETA_VECTOR_SCALING: "int",
+    MatmulDescAttribute.BIAS_STRIDE: "int64_t",
+    MatmulDescAttribute.BIAS_POINTER: "void *",
+    MatmulDescAttribute.SPARSE_MAT_POINTER: "void *",
+    MatmulDescAttribute.A_SCALE_MODE: "int",
+    MatmulDescAttribute.B_SCALE_MODE: "int",
+    MatmulDescAttribute.C_SCALE_MODE: "int",
+    MatmulDescAttribute.D_SCALE_MODE: "int",
+    MatmulDescAttribute.D_OUT_SCALE_MODE: "int",
+    MatmulDescAttribute.A_SCALE_POINTER: "void *",
+    MatmulDescAttribute.B_SCALE_POINTER: "void *",
+    MatmulDescAttribute.C_SCALE_POINTER: "void *",
+    MatmulDescAttribute.D_SCALE_POINTER: "void *",
+    MatmulDescAttribute.D_OUT_SCALE_POINTER: "void *",
+}
+
+MATMUL_ALG_ATTRIBUTE_TYPES: dict[MatmulAlgAttribute, str] = {
+    MatmulAlgAttribute.ALG_CONFIG_ID: "int",
+    MatmulAlgAttribute.ALG_CONFIG_MAX_ID: "int",
+    MatmulAlgAttribute.SEARCH_ITERATIONS: "int",
+    MatmulAlgAttribute.SPLIT_K: "int",
+    MatmulAlgAttribute.SPLIT_K_MODE: "int",
+    MatmulAlgAttribute.SPLIT_K_BUFFERS: "int",
+}
+
+
+def _attribute_buffer(table: dict, attribute: Any, enum_type: type) -> tuple[int, Any, str]:
+    """(attribute as int, a zeroed buffer of the attribute's C type, that C type)."""
+    member = enum_type(_enum(attribute, enum_type, "attribute"))
+    ctype = table[member]
+    return int(member), ffi.new(ctype + " *"), ctype
+
+
+def _store(buffer: Any, ctype: str, value: Any, attribute: int, enum_type: type) -> None:
+    name = enum_type(attribute).name
+    if ctype == "void *":
+        buffer[0] = _pointer(value, "value")
+    elif ctype == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"value: attribute {name} takes a float, got {type(value).__name__}")
+        buffer[0] = value
+    else:
+        try:
+            buffer[0] = _int(value, "value", ctype)
+        except OverflowError:
+            raise ValueError(f"value: {value} does not fit the C type {ctype} of attribute {name}") from None
+
+
+def _set_attribute(function: str, table: dict, enum_type: type, handle, obj, cls, arg, attribute, value) -> None:
+    attribute, buffer, ctype = _attribute_buffer(table, attribute, enum_type)
+    _store(buffer, ctype, value, attribute, enum_type)
+    status = getattr(_lib(), function)(
+        _live(handle, RawHandle, "handle"), _live(obj, cls, arg), attribute, buffer, ffi.sizeof(ctype)
+    )
+    check_status(function, status)
+
+
+def _get_attribute(function: str, table: dict, enum_type: type, handle, obj, cls, arg, attribute) -> Any:
+    attribute, buffer, ctype = _attribute_buffer(table, attribute, enum_type)
+    status = getattr(_lib(), function)(
+        _live(handle, RawHandle, "handle"), _live(obj, cls, arg), attribute, buffer, ffi.sizeof(ctype)
+    )
+    check_status(function, status)
+    if ctype == "void *":
+        return int(ffi.cast("uintptr_t", buffer[0]))
+    return buffer[0] if ctype == "float" else int(buffer[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialization, destroy, version, errors
+
+
+def init(handle: RawHandle) -> None:
+    """``cusparseLtInit``: initialise ``handle`` on the current CUDA device."""
+    check_status("cusparseLtInit", _lib().cusparseLtInit(_fresh(handle, RawHandle, "handle")))
+    handle._live = True
+
+
+def destroy(handle: RawHandle) -> None:
+    """``cusparseLtDestroy``: release ``handle``. Its descriptors and plans must be destroyed first."""
+    status = _lib().cusparseLtDestroy(_live(handle, RawHandle, "handle"))
+    handle._live = False  # whatever the status, the storage must not be handed to C again
+    check_status("cusparseLtDestroy", status)
+
+
+def get_version(handle: RawHandle) -> int:
+    """``cusparseLtGetVersion``: the library version as one integer (``major * 1000 + minor * 100 + patch``
+    for 0.x releases)."""
+    version = ffi.new("int *")
+    check_status("cusparseLtGetVersion", _lib().cusparseLtGetVersion(_live(handle, RawHandle, "handle"), version))
+    return int(version[0])
+
+
+def get_property(property_type: Any) -> int:
+    """``cusparseLtGetProperty``: one part of the version (a :class:`~pycusparselt.enums.LibraryProperty`).
+    Needs no handle and no GPU."""
+    value = ffi.new("int *")
+    prop = _enum(property_type, LibraryProperty, "property_type")
+    check_status("cusparseLtGetProperty", _lib().cusparseLtGetProperty(prop, value))
+    return int(value[0])
+
+
+def get_error_name(status: Any) -> str:
+    """``cusparseLtGetErrorName``: the status's C name, e.g. ``"CUSPARSE_STATUS_NOT_SUPPORTED"``."""
+    return ffi.string(_lib().cusparseLtGetErrorName(_int(status, "status", "cusparseStatus_t"))).decode()
+
+
+def get_error_string(status: Any) -> str:
+    """``cusparseLtGetErrorString``: NVIDIA's description of the status."""
+    return ffi.string(_lib().cusparseLtGetErrorString(_int(status, "status", "cusparseStatus_t"))).decode()
+
+
+# --------------------------------------------------------------------------------------------------
+# Matrix descriptors
+
+
+def _descriptor_args(rows: Any, cols: Any, ld: Any, alignment: Any, value_type: Any, order: Any) -> tuple:
+    return (
+        _int(rows, "rows", "int64_t"),
+        _int(cols, "cols", "int64_t"),
+        _int(ld, "ld", "int64_t"),
+        _int(alignment, "alignment", "uint32_t"),
+        _enum(value_type, DataType, "value_type"),
+        _enum(order, Order, "order"),
+    )
+
+
+def dense_descriptor_init(
+    handle: RawHandle,
+    descriptor: RawMatDescriptor,
+    rows: int,
+    cols: int,
+    ld: int,
+    alignment: int,
+    value_type: Any,
+    order: Any,
+) -> None:
+    """``cusparseLtDenseDescriptorInit``: describe a dense ``rows x cols`` matrix with leading dimension
+    ``ld``, memory ``alignment`` in bytes, element type ``value_type`` (:class:`~pycusparselt.enums.DataType`)
+    and ``order`` (:class:`~pycusparselt.enums.Order`)."""
+    args = _descriptor_args(rows, cols, ld, alignment, value_type, order)
+    status = _lib().cusparseLtDenseDescriptorInit(
+        _live(handle, RawHandle, "handle"), _fresh(descriptor, RawMatDescriptor, "descriptor"), *args
+    )
+    check_status("cusparseLtDenseDescriptorInit", status)
+    descriptor._live = True
+
+
+def structured_descriptor_init(
+    handle: RawHandle,
+    descriptor: RawMatDescriptor,
+    rows: int,
+    cols: int,
+    ld: int,
+    alignment: int,
+    value_type: Any,
+    order: Any,
+    sparsity: Any = 0,
+) -> None:
+    """``cusparseLtStructuredDescriptorInit``: like :func:`dense_descriptor_init` for the 2:4 structured
+    (sparse) operand, with its ``sparsity`` (:class:`~pycusparselt.enums.Sparsity`, 50 % by default)."""
+    args = _descriptor_args(rows, cols, ld, alignment, value_type, order)
+    status = _lib().cusparseLtStructuredDescriptorInit(
+        _live(handle, RawHandle, "handle"),
+        _fresh(descriptor, RawMatDescriptor, "descriptor"),
+        *args,
+        _enum(sparsity, Sparsity, "sparsity"),
+    )
+    check_status("cusparseLtStructuredDescriptorInit", status)
+    descriptor._live = True
+
+
+def mat_descriptor_destroy(descriptor: RawMatDescriptor) -> None:
+    """``cusparseLtMatDescriptorDestroy``: release a matrix descriptor."""
+    status = _lib().cusparseLtMatDescriptorDestroy(_live(descriptor, RawMatDescriptor, "descriptor"))
+    descriptor._live = False
+    check_status("cusparseLtMatDescriptorDestroy", status)
+
+
+def mat_desc_set_attribute(handle: RawHandle, descriptor: RawMatDescriptor, attribute: Any, value: int) -> None:
+    """``cusparseLtMatDescSetAttribute``: set a :class:`~pycusparselt.enums.MatDescAttribute`
+    (``NUM_BATCHES``: int, ``BATCH_STRIDE``: int64, in elements)."""
+    _set_attribute(
+        "cusparseLtMatDescSetAttribute", MAT_DESC_ATTRIBUTE_TYPES, MatDescAttribute,
+        handle, descriptor, RawMatDescriptor, "descriptor", attribute, value,
+    )
+
+
+def mat_desc_get_attribute(handle: RawHandle, descriptor: RawMatDescriptor, attribute: Any) -> int:
+    """``cusparseLtMatDescGetAttribute``: read a :class:`~pycusparselt.enums.MatDescAttribute`."""
+    return _get_attribute(
+        "cusparseLtMatDescGetAttribute", MAT_DESC_ATTRIBUTE_TYPES, MatDescAttribute,
+        handle, descriptor, RawMatDescriptor, "descriptor", attribute,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Matmul descriptor
+
+
+def matmul_descriptor_init(
+    handle: RawHandle,
+    descriptor: RawMatmulDescriptor,
+    op_a: Any,
+    op_b: Any,
+    mat_a: RawMatDescriptor,
+    mat_b: RawMatDescriptor,
+    mat_c: RawMatDescriptor,
+    mat_d: RawMatDescriptor,
+    compute_type: Any,
+) -> None:
+    """``cusparseLtMatmulDescriptorInit``: describe ``D = op(A) op(B) * alpha + C * beta`` from four matrix
+    descriptors (exactly one of A and B structured), operations (:class:`~pycusparselt.enums.Operation`)
+    and a :class:`~pycusparselt.enums.ComputeType`."""
+    status = _lib().cusparseLtMatmulDescriptorInit(
+        _live(handle, RawHandle, "handle"),
+        _fresh(descriptor, RawMatmulDescriptor, "descriptor"),
+        _enum(op_a, Operation, "op_a"),
+        _enum(op_b, Operation, "op_b"),
+        _live(mat_a, RawMatDescriptor, "mat_a"),
+        _live(mat_b, RawMatDescriptor, "mat_b"),
+        _live(mat_c, RawMatDescriptor, "mat_c"),
+        _live(mat_d, RawMatDescriptor, "mat_d"),
+        _enum(compute_type, ComputeType, "compute_type"),
+    )
+    check_status("cusparseLtMatmulDescriptorInit", status)
+    descriptor._live = True
+
+
+def matmul_desc_set_attribute(handle: RawHandle, descriptor: RawMatmulDescriptor, attribute: Any, value: Any) -> None:
+    """``cusparseLtMatmulDescSetAttribute``: set a :class:`~pycusparselt.enums.MatmulDescAttribute`. The
+    value's C type comes from :data:`MATMUL_DESC_ATTRIBUTE_TYPES` (int flags, float bounds and scalings,
+    int64 bias stride, integer device addresses for pointers)."""
+    _set_attribute(
+        "cusparseLtMatmulDescSetAttribute", MATMUL_DESC_ATTRIBUTE_TYPES, MatmulDescAttribute,
+        handle, descriptor, RawMatmulDescriptor, "descriptor", attribute, value,
+    )
+
+
+def matmul_desc_get_attribute(handle: RawHandle, descriptor: RawMatmulDescriptor, attribute: Any) -> Any:
+    """``cusparseLtMatmulDescGetAttribute``: read a :class:`~pycusparselt.enums.MatmulDescAttribute`."""
+    return _get_attribute(
+        "cusparseLtMatmulDescGetAttribute", MATMUL_DESC_ATTRIBUTE_TYPES, MatmulDescAttribute,
+        handle, descriptor, RawMatmulDescriptor, "descriptor", attribute,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Algorithm selection
+
+
+def matmul_alg_selection_init(
+    handle: RawHandle, selection: RawAlgSelection, descriptor: RawMatmulDescriptor, alg: Any = 0
+) -> None:
+    """``cusparseLtMatmulAlgSelectionInit``: choose the algorithm family (:class:`~pycusparselt.enums.MatmulAlg`)."""
+    status = _lib().cusparseLtMatmulAlgSelectionInit(
+        _live(handle, RawHandle, "handle"),
+        _fresh(selection, RawAlgSelection, "selection"),
+        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        _enum(alg, MatmulAlg, "alg"),
+    )
+    check_status("cusparseLtMatmulAlgSelectionInit", status)
+    selection._live = True
+
+
+def matmul_alg_selection_destroy(selection: RawAlgSelection) -> None:
+    """``cusparseLtMatmulAlgSelectionDestroy``: release an algorithm selection (mandatory since 0.8)."""
+    status = _lib().cusparseLtMatmulAlgSelectionDestroy(_live(selection, RawAlgSelection, "selection"))
+    selection._live = False
+    check_status("cusparseLtMatmulAlgSelectionDestroy", status)
+
+
+def matmul_alg_set_attribute(handle: RawHandle, selection: RawAlgSelection, attribute: Any, value: int) -> None:
+    """``cusparseLtMatmulAlgSetAttribute``: set a :class:`~pycusparselt.enums.MatmulAlgAttribute` (all int)."""
+    _set_attribute(
+        "cusparseLtMatmulAlgSetAttribute", MATMUL_ALG_ATTRIBUTE_TYPES, MatmulAlgAttribute,
+        handle, selection, RawAlgSelection, "selection", attribute, value,
+    )
+
+
+def matmul_alg_get_attribute(handle: RawHandle, selection: RawAlgSelection, attribute: Any) -> int:
+    """``cusparseLtMatmulAlgGetAttribute``: read a :class:`~pycusparselt.enums.MatmulAlgAttribute`."""
+    return _get_attribute(
+        "cusparseLtMatmulAlgGetAttribute", MATMUL_ALG_ATTRIBUTE_TYPES, MatmulAlgAttribute,
+        handle, selection, RawAlgSelection, "selection", attribute,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+def matmul_get_workspace(handle: RawHandle, plan: RawPlan) -> int:
+    """``cusparseLtMatmulGetWorkspace``: bytes of device workspace the plan's matmul needs."""
+    size = ffi.new("size_t *")
+    status = _lib().cusparseLtMatmulGetWorkspace(_live(handle, RawHandle, "handle"), _live(plan, RawPlan, "plan"), size)
+    check_status("cusparseLtMatmulGetWorkspace", status)
+    return int(size[0])
+
+
+def matmul_plan_init(
+    handle: RawHandle, plan: RawPlan, descriptor: RawMatmulDescriptor, selection: RawAlgSelection
+) -> None:
+    """``cusparseLtMatmulPlanInit``: build an execution plan from a matmul descriptor and an algorithm
+    selection."""
+    status = _lib().cusparseLtMatmulPlanInit(
+        _live(handle, RawHandle, "handle"),
+        _fresh(plan, RawPlan, "plan"),
+        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        _live(selection, RawAlgSelection, "selection"),
+    )
+    check_status("cusparseLtMatmulPlanInit", status)
+    plan._live = True
+
+
+def matmul_plan_destroy(plan: RawPlan) -> None:
+    """``cusparseLtMatmulPlanDestroy``: release a plan."""
+    status = _lib().cusparseLtMatmulPlanDestroy(_live(plan, RawPlan, "plan"))
+    plan._live = False
+    check_status("cusparseLtMatmulPlanDestroy", status)
+
+
+# --------------------------------------------------------------------------------------------------
+# Execution
+
+
+def _matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams) -> tuple:
+    stream_array, count = _streams(streams)
+    return (
+        _live(handle, RawHandle, "handle"),
+        _live(plan, RawPlan, "plan"),
+        _scalar(alpha, "alpha"),
+        _pointer(a, "a"),
+        _pointer(b, "b"),
+        _scalar(beta, "beta"),
+        _pointer(c, "c"),
+        _pointer(d, "d"),
+        _pointer(workspace, "workspace"),
+        stream_array,
+        count,
+    )
+
+
+def matmul(
+    handle: RawHandle,
+    plan: RawPlan,
+    alpha: float | DevicePointer,
+    a: int,
+    b: int,
+    beta: float | DevicePointer,
+    c: int,
+    d: int,
+    workspace: int | None,
+    streams: Any = None,
+) -> None:
+    """``cusparseLtMatmul``: ``D = activation(alpha op(A) op(B) + beta C + bias)`` on the given stream(s).
+    The sparse operand (A or B) must be the compressed buffer made with this plan's descriptor."""
+    check_status("cusparseLtMatmul", _lib().cusparseLtMatmul(*_matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams)))
+
+
+def matmul_search(
+    handle: RawHandle,
+    plan: RawPlan,
+    alpha: float | DevicePointer,
+    a: int,
+    b: int,
+    beta: float | DevicePointer,
+    c: int,
+    d: int,
+    workspace: int | None,
+    streams: Any = None,
+) -> None:
+    """``cusparseLtMatmulSearch``: time the plan's candidate configurations (running the matmul, so ``D``
+    is overwritten) and write the fastest back into the plan. Synchronous."""
+    status = _lib().cusparseLtMatmulSearch(*_matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams))
+    check_status("cusparseLtMatmulSearch", status)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruning
+
+
+def spmma_prune(
+    handle: RawHandle, descriptor: RawMatmulDescriptor, dense_in: int, dense_out: int, prune_alg: Any, stream: Any = None
+) -> None:
+    """``cusparseLtSpMMAPrune``: prune the sparse operand of ``descriptor`` (device memory ``dense_in``) to
+    2:4 into ``dense_out`` (may equal ``dense_in``) with a :class:`~pycusparselt.enums.PruneAlg`."""
+    status = _lib().cusparseLtSpMMAPrune(
+        _live(handle, RawHandle, "handle"),
+        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        _pointer(dense_in, "dense_in"),
+        _pointer(dense_out, "dense_out"),
+        _enum(prune_alg, PruneAlg, "prune_alg"),
+        _stream(stream),
+    )
+    check_status("cusparseLtSpMMAPrune", status)
+
+
+def spmma_prune_check(
+    handle: RawHandle, descriptor: RawMatmulDescriptor, dense_in: int, d_valid: int, stream: Any = None
+) -> None:
+    """``cusparseLtSpMMAPruneCheck``: write to the **device** int at ``d_valid`` 0 if ``dense_in`` is a valid
+    2:4 matrix for ``descriptor``, non-zero otherwise. Asynchronous: synchronise before reading it."""
+    status = _lib().cusparseLtSpMMAPruneCheck(
+        _live(handle, RawHandle, "handle"),
+        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        _pointer(dense_in, "dense_in"),
+        ffi.cast("int *", _pointer(d_valid, "d_valid")),
+        _stream(stream),
+    )
+    check_status("cusparseLtSpMMAPruneCheck", status)
+
+
+def spmma_prune2(
+    handle: RawHandle,
+    sparse_descriptor: RawMatDescriptor,
+    is_sparse_a: bool,
+    op: Any,
+    dense_in: int,
+    dense_out: int,
+    prune_alg: Any,
+    stream: Any = None,
+) -> None:
+    """``cusparseLtSpMMAPrune2``: :func:`spmma_prune` from the structured matrix descriptor alone."""
+    status = _lib().cusparseLtSpMMAPrune2(
+        _live(handle, RawHandle, "handle"),
+        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        1 if is_sparse_a else 0,
+        _enum(op, Operation, "op"),
+        _pointer(dense_in, "dense_in"),
+        _pointer(dense_out, "dense_out"),
+        _enum(prune_alg, PruneAlg, "prune_alg"),
+        _stream(stream),
+    )
+    check_status("cusparseLtSpMMAPrune2", status)
+
+
+def spmma_prune_check2(
+    handle: RawHandle,
+    sparse_descriptor: RawMatDescriptor,
+    is_sparse_a: bool,
+    op: Any,
+    dense_in: int,
+    d_valid: int,
+    stream: Any = None,
+) -> None:
+    """``cusparseLtSpMMAPruneCheck2``: :func:`spmma_prune_check` from the structured matrix descriptor alone."""
+    status = _lib().cusparseLtSpMMAPruneCheck2(
+        _live(handle, RawHandle, "handle"),
+        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        1 if is_sparse_a else 0,
+        _enum(op, Operation, "op"),
+        _pointer(dense_in, "dense_in"),
+        ffi.cast("int *", _pointer(d_valid, "d_valid")),
+        _stream(stream),
+    )
+    check_status("cusparseLtSpMMAPruneCheck2", status)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compression
+
+
+def spmma_compressed_size(handle: RawHandle, plan: RawPlan) -> tuple[int, int]:
+    """``cusparseLtSpMMACompressedSize``: ``(compressed_size, compress_buffer_size)`` in bytes for the
+    plan's sparse operand: the compressed matrix and the scratch buffer :func:`spmma_compress` needs."""
+    size, buffer_size = ffi.new("size_t *"), ffi.new("size_t *")
+    status = _lib().cusparseLtSpMMACompressedSize(
+        _live(handle, RawHandle, "handle"), _live(plan, RawPlan, "plan"), size, buffer_size
+    )
+    check_status("cusparseLtSpMMACompressedSize", status)
+    return int(size[0]), int(buffer_size[0])
+
+
+def spmma_compress(
+    handle: RawHandle, plan: RawPlan, dense: int, compressed: int, compress_buffer: int, stream: Any = None
+) -> None:
+    """``cusparseLtSpMMACompress``: compress the 2:4 matrix at ``dense`` into ``compressed``."""
+    status = _lib().cusparseLtSpMMACompress(
+        _live(handle, RawHandle, "handle"),
+        _live(plan, RawPlan, "plan"),
+        _pointer(dense, "dense"),
+        _pointer(compressed, "compressed"),
+        _pointer(compress_buffer, "compress_buffer"),
+        _stream(stream),
+    )
+    check_status("cusparseLtSpMMACompress", status)
+
+
+def spmma_compressed_size2(handle: RawHandle, sparse_descriptor: RawMatDescriptor) -> tuple[int, int]:
+    """``cusparseLtSpMMACompressedSize2``: :func:`spmma_compressed_size` from the structured descriptor."""
+    size, buffer_size = ffi.new("size_t *"), ffi.new("size_t *")
+    status = _lib().cusparseLtSpMMACompressedSize2(
+        _live(handle, RawHandle, "handle"),
+        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        size,
+        buffer_size,
+    )
+    check_status("cusparseLtSpMMACompressedSize2", status)
+    return int(size[0]), int(buffer_size[0])
+
+
+def spmma_compress2(
+    handle: RawHandle,
+    sparse_descriptor: RawMatDescriptor,
+    is_sparse_a: bool,
+    op: Any,
+    dense: int,
+    compressed: int,
+    compress_buffer: int,
+    stream: Any = None,
+) -> None:
+    """``cusparseLtSpMMACompress2``: :func:`spmma_compress` from the structured descriptor alone."""
+    status = _lib().cusparseLtSpMMACompress2(
+        _live(handle, RawHandle, "handle"),
+        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        1 if is_sparse_a else 0,
+        _enum(op, Operation, "op"),
+        _pointer(dense, "dense"),
+        _pointer(compressed, "compressed"),
+        _pointer(compress_buffer, "compress_buffer"),
+        _stream(stream),
+    )
+    check_status("cusparseLtSpMMACompress2", status)

@@ -1,0 +1,151 @@
+"""Exceptions raised by pycusparselt.
+
+Every failed cuSPARSELt call raises a :class:`CuSparseLtError` subclass chosen by its status, so callers can
+tell their own mistakes (:class:`CuSparseLtUsageError`) from runtime failures
+(:class:`CuSparseLtRuntimeError`) and from running out of memory (:class:`CuSparseLtMemoryError`)::
+
+    CuSparseLtError
+    ├── CuSparseLtUsageError (also ValueError)
+    │   ├── InvalidValueError          CUSPARSE_STATUS_INVALID_VALUE
+    │   ├── NotSupportedError          CUSPARSE_STATUS_NOT_SUPPORTED, MATRIX_TYPE_NOT_SUPPORTED
+    │   └── ArchMismatchError          CUSPARSE_STATUS_ARCH_MISMATCH
+    ├── CuSparseLtRuntimeError
+    │   ├── NotInitializedError        CUSPARSE_STATUS_NOT_INITIALIZED
+    │   ├── ExecutionFailedError       CUSPARSE_STATUS_EXECUTION_FAILED, MAPPING_ERROR
+    │   └── InternalError              CUSPARSE_STATUS_INTERNAL_ERROR, ZERO_PIVOT
+    └── CuSparseLtMemoryError (also MemoryError)
+        ├── AllocFailedError           CUSPARSE_STATUS_ALLOC_FAILED
+        └── InsufficientResourcesError CUSPARSE_STATUS_INSUFFICIENT_RESOURCES
+
+Mistakes caught in Python before any C call raise the built-in ``TypeError`` / ``ValueError``, or
+:class:`ClosedError` for an object used after it was destroyed. A missing or too old library raises
+:class:`LibraryNotFoundError`, an ``ImportError``. All of them pickle.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CuSparseLtError",
+    "CuSparseLtUsageError",
+    "InvalidValueError",
+    "NotSupportedError",
+    "ArchMismatchError",
+    "CuSparseLtRuntimeError",
+    "NotInitializedError",
+    "ExecutionFailedError",
+    "InternalError",
+    "CuSparseLtMemoryError",
+    "AllocFailedError",
+    "InsufficientResourcesError",
+    "ClosedError",
+    "LibraryNotFoundError",
+    "error_class_for_status",
+]
+
+
+class CuSparseLtError(RuntimeError):
+    """A cuSPARSELt function returned a status other than ``CUSPARSE_STATUS_SUCCESS``.
+
+    Parameters
+    ----------
+    function : str
+        The C function that failed, e.g. ``"cusparseLtMatmul"``.
+    status : int
+        The ``cusparseStatus_t`` value it returned.
+    name : str
+        ``cusparseLtGetErrorName(status)``, e.g. ``"CUSPARSE_STATUS_NOT_SUPPORTED"``.
+    text : str
+        ``cusparseLtGetErrorString(status)``: NVIDIA's description.
+    hint : str or None
+        pycusparselt's explanation of the likely cause, where known.
+    """
+
+    def __init__(self, function: str, status: int, name: str, text: str, hint: str | None = None):
+        self.function = function
+        self.status = int(status)
+        self.name = name
+        self.text = text
+        self.hint = hint
+        message = f"{function} failed with {name} ({self.status}): {text}"
+        if hint:
+            message += f". Hint: {hint}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.function, self.status, self.name, self.text, self.hint))
+
+
+class CuSparseLtUsageError(CuSparseLtError, ValueError):
+    """The library rejected the arguments: the caller can fix this."""
+
+
+class InvalidValueError(CuSparseLtUsageError):
+    """``CUSPARSE_STATUS_INVALID_VALUE``: an argument is out of range or inconsistent."""
+
+
+class NotSupportedError(CuSparseLtUsageError):
+    """``CUSPARSE_STATUS_NOT_SUPPORTED``: the combination of types, layouts or sizes is not supported."""
+
+
+class ArchMismatchError(CuSparseLtUsageError):
+    """``CUSPARSE_STATUS_ARCH_MISMATCH``: the GPU lacks the needed capability (SM 8.0+, SM 8.9+ for FP8)."""
+
+
+class CuSparseLtRuntimeError(CuSparseLtError):
+    """The library failed at run time for a reason outside the caller's arguments."""
+
+
+class NotInitializedError(CuSparseLtRuntimeError):
+    """``CUSPARSE_STATUS_NOT_INITIALIZED``: no usable GPU or driver, or an uninitialised handle."""
+
+
+class ExecutionFailedError(CuSparseLtRuntimeError):
+    """``CUSPARSE_STATUS_EXECUTION_FAILED``: a GPU kernel failed to launch or run."""
+
+
+class InternalError(CuSparseLtRuntimeError):
+    """``CUSPARSE_STATUS_INTERNAL_ERROR``: an internal operation of the library failed."""
+
+
+class CuSparseLtMemoryError(CuSparseLtError, MemoryError):
+    """The library ran out of host or device memory or another resource."""
+
+
+class AllocFailedError(CuSparseLtMemoryError):
+    """``CUSPARSE_STATUS_ALLOC_FAILED``: a memory allocation failed."""
+
+
+class InsufficientResourcesError(CuSparseLtMemoryError):
+    """``CUSPARSE_STATUS_INSUFFICIENT_RESOURCES``: not enough resources (e.g. workspace) for the operation."""
+
+
+class ClosedError(ValueError):
+    """A native object was used before it was initialised or after it was destroyed."""
+
+
+class LibraryNotFoundError(ImportError):
+    """libcusparseLt could not be found or loaded, or it is older than pycusparselt supports."""
+
+    def __reduce__(self):
+        return (type(self), self.args)
+
+
+# cusparseStatus_t values (checked against the header by the conformance test through the cdef).
+_CLASS_BY_STATUS: dict[int, type[CuSparseLtError]] = {
+    1: NotInitializedError,
+    2: AllocFailedError,
+    3: InvalidValueError,
+    4: ArchMismatchError,
+    5: ExecutionFailedError,  # MAPPING_ERROR: access to GPU memory space failed
+    6: ExecutionFailedError,
+    7: InternalError,
+    8: NotSupportedError,  # MATRIX_TYPE_NOT_SUPPORTED
+    9: InternalError,  # ZERO_PIVOT: never returned by cuSPARSELt
+    10: NotSupportedError,
+    11: InsufficientResourcesError,
+}
+
+
+def error_class_for_status(status: int) -> type[CuSparseLtError]:
+    """Return the exception class raised for a ``cusparseStatus_t`` value."""
+    return _CLASS_BY_STATUS.get(int(status), CuSparseLtError)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, for a machine with a GPU and no package index.
+#
+#   scripts/gpu_check.sh OUTDIR
+#
+# 1. installs the carried wheels in .whl/ (cffi, pycparser) and this checkout (no index, no build isolation);
+# 2. prints `python -m pycusparselt info` and runs the GPU demo;
+# 3. runs `pytest -m gpu`, then the whole suite;
+# 4. runs the semantics experiments (scripts/probe_semantics.py) and the benchmarks in benchmarks/;
+# 5. writes OUTDIR/gpu_check.json (device, driver, library and CuPy versions, test counts) and the logs.
+# Exits non-zero if any step failed.
+set -uo pipefail
+OUTDIR=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYCUSPARSELT_HYPOTHESIS_PROFILE=gpu
+cd "$(dirname "$0")/.."
+failed=0
+step() { echo; echo "=== $*"; }
+
+step "install"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || failed=1
+fi
+$PY -m pip install -q --no-index --no-deps --no-build-isolation . || { echo "install failed"; exit 1; }
+
+# -P: keep the checkout off sys.path, so the installed package (with its generated binding) is imported.
+step "info and demo"
+$PY -P -m pycusparselt info 2>&1 | tee "$OUTDIR/info.txt"
+$PY -P -m pycusparselt demo 2>&1 | tee -a "$OUTDIR/info.txt" || failed=1
+
+step "pytest -m gpu"
+$PY -P -m pytest -m gpu -q --junitxml="$OUTDIR/junit_gpu.xml" 2>&1 | tee "$OUTDIR/pytest.log" || failed=1
+step "pytest (whole suite)"
+$PY -P -m pytest -q --junitxml="$OUTDIR/junit_all.xml" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1
+
+step "semantics experiments"
+$PY -P scripts/probe_semantics.py "$OUTDIR" 2>&1 | tee "$OUTDIR/bench.log" || failed=1
+for bench in benchmarks/bench_*.py; do
+  [ -e "$bench" ] || continue
+  step "benchmark $bench"
+  $PY -P "$bench" 2>&1 | tee -a "$OUTDIR/bench.log" || failed=1
+done
+
+step "summary"
+$PY -P scripts/gpu_summary.py "$OUTDIR" || failed=1
+exit $failed

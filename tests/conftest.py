@@ -1,0 +1,39 @@
+"""Shared test setup: the ``gpu`` marker's skip logic and the hypothesis profiles."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# "ci": the default, for CPU tests. "gpu": fixed and derandomised, sized for one run on the GPU machine.
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("gpu", deadline=None, derandomize=True, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("PYCUSPARSELT_HYPOTHESIS_PROFILE", "ci"))
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_skip_reason() -> str | None:
+    from pycusparselt.devices import gpu_unavailable_reason
+
+    return gpu_unavailable_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    reason = _gpu_skip_reason()
+    if reason is None:
+        return
+    marker = pytest.mark.skip(reason=f"GPU test: {reason}")
+    for item in gpu_items:
+        item.add_marker(marker)
+
+
+def pytest_report_header(config):
+    reason = _gpu_skip_reason()
+    return "pycusparselt GPU tests: " + ("will run" if reason is None else f"skipped ({reason})")
