@@ -744,8 +744,11 @@ def spmma_prune(
 def spmma_prune_check(
     handle: RawHandle, descriptor: RawMatmulDescriptor, dense_in: int, d_valid: int, stream: Any = None
 ) -> None:
-    """``cusparseLtSpMMAPruneCheck``: write to the **device** int at ``d_valid`` 0 if ``dense_in`` is a valid
-    2:4 matrix for ``descriptor``, non-zero otherwise. Asynchronous: synchronise before reading it."""
+    """``cusparseLtSpMMAPruneCheck``: check that ``dense_in`` is a valid 2:4 matrix for ``descriptor``.
+
+    The result goes to the **device** int at ``d_valid``: non-zero means invalid. The library writes it only
+    when the matrix is invalid (seen with 0.8.0 on an H100), so set it to 0 before the call. Asynchronous:
+    synchronise the stream before reading it."""
     status = _lib().cusparseLtSpMMAPruneCheck(
         _live(handle, RawHandle, "handle"),
         _live(descriptor, RawMatmulDescriptor, "descriptor"),
@@ -789,7 +792,8 @@ def spmma_prune_check2(
     d_valid: int,
     stream: Any = None,
 ) -> None:
-    """``cusparseLtSpMMAPruneCheck2``: :func:`spmma_prune_check` from the structured matrix descriptor alone."""
+    """``cusparseLtSpMMAPruneCheck2``: :func:`spmma_prune_check` from the structured matrix descriptor alone
+    (set ``*d_valid`` to 0 first)."""
     status = _lib().cusparseLtSpMMAPruneCheck2(
         _live(handle, RawHandle, "handle"),
         _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),

@@ -8,7 +8,7 @@
 # 3. runs `pytest -m gpu`, then the whole suite;
 # 4. runs the semantics experiments (scripts/probe_semantics.py) and the benchmarks in benchmarks/;
 # 5. writes OUTDIR/gpu_check.json (device, driver, library and CuPy versions, test counts) and the logs.
-# Exits non-zero if any step failed.
+# Exits non-zero if any step failed. Every step has a time limit, so a hang costs minutes, not the run.
 set -uo pipefail
 OUTDIR=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 PY=${PYTHON:-python3}
@@ -26,19 +26,19 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation . || { echo "ins
 # -P: keep the checkout off sys.path, so the installed package (with its generated binding) is imported.
 step "info and demo"
 $PY -P -m pycusparselt info 2>&1 | tee "$OUTDIR/info.txt"
-$PY -P -m pycusparselt demo 2>&1 | tee -a "$OUTDIR/info.txt" || failed=1
+timeout 120 $PY -P -m pycusparselt demo 2>&1 | tee -a "$OUTDIR/info.txt" || failed=1
 
 step "pytest -m gpu"
-$PY -P -m pytest -m gpu -q --junitxml="$OUTDIR/junit_gpu.xml" 2>&1 | tee "$OUTDIR/pytest.log" || failed=1
+timeout 300 $PY -P -m pytest -m gpu -q --junitxml="$OUTDIR/junit_gpu.xml" 2>&1 | tee "$OUTDIR/pytest.log" || failed=1
 step "pytest (whole suite)"
-$PY -P -m pytest -q --junitxml="$OUTDIR/junit_all.xml" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1
+timeout 400 $PY -P -m pytest -q --junitxml="$OUTDIR/junit_all.xml" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1
 
 step "semantics experiments"
-$PY -P scripts/probe_semantics.py "$OUTDIR" 2>&1 | tee "$OUTDIR/bench.log" || failed=1
+timeout 300 $PY -P scripts/probe_semantics.py "$OUTDIR" 2>&1 | tee "$OUTDIR/bench.log" || failed=1
 for bench in benchmarks/bench_*.py; do
   [ -e "$bench" ] || continue
   step "benchmark $bench"
-  $PY -P "$bench" 2>&1 | tee -a "$OUTDIR/bench.log" || failed=1
+  timeout 300 $PY -P "$bench" 2>&1 | tee -a "$OUTDIR/bench.log" || failed=1
 done
 
 step "summary"

@@ -182,6 +182,14 @@ def cases(rng):
                                         compute="COMPUTE_32F", alpha=64.0, **tn)
     yield "e4m3_to_bf16", dict(a=a, b=b, c=c, in_type="float8_e4m3fn", out_type="bfloat16", compute="COMPUTE_32F",
                                alpha=0.5, beta=0.5, **tn)
+    yield "gelu_int8_fp16", dict(a=a, b=b, c=None, in_type="int8", out_type="float16", compute="COMPUTE_32I",
+                                 alpha=1 / 8, gelu=True, **tn)
+    yield "gelu_scaling_int8_fp16", dict(a=a, b=b, c=None, in_type="int8", out_type="float16",
+                                         compute="COMPUTE_32I", alpha=1 / 8, gelu=True, gelu_scaling=2.0, **tn)
+    yield "gelu_int8_int8", dict(a=a, b=b, c=None, in_type="int8", out_type="int8", compute="COMPUTE_32I",
+                                 alpha=1 / 2, gelu=True, **tn)
+    yield "gelu_scaling_int8_int32", dict(a=a, b=b, c=None, in_type="int8", out_type="int32",
+                                          compute="COMPUTE_32I", alpha=1 / 8, gelu_scaling=64.0, **tn)
     yield "bf16_gelu", dict(a=a, b=b, c=None, in_type="bfloat16", out_type="bfloat16", compute="COMPUTE_32F",
                             alpha=1 / 8, gelu=True)
     yield "fp16_compute16f", dict(a=a, b=b, c=c, in_type="float16", out_type="float16", compute="COMPUTE_16F",
@@ -192,31 +200,74 @@ def cases(rng):
     yield "e4m3_row_row", dict(a=a, b=b, c=None, in_type="float8_e4m3fn", out_type="float16", compute="COMPUTE_32F")
 
 
+# Cases that have hung the process (FP32 inputs on 0.8.0): each runs in a child process with a time limit.
+ISOLATED_PREFIX = "fp32_"
+ISOLATED_TIMEOUT_S = 60
+
+
+def _run_and_record(name: str, kw: dict) -> tuple[dict, dict]:
+    record = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray) and v is not None}
+    arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    try:
+        arrays["d"] = run_case(**kw).astype(np.float64)
+        record["status"] = "ok"
+    except Exception as exc:  # which layouts and types the library refuses is a finding too
+        record["status"] = f"{type(exc).__name__}: {exc}"
+        if not hasattr(exc, "function"):
+            record["traceback"] = traceback.format_exc()
+    return record, arrays
+
+
+def _run_isolated(name: str, kw: dict, outdir: str) -> tuple[dict, dict]:
+    import subprocess
+
+    tmp = os.path.join(outdir, f"_{name}.npz")
+    try:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--case", name, tmp],
+                       timeout=ISOLATED_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        record = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray) and v is not None}
+        record["status"] = f"hung: no result within {ISOLATED_TIMEOUT_S} s (child process killed)"
+        return record, {}
+    if not os.path.exists(tmp):
+        return {"status": "child process died without a result"}, {}
+    with np.load(tmp) as f:
+        arrays = {k: f[k] for k in f.files if k != "record"}
+        record = json.loads(str(f["record"]))
+    os.remove(tmp)
+    return record, arrays
+
+
 def main(outdir: str) -> int:
     os.makedirs(outdir, exist_ok=True)
-    rng = np.random.default_rng(20261124)
     summary = {}
     saved = {}
-    for name, kw in cases(rng):
-        record = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray) and v is not None}
-        arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
-        try:
-            d = run_case(**kw)
-            record["status"] = "ok"
-            arrays["d"] = d.astype(np.float64)
-        except Exception as exc:  # which layouts and types the library refuses is a finding too
-            record["status"] = f"{type(exc).__name__}: {exc}"
-            if not hasattr(exc, "function"):
-                record["traceback"] = traceback.format_exc()
+    for name, kw in cases(np.random.default_rng(20261124)):
+        if name.startswith(ISOLATED_PREFIX):
+            record, arrays = _run_isolated(name, kw, outdir)
+        else:
+            record, arrays = _run_and_record(name, kw)
         saved.update({f"{name}__{key}": value for key, value in arrays.items()})
         summary[name] = record
-        print(f"{name:28s} {record['status'][:150]}")
-    # One file for all cases: the GPU machine returns only a few files.
-    np.savez_compressed(os.path.join(outdir, "probe.npz"), **saved, summary=json.dumps(summary, default=str))
-    with open(os.path.join(outdir, "probe_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+        print(f"{name:28s} {record['status'][:200]}")
+        # Rewritten after every case, so a crash keeps what came before. One file for all cases: the GPU
+        # machine returns only a few files.
+        np.savez_compressed(os.path.join(outdir, "probe.npz"), **saved, summary=json.dumps(summary, default=str))
+        with open(os.path.join(outdir, "probe_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
     return 0
 
 
+def _child(name: str, path: str) -> int:
+    for case_name, kw in cases(np.random.default_rng(20261124)):
+        if case_name == name:
+            record, arrays = _run_and_record(name, kw)
+            np.savez(path, **arrays, record=json.dumps(record, default=str))
+            return 0
+    return 1
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--case":
+        sys.exit(_child(sys.argv[2], sys.argv[3]))
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "probe_out"))

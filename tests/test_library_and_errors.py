@@ -1,0 +1,226 @@
+"""Loading the library (order, errors, once and thread-safe), the exception classes, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import pycusparselt
+from pycusparselt import _library, bindings, errors
+from pycusparselt.enums import Status
+
+
+def _library_or_skip():
+    try:
+        return _library.load()
+    except errors.LibraryNotFoundError as exc:
+        if os.environ.get("PYCUSPARSELT_REQUIRE_HEADER") == "1":
+            raise
+        pytest.skip(f"cuSPARSELt is not installed: {exc}")
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Forget the loaded library for one test (the real one is restored afterwards)."""
+    monkeypatch.setattr(_library, "_loaded", None)
+    yield
+    # monkeypatch restores _loaded
+
+
+def test_library_version_and_path():
+    loaded = _library_or_skip()
+    version = pycusparselt.library_version()
+    assert isinstance(version, tuple) and len(version) == 3 and all(isinstance(v, int) for v in version)
+    assert version >= _library.MIN_VERSION
+    assert version == loaded.version
+    assert os.path.basename(pycusparselt.library_path()).startswith("libcusparseLt")
+    assert bindings.get_property(0) == version[0] and bindings.get_property(1) == version[1]
+
+
+def test_env_var_to_missing_file(fresh_loader, monkeypatch):
+    monkeypatch.setenv(_library.ENV_VAR, "/nonexistent/libcusparseLt.so.0")
+    with pytest.raises(errors.LibraryNotFoundError, match="PYCUSPARSELT_LIBRARY=.*no such file"):
+        _library.load()
+
+
+def test_env_var_to_a_file_that_is_no_library(fresh_loader, monkeypatch, tmp_path):
+    bogus = tmp_path / "libcusparseLt.so.0"
+    bogus.write_text("not a shared library")
+    monkeypatch.setenv(_library.ENV_VAR, str(bogus))
+    with pytest.raises(errors.LibraryNotFoundError, match="could not be loaded.*pip install"):
+        _library.load()
+
+
+def test_env_var_takes_precedence(fresh_loader, monkeypatch):
+    real = _library_or_skip()
+    monkeypatch.setattr(_library, "_loaded", None)
+    monkeypatch.setenv(_library.ENV_VAR, real.path)
+    loaded = _library.load()
+    assert loaded.found_via == "$PYCUSPARSELT_LIBRARY" and loaded.path == real.path
+
+
+def test_missing_library_names_the_pip_package(fresh_loader, monkeypatch):
+    from cuda import pathfinder
+
+    def not_found(name):
+        raise pathfinder.DynamicLibNotFoundError(f"{name} nowhere")
+
+    monkeypatch.delenv(_library.ENV_VAR, raising=False)
+    monkeypatch.setattr(pathfinder, "load_nvidia_dynamic_lib", not_found)
+    with pytest.raises(errors.LibraryNotFoundError) as info:
+        _library.load()
+    assert isinstance(info.value, ImportError)
+    assert "pip install nvidia-cusparselt-cu1" in str(info.value)
+    assert _library.ENV_VAR in str(info.value)
+
+
+def test_too_old_library_is_refused(fresh_loader, monkeypatch):
+    _library_or_skip()
+    monkeypatch.setattr(_library, "_loaded", None)
+    monkeypatch.setattr(_library, "_query_version", lambda lib: (0, 6, 3))
+    with pytest.raises(errors.LibraryNotFoundError, match=r"0\.6\.3 .* too old: pycusparselt needs 0\.8\.0.*pip install"):
+        _library.load()
+
+
+def test_newer_library_warns(fresh_loader, monkeypatch):
+    _library_or_skip()
+    monkeypatch.setattr(_library, "_loaded", None)
+    monkeypatch.setattr(_library, "_query_version", lambda lib: (0, 11, 0))
+    with pytest.warns(_library.UntestedLibraryWarning, match="0.11.0"):
+        _library.load()
+
+
+def test_load_is_once_and_thread_safe(fresh_loader, monkeypatch):
+    _library_or_skip()
+    monkeypatch.setattr(_library, "_loaded", None)
+    calls = []
+    real_locate = _library._locate
+
+    def counting_locate():
+        calls.append(1)
+        return real_locate()
+
+    monkeypatch.setattr(_library, "_locate", counting_locate)
+    results = []
+    barrier = threading.Barrier(8)
+
+    def worker():
+        barrier.wait()
+        results.append(_library.load())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(results) == 8 and all(r is results[0] for r in results)
+
+
+def test_init_without_gpu_raises_not_initialized_with_hint():
+    _library_or_skip()
+    from pycusparselt.devices import cuda_devices
+
+    devices, _ = cuda_devices()
+    if devices:
+        pytest.skip("a GPU is present: cusparseLtInit succeeds here")
+    handle = bindings.RawHandle()
+    with pytest.raises(errors.NotInitializedError) as info:
+        bindings.init(handle)
+    err = info.value
+    assert err.function == "cusparseLtInit" and err.status == Status.NOT_INITIALIZED
+    assert err.name == "CUSPARSE_STATUS_NOT_INITIALIZED" and err.text
+    assert "compute capability 8.0" in err.hint
+    assert not handle.initialized
+
+
+def test_error_classes_by_status():
+    expect = {
+        Status.NOT_INITIALIZED: errors.NotInitializedError,
+        Status.ALLOC_FAILED: errors.AllocFailedError,
+        Status.INVALID_VALUE: errors.InvalidValueError,
+        Status.ARCH_MISMATCH: errors.ArchMismatchError,
+        Status.EXECUTION_FAILED: errors.ExecutionFailedError,
+        Status.INTERNAL_ERROR: errors.InternalError,
+        Status.NOT_SUPPORTED: errors.NotSupportedError,
+        Status.INSUFFICIENT_RESOURCES: errors.InsufficientResourcesError,
+    }
+    for status, cls in expect.items():
+        assert errors.error_class_for_status(status) is cls
+    for status in Status:
+        if status != Status.SUCCESS:
+            assert issubclass(errors.error_class_for_status(status), errors.CuSparseLtError)
+    assert issubclass(errors.InvalidValueError, ValueError)
+    assert issubclass(errors.NotSupportedError, errors.CuSparseLtUsageError)
+    assert issubclass(errors.AllocFailedError, MemoryError)
+    assert issubclass(errors.InternalError, errors.CuSparseLtRuntimeError)
+    assert not issubclass(errors.InternalError, errors.CuSparseLtUsageError)
+
+
+def test_check_status_uses_the_library_text_and_our_hint():
+    _library_or_skip()
+    bindings.check_status("cusparseLtMatmul", 0)  # success: nothing
+    with pytest.raises(errors.NotSupportedError) as info:
+        bindings.check_status("cusparseLtMatmulDescriptorInit", Status.NOT_SUPPORTED)
+    message = str(info.value)
+    assert message.startswith("cusparseLtMatmulDescriptorInit failed with CUSPARSE_STATUS_NOT_SUPPORTED (10): ")
+    assert "'TN' form" in message
+    with pytest.raises(errors.InternalError) as info:
+        bindings.check_status("cusparseLtMatmul", Status.INTERNAL_ERROR, hint="our own words")
+    assert info.value.hint == "our own words" and "our own words" in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [errors.InvalidValueError, errors.InternalError, errors.AllocFailedError, errors.CuSparseLtError])
+def test_errors_pickle(cls):
+    err = cls("cusparseLtMatmul", 3, "CUSPARSE_STATUS_INVALID_VALUE", "invalid value", "a hint")
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is cls
+    assert (again.function, again.status, again.name, again.text, again.hint) == (
+        err.function, err.status, err.name, err.text, err.hint)
+    assert str(again) == str(err)
+    lib_err = pickle.loads(pickle.dumps(errors.LibraryNotFoundError("gone")))
+    assert isinstance(lib_err, ImportError) and str(lib_err) == "gone"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    # -P keeps the checkout off sys.path: the installed package runs.
+    return subprocess.run([sys.executable, "-P", "-m", "pycusparselt", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_info():
+    result = _run_cli("info")
+    assert result.returncode == 0, result.stderr
+    assert "pycusparselt" in result.stdout and "cffi" in result.stdout and "NumPy" in result.stdout
+    assert "cuSPARSELt" in result.stdout
+    from pycusparselt.devices import cuda_devices
+
+    devices, reason = cuda_devices()
+    if devices:
+        assert "Sparse Tensor Cores" in result.stdout
+    else:
+        assert "GPU          none: " in result.stdout
+
+
+def test_cli_demo_reference_path():
+    result = _run_cli("demo", "--path", "reference", "-m", "32", "-n", "16", "-k", "64")
+    assert result.returncode == 0, result.stderr
+    assert "on the NumPy reference" in result.stdout
+    assert "D[:2, :4]" in result.stdout
+
+
+def test_cli_demo_auto_says_which_path():
+    result = _run_cli("demo", "-m", "64", "-n", "64", "-k", "64")
+    assert result.returncode == 0, result.stderr
+    from pycusparselt.devices import gpu_unavailable_reason
+
+    if gpu_unavailable_reason() is None:
+        assert "on the GPU through cuSPARSELt" in result.stdout
+        assert "relative error" in result.stdout
+    else:
+        assert "on the NumPy reference (no GPU path:" in result.stdout
