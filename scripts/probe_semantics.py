@@ -31,6 +31,12 @@ DTYPES = {
 }
 
 
+def bias_type_for(out_type: str) -> str:
+    """The bias element type cuSPARSELt reads: float for integer and FP32 outputs, else the output type
+    (an INT8 -> FP16 experiment read a float32 bias as pairs of halves)."""
+    return "float32" if out_type in ("int8", "int32", "float32") else out_type
+
+
 def run_case(
     a: np.ndarray,
     b: np.ndarray,
@@ -102,8 +108,7 @@ def run_case(
             keep.append(av)
             alpha_arg = bd.DevicePointer(av.data.ptr)
         if bias is not None:
-            bias_np = np.float32 if in_type == "int8" or out_type == "float32" else out_np
-            bv = cp.asarray(bias.astype(bias_np).view(np.uint8))
+            bv = cp.asarray(bias.astype(DTYPES[bias_type_for(out_type)][0]).view(np.uint8))
             keep.append(bv)
             bd.matmul_desc_set_attribute(h, desc, A.BIAS_POINTER, bv.data.ptr)
         bd.matmul_alg_selection_init(h, sel, desc)
@@ -188,10 +193,28 @@ def cases(rng):
                                          compute="COMPUTE_32I", alpha=1 / 8, gelu=True, gelu_scaling=2.0, **tn)
     yield "gelu_int8_int8", dict(a=a, b=b, c=None, in_type="int8", out_type="int8", compute="COMPUTE_32I",
                                  alpha=1 / 2, gelu=True, **tn)
+    yield "gelu_int8_int8_bias_beta", dict(a=a, b=b, c=c, in_type="int8", out_type="int8", compute="COMPUTE_32I",
+                                           alpha=1 / 2, beta=1.0, bias=bias_m, gelu=True, **tn)
+    yield "gelu_scaling_int8_int8", dict(a=a, b=b, c=None, in_type="int8", out_type="int8", compute="COMPUTE_32I",
+                                         alpha=1 / 2, gelu_scaling=3.0, **tn)
+    yield "relu_int8_int8_bias_beta", dict(a=a, b=b, c=c, in_type="int8", out_type="int8", compute="COMPUTE_32I",
+                                           alpha=1 / 2, beta=1.0, bias=bias_m, relu=True, relu_threshold=1.0, **tn)
     yield "gelu_scaling_int8_int32", dict(a=a, b=b, c=None, in_type="int8", out_type="int32",
                                           compute="COMPUTE_32I", alpha=1 / 8, gelu_scaling=64.0, **tn)
     yield "bf16_gelu", dict(a=a, b=b, c=None, in_type="bfloat16", out_type="bfloat16", compute="COMPUTE_32F",
                             alpha=1 / 8, gelu=True)
+    yield "bf16_alpha_beta", dict(a=a, b=b, c=c, in_type="bfloat16", out_type="bfloat16", compute="COMPUTE_32F",
+                                  alpha=0.5, beta=0.25, bias=bias_m)
+    yield "fp16_col_b_relu", dict(a=a, b=b, c=c, in_type="float16", out_type="float16", compute="COMPUTE_32F",
+                                  alpha=0.5, beta=0.25, bias=bias_m, relu=True, **tn)
+    yield "e4m3_to_fp16_bias", dict(a=a, b=b, c=c, in_type="float8_e4m3fn", out_type="float16",
+                                    compute="COMPUTE_32F", alpha=0.5, beta=0.25, bias=bias_m, **tn)
+    yield "e4m3_to_fp32", dict(a=a, b=b, c=c, in_type="float8_e4m3fn", out_type="float32", compute="COMPUTE_32F",
+                               alpha=0.5, beta=0.25, bias=bias_m, **tn)
+    yield "e5m2_to_fp16", dict(a=a, b=b, c=None, in_type="float8_e5m2", out_type="float16", compute="COMPUTE_32F",
+                               **tn)
+    yield "int8_to_bf16", dict(a=a, b=b, c=c, in_type="int8", out_type="bfloat16", compute="COMPUTE_32I",
+                               alpha=0.5, beta=0.25, bias=bias_m, **tn)
     yield "fp16_compute16f", dict(a=a, b=b, c=c, in_type="float16", out_type="float16", compute="COMPUTE_16F",
                                   alpha=0.5, beta=0.5)
     yield "fp32_row_row", dict(a=a, b=b, c=None, in_type="float32", out_type="float32", compute="COMPUTE_32F")
@@ -208,6 +231,8 @@ ISOLATED_TIMEOUT_S = 60
 def _run_and_record(name: str, kw: dict) -> tuple[dict, dict]:
     record = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray) and v is not None}
     arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    if "bias" in arrays:
+        record["bias_type"] = bias_type_for(kw["out_type"])
     try:
         arrays["d"] = run_case(**kw).astype(np.float64)
         record["status"] = "ok"

@@ -1,0 +1,16 @@
+"""Sphinx configuration for pycusparselt's documentation (built by CI with warnings as errors)."""
+
+project = "pycusparselt"
+author = "the pycusparselt developers"
+copyright = "2026, the pycusparselt developers"
+release = "0.1.0"
+
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx", "numpydoc"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"
+numpydoc_show_class_members = False
+numpydoc_xref_param_type = False
+intersphinx_mapping = {}
+exclude_patterns = ["_build"]
+html_theme = "alabaster"
+nitpicky = False
