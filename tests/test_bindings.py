@@ -190,3 +190,13 @@ def test_device_pointer_scalar_is_passed_as_address():
     host = b._scalar(0.5, "alpha")
     assert ffi.typeof(host) is ffi.typeof("float *") and host[0] == 0.5
     assert repr(b.DevicePointer(16)) == "DevicePointer(0x10)"
+
+
+def test_source_checkout_fallback_declares_the_same_api():
+    """Run from an unbuilt checkout, the declarations are parsed from build_ffi.py: same types, same values."""
+    from pycusparselt import _ffi
+
+    inline = _ffi._from_source_checkout(ROOT / "build_ffi.py")
+    for ctype in ENUM_TYPES.values():
+        assert inline.typeof(ctype).relements == ffi.typeof(ctype).relements
+    assert inline.sizeof("cusparseLtMatmulPlan_t") == ffi.sizeof("cusparseLtMatmulPlan_t") == 512

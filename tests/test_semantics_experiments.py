@@ -62,8 +62,8 @@ def _load(path: Path, name: str) -> tuple[dict, dict]:
     return record, arrays
 
 
-def replay(record: dict, arrays: dict) -> np.ndarray:
-    """The reference's answer to one recorded case."""
+def replay_arguments(record: dict, arrays: dict) -> tuple[tuple, dict]:
+    """The recorded case as arguments of :func:`reference.matmul`."""
     in_dt, out_dt = DTYPES[record["in_type"]], DTYPES[record["out_type"]]
     a = arrays["a"].astype(in_dt)
     b = arrays["b"].astype(in_dt)
@@ -85,8 +85,8 @@ def replay(record: dict, arrays: dict) -> np.ndarray:
                   "relu_upper_bound": record.get("relu_upper", np.inf)}
     elif activation == "gelu":
         kwargs = {"gelu_scaling": record.get("gelu_scaling", 1.0)}
-    return reference.matmul(a, b, c, alpha=alpha, beta=record.get("beta", 0.0), bias=bias,
-                            activation=activation, out_dtype=out_dt, **kwargs)
+    return (a, b, c), dict(alpha=alpha, beta=record.get("beta", 0.0), bias=bias, activation=activation,
+                           out_dtype=out_dt, **kwargs)
 
 
 @pytest.mark.skipif(not DATA, reason="no recorded GPU experiments in tests/data")
@@ -99,7 +99,18 @@ def test_reference_reproduces_the_gpu(path, name):
         return
     assert name not in REFUSALS, "a refusal recorded in REFUSALS now succeeds: update the docs"
     expected = arrays["d"]
-    got = replay(record, arrays).astype(np.float64)
+    args, kwargs = replay_arguments(record, arrays)
+    got = reference.matmul(*args, **kwargs).astype(np.float64)
+    if kwargs["activation"] == "gelu":
+        # The GPU's tanh is an approximation: a GELU value within its error (2**-10 relative) of an
+        # int8 rounding boundary may round the other way (13.5 -> 13). Only there is a difference of
+        # one allowed; everywhere else the reference must match exactly.
+        y = reference._compute_product(*args, **{"relu_upper_bound": np.inf, "relu_threshold": 0.0,
+                                                  "gelu_scaling": 1.0, **kwargs}).y
+        near_tie = np.abs(np.abs(y - np.floor(y)) - 0.5) <= 2.0**-10 * np.maximum(np.abs(y), 1.0)
+        allowed = near_tie & (np.abs(got - expected) == 1)
+        assert np.mean(allowed) < 0.02, "too many outputs excused: the exception would hide a wrong rule"
+        got = np.where(allowed, expected, got)
     mismatch = np.flatnonzero(got != expected)
     assert mismatch.size == 0, (
         f"{mismatch.size} of {expected.size} outputs differ; first at {np.unravel_index(mismatch[0], expected.shape)}: "
