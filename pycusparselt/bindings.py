@@ -700,7 +700,8 @@ def matmul(
 ) -> None:
     """``cusparseLtMatmul``: ``D = activation(alpha op(A) op(B) + beta C + bias)`` on the given stream(s).
     The sparse operand (A or B) must be the compressed buffer made with this plan's descriptor."""
-    check_status("cusparseLtMatmul", _lib().cusparseLtMatmul(*_matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams)))
+    status = _lib().cusparseLtMatmul(*_matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams))
+    check_status("cusparseLtMatmul", status)
 
 
 def matmul_search(
@@ -726,7 +727,12 @@ def matmul_search(
 
 
 def spmma_prune(
-    handle: RawHandle, descriptor: RawMatmulDescriptor, dense_in: int, dense_out: int, prune_alg: Any, stream: Any = None
+    handle: RawHandle,
+    descriptor: RawMatmulDescriptor,
+    dense_in: int,
+    dense_out: int,
+    prune_alg: Any,
+    stream: Any = None,
 ) -> None:
     """``cusparseLtSpMMAPrune``: prune the sparse operand of ``descriptor`` (device memory ``dense_in``) to
     2:4 into ``dense_out`` (may equal ``dense_in``) with a :class:`~pycusparselt.enums.PruneAlg`."""

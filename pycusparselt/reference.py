@@ -711,7 +711,9 @@ SEMANTICS: Mapping[str, Rule] = {
         "y = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))) (tanh approximation; "
         "evaluated as x / (1 + exp(-2 * sqrt(2/pi) * (x + 0.044715 * x**3))) to avoid "
         "cancellation)",
-        "_gelu", "tanh form assumed (cuBLASLt's GELU epilogue); on the H100 the only GELU the library accepts has int8 output, where the tanh and erf forms round alike on every experiment value"),
+        "_gelu",
+        "tanh form assumed (cuBLASLt's GELU epilogue); on the H100 the only GELU the library accepts "
+        "has int8 output, where the tanh and erf forms round alike on every experiment value"),
     "gelu_alpha": Rule(
         "with GELU, D = alpha * gelu(x / alpha) * scaling where x = alpha * (A @ B) + beta * C + bias, "
         "i.e. gelu(A @ B + (beta * C + bias) / alpha) scaled by alpha; alpha must be non-zero. GELU is "
@@ -720,7 +722,8 @@ SEMANTICS: Mapping[str, Rule] = {
     "gelu_scaling": Rule(
         "the GELU scaling multiplies the output: y = gelu(x) * scaling",
         "_gelu",
-        _GPU.format("gelu_scaling_int8_int8") + "; the GPU's tanh approximation can move a value across an int8 rounding boundary (13.5 -> 13 once in 8192)"),
+        _GPU.format("gelu_scaling_int8_int8") + "; the GPU's tanh approximation can move a value "
+        "across an int8 rounding boundary (exactly 13.5 came out as 13 on all 118 such outputs)"),
     "float_output": Rule(
         "float16/bfloat16/float32 D: round to nearest, ties to even, from the exact value (one "
         "rounding); overflow gives +-inf; NaN stays NaN",
@@ -729,7 +732,9 @@ SEMANTICS: Mapping[str, Rule] = {
     "fp8_output": Rule(
         "float8 D: round to nearest even, then saturate to the largest finite value (+-448 for "
         "e4m3, +-57344 for e5m2; +-inf saturates too); NaN stays NaN",
-        "_convert_output", _ASSUMED + "; e4m3 -> e4m3 was refused (NOT_SUPPORTED) on the H100 with row-major C/D, case e4m3_to_e4m3_saturate"),
+        "_convert_output",
+        _ASSUMED + "; e4m3 -> e4m3 was refused (NOT_SUPPORTED) on the H100 with row-major C/D, case "
+        "e4m3_to_e4m3_saturate"),
     "int8_output": Rule(
         "int8 D: round half to even, then saturate to [-128, 127]; NaN becomes 0",
         "_convert_output",

@@ -64,7 +64,8 @@ def main(outdir: str) -> int:
         summary["probe"] = {name: rec["status"] for name, rec in json.loads(probe.read_text()).items()}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in summary if k != "probe"}, indent=1))
-    ok = all(summary[k].get("failures", 1) == 0 and summary[k].get("errors", 1) == 0 for k in ("pytest_gpu", "pytest_all"))
+    ok = all(summary[k].get("failures", 1) == 0 and summary[k].get("errors", 1) == 0
+             for k in ("pytest_gpu", "pytest_all"))
     return 0 if ok else 1
 
 

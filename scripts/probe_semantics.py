@@ -3,9 +3,9 @@
 Runs small sparse GEMMs through the thin bindings with inputs designed to tell candidate rules apart
 (bias indexing, the order of alpha/beta/bias/activation, the ReLU threshold and upper bound, the GELU
 formula and its scaling, int8 rounding and saturation, alpha-vector indexing, FP8 output saturation, FP32
-inputs) and saves every case's exact inputs, parameters, status and output to ``probe.npz`` (one file for all
-cases) and ``probe_summary.json``. ``tests/test_semantics_experiments.py`` replays the saved cases on the NumPy reference,
-so the findings are checked in CI without a GPU.
+inputs) and saves every case's exact inputs, parameters, status and output to ``probe.npz`` (one file
+for all cases) and ``probe_summary.json``. ``tests/test_semantics_experiments.py`` replays the saved cases
+on the NumPy reference, so the findings are checked in CI without a GPU.
 
 Usage: ``python scripts/probe_semantics.py OUTDIR``
 """
@@ -173,7 +173,8 @@ def cases(rng):
                                   alpha=0.5, **tn)
     yield "int8_saturate", dict(a=a, b=b, c=None, in_type="int8", out_type="int8", compute="COMPUTE_32I",
                                 alpha=16.0, **tn)
-    yield "int8_to_int32", dict(a=sparse_int_matrix(rng, m, k, -128, 127), b=rng.integers(-128, 128, (k, n)).astype(float),
+    yield "int8_to_int32", dict(a=sparse_int_matrix(rng, m, k, -128, 127),
+                                b=rng.integers(-128, 128, (k, n)).astype(float),
                                 c=None, in_type="int8", out_type="int32", compute="COMPUTE_32I", **tn)
     yield "int8_to_int32_alpha_half", dict(a=a, b=b, c=None, in_type="int8", out_type="int32", compute="COMPUTE_32I",
                                            alpha=0.5, **tn)

@@ -196,6 +196,18 @@ def compare_enum_subset(name: str, expected: dict[str, int], actual: dict[str, i
     return problems
 
 
+def extract_enums(text: str, names) -> str:
+    """Just the ``typedef enum {...} NAME;`` declarations of ``names`` from a (possibly large) header."""
+    text = strip_comments(text)
+    parts = []
+    for name in names:
+        match = re.search(r"typedef\s+enum\s*\w*\s*\{[^}]*\}\s*" + re.escape(name) + r"\s*;", text)
+        if match is None:
+            raise ValueError(f"no enum {name} in the header")
+        parts.append(match.group(0))
+    return "\n".join(parts)
+
+
 def read_header(directory: str | Path, name: str) -> str | None:
     path = Path(directory) / name
     return path.read_text() if path.is_file() else None

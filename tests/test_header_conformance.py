@@ -31,6 +31,8 @@ build_ffi = _load_build_ffi()
 
 
 def _header_dir() -> str | None:
+    if os.environ.get("PYCUSPARSELT_HEADER_DIR"):  # check another release's header
+        return os.environ["PYCUSPARSELT_HEADER_DIR"]
     try:
         from cuda import pathfinder
 
@@ -39,17 +41,19 @@ def _header_dir() -> str | None:
         return None
 
 
-def _cuda_include_dirs() -> list[Path]:
-    """Where CUDA's library_types.h may be: the CUDA runtime wheel, CUDA_HOME, /usr/local/cuda."""
-    dirs = []
+def _nvidia_header_dirs(libname: str) -> list[str]:
     try:
         from cuda import pathfinder
 
-        found = pathfinder.find_nvidia_header_directory("cudart")
-        if found:
-            dirs.append(Path(found))
+        found = pathfinder.find_nvidia_header_directory(libname)
     except Exception:
-        pass
+        return []
+    return [found] if found else []
+
+
+def _cuda_include_dirs() -> list[Path]:
+    """Where CUDA's library_types.h may be: the CUDA runtime wheel, CUDA_HOME, /usr/local/cuda."""
+    dirs = [Path(d) for d in _nvidia_header_dirs("cudart")]
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             dirs.append(Path(os.environ[var]) / "include")
@@ -67,31 +71,54 @@ def header_dir() -> str:
     return found
 
 
+def _split(cdef: str) -> tuple[str, str]:
+    """(the CUDA and cuSPARSE types, cusparseLt.h's own declarations): the latter start at its first struct."""
+    start = cdef.index("typedef struct { uint8_t data[")
+    return cdef[:start], cdef[start:]
+
+
 def _ours(cdef: str) -> cdef_check.Declarations:
-    return cdef_check.parse(cdef.replace(build_ffi.CUDA_TYPES_CDEF + build_ffi.CUSPARSE_TYPES_CDEF, ""),
-                            prelude=build_ffi.CUDA_TYPES_CDEF + build_ffi.CUSPARSE_TYPES_CDEF)
+    outside, own = _split(cdef)
+    return cdef_check.parse(own, prelude=outside)
 
 
-def _header(header_dir: str) -> cdef_check.Declarations:
+def _header(header_dir: str, cdef: str = build_ffi.CDEF) -> cdef_check.Declarations:
     text = cdef_check.read_header(header_dir, "cusparseLt.h")
-    return cdef_check.parse(cdef_check.preprocess_header(text),
-                            prelude=build_ffi.CUDA_TYPES_CDEF + build_ffi.CUSPARSE_TYPES_CDEF)
+    return cdef_check.parse(cdef_check.preprocess_header(text), prelude=_split(cdef)[0])
+
+
+CUSPARSE_ENUMS = ("cusparseStatus_t", "cusparseOperation_t", "cusparseOrder_t")
+
+
+def _cusparse_source(header_dir: str) -> tuple[str, str, bool] | None:
+    """(where, text, exact) of the cuSPARSE enums cuSPARSELt uses: the 0.10 wheel's stub (exact: the same
+    constants), else a toolkit or wheel cusparse.h (ours must be a subset: it has more operations)."""
+    stub = cdef_check.read_header(header_dir, "cusparseLt_cusparse_stub.h")
+    if stub is not None:
+        return "cuSPARSE stub", stub, True
+    for directory in [header_dir, *map(str, _cuda_include_dirs())]:
+        text = cdef_check.read_header(directory, "cusparse.h")
+        if text is not None:
+            return f"{directory}/cusparse.h", text, False
+    return None
 
 
 def check_cdef(cdef: str, header_dir: str) -> list[str]:
-    """Every difference between ``cdef`` and the installed headers (cusparseLt.h, and the cuSPARSE stub
-    where the wheel ships it)."""
-    problems = cdef_check.compare(_header(header_dir), _ours(cdef))
-    stub = cdef_check.read_header(header_dir, "cusparseLt_cusparse_stub.h")
-    ours_outside = cdef_check.parse(cdef.split(build_ffi.CUSPARSELT_CDEF)[0])
-    if stub is not None:
-        theirs = cdef_check.parse(cdef_check.preprocess_header(stub))
-        problems += cdef_check.compare(theirs, _only(ours_outside, theirs.enums), "cuSPARSE stub")
+    """Every difference between ``cdef`` and the installed headers: cusparseLt.h, and the cuSPARSE enums
+    from the wheel's stub or a cusparse.h where one is installed."""
+    problems = cdef_check.compare(_header(header_dir, cdef), _ours(cdef))
+    source = _cusparse_source(header_dir)
+    if source is not None:
+        where, text, exact = source
+        ours = cdef_check.parse(_split(cdef)[0]).enums
+        theirs = cdef_check.parse(cdef_check.extract_enums(text, CUSPARSE_ENUMS)).enums
+        for name in CUSPARSE_ENUMS:
+            if exact:
+                problems += cdef_check.compare_enum(name, theirs[name], ours[name], where)
+            else:
+                problems += cdef_check.compare_enum_subset(name, {k: v for k, v in theirs[name].items()
+                                                                  if k in ours[name]}, ours[name], where)
     return problems
-
-
-def _only(decls: cdef_check.Declarations, names) -> cdef_check.Declarations:
-    return cdef_check.Declarations(enums={k: v for k, v in decls.enums.items() if k in names})
 
 
 def test_cdef_matches_installed_header(header_dir):
@@ -133,8 +160,8 @@ def test_cdef_declares_the_whole_api(header_dir):
     ids=lambda value: None,
 )
 def test_checker_reports_every_mutation(header_dir, old, new, expect):
-    if expect == "CUSPARSE_STATUS_NOT_SUPPORTED" and not (Path(header_dir) / "cusparseLt_cusparse_stub.h").is_file():
-        pytest.skip("this cuSPARSELt wheel ships no cuSPARSE stub header to compare the status values with")
+    if expect.startswith("CUSPARSE_") and _cusparse_source(header_dir) is None:
+        pytest.skip("no cuSPARSE header here (neither the 0.10 wheel's stub nor a cusparse.h) to compare with")
     assert old in build_ffi.CDEF, "the mutation no longer applies to the cdef: update the test"
     mutated = build_ffi.CDEF.replace(old, new, 1)
     problems = check_cdef(mutated, header_dir)
@@ -172,24 +199,36 @@ def test_every_declared_function_is_exported_by_the_library():
 
 
 def test_compiled_check_against_the_header(header_dir, tmp_path):
-    """Second layer: an API-mode build of the same cdef against the real header. The compiler checks every
-    signature (pointer and integer mismatches are errors); every enum constant's compiled value is compared
+    """Second layer: an API-mode build of the same cdef against the real header, as C++. The compiler checks
+    every signature (pointer mismatches are errors in C++); every enum constant's compiled value is compared
     with ours."""
     import cffi
 
-    cuda_dirs = _cuda_include_dirs()
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler here")
-    if not cuda_dirs or not (cuda_dirs[0] / "driver_types.h").is_file():
-        pytest.skip("CUDA's driver_types.h/library_types.h are not installed here (cusparseLt.h includes them)")
+    cuda_dirs = [d for d in _cuda_include_dirs() if (d / "driver_types.h").is_file()
+                 and (d / "crt" / "host_defines.h").is_file()]
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here")
+    if not cuda_dirs:
+        pytest.skip("no complete CUDA include directory here (cusparseLt.h includes driver_types.h)")
+    include_dirs = [header_dir, str(cuda_dirs[0])]
+    if '#include "cusparse.h"' in cdef_check.read_header(header_dir, "cusparseLt.h"):
+        # 0.8 and 0.9 include the toolkit's cusparse.h unconditionally
+        with_cusparse = [d for d in [*_cuda_include_dirs(), *_nvidia_header_dirs("cusparse")]
+                         if (Path(d) / "cusparse.h").is_file()]
+        if not with_cusparse:
+            pytest.skip("this cusparseLt.h includes cusparse.h, which is not installed here")
+        include_dirs.append(str(with_cusparse[0]))
     ffi = cffi.FFI()
     # cdef without our copies of the CUDA/cuSPARSE types: those come from the real headers in the build.
-    ffi.cdef(build_ffi.CDEF.replace("typedef struct { uint8_t data[512]; }", "typedef struct { uint8_t data[512]; ...; }"))
+    ffi.cdef(build_ffi.CDEF.replace("typedef struct { uint8_t data[512]; }",
+                                    "typedef struct { uint8_t data[512]; ...; }"))
     ffi.set_source(
         "_pycusparselt_conformance",
         '#include "cusparseLt.h"',
-        include_dirs=[header_dir, str(cuda_dirs[0])],
-        extra_compile_args=["-Werror=incompatible-pointer-types", "-Werror=int-conversion", "-Wno-unused"],
+        include_dirs=include_dirs,
+        # C++: the 0.8 and 0.9 headers include <cstddef>; C++ also refuses every pointer mismatch.
+        source_extension=".cpp",
+        extra_compile_args=["-Wno-unused"],
     )
     try:
         library = ffi.compile(tmpdir=str(tmp_path), verbose=False)

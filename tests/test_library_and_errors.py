@@ -83,7 +83,8 @@ def test_too_old_library_is_refused(fresh_loader, monkeypatch):
     _library_or_skip()
     monkeypatch.setattr(_library, "_loaded", None)
     monkeypatch.setattr(_library, "_query_version", lambda lib: (0, 6, 3))
-    with pytest.raises(errors.LibraryNotFoundError, match=r"0\.6\.3 .* too old: pycusparselt needs 0\.8\.0.*pip install"):
+    expected = r"0\.6\.3 .* too old: pycusparselt needs 0\.8\.0.*pip install"
+    with pytest.raises(errors.LibraryNotFoundError, match=expected):
         _library.load()
 
 
@@ -175,7 +176,9 @@ def test_check_status_uses_the_library_text_and_our_hint():
     assert info.value.hint == "our own words" and "our own words" in str(info.value)
 
 
-@pytest.mark.parametrize("cls", [errors.InvalidValueError, errors.InternalError, errors.AllocFailedError, errors.CuSparseLtError])
+@pytest.mark.parametrize(
+    "cls", [errors.InvalidValueError, errors.InternalError, errors.AllocFailedError, errors.CuSparseLtError]
+)
 def test_errors_pickle(cls):
     err = cls("cusparseLtMatmul", 3, "CUSPARSE_STATUS_INVALID_VALUE", "invalid value", "a hint")
     again = pickle.loads(pickle.dumps(err))

@@ -67,7 +67,7 @@ def replay_arguments(record: dict, arrays: dict) -> tuple[tuple, dict]:
     in_dt, out_dt = DTYPES[record["in_type"]], DTYPES[record["out_type"]]
     a = arrays["a"].astype(in_dt)
     b = arrays["b"].astype(in_dt)
-    m, n = a.shape[0], b.shape[1]
+    m = a.shape[0]
     c = arrays["c"].astype(out_dt) if "c" in arrays else None
     alpha = arrays["alpha_vector"][:m].astype(np.float32) if "alpha_vector" in arrays else record.get("alpha", 1.0)
     bias = None
