@@ -483,10 +483,9 @@ def dense_descriptor_init(
     """``cusparseLtDenseDescriptorInit``: describe a dense ``rows x cols`` matrix with leading dimension
     ``ld``, memory ``alignment`` in bytes, element type ``value_type`` (:class:`~pycusparselt.enums.DataType`)
     and ``order`` (:class:`~pycusparselt.enums.Order`)."""
+    h, target = _live(handle, RawHandle, "handle"), _fresh(descriptor, RawMatDescriptor, "descriptor")
     args = _descriptor_args(rows, cols, ld, alignment, value_type, order)
-    status = _lib().cusparseLtDenseDescriptorInit(
-        _live(handle, RawHandle, "handle"), _fresh(descriptor, RawMatDescriptor, "descriptor"), *args
-    )
+    status = _lib().cusparseLtDenseDescriptorInit(h, target, *args)
     check_status("cusparseLtDenseDescriptorInit", status)
     descriptor._live = True
 
@@ -504,13 +503,9 @@ def structured_descriptor_init(
 ) -> None:
     """``cusparseLtStructuredDescriptorInit``: like :func:`dense_descriptor_init` for the 2:4 structured
     (sparse) operand, with its ``sparsity`` (:class:`~pycusparselt.enums.Sparsity`, 50 % by default)."""
+    h, target = _live(handle, RawHandle, "handle"), _fresh(descriptor, RawMatDescriptor, "descriptor")
     args = _descriptor_args(rows, cols, ld, alignment, value_type, order)
-    status = _lib().cusparseLtStructuredDescriptorInit(
-        _live(handle, RawHandle, "handle"),
-        _fresh(descriptor, RawMatDescriptor, "descriptor"),
-        *args,
-        _enum(sparsity, Sparsity, "sparsity"),
-    )
+    status = _lib().cusparseLtStructuredDescriptorInit(h, target, *args, _enum(sparsity, Sparsity, "sparsity"))
     check_status("cusparseLtStructuredDescriptorInit", status)
     descriptor._live = True
 

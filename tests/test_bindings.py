@@ -200,3 +200,37 @@ def test_source_checkout_fallback_declares_the_same_api():
     for ctype in ENUM_TYPES.values():
         assert inline.typeof(ctype).relements == ffi.typeof(ctype).relements
     assert inline.sizeof("cusparseLtMatmulPlan_t") == ffi.sizeof("cusparseLtMatmulPlan_t") == 512
+
+
+@pytest.mark.parametrize("cname", C_FUNCTIONS)
+def test_every_wrapper_refuses_wrong_types(cname):
+    """Objects of the wrong type in every position: a Python exception, never a call into C."""
+    import inspect
+
+    wrapper = getattr(b, snake(cname))
+    required = [p for p in inspect.signature(wrapper).parameters.values() if p.default is inspect.Parameter.empty]
+    with pytest.raises((TypeError, ValueError)):
+        wrapper(*[object() for _ in required])
+
+
+@pytest.mark.parametrize("cname", [c for c in C_FUNCTIONS if c not in (
+    "cusparseLtInit", "cusparseLtGetProperty", "cusparseLtGetErrorName", "cusparseLtGetErrorString")])
+def test_every_wrapper_refuses_destroyed_structures(cname):
+    """Raw structures that were destroyed (or never initialised): ClosedError before any C call."""
+    import inspect
+
+    wrapper = getattr(b, snake(cname))
+    args = []
+    for p in inspect.signature(wrapper).parameters.values():
+        if p.default is not inspect.Parameter.empty:
+            break
+        ann = str(p.annotation)
+        if ann.startswith("Raw"):
+            obj = getattr(b, ann)()
+            obj._live = True
+            obj._live = False  # as after a destroy
+            args.append(obj)
+        else:
+            args.append(1.0 if p.name in ("alpha", "beta") else 0)
+    with pytest.raises(ClosedError, match="not initialized"):
+        wrapper(*args)

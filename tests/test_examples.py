@@ -1,0 +1,35 @@
+"""Every example runs: the CPU ones everywhere, the GPU ones where a GPU is usable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(name: str) -> subprocess.CompletedProcess:
+    # -P: the installed package, not the checkout
+    return subprocess.run([sys.executable, "-P", str(EXAMPLES / name)], capture_output=True, text=True, timeout=300)
+
+
+def test_reference_example():
+    result = _run("reference_2to4.py")
+    assert result.returncode == 0, result.stderr
+    assert "magnitude lost: 140.0" in result.stdout and "lost: 100.0" in result.stdout
+    assert "0.5625 of the dense size" in result.stdout
+
+
+@pytest.mark.gpu
+def test_raw_bindings_example():
+    result = _run("raw_bindings_fp16.py")
+    assert result.returncode == 0, result.stderr
+    assert "matches the NumPy reference" in result.stdout
+
+
+def test_every_example_is_tested():
+    tested = {"reference_2to4.py", "raw_bindings_fp16.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
