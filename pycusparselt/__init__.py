@@ -6,6 +6,8 @@ Importing the package loads nothing native: the library is found and loaded on f
 
 - :mod:`pycusparselt.bindings`: one checked wrapper per C function; :mod:`pycusparselt.enums`: the
   header's enumerations; :mod:`pycusparselt.errors`: the exceptions.
+- :class:`SparseMatmulPlan` (:mod:`pycusparselt.plan`): persistent GEMMs on device arrays; :func:`matmul`
+  (:mod:`pycusparselt.oneshot`): one-shot products through a cache of plans.
 - :mod:`pycusparselt.reference`: the NumPy oracle (pruning, compression, GEMM semantics); needs no GPU.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from . import enums, errors
 from ._library import ENV_VAR, MIN_VERSION, library_path, library_version
+from .oneshot import clear_plan_cache, matmul, plan_cache_info
+from .plan import CompressedOperand, PlanConfig, SparseMatmulPlan
 from .errors import (
     ClosedError,
     CuSparseLtError,
@@ -38,4 +42,10 @@ __all__ = [
     "CuSparseLtRuntimeError",
     "CuSparseLtUsageError",
     "LibraryNotFoundError",
+    "SparseMatmulPlan",
+    "CompressedOperand",
+    "PlanConfig",
+    "matmul",
+    "plan_cache_info",
+    "clear_plan_cache",
 ]

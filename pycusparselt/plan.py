@@ -1,0 +1,848 @@
+"""SparseMatmulPlan: a persistent cuSPARSELt GEMM on device arrays, and the compressed sparse operand.
+
+``D = activation(alpha * op(A) @ op(B) + beta * C + bias)`` with A or B 2:4 sparse along K. A plan is built
+once from example operands (their shapes, dtypes and layouts) and then runs any number of products on arrays
+of that signature::
+
+    plan = SparseMatmulPlan(a, b)            # a: (M, K) sparse, b: (K, N) dense
+    ca = plan.compress(a, prune="strip")     # prune a copy to 2:4 and compress it, once
+    d = plan.matmul(ca, b)                   # as often as needed
+
+Internally every product is put in one canonical form, ``Y = S @ X`` with the sparse operand S first: for
+``sparse="a"`` S is A, X is B and Y is D; for ``sparse="b"`` S is B^T, X is A^T and Y is D^T. Transposing is
+free (only the memory order flips), so no operand is ever copied to change its layout. Dimensions cuSPARSELt
+cannot take (not multiples of 16/32 for the sparse operand, 8/16 for the dense ones) are padded: the sparse
+operand once when it is compressed, the dense operands and D per call through buffers the plan keeps.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import bindings, dtypes
+from ._handles import Handle, handle_for_device
+from .enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
+from .errors import ClosedError
+from .operands import COL, ROW, Operand, as_operand
+
+__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig"]
+
+_ALIGN_BYTES = 16
+_N = Operation.NON_TRANSPOSE
+_PRUNE = {"strip": PruneAlg.SPMMA_STRIP, "tile": PruneAlg.SPMMA_TILE}
+
+
+class PlanConfig(NamedTuple):
+    """The algorithm a plan runs: cuSPARSELt's config id and its split-K settings.
+
+    When setting :attr:`SparseMatmulPlan.config`, a split-K field left at None keeps the plan's value.
+    """
+
+    alg_id: int
+    split_k: int | None = None
+    split_k_mode: int | None = None
+    split_k_buffers: int | None = None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _stream_ptr(stream: Any) -> int:
+    import cupy
+
+    if stream is None:
+        return cupy.cuda.get_current_stream().ptr
+    return bindings._stream_handle(stream)
+
+
+class _StreamHandle:
+    """A raw stream handle behind the CUDA stream protocol (what CuPy 14's Stream.from_external takes)."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def _on_stream(stream_ptr: int) -> Any:
+    """A CuPy stream object for a raw handle, usable as a context manager (work is enqueued on it)."""
+    import cupy
+
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(stream_ptr))
+    return cupy.cuda.ExternalStream(stream_ptr)
+
+
+def _cupy_view(op: Operand) -> Any:
+    """A CuPy array over the operand's memory (zero-copy)."""
+    import cupy
+
+    return op.owner if isinstance(op.owner, cupy.ndarray) else cupy.asarray(op.owner)
+
+
+def _canonical(arr: Any, transpose: bool) -> Any:
+    return arr.swapaxes(-1, -2) if transpose else arr
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """One matrix of the canonical problem as its descriptor sees it."""
+
+    rows: int
+    cols: int
+    ld: int
+    order: str
+    batch: int
+    batch_stride: int
+
+    def order_enum(self) -> Order:
+        return Order.ROW if self.order == ROW else Order.COL
+
+
+def _release(handle: Handle, device: int, objects: list) -> None:
+    """Destroy a plan's native objects, once, with its device current (also the finalizer)."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        for obj in objects:
+            if not obj.initialized:
+                continue
+            if isinstance(obj, bindings.RawPlan):
+                bindings.matmul_plan_destroy(obj)
+            elif isinstance(obj, bindings.RawAlgSelection):
+                bindings.matmul_alg_selection_destroy(obj)
+            elif isinstance(obj, bindings.RawMatDescriptor):
+                bindings.mat_descriptor_destroy(obj)
+            elif isinstance(obj, bindings.RawMatmulDescriptor):
+                obj.release()
+    del handle  # held until here so the handle outlives the plan's objects
+
+
+class CompressedOperand:
+    """The sparse operand in cuSPARSELt's compressed form, made by :meth:`SparseMatmulPlan.compress`.
+
+    It owns its device buffer and can be used with every plan whose sparse operand has the same shape, dtype,
+    layout and device. Attributes: ``shape`` and ``dtype`` (of the dense sparse operand), ``side`` ("a" or
+    "b"), ``nbytes`` (of the compressed buffer).
+    """
+
+    def __init__(self, buffer: Any, key: tuple, shape: tuple, dtype: np.dtype, side: str) -> None:
+        self._buffer = buffer
+        self._key = key
+        self.shape = shape
+        self.dtype = dtype
+        self.side = side
+        self.nbytes = int(buffer.nbytes)
+
+    @property
+    def closed(self) -> bool:
+        return self._buffer is None
+
+    @property
+    def ptr(self) -> int:
+        """Device address of the compressed buffer."""
+        if self._buffer is None:
+            raise ClosedError("the compressed operand was closed")
+        return self._buffer.data.ptr
+
+    def close(self) -> None:
+        """Free the compressed buffer (back to CuPy's memory pool). Harmless when repeated."""
+        self._buffer = None
+
+    def __enter__(self) -> CompressedOperand:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.nbytes} bytes"
+        return f"<CompressedOperand {self.side}: {self.shape} {self.dtype}, {state}>"
+
+
+class SparseMatmulPlan:
+    """A cuSPARSELt GEMM ``D = activation(alpha * A @ B + beta * C + bias)`` with A or B 2:4 sparse.
+
+    Parameters
+    ----------
+    a, b : device arrays
+        Example operands, ``(M, K)`` and ``(K, N)``, or batches ``(batch, M, K)`` / ``(batch, K, N)`` (a
+        batch of one broadcasts). CuPy arrays or any object with ``__cuda_array_interface__`` or
+        ``__dlpack__``; only their shape, dtype and layout are kept.
+    c : device array, optional
+        Example C, ``(M, N)`` or batched. Its layout is D's; without it D is C-contiguous.
+    sparse : {"a", "b"}
+        Which operand is 2:4 sparse along K (the rows of A, or the columns of B).
+    out_dtype : dtype, optional
+        D's type: by default C's, else float16/bfloat16/float32 for those inputs, int32 for int8 and
+        float16 for FP8. ``pycusparselt.dtypes.combinations_text()`` lists the valid combinations.
+    compute : {"32F", "16F", "32I"}, optional
+        Compute type; "16F" (FP16 inputs only) is faster on Hopper and accumulates in half precision.
+    activation : {None, "relu", "gelu"}
+        Fused activation. ReLU takes ``relu_upper_bound`` and ``relu_threshold`` (values ``<= threshold``
+        become 0); GELU (int8 -> int8 only) takes ``gelu_scaling``.
+    bias : bool
+        Whether :meth:`matmul` takes a bias: one value per row of D for ``sparse="a"`` (length M), per column
+        for ``sparse="b"`` (length N); float32 for integer D, else D's type.
+    alpha_vector : bool
+        Whether :meth:`matmul`'s alpha is a float32 vector of the bias's length (int8 inputs).
+    input_dtype : dtype, optional
+        Read one-byte A and B (uint8 or int8 arrays) as this type: CuPy has no float8 arrays, so FP8 data is
+        passed as its bytes with ``input_dtype=ml_dtypes.float8_e4m3fn`` (or ``float8_e5m2``), here and to
+        every later call.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Host arrays, unsupported types, mismatched shapes, layouts the type does not allow, misaligned
+        pointers, arrays on different devices: before any native call.
+    pycusparselt.errors.CuSparseLtError
+        What the library refuses.
+    """
+
+    def __init__(
+        self,
+        a: Any,
+        b: Any,
+        c: Any = None,
+        *,
+        sparse: str = "a",
+        out_dtype: Any = None,
+        compute: str | None = None,
+        activation: str | None = None,
+        relu_upper_bound: float = math.inf,
+        relu_threshold: float = 0.0,
+        gelu_scaling: float = 1.0,
+        bias: bool = False,
+        alpha_vector: bool = False,
+        input_dtype: Any = None,
+    ) -> None:
+        self._closed = True  # until built
+        if sparse not in ("a", "b"):
+            raise ValueError(f"sparse: expected 'a' or 'b', got {sparse!r}")
+        self._input_dtype = None if input_dtype is None else np.dtype(input_dtype)
+        A, B = as_operand(a, "a", self._input_dtype), as_operand(b, "b", self._input_dtype)
+        C = None if c is None else as_operand(c, "c")
+        if A.dtype != B.dtype:
+            raise TypeError(f"a and b must have the same dtype, got {A.dtype} and {B.dtype}")
+        rules = dtypes.rules_for(A.dtype, "a")
+        out_dt = dtypes.resolve_out_dtype(A.dtype, out_dtype, None if C is None else C.dtype)
+        compute_type = dtypes.resolve_compute(A.dtype, compute)
+        m, k = A.rows, A.cols
+        if B.rows != k:
+            raise ValueError(f"a is (..., M, K) = {A.shape} but b is (..., K, N) = {B.shape}: K differs")
+        n = B.cols
+        if C is not None and (C.rows, C.cols) != (m, n):
+            raise ValueError(f"c: expected (..., M, N) = (..., {m}, {n}), got {C.shape}")
+        batches = {op.batch for op in (A, B, C) if op is not None and op.batch > 1}
+        if len(batches) > 1:
+            raise ValueError(f"batch sizes differ: a {A.shape}, b {B.shape}" + (f", c {C.shape}" if C else ""))
+        batch = batches.pop() if batches else 1
+        if C is not None and C.batch != batch:
+            raise ValueError(f"c: C and D share one layout, so c needs the full batch ({batch}), got {C.shape}")
+        for op in (A, B, C):
+            compact = op.ld * (op.rows if op.order == ROW else op.cols) if op is not None else 0
+            if op is not None and op.batch_stride not in (0, compact):
+                raise ValueError(
+                    f"{op.name}: batch stride {op.batch_stride} elements; batches must be stacked "
+                    f"contiguously (stride {compact}) or broadcast (stride 0)"
+                )
+        self._check_activation(activation, A.dtype, out_dt, relu_upper_bound, relu_threshold, gelu_scaling)
+        if alpha_vector and A.dtype != dtypes.I8:
+            raise ValueError(f"alpha_vector: only int8 inputs support alpha vector scaling, got {A.dtype}")
+        for op in (A, B, C):
+            if op is not None and op.ptr % _ALIGN_BYTES:
+                raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {_ALIGN_BYTES}-byte aligned")
+
+        # The canonical problem Y = S @ X (see the module docstring).
+        transpose = sparse == "b"
+        S = B.transposed() if transpose else A
+        X = A.transposed() if transpose else B
+        d_order = C.order if C is not None else ROW
+        y_order = (COL if d_order == ROW else ROW) if transpose else d_order
+        if rules.needs_tn and (S.order != ROW or X.order != COL):
+            raise ValueError(self._tn_message(A.dtype, sparse))
+        p, kk, q = S.rows, S.cols, X.cols
+        sm, dm = rules.sparse_multiple, rules.dense_multiple
+        pp, kp, qp = _round_up(p, sm), _round_up(kk, sm), _round_up(q, dm)
+        y_ld = C.ld if C is not None else (q if y_order == ROW else p)
+        aligned = (
+            (pp, kp, qp) == (p, kk, q)
+            and S.ld % sm == 0
+            and X.ld % dm == 0
+            and y_ld % dm == 0
+            and all(op.batch_stride % dm == 0 for op in (S, X, C) if op is not None)
+        )
+        if aligned:
+            s_mat = _Matrix(p, kk, S.ld, S.order, batch, S.batch_stride)
+            x_mat = _Matrix(kk, q, X.ld, X.order, batch, X.batch_stride)
+            y_stride = C.batch_stride if C is not None else (p * q if batch > 1 else 0)
+            y_mat = _Matrix(p, q, y_ld, y_order, batch, y_stride)
+        else:  # internal buffers: S row-major, X column-major (valid for every type), Y row-major
+            s_mat = _Matrix(pp, kp, kp, ROW, batch, pp * kp if S.batch > 1 else 0)
+            x_mat = _Matrix(kp, qp, kp, COL, batch, kp * qp if batch > 1 else 0)
+            y_mat = _Matrix(pp, qp, qp, ROW, batch, pp * qp if batch > 1 else 0)
+
+        devices = {op.device() for op in (A, B, C) if op is not None}
+        if len(devices) > 1:
+            raise ValueError(f"a, b{', c' if C is not None else ''} are on different devices: {sorted(devices)}")
+        device = devices.pop()
+        self._check_arch(device, rules, A.dtype)
+
+        self.sparse = sparse
+        self.dtype = A.dtype
+        # CuPy cannot allocate float8: the plan's own buffers hold their bytes
+        self._storage = np.dtype(np.uint8) if A.dtype in (dtypes.E4M3, dtypes.E5M2) else A.dtype
+        self.out_dtype = out_dt
+        self.shape = (batch, m, k, n) if batch > 1 or A.ndim == 3 else (m, k, n)
+        self.activation = activation
+        self.device = device
+        self.padded = not aligned
+        self._transpose = transpose
+        self._dims = (p, kk, q)
+        self._batch = batch
+        self._layouts = {"a": A.layout, "b": B.layout, "c": None if C is None else C.layout}
+        d_shape = (batch, m, n) if max(A.ndim, B.ndim, C.ndim if C else 2) == 3 else (m, n)
+        self._d_spec = (out_dt, d_shape, d_order)
+        # D's full layout: C's, else compact
+        self._d_layout = (
+            C.layout
+            if C is not None
+            else (out_dt, d_shape, d_order, n if d_order == ROW else m, m * n if len(d_shape) == 3 and batch > 1 else 0)
+        )
+        self._mats = (s_mat, x_mat, y_mat)
+        self._sparse_key = (device, A.layout if sparse == "a" else B.layout, s_mat)
+        self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
+        self._buffers: dict[str, Any] = {}
+        self._build(compute_type, out_dt, activation, relu_upper_bound, relu_threshold, gelu_scaling)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_activation(activation, in_dt, out_dt, upper, threshold, scaling) -> None:
+        if activation not in (None, "relu", "gelu"):
+            raise ValueError(f"activation: expected None, 'relu' or 'gelu', got {activation!r}")
+        if activation != "relu" and (upper != math.inf or threshold != 0.0):
+            raise ValueError("relu_upper_bound and relu_threshold need activation='relu'")
+        if activation != "gelu" and scaling != 1.0:
+            raise ValueError("gelu_scaling needs activation='gelu'")
+        if activation == "gelu" and not (in_dt == dtypes.I8 and out_dt == dtypes.I8):
+            raise ValueError(
+                f"activation='gelu': cuSPARSELt supports GELU only for int8 inputs with int8 output, "
+                f"got {in_dt} -> {out_dt}"
+            )
+
+    @staticmethod
+    def _tn_message(dtype: np.dtype, sparse: str) -> str:
+        if sparse == "a":
+            want = "a C-contiguous (M, K) and b F-contiguous (K, N), e.g. b = bt.T with bt C-contiguous (N, K)"
+        else:
+            want = "b F-contiguous (K, N) and a C-contiguous (M, K), e.g. b = bt.T with bt C-contiguous (N, K)"
+        return (
+            f"{dtype} inputs need the 'TN' layout: the sparse operand row-major along K and the dense one "
+            f"column-major along K; pass {want}"
+        )
+
+    @staticmethod
+    def _check_arch(device: int, rules: dtypes.TypeRules, dtype: np.dtype) -> None:
+        import cupy
+
+        cc = cupy.cuda.Device(device).compute_capability
+        major, minor = int(cc[:-1]), int(cc[-1])
+        if (major, minor) < rules.min_cc:
+            need = ".".join(map(str, rules.min_cc))
+            raise ValueError(
+                f"{dtype} sparse GEMMs need a GPU of SM {need} or newer; device {device} is SM {major}.{minor}"
+            )
+
+    def _build(self, compute_type, out_dt, activation, upper, threshold, scaling) -> None:
+        import cupy
+
+        s_mat, x_mat, y_mat = self._mats
+        handle = handle_for_device(self.device)
+        h = handle.raw
+        self._handle = handle
+        self._s_desc, self._x_desc, self._y_desc = (bindings.RawMatDescriptor() for _ in range(3))
+        self._desc, self._sel, self._plan = (
+            bindings.RawMatmulDescriptor(),
+            bindings.RawAlgSelection(),
+            bindings.RawPlan(),
+        )
+        objects = [self._plan, self._sel, self._s_desc, self._x_desc, self._y_desc, self._desc]
+        self._finalizer = weakref.finalize(self, _release, handle, self.device, objects)
+        in_type, out_type = dtypes.data_type(self.dtype), dtypes.data_type(out_dt)
+        with cupy.cuda.Device(self.device):
+            try:
+                bindings.structured_descriptor_init(
+                    h, self._s_desc, s_mat.rows, s_mat.cols, s_mat.ld, _ALIGN_BYTES, in_type, s_mat.order_enum()
+                )
+                bindings.dense_descriptor_init(
+                    h, self._x_desc, x_mat.rows, x_mat.cols, x_mat.ld, _ALIGN_BYTES, in_type, x_mat.order_enum()
+                )
+                bindings.dense_descriptor_init(
+                    h, self._y_desc, y_mat.rows, y_mat.cols, y_mat.ld, _ALIGN_BYTES, out_type, y_mat.order_enum()
+                )
+                if self._batch > 1:
+                    for raw, mat in ((self._s_desc, s_mat), (self._x_desc, x_mat), (self._y_desc, y_mat)):
+                        bindings.mat_desc_set_attribute(h, raw, MatDescAttribute.NUM_BATCHES, self._batch)
+                        bindings.mat_desc_set_attribute(h, raw, MatDescAttribute.BATCH_STRIDE, mat.batch_stride)
+                bindings.matmul_descriptor_init(
+                    h, self._desc, _N, _N, self._s_desc, self._x_desc, self._y_desc, self._y_desc, compute_type
+                )
+                self._set_epilogue(h, activation, upper, threshold, scaling, out_dt)
+                bindings.matmul_alg_selection_init(h, self._sel, self._desc)
+                bindings.matmul_plan_init(h, self._plan, self._desc, self._sel)
+                self._max_alg_id = bindings.matmul_alg_get_attribute(h, self._sel, MatmulAlgAttribute.ALG_CONFIG_MAX_ID)
+                self._allocate_workspace()
+            except BaseException:
+                self._finalizer()
+                raise
+        self._closed = False
+
+    def _set_epilogue(self, h, activation, upper, threshold, scaling, out_dt) -> None:
+        import cupy
+
+        attr = MatmulDescAttribute
+        if activation == "relu":
+            bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_RELU, 1)
+            if upper != math.inf:
+                bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_RELU_UPPERBOUND, float(upper))
+            if threshold != 0.0:
+                bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_RELU_THRESHOLD, float(threshold))
+        elif activation == "gelu":
+            bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_GELU, 1)
+            if scaling != 1.0:
+                bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_GELU_SCALING, float(scaling))
+        s_rows = self._mats[0].rows
+        if self._has_bias:
+            # The plan owns the bias buffer; calls copy the caller's bias into it (the padding stays 0).
+            buf = cupy.zeros((self._batch, s_rows), dtype=dtypes.bias_dtype(out_dt))
+            self._buffers["bias"] = buf
+            bindings.matmul_desc_set_attribute(h, self._desc, attr.BIAS_POINTER, buf.data.ptr)
+            if self._batch > 1:
+                bindings.matmul_desc_set_attribute(h, self._desc, attr.BIAS_STRIDE, s_rows)
+        if self._has_alpha_vector:
+            self._buffers["alpha"] = cupy.zeros(s_rows, dtype=np.float32)
+            bindings.matmul_desc_set_attribute(h, self._desc, attr.ALPHA_VECTOR_SCALING, 1)
+
+    def _allocate_workspace(self) -> None:
+        import cupy
+
+        size = bindings.matmul_get_workspace(self._handle.raw, self._plan)
+        self._workspace = cupy.empty(max(size, 1), dtype=cupy.uint8)
+        self._workspace_size = size
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _live(self) -> bindings.RawHandle:
+        if self._closed:
+            raise ClosedError("the plan was closed")
+        return self._handle.checked()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release the plan's native objects and buffers now. Harmless when repeated."""
+        self._closed = True
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        self._buffers = {}
+        self._workspace = None
+
+    def __enter__(self) -> SparseMatmulPlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"device {self.device}"
+        return (
+            f"<SparseMatmulPlan {self.shape} {self.dtype} -> {self.out_dtype}, sparse={self.sparse!r}, "
+            f"{'padded, ' if self.padded else ''}{state}>"
+        )
+
+    @property
+    def max_alg_id(self) -> int:
+        """Number of algorithm configurations (``CONFIG_MAX_ID``); valid ids are ``0 .. max_alg_id - 1``."""
+        self._live()
+        return self._max_alg_id
+
+    @property
+    def workspace_size(self) -> int:
+        """Bytes of workspace the current configuration needs (allocated once by the plan)."""
+        self._live()
+        return self._workspace_size
+
+    @property
+    def config(self) -> PlanConfig:
+        """The configuration the plan runs (settable; :meth:`autotune` sets it too)."""
+        h = self._live()
+        get = bindings.matmul_alg_get_attribute
+        return PlanConfig(
+            get(h, self._sel, MatmulAlgAttribute.ALG_CONFIG_ID),
+            get(h, self._sel, MatmulAlgAttribute.SPLIT_K),
+            get(h, self._sel, MatmulAlgAttribute.SPLIT_K_MODE),
+            get(h, self._sel, MatmulAlgAttribute.SPLIT_K_BUFFERS),
+        )
+
+    @config.setter
+    def config(self, config: PlanConfig | int) -> None:
+        import cupy
+
+        h = self._live()
+        config = PlanConfig(config) if isinstance(config, int) else PlanConfig(*config)
+        if not 0 <= config.alg_id < self._max_alg_id:
+            raise ValueError(f"config.alg_id: expected 0 .. {self._max_alg_id - 1}, got {config.alg_id}")
+        current = self.config
+        with cupy.cuda.Device(self.device):
+            bindings.matmul_alg_set_attribute(h, self._sel, MatmulAlgAttribute.ALG_CONFIG_ID, config.alg_id)
+            if config.split_k not in (None, current.split_k):
+                bindings.matmul_alg_set_attribute(h, self._sel, MatmulAlgAttribute.SPLIT_K, config.split_k)
+            if config.split_k_mode not in (None, current.split_k_mode):
+                bindings.matmul_alg_set_attribute(h, self._sel, MatmulAlgAttribute.SPLIT_K_MODE, config.split_k_mode)
+            if config.split_k_buffers not in (None, current.split_k_buffers):
+                bindings.matmul_alg_set_attribute(
+                    h, self._sel, MatmulAlgAttribute.SPLIT_K_BUFFERS, config.split_k_buffers
+                )
+            # the plan reads the selection when it is initialised
+            bindings.matmul_plan_destroy(self._plan)
+            bindings.matmul_plan_init(h, self._plan, self._desc, self._sel)
+            self._allocate_workspace()
+
+    # -- the sparse operand -------------------------------------------------------------------------
+
+    def _sparse_operand(self, x: Any) -> tuple[Operand, Any]:
+        """The caller's sparse-side array, checked against the plan, as (operand, canonical CuPy view)."""
+        side = self.sparse
+        op = as_operand(x, side, self._input_dtype)
+        if op.layout != self._layouts[side]:
+            raise ValueError(
+                f"{side}: shape {op.shape}, dtype {op.dtype}, {op.order}-major with ld {op.ld} does not match the "
+                f"plan's sparse operand (dtype, shape, order, ld, batch stride) = {self._layouts[side]}"
+            )
+        self._check_device(op)
+        return op, _canonical(_cupy_view(op), self._transpose)
+
+    def _check_device(self, op: Operand) -> None:
+        device = op.device()
+        if device != self.device:
+            raise ValueError(f"{op.name}: array is on device {device}, the plan on device {self.device}")
+
+    def _dense_sparse_copy(self, view: Any, stream_ptr: int) -> Any:
+        """A copy of the canonical sparse operand with the structured descriptor's geometry (zero padding)."""
+        import cupy
+
+        s_mat = self._mats[0]
+        p, kk, _ = self._dims
+        count = self._batch if s_mat.batch_stride else 1
+        with _on_stream(stream_ptr):
+            if s_mat.order == ROW:
+                buf = cupy.zeros((count, s_mat.rows, s_mat.ld), dtype=self._storage)[:, :, : s_mat.cols]
+            else:
+                buf = cupy.zeros((count, s_mat.cols, s_mat.ld), dtype=self._storage).swapaxes(-1, -2)[:, : s_mat.rows]
+            buf[:, :p, :kk] = view
+        return buf
+
+    def _flag_valid(self, h, src_ptr: int, stream_ptr: int) -> bool:
+        import cupy
+
+        flag = cupy.zeros(1, dtype=cupy.int32)  # written only when the matrix is not 2:4
+        with _on_stream(stream_ptr) as stream:
+            flag.fill(0)
+            bindings.spmma_prune_check(h, self._desc, src_ptr, flag.data.ptr, stream_ptr)
+            stream.synchronize()
+        return int(flag.get()[0]) == 0
+
+    def prune(self, x: Any, method: str = "strip", *, stream: Any = None) -> Any:
+        """Prune the sparse-side operand to 2:4 with cuSPARSELt, into a new array (``x`` is unchanged).
+
+        ``method`` is "strip" (the 2 largest magnitudes of every 4 along K) or "tile" (4x4 tiles 2:4 along
+        both axes). Returns a CuPy array of ``x``'s shape and dtype (C-contiguous for a padded plan).
+        """
+        import cupy
+
+        h = self._live()
+        alg = self._prune_alg(method)
+        op, view = self._sparse_operand(x)
+        stream_ptr = _stream_ptr(stream)
+        p, kk, _ = self._dims
+        with cupy.cuda.Device(self.device):
+            buf = self._dense_sparse_copy(view, stream_ptr)
+            bindings.spmma_prune(h, self._desc, buf.data.ptr, buf.data.ptr, alg, stream_ptr)
+            result = buf[:, :p, :kk]
+            result = result if op.ndim == 3 else result[0]
+            return _canonical(result, self._transpose)
+
+    @staticmethod
+    def _prune_alg(method: str) -> PruneAlg:
+        try:
+            return _PRUNE[method]
+        except KeyError:
+            raise ValueError(f"prune: expected 'strip' or 'tile', got {method!r}") from None
+
+    def is_2to4(self, x: Any, *, stream: Any = None) -> bool:
+        """Whether ``x`` (the sparse-side operand) is 2:4 along K, asked of cuSPARSELt (synchronises)."""
+        import cupy
+
+        h = self._live()
+        _, view = self._sparse_operand(x)
+        stream_ptr = _stream_ptr(stream)
+        with cupy.cuda.Device(self.device):
+            buf = self._dense_sparse_copy(view, stream_ptr) if self.padded else None
+            return self._flag_valid(h, buf.data.ptr if buf is not None else view.data.ptr, stream_ptr)
+
+    def compress(
+        self, x: Any, *, prune: str | None = None, check: bool = True, stream: Any = None
+    ) -> CompressedOperand:
+        """Compress the sparse-side operand for this plan (and any plan with the same sparse operand).
+
+        Parameters
+        ----------
+        x : device array
+            The sparse-side operand (A for ``sparse="a"``, B for ``"b"``), with the plan's shape, dtype and
+            layout. It is never modified.
+        prune : {None, "strip", "tile"}
+            None: ``x`` must already be 2:4 along K. Otherwise a copy is pruned first by cuSPARSELt.
+        check : bool
+            With ``prune=None``, verify on the GPU that ``x`` is 2:4 (synchronises); a matrix that is not
+            raises ValueError. Skipping the check on data that is not 2:4 gives wrong products.
+        stream : optional
+            Stream to work on (default: CuPy's current stream).
+        """
+        import cupy
+
+        h = self._live()
+        op, view = self._sparse_operand(x)
+        stream_ptr = _stream_ptr(stream)
+        with cupy.cuda.Device(self.device):
+            copy = None
+            if prune is not None or self.padded:
+                copy = self._dense_sparse_copy(view, stream_ptr)
+            src = copy.data.ptr if copy is not None else op.ptr
+            if prune is not None:
+                bindings.spmma_prune(h, self._desc, src, src, self._prune_alg(prune), stream_ptr)
+            elif check and not self._flag_valid(h, src, stream_ptr):
+                raise ValueError(
+                    f"{self.sparse}: the matrix is not 2:4 sparse along K (some group of 4 has more than 2 "
+                    f"non-zeros); prune it first: compress(..., prune='strip')"
+                )
+            size, scratch_size = bindings.spmma_compressed_size(h, self._plan)
+            with _on_stream(stream_ptr):
+                buffer = cupy.empty(size, dtype=cupy.uint8)
+                scratch = cupy.empty(max(scratch_size, 1), dtype=cupy.uint8)
+            # The plan-based compress: on 0.8.0 the descriptor-only cusparseLtSpMMACompress2 compresses only the
+            # first matrix of a batch. The temporaries were allocated on this stream, so CuPy's pool reuses
+            # them only after the stream is done with them.
+            bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
+        return CompressedOperand(buffer, self._sparse_key, op.shape, op.dtype, self.sparse)
+
+    # -- execution ---------------------------------------------------------------------------------
+
+    def _pointers(self, a, b, c, alpha, beta, bias, out, stream_ptr) -> tuple:
+        """Check the call's operands against the plan; return what cusparseLtMatmul needs and the output."""
+        import cupy
+
+        compressed, dense = (a, b) if self.sparse == "a" else (b, a)
+        dense_name = "b" if self.sparse == "a" else "a"
+        if not isinstance(compressed, CompressedOperand):
+            raise TypeError(
+                f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {type(compressed).__name__}"
+            )
+        if compressed._key != self._sparse_key:
+            raise ValueError(f"{self.sparse}: this CompressedOperand was made for a plan with another sparse operand")
+        s_ptr = compressed.ptr
+        X = as_operand(dense, dense_name, self._input_dtype)
+        if X.layout != self._layouts[dense_name]:
+            raise ValueError(
+                f"{dense_name}: {X.shape} {X.dtype} {X.order}-major (ld {X.ld}) does not match the plan's "
+                f"{dense_name} (dtype, shape, order, ld, batch stride) = {self._layouts[dense_name]}"
+            )
+        self._check_device(X)
+        if c is None and beta != 0:
+            raise ValueError("beta is non-zero but c is None")
+        C = None
+        if c is not None:
+            C = as_operand(c, "c")
+            if self._layouts["c"] is None or C.layout != self._layouts["c"]:
+                raise ValueError(
+                    f"c: {C.shape} {C.dtype} {C.order}-major does not match the plan's c "
+                    f"{self._layouts['c']}; make the plan with an example c of this layout"
+                )
+            self._check_device(C)
+        out_dt, d_shape, d_order = self._d_spec
+        if out is None:
+            with _on_stream(stream_ptr):
+                if d_order == ROW:
+                    out = cupy.empty(d_shape, dtype=out_dt)
+                else:
+                    out = cupy.empty(d_shape[:-2] + d_shape[:-3:-1], dtype=out_dt).swapaxes(-1, -2)
+        D = as_operand(out, "out")
+        if D.layout != self._d_layout:
+            raise ValueError(
+                f"out: expected {d_shape} {out_dt} {d_order}-major (dtype, shape, order, ld, batch "
+                f"stride) = {self._d_layout}, got {D.layout}"
+            )
+        self._check_device(D)
+        with _on_stream(stream_ptr):
+            if self._has_bias:
+                if bias is None:
+                    raise ValueError("bias: the plan was made with bias=True; pass bias=")
+                self._copy_vector("bias", bias, self._dims[0])
+            elif bias is not None:
+                raise ValueError("bias: the plan was made without bias; make it with bias=True")
+            if self._has_alpha_vector:
+                self._copy_vector("alpha", alpha, self._dims[0])
+                alpha_arg = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
+            else:
+                if np.ndim(alpha):
+                    raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
+                alpha_arg = float(alpha)
+            if not self.padded:
+                return s_ptr, X.ptr, (C.ptr if C is not None else D.ptr), D.ptr, alpha_arg, out, None
+            x_buf, y_buf, c_buf = self._padded_buffers()
+            p, kk, q = self._dims
+            x_buf[:, :kk, :q] = _canonical(_cupy_view(X), self._transpose)
+            if C is not None:
+                c_buf[:, :p, :q] = _canonical(_cupy_view(C), self._transpose)
+            return (
+                s_ptr,
+                x_buf.data.ptr,
+                (c_buf if C is not None else y_buf).data.ptr,
+                y_buf.data.ptr,
+                alpha_arg,
+                out,
+                y_buf,
+            )
+
+    def _copy_vector(self, name: str, value: Any, length: int) -> None:
+        import cupy
+
+        buf = self._buffers[name]
+        arr = cupy.asarray(value)
+        if name == "alpha":
+            if arr.shape != (length,):
+                raise ValueError(f"alpha: expected a vector of length {length}, got shape {arr.shape}")
+            buf[:length] = arr.astype(cupy.float32)
+            return
+        want = buf.dtype
+        if arr.dtype != want:
+            raise TypeError(f"bias: expected dtype {want} (float32 for integer D, else D's type), got {arr.dtype}")
+        if arr.shape not in ((length,), (self._batch, length)):
+            raise ValueError(f"bias: expected shape ({length},) or ({self._batch}, {length}), got {arr.shape}")
+        buf[:, :length] = arr
+
+    def _padded_buffers(self) -> tuple:
+        import cupy
+
+        if "x" not in self._buffers:
+            s_mat, x_mat, y_mat = self._mats
+            batch = self._batch
+            # zeros once: the padding must stay zero; the data regions are rewritten by every call
+            self._buffers["x"] = cupy.zeros((batch, x_mat.cols, x_mat.rows), dtype=self._storage).swapaxes(-1, -2)
+            self._buffers["y"] = cupy.zeros((batch, y_mat.rows, y_mat.cols), dtype=self.out_dtype)
+            self._buffers["c"] = cupy.zeros((batch, y_mat.rows, y_mat.cols), dtype=self.out_dtype)
+        return self._buffers["x"], self._buffers["y"], self._buffers["c"]
+
+    def _finish(self, out: Any, y_buf: Any) -> Any:
+        if y_buf is not None:
+            p, _, q = self._dims
+            target = _canonical(out, self._transpose)
+            target[...] = y_buf[:, :p, :q] if target.ndim == 3 else y_buf[0, :p, :q]
+        return out
+
+    def matmul(
+        self,
+        a: Any,
+        b: Any,
+        c: Any = None,
+        *,
+        alpha: Any = 1.0,
+        beta: float = 0.0,
+        bias: Any = None,
+        out: Any = None,
+        stream: Any = None,
+    ) -> Any:
+        """Compute ``D = activation(alpha * A @ B + beta * C + bias)``; the sparse side is a
+        :class:`CompressedOperand`.
+
+        Parameters
+        ----------
+        a, b : CompressedOperand or device array
+            The compressed sparse operand on the plan's sparse side, a device array with the plan's
+            layout on the other.
+        c : device array, optional
+            C, with the layout of the plan's example c; needed when ``beta != 0``.
+        alpha : float or device vector
+            Scalar, or with ``alpha_vector=True`` a float32 vector (one per row of D for ``sparse="a"``).
+        beta : float
+        bias : device vector, optional
+            Required when the plan was made with ``bias=True``.
+        out : device array, optional
+            Where to write D (validated: shape, dtype, layout, device). Allocated when omitted.
+        stream : optional
+            Stream to run on: an object with ``__cuda_stream__``, a ``cupy.cuda.Stream``, an integer handle,
+            or None for CuPy's current stream.
+
+        Returns
+        -------
+        The D array (``out`` when given).
+        """
+        return self._run(bindings.matmul, a, b, c, alpha, beta, bias, out, stream)
+
+    def _run(self, function, a, b, c, alpha, beta, bias, out, stream) -> Any:
+        import cupy
+
+        h = self._live()
+        stream_ptr = _stream_ptr(stream)
+        with cupy.cuda.Device(self.device):
+            s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(
+                a, b, c, alpha, beta, bias, out, stream_ptr
+            )
+            function(
+                h,
+                self._plan,
+                alpha_arg,
+                s_ptr,
+                x_ptr,
+                float(beta),
+                c_ptr,
+                d_ptr,
+                self._workspace.data.ptr,
+                [stream_ptr],
+            )
+            with _on_stream(stream_ptr):
+                return self._finish(out, y_buf)
+
+    def autotune(
+        self,
+        a: Any,
+        b: Any,
+        c: Any = None,
+        *,
+        alpha: Any = 1.0,
+        beta: float = 0.0,
+        bias: Any = None,
+        out: Any = None,
+        stream: Any = None,
+    ) -> PlanConfig:
+        """Pick the fastest configuration with ``cusparseLtMatmulSearch`` on these operands (D is
+        overwritten; synchronous) and keep it. Returns the new :attr:`config`."""
+        self._run(bindings.matmul_search, a, b, c, alpha, beta, bias, out, stream)
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            self._allocate_workspace()
+        return self.config
