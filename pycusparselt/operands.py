@@ -73,7 +73,12 @@ def _interface(obj: Any, name: str) -> tuple[dict, Any]:
             f"cupy.asarray({name}), or compute on the CPU with pycusparselt.reference"
         )
     if hasattr(obj, "__cuda_array_interface__"):
-        return obj.__cuda_array_interface__, obj
+        cai = obj.__cuda_array_interface__
+        # The interface cannot name bfloat16 (PyTorch says '<V2'); CuPy arrays carry their dtype, others
+        # can say it through DLPack.
+        named = isinstance(getattr(obj, "dtype", None), np.dtype)
+        if named or np.dtype(cai["typestr"]).kind != "V" or not hasattr(obj, "__dlpack__"):
+            return cai, obj
     if hasattr(obj, "__dlpack__"):
         import cupy
 

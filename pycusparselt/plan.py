@@ -35,6 +35,11 @@ __all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig"]
 _ALIGN_BYTES = 16
 _N = Operation.NON_TRANSPOSE
 _PRUNE = {"strip": PruneAlg.SPMMA_STRIP, "tile": PruneAlg.SPMMA_TILE}
+# Measured on the H100 with 0.8.0: with alpha vector scaling the library leaves beta * C out of D.
+_ALPHA_VECTOR_NO_C = (
+    "alpha_vector: cuSPARSELt ignores C under alpha vector scaling (D = alpha * A @ B whatever beta is), so "
+    "pycusparselt refuses c and beta with it; add C separately"
+)
 
 
 class PlanConfig(NamedTuple):
@@ -90,6 +95,16 @@ def _cupy_view(op: Operand) -> Any:
 
 def _canonical(arr: Any, transpose: bool) -> Any:
     return arr.swapaxes(-1, -2) if transpose else arr
+
+
+def _empty_like(op: Operand, dtype: Any) -> Any:
+    """A new CuPy array with ``op``'s shape, order and leading dimension (compact batches)."""
+    import cupy
+
+    major, minor = (op.rows, op.cols) if op.order == ROW else (op.cols, op.rows)
+    full = cupy.empty((op.batch, major, op.ld), dtype=dtype)[:, :, :minor]
+    arr = full if op.order == ROW else full.swapaxes(-1, -2)
+    return arr if op.ndim == 3 else arr[0]
 
 
 @dataclass(frozen=True)
@@ -258,6 +273,8 @@ class SparseMatmulPlan:
         self._check_activation(activation, A.dtype, out_dt, relu_upper_bound, relu_threshold, gelu_scaling)
         if alpha_vector and A.dtype != dtypes.I8:
             raise ValueError(f"alpha_vector: only int8 inputs support alpha vector scaling, got {A.dtype}")
+        if alpha_vector and C is not None:
+            raise ValueError(_ALPHA_VECTOR_NO_C)
         for op in (A, B, C):
             if op is not None and op.ptr % _ALIGN_BYTES:
                 raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {_ALIGN_BYTES}-byte aligned")
@@ -376,8 +393,9 @@ class SparseMatmulPlan:
             bindings.RawAlgSelection(),
             bindings.RawPlan(),
         )
-        objects = [self._plan, self._sel, self._s_desc, self._x_desc, self._y_desc, self._desc]
-        self._finalizer = weakref.finalize(self, _release, handle, self.device, objects)
+        # plan and selection first: _release destroys in this order
+        self._objects = [self._plan, self._sel, self._s_desc, self._x_desc, self._y_desc, self._desc]
+        self._finalizer = weakref.finalize(self, _release, handle, self.device, self._objects)
         in_type, out_type = dtypes.data_type(self.dtype), dtypes.data_type(out_dt)
         with cupy.cuda.Device(self.device):
             try:
@@ -506,23 +524,36 @@ class SparseMatmulPlan:
         config = PlanConfig(config) if isinstance(config, int) else PlanConfig(*config)
         if not 0 <= config.alg_id < self._max_alg_id:
             raise ValueError(f"config.alg_id: expected 0 .. {self._max_alg_id - 1}, got {config.alg_id}")
-        current = self.config
+        # A fresh selection and plan, as NVIDIA's samples do: re-initialising a destroyed plan over a
+        # searched selection crashed cuSPARSELt 0.8.0.
+        selection, plan = bindings.RawAlgSelection(), bindings.RawPlan()
+        attributes = (
+            (MatmulAlgAttribute.ALG_CONFIG_ID, config.alg_id),
+            (MatmulAlgAttribute.SPLIT_K, config.split_k),
+            (MatmulAlgAttribute.SPLIT_K_MODE, config.split_k_mode),
+            (MatmulAlgAttribute.SPLIT_K_BUFFERS, config.split_k_buffers),
+        )
         with cupy.cuda.Device(self.device):
-            bindings.matmul_alg_set_attribute(h, self._sel, MatmulAlgAttribute.ALG_CONFIG_ID, config.alg_id)
-            if config.split_k not in (None, current.split_k):
-                bindings.matmul_alg_set_attribute(h, self._sel, MatmulAlgAttribute.SPLIT_K, config.split_k)
-            if config.split_k_mode not in (None, current.split_k_mode):
-                bindings.matmul_alg_set_attribute(h, self._sel, MatmulAlgAttribute.SPLIT_K_MODE, config.split_k_mode)
-            if config.split_k_buffers not in (None, current.split_k_buffers):
-                bindings.matmul_alg_set_attribute(
-                    h, self._sel, MatmulAlgAttribute.SPLIT_K_BUFFERS, config.split_k_buffers
-                )
-            # the plan reads the selection when it is initialised
-            bindings.matmul_plan_destroy(self._plan)
-            bindings.matmul_plan_init(h, self._plan, self._desc, self._sel)
+            try:
+                bindings.matmul_alg_selection_init(h, selection, self._desc)
+                for attribute, value in attributes:
+                    if value is not None:
+                        bindings.matmul_alg_set_attribute(h, selection, attribute, value)
+                bindings.matmul_plan_init(h, plan, self._desc, selection)
+            except BaseException:
+                _release(self._handle, self.device, [plan, selection])
+                raise
+            old = [self._plan, self._sel]
+            self._plan, self._sel = plan, selection
+            self._objects[:2] = [plan, selection]  # what the finalizer releases
+            _release(self._handle, self.device, old)
             self._allocate_workspace()
 
     # -- the sparse operand -------------------------------------------------------------------------
+
+    def _storage_view(self, arr: Any) -> Any:
+        """``arr`` as the plan stores it (CuPy cannot copy float8: its bytes are copied instead)."""
+        return arr if arr.dtype == self._storage else arr.view(self._storage)
 
     def _sparse_operand(self, x: Any) -> tuple[Operand, Any]:
         """The caller's sparse-side array, checked against the plan, as (operand, canonical CuPy view)."""
@@ -534,7 +565,12 @@ class SparseMatmulPlan:
                 f"plan's sparse operand (dtype, shape, order, ld, batch stride) = {self._layouts[side]}"
             )
         self._check_device(op)
-        return op, _canonical(_cupy_view(op), self._transpose)
+        return op, _canonical(self._storage_view(_cupy_view(op)), self._transpose)
+
+    @staticmethod
+    def _check_aligned(op: Operand) -> None:
+        if op.ptr % _ALIGN_BYTES:
+            raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {_ALIGN_BYTES}-byte aligned")
 
     def _check_device(self, op: Operand) -> None:
         device = op.device()
@@ -582,9 +618,13 @@ class SparseMatmulPlan:
         with cupy.cuda.Device(self.device):
             buf = self._dense_sparse_copy(view, stream_ptr)
             bindings.spmma_prune(h, self._desc, buf.data.ptr, buf.data.ptr, alg, stream_ptr)
-            result = buf[:, :p, :kk]
-            result = result if op.ndim == 3 else result[0]
-            return _canonical(result, self._transpose)
+            # the caller's layout (shape, order, leading dimension), so the result can go to compress()
+            with _on_stream(stream_ptr):
+                result = _empty_like(op, self._storage)
+                target = _canonical(result, self._transpose)
+                target[...] = buf[:, :p, :kk] if target.ndim == 3 else buf[0, :p, :kk]
+            given = _cupy_view(op).dtype
+            return result if result.dtype == given else result.view(given)
 
     @staticmethod
     def _prune_alg(method: str) -> PruneAlg:
@@ -658,9 +698,8 @@ class SparseMatmulPlan:
         compressed, dense = (a, b) if self.sparse == "a" else (b, a)
         dense_name = "b" if self.sparse == "a" else "a"
         if not isinstance(compressed, CompressedOperand):
-            raise TypeError(
-                f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {type(compressed).__name__}"
-            )
+            got = type(compressed).__name__
+            raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
         if compressed._key != self._sparse_key:
             raise ValueError(f"{self.sparse}: this CompressedOperand was made for a plan with another sparse operand")
         s_ptr = compressed.ptr
@@ -671,6 +710,7 @@ class SparseMatmulPlan:
                 f"{dense_name} (dtype, shape, order, ld, batch stride) = {self._layouts[dense_name]}"
             )
         self._check_device(X)
+        self._check_aligned(X)
         if c is None and beta != 0:
             raise ValueError("beta is non-zero but c is None")
         C = None
@@ -682,6 +722,7 @@ class SparseMatmulPlan:
                     f"{self._layouts['c']}; make the plan with an example c of this layout"
                 )
             self._check_device(C)
+            self._check_aligned(C)
         out_dt, d_shape, d_order = self._d_spec
         if out is None:
             with _on_stream(stream_ptr):
@@ -696,6 +737,7 @@ class SparseMatmulPlan:
                 f"stride) = {self._d_layout}, got {D.layout}"
             )
         self._check_device(D)
+        self._check_aligned(D)
         with _on_stream(stream_ptr):
             if self._has_bias:
                 if bias is None:
@@ -704,6 +746,8 @@ class SparseMatmulPlan:
             elif bias is not None:
                 raise ValueError("bias: the plan was made without bias; make it with bias=True")
             if self._has_alpha_vector:
+                if c is not None or beta != 0:
+                    raise ValueError(_ALPHA_VECTOR_NO_C)
                 self._copy_vector("alpha", alpha, self._dims[0])
                 alpha_arg = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
             else:
@@ -714,7 +758,7 @@ class SparseMatmulPlan:
                 return s_ptr, X.ptr, (C.ptr if C is not None else D.ptr), D.ptr, alpha_arg, out, None
             x_buf, y_buf, c_buf = self._padded_buffers()
             p, kk, q = self._dims
-            x_buf[:, :kk, :q] = _canonical(_cupy_view(X), self._transpose)
+            x_buf[:, :kk, :q] = _canonical(self._storage_view(_cupy_view(X)), self._transpose)
             if C is not None:
                 c_buf[:, :p, :q] = _canonical(_cupy_view(C), self._transpose)
             return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -23,6 +24,27 @@ def junit_counts(path: Path) -> dict:
         if case.find("failure") is not None or case.find("error") is not None
     ]
     return {**total, "failed_tests": failed}
+
+
+COMBINATION = re.compile(
+    r"test_combination\[(?P<inp>[a-z0-9]+)-(?P<out>[a-z0-9]+)(?:-(?P<compute>\d+[A-Z]))?-sparse_(?P<side>[ab])"
+    r"-A(?P<a>row|col)-B(?P<b>row|col)-(?P<expect>ok|refused|layout)\]"
+)
+
+
+def combinations(path: Path) -> list[dict]:
+    """Outcome of every ``test_combination`` case of tests/test_plan_gpu.py: what the GPU run verified."""
+    if not path.exists():
+        return []
+    rows = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        match = COMBINATION.search(case.get("name", ""))
+        if match is None:
+            continue
+        failed = case.find("failure") is not None or case.find("error") is not None
+        skipped = case.find("skipped") is not None
+        rows.append({**match.groupdict(), "outcome": "failed" if failed else "skipped" if skipped else "passed"})
+    return rows
 
 
 def main(outdir: str) -> int:
@@ -59,11 +81,12 @@ def main(outdir: str) -> int:
         summary["cusparselt"] = f"unavailable: {exc}"
     summary["pytest_gpu"] = junit_counts(out / "junit_gpu.xml")
     summary["pytest_all"] = junit_counts(out / "junit_all.xml")
+    summary["combinations"] = combinations(out / "junit_gpu.xml")
     probe = out / "probe_summary.json"
     if probe.exists():
         summary["probe"] = {name: rec["status"] for name, rec in json.loads(probe.read_text()).items()}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps({k: summary[k] for k in summary if k != "probe"}, indent=1))
+    print(json.dumps({k: summary[k] for k in summary if k not in ("probe", "combinations")}, indent=1))
     ok = all(summary[k].get("failures", 1) == 0 and summary[k].get("errors", 1) == 0
              for k in ("pytest_gpu", "pytest_all"))
     return 0 if ok else 1
