@@ -43,6 +43,10 @@ class Operand:
         """What a plan fixes about this operand: everything but the pointer."""
         return (self.dtype, self.shape, self.order, self.ld, self.batch_stride)
 
+    def fits(self, order: str) -> bool:
+        """Whether the memory can be read in ``order``: its own, or either one for a single row or column."""
+        return order == self.order or self.rows == 1 or self.cols == 1
+
     def transposed(self) -> Operand:
         """The same memory seen as the transposed matrix (free: only the order flips)."""
         return Operand(

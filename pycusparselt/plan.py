@@ -285,7 +285,7 @@ class SparseMatmulPlan:
         X = A.transposed() if transpose else B
         d_order = C.order if C is not None else ROW
         y_order = (COL if d_order == ROW else ROW) if transpose else d_order
-        if rules.needs_tn and (S.order != ROW or X.order != COL):
+        if rules.needs_tn and not (S.fits(ROW) and X.fits(COL)):
             raise ValueError(self._tn_message(A.dtype, sparse))
         p, kk, q = S.rows, S.cols, X.cols
         sm, dm = rules.sparse_multiple, rules.dense_multiple

@@ -53,6 +53,9 @@ def test_batches_and_broadcast():
 def test_vectors_and_single_rows():
     assert as_operand(FakeDeviceArray((1, 8)), "a").order == ROW
     assert as_operand(FakeDeviceArray((8, 1)), "a").order == ROW
+    # a single row or column can be read in either order; a matrix only in its own
+    assert as_operand(FakeDeviceArray((8, 1)), "a").fits(COL) and as_operand(FakeDeviceArray((1, 1)), "a").fits(COL)
+    assert not as_operand(FakeDeviceArray((8, 2)), "a").fits(COL)
 
 
 @pytest.mark.parametrize(
