@@ -8,6 +8,7 @@ Importing the package loads nothing native: the library is found and loaded on f
   header's enumerations; :mod:`pycusparselt.errors`: the exceptions.
 - :class:`SparseMatmulPlan` (:mod:`pycusparselt.plan`): persistent GEMMs on device arrays; :func:`matmul`
   (:mod:`pycusparselt.oneshot`): one-shot products through a cache of plans.
+- :class:`SparseLinear` (:mod:`pycusparselt.linear`): an inference layer with a 2:4 weight.
 - :mod:`pycusparselt.reference`: the NumPy oracle (pruning, compression, GEMM semantics); needs no GPU.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from . import enums, errors
 from ._library import ENV_VAR, MIN_VERSION, library_path, library_version
+from .linear import SparseLinear
 from .oneshot import clear_plan_cache, matmul, plan_cache_info
 from .plan import CompressedOperand, PlanConfig, SparseMatmulPlan
 from .errors import (
@@ -43,6 +45,7 @@ __all__ = [
     "CuSparseLtUsageError",
     "LibraryNotFoundError",
     "SparseMatmulPlan",
+    "SparseLinear",
     "CompressedOperand",
     "PlanConfig",
     "matmul",

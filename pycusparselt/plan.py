@@ -144,9 +144,10 @@ def _release(handle: Handle, device: int, objects: list) -> None:
 class CompressedOperand:
     """The sparse operand in cuSPARSELt's compressed form, made by :meth:`SparseMatmulPlan.compress`.
 
-    It owns its device buffer and can be used with every plan whose sparse operand has the same shape, dtype,
-    layout and device. Attributes: ``shape`` and ``dtype`` (of the dense sparse operand), ``side`` ("a" or
-    "b"), ``nbytes`` (of the compressed buffer).
+    It owns its device buffer. A single sparse matrix's compressed form can be used with every plan whose
+    sparse operand has the same shape, dtype, layout and device; a batched one only with the plan that made
+    it. Attributes: ``shape`` and ``dtype`` (of the dense sparse operand), ``side`` ("a" or "b"), ``nbytes``
+    (of the compressed buffer).
     """
 
     def __init__(self, buffer: Any, key: tuple, shape: tuple, dtype: np.dtype, side: str) -> None:
@@ -336,7 +337,13 @@ class SparseMatmulPlan:
             else (out_dt, d_shape, d_order, n if d_order == ROW else m, m * n if len(d_shape) == 3 and batch > 1 else 0)
         )
         self._mats = (s_mat, x_mat, y_mat)
-        self._sparse_key = (device, A.layout if sparse == "a" else B.layout, s_mat)
+        # A single sparse matrix is compressed by the descriptor-only cusparseLtSpMMACompress2, whose output
+        # any plan with the same structured descriptor can read. A batch needs the plan-based compress (the
+        # descriptor-only one compresses only the first matrix on 0.8.0), whose output belongs to its plan:
+        # another plan reading it hit an illegal instruction on the H100.
+        self._batched_sparse = s_mat.batch_stride != 0
+        sparse_layout = A.layout if sparse == "a" else B.layout
+        self._sparse_key = (device, sparse_layout, s_mat) + ((object(),) if self._batched_sparse else ())
         self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
         self._buffers: dict[str, Any] = {}
         self._build(compute_type, out_dt, activation, relu_upper_bound, relu_threshold, gelu_scaling)
@@ -679,14 +686,19 @@ class SparseMatmulPlan:
                     f"{self.sparse}: the matrix is not 2:4 sparse along K (some group of 4 has more than 2 "
                     f"non-zeros); prune it first: compress(..., prune='strip')"
                 )
-            size, scratch_size = bindings.spmma_compressed_size(h, self._plan)
+            if self._batched_sparse:
+                size, scratch_size = bindings.spmma_compressed_size(h, self._plan)
+            else:
+                size, scratch_size = bindings.spmma_compressed_size2(h, self._s_desc)
             with _on_stream(stream_ptr):
                 buffer = cupy.empty(size, dtype=cupy.uint8)
                 scratch = cupy.empty(max(scratch_size, 1), dtype=cupy.uint8)
-            # The plan-based compress: on 0.8.0 the descriptor-only cusparseLtSpMMACompress2 compresses only the
-            # first matrix of a batch. The temporaries were allocated on this stream, so CuPy's pool reuses
-            # them only after the stream is done with them.
-            bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
+            # (see _sparse_key) The temporaries were allocated on this stream: CuPy's pool reuses them only
+            # after the stream is done with them.
+            if self._batched_sparse:
+                bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
+            else:
+                bindings.spmma_compress2(h, self._s_desc, True, _N, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
         return CompressedOperand(buffer, self._sparse_key, op.shape, op.dtype, self.sparse)
 
     # -- execution ---------------------------------------------------------------------------------
