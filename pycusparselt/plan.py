@@ -144,10 +144,9 @@ def _release(handle: Handle, device: int, objects: list) -> None:
 class CompressedOperand:
     """The sparse operand in cuSPARSELt's compressed form, made by :meth:`SparseMatmulPlan.compress`.
 
-    It owns its device buffer. A single sparse matrix's compressed form can be used with every plan whose
-    sparse operand has the same shape, dtype, layout and device; a batched one only with the plan that made
-    it. Attributes: ``shape`` and ``dtype`` (of the dense sparse operand), ``side`` ("a" or "b"), ``nbytes``
-    (of the compressed buffer).
+    It owns its device buffer and can be used with the plan that made it and with plans of exactly the same
+    problem (shapes, layouts, types, compute type and device; the epilogue may differ). Attributes: ``shape``
+    and ``dtype`` (of the dense sparse operand), ``side`` ("a" or "b"), ``nbytes`` (of the compressed buffer).
     """
 
     def __init__(self, buffer: Any, key: tuple, shape: tuple, dtype: np.dtype, side: str) -> None:
@@ -337,13 +336,21 @@ class SparseMatmulPlan:
             else (out_dt, d_shape, d_order, n if d_order == ROW else m, m * n if len(d_shape) == 3 and batch > 1 else 0)
         )
         self._mats = (s_mat, x_mat, y_mat)
-        # A single sparse matrix is compressed by the descriptor-only cusparseLtSpMMACompress2, whose output
-        # any plan with the same structured descriptor can read. A batch needs the plan-based compress (the
-        # descriptor-only one compresses only the first matrix on 0.8.0), whose output belongs to its plan:
-        # another plan reading it hit an illegal instruction on the H100.
-        self._batched_sparse = s_mat.batch_stride != 0
-        sparse_layout = A.layout if sparse == "a" else B.layout
-        self._sparse_key = (device, sparse_layout, s_mat) + ((object(),) if self._batched_sparse else ())
+        # cuSPARSELt's compressed form depends on the whole problem, not only on the sparse operand: on the
+        # H100 a plan whose dense operand had another shape hit an illegal instruction reading it, and so did
+        # plans reading the output of the descriptor-only cusparseLtSpMMACompress2 (which also compresses only
+        # the first matrix of a batch on 0.8.0). So compression is plan-based, and a compressed operand is
+        # accepted by plans of exactly the same problem (same matrices, types and compute; the epilogue and
+        # the algorithm configuration may differ: both were verified).
+        self._sparse_key = (
+            device,
+            A.layout if sparse == "a" else B.layout,
+            s_mat,
+            x_mat,
+            y_mat,
+            out_dt,
+            int(compute_type),
+        )
         self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
         self._buffers: dict[str, Any] = {}
         self._build(compute_type, out_dt, activation, relu_upper_bound, relu_threshold, gelu_scaling)
@@ -686,19 +693,13 @@ class SparseMatmulPlan:
                     f"{self.sparse}: the matrix is not 2:4 sparse along K (some group of 4 has more than 2 "
                     f"non-zeros); prune it first: compress(..., prune='strip')"
                 )
-            if self._batched_sparse:
-                size, scratch_size = bindings.spmma_compressed_size(h, self._plan)
-            else:
-                size, scratch_size = bindings.spmma_compressed_size2(h, self._s_desc)
+            size, scratch_size = bindings.spmma_compressed_size(h, self._plan)
             with _on_stream(stream_ptr):
                 buffer = cupy.empty(size, dtype=cupy.uint8)
                 scratch = cupy.empty(max(scratch_size, 1), dtype=cupy.uint8)
-            # (see _sparse_key) The temporaries were allocated on this stream: CuPy's pool reuses them only
-            # after the stream is done with them.
-            if self._batched_sparse:
-                bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
-            else:
-                bindings.spmma_compress2(h, self._s_desc, True, _N, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
+            # plan-based (see _sparse_key); the temporaries were allocated on this stream, so CuPy's pool reuses
+            # them only after the stream is done with them
+            bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
         return CompressedOperand(buffer, self._sparse_key, op.shape, op.dtype, self.sparse)
 
     # -- execution ---------------------------------------------------------------------------------
@@ -713,7 +714,10 @@ class SparseMatmulPlan:
             got = type(compressed).__name__
             raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
         if compressed._key != self._sparse_key:
-            raise ValueError(f"{self.sparse}: this CompressedOperand was made for a plan with another sparse operand")
+            raise ValueError(
+                f"{self.sparse}: this CompressedOperand was made by a plan of another problem (another sparse operand, "
+                f"dense operand or output); compress the sparse operand with this plan"
+            )
         s_ptr = compressed.ptr
         X = as_operand(dense, dense_name, self._input_dtype)
         if X.layout != self._layouts[dense_name]:
