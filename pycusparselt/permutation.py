@@ -28,10 +28,10 @@ Sparsity", NeurIPS 2021, as implemented in APEX's ASP):
 2. **Greedy application.** The best split of every pair gives that pair's gain; the largest gains
    are applied greedily on disjoint pairs (no stripe twice per round). Every applied move is
    re-checked exactly in float64 (the scores are float32), so the kept magnitude never decreases.
-   Small problems keep a table of all stripe pairs and rescore only the pairs whose stripes
-   changed (``"all stripe pairs"``); large ones score a random perfect matching of the stripes
-   per round (``"random stripe pairings"``), which costs a fraction ``1 / (stripes - 1)`` of the
-   table.
+   Each round scores a random perfect matching of the stripes (a fraction ``1 / (stripes - 1)``
+   of all pairs); when that finds little and the problem is small enough for the time budget,
+   a table of all stripe pairs takes over, and only the pairs whose stripes changed are
+   rescored.
 3. **Escapes from local optima.** At a local optimum a few random channels are swapped between
    stripes and the descent is repeated; the result is kept only if it ends above the best so far,
    otherwise the search returns to the best state.
@@ -123,7 +123,13 @@ def _take(a: Any, idx: np.ndarray, axis: int) -> Any:
 def _magnitudes(weight: Any) -> tuple[Any, Any]:
     """(xp, |weight| as a float64 matrix (M, K)) for NumPy/CuPy or array-likes; 1-D is one row."""
     xp = _array_module(weight)
-    w = weight if xp is not np else np.asarray(weight)
+    if xp is not np:
+        w = weight
+    elif not isinstance(weight, np.ndarray) and hasattr(weight, "__dlpack__") and not hasattr(
+            weight, "__array__"):
+        w = np.from_dlpack(weight)  # a CPU array of another library, without a copy
+    else:
+        w = np.asarray(weight)
     if w.ndim == 1:
         w = w.reshape(1, -1)
     if w.ndim != 2:
@@ -218,7 +224,7 @@ def kept_magnitude(weight: Any, perm: Any = None) -> float:
     if perm is not None:
         p = _check_permutation(perm, mag.shape[1])
         mag = xp.take(mag, xp.asarray(p), axis=1)
-    groups = xp.sort(mag.reshape(mag.shape[0], -1, 4), axis=-1)
+    groups = xp.sort(mag.reshape(mag.shape[0], mag.shape[1] // 4, 4), axis=-1)
     return float(groups[..., 2:].sum())
 
 
@@ -351,11 +357,17 @@ def _build_signs() -> np.ndarray:
 _SIGNS = _build_signs()
 _N_SPLITS = len(_SPLITS)  # 35
 
-#: Largest number of (stripe pair x row) units for which the table of all stripe pairs is kept
-#: (scoring costs about 0.15 us per unit with NumPy on one x86-64 core; far less on a GPU).
-_TABLE_UNITS = {"cpu": 1 << 22, "gpu": 1 << 28}
-_BLOCK_UNITS = 1 << 20  # units gathered at once
-_CHUNK_UNITS = 1 << 13  # units per sign product (8192 x 210 float32 = 6.9 MB)
+#: Scoring rate assumed when deciding whether to keep the table of all stripe pairs, in
+#: (stripe pair x row) units per second (NumPy on the 2-core x86-64 CPU of docs/workflow.rst
+#: scores about 10 million; a GPU far more), and the largest table. With a time budget the table
+#: is kept when scoring it once takes at most a quarter of the budget at this rate; the choice
+#: depends only on the shape, the backend and ``time_budget``, never on measured time.
+_TABLE_RATE = {"cpu": 5e6, "gpu": 1e9}
+_TABLE_MAX = {"cpu": 1 << 26, "gpu": 1 << 30}
+#: (stripe pair x row) units gathered at once, and per batch of sign products (CPU: 8192 x 210
+#: float32 = 6.9 MB, cache-sized; GPU: large batches, few kernel launches)
+_BLOCK_UNITS = {"cpu": 1 << 20, "gpu": 1 << 23}
+_CHUNK_UNITS = {"cpu": 1 << 13, "gpu": 1 << 20}
 _REL_TOL_EST = 1e-6  # float32 estimate: gains below this fraction of the pair's score are noise
 _REL_TOL = 1e-9  # float64 check: gains below this fraction of the pair's kept magnitude are ignored
 _PATIENCE = 3  # random pairings: rounds without a gain that count as a local optimum
@@ -371,8 +383,7 @@ class PermutationReport:
         Magnitude kept by 2:4 strip pruning along the inputs without and with the permutation
         (float64 sums of absolute values, :func:`kept_magnitude`).
     total : float
-        Total magnitude of the weight (the most any permutation could keep is half of the rows'
-        entries, so at most ``total``).
+        Total magnitude of the weight (a bound on what any pruning keeps).
     iterations : int
         Rounds of scoring stripe pairs and applying moves (all descents, escapes included).
     escapes_tried, escapes_accepted : int
@@ -451,8 +462,11 @@ class _Search:
         self.mag64 = mag64
         peak = float(mag64.max()) if mag64.size else 0.0
         scale = 1.0 / peak if peak > 0 else 1.0
-        self.mag32 = (mag64 * scale).astype(np.float32)
-        self.signs = xp.asarray(_SIGNS.astype(np.float32))
+        # (K, M): the magnitudes of each channel contiguous, scaled to at most 1 for float32
+        self.mag32_t = xp.ascontiguousarray((mag64 * scale).astype(np.float32).T)
+        self.signs_t = xp.asarray(np.ascontiguousarray(_SIGNS.T.astype(np.float32)))  # (210, 8)
+        backend = "cpu" if xp is np else "gpu"
+        self.block_units, self.chunk_units = _BLOCK_UNITS[backend], _CHUNK_UNITS[backend]
         self.m, self.k = mag64.shape
         self.g = self.k // 4
         self.perm = np.arange(self.k, dtype=np.int64)
@@ -462,6 +476,7 @@ class _Search:
         self.iterations = 0
         self.stripe_kept = self._kept_of(self.perm.reshape(self.g, 4))
         self.use_table = table
+        self.table_ready = False
         if table:
             ia, ib = np.triu_indices(self.g, 1)
             self.pairs = np.stack([ia, ib], axis=1).astype(np.int64)
@@ -471,7 +486,6 @@ class _Search:
             self.pair_id = np.full((self.g, self.g), -1, dtype=np.int64)
             self.pair_id[ia, ib] = np.arange(len(ia))
             self.pair_id[ib, ia] = np.arange(len(ia))
-            self._rescore(np.arange(len(self.pairs)))
 
     # -- budget ------------------------------------------------------------------------------------
 
@@ -491,7 +505,7 @@ class _Search:
         """Exact (float64) kept magnitude of each stripe in ``stripes`` (n, 4) of channel ids."""
         xp = self.xp
         out = np.empty(len(stripes))
-        step = max(1, _BLOCK_UNITS // max(1, self.m))
+        step = max(1, self.block_units // max(1, self.m))
         for s in range(0, len(stripes), step):
             cols = xp.asarray(stripes[s:s + step])
             x = xp.sort(self.mag64[:, cols], axis=-1)  # (M, n, 4)
@@ -500,33 +514,36 @@ class _Search:
 
     def _scores(self, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each stripe pair (P, 2): the best split (P,) and its estimated gain over split 0
-        (P,) in the scaled units; gains below the float32 noise level are 0."""
+        (P,) in the scaled units; gains below the float32 noise level are 0.
+
+        Each pair is one small product ``signs.T (210 x 8) @ magnitudes (8 x M)`` of its own, so a
+        pair's score does not depend on which other pairs are scored with it."""
         xp = self.xp
         stripes = self.perm.reshape(self.g, 4)
         n_pairs = len(pairs)
         best = np.zeros(n_pairs, dtype=np.int64)
         gain = np.zeros(n_pairs)
-        block = max(1, min(n_pairs, _CHUNK_UNITS, _BLOCK_UNITS // max(1, self.m)))
+        block = max(1, min(n_pairs, self.block_units // max(1, self.m)))
+        step = max(1, self.chunk_units // max(1, self.m))
         for s in range(0, n_pairs, block):
             pb = pairs[s:s + block]
-            cols = xp.asarray(np.concatenate([stripes[pb[:, 0]], stripes[pb[:, 1]]], axis=1))
-            x = self.mag32[:, cols]  # (M, nb, 8)
             nb = len(pb)
-            pair_total = _to_host(x.sum(axis=(0, 2), dtype=np.float64))
-            x = x.reshape(-1, 8)  # unit = row * nb + pair
-            total = xp.zeros((nb, 70), dtype=np.float64)
-            rows = max(1, _CHUNK_UNITS // nb)
-            for r in range(0, self.m, rows):
-                xs = x[r * nb:(r + rows) * nb]
-                y = xp.abs(xs @ self.signs)
+            cols = xp.asarray(np.concatenate([stripes[pb[:, 0]], stripes[pb[:, 1]]], axis=1))
+            x = self.mag32_t[cols]  # (nb, 8, M)
+            pair_total = _to_host(x.sum(axis=(1, 2), dtype=np.float64))
+            total = xp.empty((nb, 70), dtype=np.float64)
+            for c in range(0, nb, step):
+                y = xp.abs(xp.matmul(self.signs_t, x[c:c + step]))  # (b, 210, M)
                 d = xp.maximum(xp.maximum(y[:, :70], y[:, 70:140]), y[:, 140:])
-                total += d.reshape(-1, nb, 70).sum(axis=0, dtype=np.float64)
+                total[c:c + step] = d.sum(axis=2, dtype=np.float64)
             score = _to_host(total[:, :_N_SPLITS] + total[:, _N_SPLITS:])  # (nb, 35)
             b = np.argmax(score, axis=1)
             g = (score[np.arange(nb), b] - score[:, 0]) / 2
             noise = _REL_TOL_EST * (pair_total + score[:, 0]) / 2 + 1e-30  # of the kept estimate
             g[g <= noise] = 0.0
             best[s:s + block], gain[s:s + block] = b, g
+            if s + block < n_pairs and self.deadline is not None and time.perf_counter() >= self.deadline:
+                raise _Stop("time_budget")  # a large table's first scoring
         return best, gain
 
     def _rescore(self, ids: np.ndarray) -> None:
@@ -570,17 +587,25 @@ class _Search:
         return changed
 
     def _rescore_stripes(self, changed: np.ndarray) -> None:
-        ids = np.unique(self.pair_id[changed].ravel())
-        self._rescore(ids[ids >= 0])
+        if self.table_ready:
+            ids = np.unique(self.pair_id[changed].ravel())
+            self._rescore(ids[ids >= 0])
 
     # -- descents --------------------------------------------------------------------------------------
 
     def descend(self) -> None:
-        """Improve until a local optimum of the stripe-pair neighbourhood (or the budget ends)."""
-        if self.use_table:
-            self._descend_table()
-        else:
-            self._descend_random()
+        """Improve until a local optimum of the stripe-pair neighbourhood (or the budget ends).
+
+        Random pairings first; with a table, once a round improves fewer than one pair in eight,
+        the table of all pairs is built and finishes the descent (and serves every later one)."""
+        if not self.use_table:
+            self._descend_random(switch_below=0)
+            return
+        if not self.table_ready:
+            self._descend_random(switch_below=max(1, self.g // 16))
+            self._rescore(np.arange(len(self.pairs)))
+            self.table_ready = True
+        self._descend_table()
 
     def _descend_table(self) -> None:
         while True:
@@ -604,7 +629,9 @@ class _Search:
             self.gain[chosen[~ok]] = 0.0  # no exact gain: skip until one of its stripes changes
             self._rescore_stripes(changed)
 
-    def _descend_random(self) -> None:
+    def _descend_random(self, switch_below: int) -> None:
+        """Rounds of one random perfect matching of the stripes, until a round improves fewer
+        than ``switch_below`` pairs, or ``_PATIENCE`` rounds in a row improve none."""
         idle = 0
         while idle < _PATIENCE:
             self.check_budget()
@@ -613,16 +640,15 @@ class _Search:
             pairs = np.sort(order, axis=1)
             split, gain = self._scores(pairs)
             sel = gain > 0
-            if sel.any():
-                ok, _ = self._apply(pairs[sel], split[sel])
-                idle = 0 if ok.any() else idle + 1
-            else:
-                idle += 1
+            n_ok = int(self._apply(pairs[sel], split[sel])[0].sum()) if sel.any() else 0
+            if n_ok < switch_below:
+                return
+            idle = 0 if n_ok else idle + 1
 
     # -- state for escapes ---------------------------------------------------------------------------
 
     def save(self) -> tuple:
-        table = (self.gain.copy(), self.split.copy()) if self.use_table else None
+        table = (self.gain.copy(), self.split.copy()) if self.table_ready else None
         return self.perm.copy(), self.stripe_kept.copy(), table
 
     def restore(self, state: tuple) -> None:
@@ -640,7 +666,7 @@ def find_permutation(
     max_iterations: int | None = None,
     seed: int = 0,
     escape_attempts: int = 20,
-    escape_swaps: tuple[int, int] = (2, 4),
+    escape_swaps: tuple[int, int] = (4, 8),
 ) -> tuple[np.ndarray, PermutationReport]:
     """Search a permutation of the input channels that keeps more magnitude under 2:4 pruning.
 
@@ -692,11 +718,14 @@ def find_permutation(
     When the time budget stops the search (``report.stopped_by == "time_budget"``) the result
     depends on the machine's speed.
 
-    **Neighbourhood.** Up to about 4 million (stripe pair x row) units on the CPU (e.g. 512 x 512)
-    and 270 million on a GPU, the gains of all stripe pairs are kept in a table, the best disjoint
-    moves are applied greedily and only pairs of changed stripes are rescored; a local optimum is
-    exact for the pair neighbourhood. Larger weights score one random pairing of all stripes per
-    round; three rounds in a row without a gain count as a local optimum.
+    **Neighbourhood.** Each descent first scores random perfect matchings of the stripes (one
+    round scores ``stripes / 2`` pairs). When the table of all ``stripes * (stripes - 1) / 2`` pairs
+    is affordable (scoring it once, at an assumed 5 million (pair x row) units per second on the
+    CPU, takes at most a quarter of ``time_budget``; up to 2**26 units without a budget, e.g.
+    1024 x 1024), the descent switches to it once random rounds improve fewer than one pair in
+    eight: the best disjoint moves are applied greedily, only pairs of changed stripes are
+    rescored, and a local optimum is exact for the pair neighbourhood. Otherwise random rounds go
+    on until three in a row improve nothing. ``report.method`` says which ran.
 
     Examples
     --------
@@ -734,8 +763,12 @@ def find_permutation(
         return identity, report
 
     n_pairs = g * (g - 1) // 2
-    table = n_pairs * m <= _TABLE_UNITS[backend]
-    neighbourhood = ("all stripe pairs (table)" if table else "random stripe pairings")
+    cap = _TABLE_MAX[backend]
+    if time_budget is not None:
+        cap = min(cap, 0.25 * time_budget * _TABLE_RATE[backend])
+    table = n_pairs * m <= cap
+    neighbourhood = ("random stripe pairings, then all stripe pairs (table)" if table
+                     else "random stripe pairings")
     method = (f"exhaustive 2-stripe splits (35 per pair), greedy disjoint moves over "
               f"{neighbourhood}, up to {escape_attempts} escapes of {lo_swaps}-{hi_swaps} channel "
               f"swaps; {'NumPy (CPU)' if xp is np else 'CuPy (GPU)'}")

@@ -11,9 +11,10 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _run(name: str) -> subprocess.CompletedProcess:
+def _run(name: str, *args: str) -> subprocess.CompletedProcess:
     # -P: the installed package, not the checkout
-    return subprocess.run([sys.executable, "-P", str(EXAMPLES / name)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-P", str(EXAMPLES / name), *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_reference_example():
@@ -30,6 +31,21 @@ def test_raw_bindings_example():
     assert "matches the NumPy reference" in result.stdout
 
 
+@pytest.mark.gpu
+def test_bert_ffn_example():
+    result = _run("bert_ffn.py", "--batches", "1", "--repeat", "5")
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout
+
+
+@pytest.mark.gpu
+def test_torch_linear_example():
+    pytest.importorskip("torch")
+    result = _run("torch_linear.py")
+    assert result.returncode == 0, result.stderr
+    assert "relative error" in result.stdout
+
+
 def test_every_example_is_tested():
-    tested = {"reference_2to4.py", "raw_bindings_fp16.py"}
+    tested = {"reference_2to4.py", "raw_bindings_fp16.py", "bert_ffn.py", "torch_linear.py", "recipe_digits.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
