@@ -65,7 +65,9 @@ class SparseLinear:
     Attributes
     ----------
     weight : array
-        The pruned (and permuted) weight that the layer multiplies by, on the weight's device.
+        The pruned (and permuted) weight that the layer multiplies by, on the weight's device. On a device
+        layer the library prunes it when the layer first runs (pruning needs a plan); until then it holds
+        the weight as given.
     """
 
     def __init__(
