@@ -138,6 +138,14 @@ def _exact_key(a: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.int64)).view(np.uint64)
 
 
+def _axis(axis: Any, ndim: int) -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
 def _mask(a: np.ndarray, axis: int, method: str) -> np.ndarray:
     """The keep-mask of ``reference.mask_2to4`` for any real dtype (host arrays)."""
     if a.dtype in reference.SUPPORTED_DTYPES:
@@ -146,16 +154,12 @@ def _mask(a: np.ndarray, axis: int, method: str) -> np.ndarray:
         raise TypeError(f"weight must be real (float, integer or bool), got dtype {a.dtype}")
     if a.ndim == 0:
         raise ValueError("weight must have at least one dimension")
-    ax = reference._normalize_axis(axis, a.ndim)
-    if method == "strip":
-        # the reference's own selection (two largest keys per group, ties to the lower index)
-        reference._check_multiple_of_4(a.shape, ax)
-        key = reference._groups(_exact_key(a), ax)
-        return np.ascontiguousarray(reference._ungroup(reference._top2_mask(key), ax))
-    if method == "tile":
-        # the reference's tile search ranks float64 magnitudes (NaN and infinities first)
-        return reference._tile_mask(a.astype(np.float64), ax)
-    raise ValueError(f"method must be 'strip' or 'tile', got {method!r}")
+    if method not in ("strip", "tile"):
+        raise ValueError(f"method must be 'strip' or 'tile', got {method!r}")
+    # the reference's own selection: strip ranks the exact keys (ties to the lower index), tile sums the
+    # float64 magnitudes (NaN and infinities first)
+    scores = _exact_key(a) if method == "strip" else np.abs(a.astype(np.float64))
+    return reference.mask_from_scores(scores, axis=axis, method=method)
 
 
 def compute_mask(weight: Any, *, method: str = "strip", permutation: Any = None, axis: int = -1) -> Any:
@@ -200,7 +204,7 @@ def compute_mask(weight: Any, *, method: str = "strip", permutation: Any = None,
     host = _to_numpy(arr, xp)
     if host.ndim == 0:
         raise ValueError("weight must have at least one dimension")
-    ax = reference._normalize_axis(axis, host.ndim)
+    ax = _axis(axis, host.ndim)
     if permutation is None:
         mask = _mask(host, ax, method)
     else:

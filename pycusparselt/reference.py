@@ -57,6 +57,7 @@ __all__ = [
     "Tolerance",
     "prune_2to4",
     "mask_2to4",
+    "mask_from_scores",
     "is_2to4",
     "compress",
     "decompress",
@@ -413,6 +414,38 @@ def mask_2to4(a: Any, *, axis: int = -1, method: str = "strip") -> np.ndarray:
         return np.ascontiguousarray(_ungroup(_top2_mask(_groups(_magnitude_key(arr), ax)), ax))
     if method == "tile":
         return _tile_mask(arr, ax)
+    raise ValueError(f"method must be 'strip' or 'tile', got {method!r}")
+
+
+def mask_from_scores(scores: Any, *, axis: int = -1, method: str = "strip") -> np.ndarray:
+    """The 2:4 keep-mask that keeps the largest ``scores``: :func:`mask_2to4`'s selection on any ranking.
+
+    Parameters
+    ----------
+    scores : array_like
+        Real, non-negative ranking keys of any width (for instance exact magnitudes of a dtype this
+        module does not prune, or importance scores); larger is kept. ``"strip"`` compares them exactly;
+        ``"tile"`` sums them as float64.
+    axis, method
+        As :func:`mask_2to4`.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        As :func:`mask_2to4`; ties go to the lower index (``"strip"``) or to the first pattern
+        (``"tile"``).
+    """
+    keys = np.asarray(scores)
+    if keys.dtype.kind not in "fiub":
+        raise TypeError(f"scores must be real (float, integer or bool), got dtype {keys.dtype}")
+    if keys.ndim == 0:
+        raise ValueError("scores must have at least one dimension")
+    ax = _normalize_axis(axis, keys.ndim)
+    if method == "strip":
+        _check_multiple_of_4(keys.shape, ax)
+        return np.ascontiguousarray(_ungroup(_top2_mask(_groups(keys, ax)), ax))
+    if method == "tile":
+        return _tile_mask(keys.astype(np.float64), ax)
     raise ValueError(f"method must be 'strip' or 'tile', got {method!r}")
 
 

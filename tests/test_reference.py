@@ -522,3 +522,29 @@ def test_tile_errors():
 def test_axis_out_of_range():
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         ref.prune_2to4(np.zeros((4, 4), np.float16), axis=2)
+
+
+@pytest.mark.parametrize("method", ["strip", "tile"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_mask_from_scores_is_mask_2to4_on_magnitudes(method, axis):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((8, 12)).astype(np.float16)
+    scores = np.abs(a.astype(np.float64))
+    mask = ref.mask_from_scores(scores, axis=axis, method=method)
+    np.testing.assert_array_equal(mask, ref.mask_2to4(a, axis=axis, method=method))
+    assert ref.is_2to4(np.where(mask, a, 0), axis=axis)
+
+
+def test_mask_from_scores_wide_integer_keys_are_exact():
+    # 2**53 + 1 and 2**53 are equal as float64: the strip selection must compare the integers themselves
+    keys = np.array([[2**53, 2**53 + 1, 0, 2**53 + 1]], dtype=np.uint64)
+    np.testing.assert_array_equal(ref.mask_from_scores(keys), [[False, True, False, True]])
+
+
+def test_mask_from_scores_errors():
+    with pytest.raises(TypeError, match="scores must be real"):
+        ref.mask_from_scores(np.zeros(4, np.complex64))
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        ref.mask_from_scores(np.zeros(6))
+    with pytest.raises(ValueError, match="method must be 'strip' or 'tile'"):
+        ref.mask_from_scores(np.zeros(4), method="random")
