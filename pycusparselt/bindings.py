@@ -46,6 +46,7 @@ __all__ = [
     "RawAlgSelection",
     "RawPlan",
     "DevicePointer",
+    "MatmulCall",
     "MAT_DESC_ATTRIBUTE_TYPES",
     "MATMUL_DESC_ATTRIBUTE_TYPES",
     "MATMUL_ALG_ATTRIBUTE_TYPES",
@@ -697,6 +698,56 @@ def matmul(
     The sparse operand (A or B) must be the compressed buffer made with this plan's descriptor."""
     status = _lib().cusparseLtMatmul(*_matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams))
     check_status("cusparseLtMatmul", status)
+
+
+class MatmulCall:
+    """``cusparseLtMatmul`` with its fixed arguments converted once, for hot loops and graph capture.
+
+    :func:`matmul` checks and converts all ten arguments on every call, which costs microseconds; here the
+    handle, plan and workspace are converted at construction and each call converts only the four
+    pointers. The caller keeps the handle, plan and workspace alive and unchanged while the object is used
+    (a plan whose configuration changes needs a new MatmulCall). Not thread-safe: alpha, beta and the
+    stream live in buffers the object owns.
+    """
+
+    __slots__ = ("_fn", "_handle", "_plan", "_workspace", "_alpha", "_beta", "_stream", "_cast")
+
+    def __init__(self, handle: RawHandle, plan: RawPlan, workspace: int | None) -> None:
+        self._fn = _lib().cusparseLtMatmul
+        self._handle = _live(handle, RawHandle, "handle")
+        self._plan = _live(plan, RawPlan, "plan")
+        self._workspace = _pointer(workspace, "workspace")
+        self._alpha = ffi.new("float *")
+        self._beta = ffi.new("float *")
+        self._stream = ffi.new("cudaStream_t[1]")
+        self._cast = ffi.cast
+
+    def __call__(self, alpha: float | DevicePointer, a: int, b: int, beta: float, c: int, d: int, stream: int) -> None:
+        """Run the product; ``alpha`` a float or a :class:`DevicePointer`, the rest device addresses and a
+        stream handle (integers)."""
+        cast = self._cast
+        if type(alpha) is DevicePointer:
+            alpha_arg = cast("void *", alpha)
+        else:
+            self._alpha[0] = alpha
+            alpha_arg = self._alpha
+        self._beta[0] = beta
+        self._stream[0] = cast("cudaStream_t", stream)
+        status = self._fn(
+            self._handle,
+            self._plan,
+            alpha_arg,
+            cast("void *", a),
+            cast("void *", b),
+            self._beta,
+            cast("void *", c),
+            cast("void *", d),
+            self._workspace,
+            self._stream,
+            1,
+        )
+        if status:
+            check_status("cusparseLtMatmul", status)
 
 
 def matmul_search(

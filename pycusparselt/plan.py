@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +29,10 @@ from ._handles import Handle, handle_for_device
 from .enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
 from .errors import ClosedError
 from .operands import COL, ROW, Operand, as_operand
+from .tuning import PlanConfig, TuningReport
+from .tuning_cache import TuningCache
 
-__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig"]
+__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "TuningReport"]
 
 _ALIGN_BYTES = 16
 _N = Operation.NON_TRANSPOSE
@@ -40,18 +42,6 @@ _ALPHA_VECTOR_NO_C = (
     "alpha_vector: cuSPARSELt ignores C under alpha vector scaling (D = alpha * A @ B whatever beta is), so "
     "pycusparselt refuses c and beta with it; add C separately"
 )
-
-
-class PlanConfig(NamedTuple):
-    """The algorithm a plan runs: cuSPARSELt's config id and its split-K settings.
-
-    When setting :attr:`SparseMatmulPlan.config`, a split-K field left at None keeps the plan's value.
-    """
-
-    alg_id: int
-    split_k: int | None = None
-    split_k_mode: int | None = None
-    split_k_buffers: int | None = None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -84,6 +74,22 @@ def _on_stream(stream_ptr: int) -> Any:
     if from_external is not None:
         return from_external(_StreamHandle(stream_ptr))
     return cupy.cuda.ExternalStream(stream_ptr)
+
+
+_NDARRAY: Any = None  # cupy.ndarray, looked up once
+
+
+def _cupy_key(arr: Any) -> tuple | None:
+    """For a CuPy array, what its validity against a plan depends on (the pointer also fixes the device
+    and the alignment); None for other objects, which are always checked in full."""
+    global _NDARRAY
+    if _NDARRAY is None:
+        import cupy
+
+        _NDARRAY = cupy.ndarray
+    if type(arr) is _NDARRAY:
+        return (arr.data.ptr, arr.shape, arr.strides, arr.dtype)
+    return None
 
 
 def _cupy_view(op: Operand) -> Any:
@@ -340,9 +346,13 @@ class SparseMatmulPlan:
         # H100 a plan whose dense operand had another shape hit an illegal instruction reading it, and so did
         # plans reading the output of the descriptor-only cusparseLtSpMMACompress2 (which also compresses only
         # the first matrix of a batch on 0.8.0). So compression is plan-based, and a compressed operand is
-        # accepted by plans of exactly the same problem (same matrices, types and compute; the epilogue and
-        # the algorithm configuration may differ: both were verified).
-        self._sparse_key = (
+        # accepted by plans of exactly the same problem (same matrices, types and compute; the epilogue may
+        # differ). It also depends on the configuration the plan was initialised with: at 4096^3 FP16 on the
+        # H100, data compressed under config 0 crashed a plan initialised with config 42 (illegal
+        # instruction), while compressing under config 42 worked; cusparseLtMatmulSearch, which changes the
+        # configuration of an initialised plan in place, keeps the form. See _sparse_key.
+        self._format = 0  # the config id the plan was initialised with
+        self._problem_key = (
             device,
             A.layout if sparse == "a" else B.layout,
             s_mat,
@@ -352,7 +362,10 @@ class SparseMatmulPlan:
             int(compute_type),
         )
         self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
+        self._compute_type = compute_type
         self._buffers: dict[str, Any] = {}
+        self._checked: set[tuple] = set()  # (role, _cupy_key) of arrays already validated against the plan
+        self.tuning_report: TuningReport | None = None
         self._build(compute_type, out_dt, activation, relu_upper_bound, relu_threshold, gelu_scaling)
 
     # -- construction ------------------------------------------------------------------------------
@@ -438,6 +451,7 @@ class SparseMatmulPlan:
                 self._finalizer()
                 raise
         self._closed = False
+        self.default_config = self.config
 
     def _set_epilogue(self, h, activation, upper, threshold, scaling, out_dt) -> None:
         import cupy
@@ -471,6 +485,8 @@ class SparseMatmulPlan:
         size = bindings.matmul_get_workspace(self._handle.raw, self._plan)
         self._workspace = cupy.empty(max(size, 1), dtype=cupy.uint8)
         self._workspace_size = size
+        # the per-call path: arguments converted once, for this plan object and workspace
+        self._call = bindings.MatmulCall(self._handle.raw, self._plan, self._workspace.data.ptr)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -507,6 +523,12 @@ class SparseMatmulPlan:
         )
 
     @property
+    def _sparse_key(self) -> tuple:
+        """What a compressed operand must match: the problem and the configuration the plan was initialised
+        with (its compressed form)."""
+        return self._problem_key + (self._format,)
+
+    @property
     def max_alg_id(self) -> int:
         """Number of algorithm configurations (``CONFIG_MAX_ID``); valid ids are ``0 .. max_alg_id - 1``."""
         self._live()
@@ -520,7 +542,12 @@ class SparseMatmulPlan:
 
     @property
     def config(self) -> PlanConfig:
-        """The configuration the plan runs (settable; :meth:`autotune` sets it too)."""
+        """The configuration the plan runs (settable; :meth:`autotune` sets it too).
+
+        Setting it re-initialises the plan with that configuration, which can change cuSPARSELt's compressed
+        form: operands compressed before are then refused (compress again). ``autotune(method="search")``
+        changes the configuration in place and keeps them valid.
+        """
         h = self._live()
         get = bindings.matmul_alg_get_attribute
         return PlanConfig(
@@ -559,6 +586,7 @@ class SparseMatmulPlan:
                 raise
             old = [self._plan, self._sel]
             self._plan, self._sel = plan, selection
+            self._format = config.alg_id
             self._objects[:2] = [plan, selection]  # what the finalizer releases
             _release(self._handle, self.device, old)
             self._allocate_workspace()
@@ -704,33 +732,57 @@ class SparseMatmulPlan:
 
     # -- execution ---------------------------------------------------------------------------------
 
+    def _known(self, role: str, arr: Any) -> bool:
+        """Whether ``arr`` (a CuPy array) already passed this role's checks: the per-call fast path."""
+        key = _cupy_key(arr)
+        return key is not None and (role, key) in self._checked
+
+    def _remember(self, role: str, arr: Any) -> None:
+        key = _cupy_key(arr)
+        if key is not None:
+            if len(self._checked) >= 64:  # bounded: a loop over fresh arrays must not grow it
+                self._checked.clear()
+            self._checked.add((role, key))
+
     def _pointers(self, a, b, c, alpha, beta, bias, out, stream_ptr) -> tuple:
-        """Check the call's operands against the plan; return what cusparseLtMatmul needs and the output."""
+        """Check the call's operands against the plan; return what cusparseLtMatmul needs and the output.
+
+        Arrays seen before (same CuPy pointer, shape, strides and dtype) skip the checks; the padded path
+        always reads the operands in full, since it copies them.
+        """
         import cupy
 
         compressed, dense = (a, b) if self.sparse == "a" else (b, a)
         dense_name = "b" if self.sparse == "a" else "a"
-        if not isinstance(compressed, CompressedOperand):
+        if type(compressed) is not CompressedOperand:
             got = type(compressed).__name__
             raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
         if compressed._key != self._sparse_key:
+            if compressed._key[:-1] == self._problem_key:
+                raise ValueError(
+                    f"{self.sparse}: this CompressedOperand was compressed for configuration {compressed._key[-1]}, "
+                    f"but the plan was re-initialised with configuration {self._format} (by autotune or by setting "
+                    f"config), whose compressed form differs; compress the sparse operand again with plan.compress"
+                )
             raise ValueError(
                 f"{self.sparse}: this CompressedOperand was made by a plan of another problem (another sparse operand, "
                 f"dense operand or output); compress the sparse operand with this plan"
             )
         s_ptr = compressed.ptr
-        X = as_operand(dense, dense_name, self._input_dtype)
-        if X.layout != self._layouts[dense_name]:
-            raise ValueError(
-                f"{dense_name}: {X.shape} {X.dtype} {X.order}-major (ld {X.ld}) does not match the plan's "
-                f"{dense_name} (dtype, shape, order, ld, batch stride) = {self._layouts[dense_name]}"
-            )
-        self._check_device(X)
-        self._check_aligned(X)
         if c is None and beta != 0:
             raise ValueError("beta is non-zero but c is None")
-        C = None
-        if c is not None:
+        X = C = None
+        if self.padded or not self._known(dense_name, dense):
+            X = as_operand(dense, dense_name, self._input_dtype)
+            if X.layout != self._layouts[dense_name]:
+                raise ValueError(
+                    f"{dense_name}: {X.shape} {X.dtype} {X.order}-major (ld {X.ld}) does not match the plan's "
+                    f"{dense_name} (dtype, shape, order, ld, batch stride) = {self._layouts[dense_name]}"
+                )
+            self._check_device(X)
+            self._check_aligned(X)
+            self._remember(dense_name, dense)
+        if c is not None and (self.padded or not self._known("c", c)):
             C = as_operand(c, "c")
             if self._layouts["c"] is None or C.layout != self._layouts["c"]:
                 raise ValueError(
@@ -739,6 +791,7 @@ class SparseMatmulPlan:
                 )
             self._check_device(C)
             self._check_aligned(C)
+            self._remember("c", c)
         out_dt, d_shape, d_order = self._d_spec
         if out is None:
             with _on_stream(stream_ptr):
@@ -746,63 +799,88 @@ class SparseMatmulPlan:
                     out = cupy.empty(d_shape, dtype=out_dt)
                 else:
                     out = cupy.empty(d_shape[:-2] + d_shape[:-3:-1], dtype=out_dt).swapaxes(-1, -2)
-        D = as_operand(out, "out")
-        if D.layout != self._d_layout:
-            raise ValueError(
-                f"out: expected {d_shape} {out_dt} {d_order}-major (dtype, shape, order, ld, batch "
-                f"stride) = {self._d_layout}, got {D.layout}"
-            )
-        self._check_device(D)
-        self._check_aligned(D)
+            d_ptr = out.data.ptr
+        elif self._known("out", out):
+            d_ptr = out.data.ptr
+        else:
+            D = as_operand(out, "out")
+            if D.layout != self._d_layout:
+                raise ValueError(
+                    f"out: expected {d_shape} {out_dt} {d_order}-major (dtype, shape, order, ld, batch "
+                    f"stride) = {self._d_layout}, got {D.layout}"
+                )
+            self._check_device(D)
+            self._check_aligned(D)
+            self._remember("out", out)
+            d_ptr = D.ptr
+        if self._has_bias:
+            if bias is None:
+                raise ValueError("bias: the plan was made with bias=True; pass bias=")
+            self._copy_vector("bias", bias, self._dims[0], stream_ptr)
+        elif bias is not None:
+            raise ValueError("bias: the plan was made without bias; make it with bias=True")
+        if self._has_alpha_vector:
+            if c is not None or beta != 0:
+                raise ValueError(_ALPHA_VECTOR_NO_C)
+            self._copy_vector("alpha", alpha, self._dims[0], stream_ptr)
+            alpha_arg = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
+        else:
+            if np.ndim(alpha):
+                raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
+            alpha_arg = float(alpha)
+        x_ptr = X.ptr if X is not None else _cupy_key(dense)[0]
+        c_ptr = None if c is None else (C.ptr if C is not None else _cupy_key(c)[0])
+        if not self.padded:
+            return s_ptr, x_ptr, (d_ptr if c_ptr is None else c_ptr), d_ptr, alpha_arg, out, None
         with _on_stream(stream_ptr):
-            if self._has_bias:
-                if bias is None:
-                    raise ValueError("bias: the plan was made with bias=True; pass bias=")
-                self._copy_vector("bias", bias, self._dims[0])
-            elif bias is not None:
-                raise ValueError("bias: the plan was made without bias; make it with bias=True")
-            if self._has_alpha_vector:
-                if c is not None or beta != 0:
-                    raise ValueError(_ALPHA_VECTOR_NO_C)
-                self._copy_vector("alpha", alpha, self._dims[0])
-                alpha_arg = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
-            else:
-                if np.ndim(alpha):
-                    raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
-                alpha_arg = float(alpha)
-            if not self.padded:
-                return s_ptr, X.ptr, (C.ptr if C is not None else D.ptr), D.ptr, alpha_arg, out, None
             x_buf, y_buf, c_buf = self._padded_buffers()
             p, kk, q = self._dims
             x_buf[:, :kk, :q] = _canonical(self._storage_view(_cupy_view(X)), self._transpose)
             if C is not None:
                 c_buf[:, :p, :q] = _canonical(_cupy_view(C), self._transpose)
-            return (
-                s_ptr,
-                x_buf.data.ptr,
-                (c_buf if C is not None else y_buf).data.ptr,
-                y_buf.data.ptr,
-                alpha_arg,
-                out,
-                y_buf,
-            )
+        return (
+            s_ptr,
+            x_buf.data.ptr,
+            (c_buf if C is not None else y_buf).data.ptr,
+            y_buf.data.ptr,
+            alpha_arg,
+            out,
+            y_buf,
+        )
 
-    def _copy_vector(self, name: str, value: Any, length: int) -> None:
+    def _copy_vector(self, name: str, value: Any, length: int, stream_ptr: int) -> None:
+        """Copy the call's bias or alpha vector into the plan's buffer (its padding stays zero)."""
         import cupy
 
         buf = self._buffers[name]
-        arr = cupy.asarray(value)
-        if name == "alpha":
-            if arr.shape != (length,):
-                raise ValueError(f"alpha: expected a vector of length {length}, got shape {arr.shape}")
-            buf[:length] = arr.astype(cupy.float32)
+        want = np.dtype(np.float32) if name == "alpha" else buf.dtype
+        key = _cupy_key(value)
+        if (
+            key is not None
+            and self._batch == 1
+            and value.dtype == want
+            and value.shape == (length,)
+            and value.flags.c_contiguous
+        ):
+            # one asynchronous device-to-device copy (graph-capturable), read at run time
+            cupy.cuda.runtime.memcpyAsync(
+                buf.data.ptr, key[0], length * want.itemsize, cupy.cuda.runtime.memcpyDeviceToDevice, stream_ptr
+            )
             return
-        want = buf.dtype
-        if arr.dtype != want:
-            raise TypeError(f"bias: expected dtype {want} (float32 for integer D, else D's type), got {arr.dtype}")
-        if arr.shape not in ((length,), (self._batch, length)):
-            raise ValueError(f"bias: expected shape ({length},) or ({self._batch}, {length}), got {arr.shape}")
-        buf[:, :length] = arr
+        with _on_stream(stream_ptr):
+            arr = cupy.asarray(value)
+            if name == "alpha":
+                if arr.shape != (length,):
+                    raise ValueError(f"alpha: expected a vector of length {length}, got shape {arr.shape}")
+                buf[:length] = arr.astype(cupy.float32)
+                return
+            if arr.dtype != want:
+                raise TypeError(
+                    f"bias: expected dtype {want} (float32 for integer D, else D's type), got {arr.dtype}"
+                )
+            if arr.shape not in ((length,), (self._batch, length)):
+                raise ValueError(f"bias: expected shape ({length},) or ({self._batch}, {length}), got {arr.shape}")
+            buf[:, :length] = arr
 
     def _padded_buffers(self) -> tuple:
         import cupy
@@ -860,31 +938,55 @@ class SparseMatmulPlan:
         -------
         The D array (``out`` when given).
         """
-        return self._run(bindings.matmul, a, b, c, alpha, beta, bias, out, stream)
+        return self._run(None, a, b, c, alpha, beta, bias, out, stream)
 
     def _run(self, function, a, b, c, alpha, beta, bias, out, stream) -> Any:
         import cupy
 
-        h = self._live()
+        if self._closed:
+            raise ClosedError("the plan was closed")
         stream_ptr = _stream_ptr(stream)
+        if cupy.cuda.runtime.getDevice() != self.device:
+            with cupy.cuda.Device(self.device):
+                return self._run(function, a, b, c, alpha, beta, bias, out, stream_ptr)
+        h = self._live()
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
+        if function is None:
+            self._call(alpha_arg, s_ptr, x_ptr, float(beta), c_ptr, d_ptr, stream_ptr)
+        else:
+            function(h, self._plan, alpha_arg, s_ptr, x_ptr, float(beta), c_ptr, d_ptr, self._workspace.data.ptr,
+                     [stream_ptr])
+        if y_buf is None:
+            return out
+        with _on_stream(stream_ptr):
+            return self._finish(out, y_buf)
+
+    def bind(
+        self,
+        a: Any,
+        b: Any,
+        c: Any = None,
+        *,
+        alpha: Any = 1.0,
+        beta: float = 0.0,
+        bias: Any = None,
+        out: Any = None,
+        stream: Any = None,
+    ) -> BoundMatmul:
+        """Check these operands once and return a callable that runs :meth:`matmul` on them.
+
+        The returned :class:`BoundMatmul` does no validation, allocation or conversion per call: it is the
+        leanest way to call a plan from Python, and what to capture in a CUDA graph. It reads the arrays at
+        run time (update them in place between calls), including ``bias`` and a vector ``alpha``, which each
+        call copies into the plan's buffers with one device-to-device copy. Arguments as :meth:`matmul`;
+        ``out`` is allocated once here when omitted. A padded plan copies the dense operands per call, as
+        :meth:`matmul` does.
+        """
+        import cupy
+
+        self._live()
         with cupy.cuda.Device(self.device):
-            s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(
-                a, b, c, alpha, beta, bias, out, stream_ptr
-            )
-            function(
-                h,
-                self._plan,
-                alpha_arg,
-                s_ptr,
-                x_ptr,
-                float(beta),
-                c_ptr,
-                d_ptr,
-                self._workspace.data.ptr,
-                [stream_ptr],
-            )
-            with _on_stream(stream_ptr):
-                return self._finish(out, y_buf)
+            return BoundMatmul(self, (a, b, c, alpha, beta, bias, out), _stream_ptr(stream))
 
     def autotune(
         self,
@@ -897,12 +999,99 @@ class SparseMatmulPlan:
         bias: Any = None,
         out: Any = None,
         stream: Any = None,
+        method: str = "timed",
+        repeats: int = 10,
+        warmup: int = 3,
+        budget_s: float | None = None,
+        cache: TuningCache | bool | None = None,
     ) -> PlanConfig:
-        """Pick the fastest configuration with ``cusparseLtMatmulSearch`` on these operands (D is
-        overwritten; synchronous) and keep it. Returns the new :attr:`config`."""
-        self._run(bindings.matmul_search, a, b, c, alpha, beta, bias, out, stream)
+        """Pick the fastest configuration for these operands and keep it. Returns the new :attr:`config`.
+
+        Parameters
+        ----------
+        a, b, c, alpha, beta, bias, out, stream
+            As :meth:`matmul`. D (``out``) is overwritten; tuning synchronises the device.
+        method : {"timed", "search"}
+            ``"timed"`` (default): pycusparselt's tuner. Every algorithm id, split-K variants of the best
+            ones, the default configuration and ``cusparseLtMatmulSearch``'s choice are each timed with CUDA
+            events (``warmup`` calls, then the median of ``repeats``; inputs rotated when the problem fits in
+            L2), and the fastest is kept: never slower than the default or than the library's search, up to
+            timing noise. ``"search"``: only ``cusparseLtMatmulSearch``.
+        repeats, warmup : int
+            Timed and untimed calls per candidate (``"timed"``).
+        budget_s : float, optional
+            Stop timing further candidates after this many seconds (the default configuration and the
+            search's choice are always timed).
+        cache : TuningCache, bool or None
+            ``"timed"`` only. None: the default on-disk cache (:class:`~pycusparselt.tuning_cache.TuningCache`;
+            ``PYCUSPARSELT_TUNING_CACHE=0`` disables it), False: no cache, or a cache object. A stored
+            winner for the same GPU, library version and problem is applied without timing anything.
+
+        The candidates and their times are in :attr:`tuning_report` afterwards.
+        """
+        if method not in ("timed", "search"):
+            raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")
+        if method == "search":
+            self._run(bindings.matmul_search, a, b, c, alpha, beta, bias, out, stream)
+            import cupy
+
+            with cupy.cuda.Device(self.device):
+                self._allocate_workspace()
+            self.tuning_report = TuningReport("search", "search", self.config, ())
+            return self.config
+        from . import tuning
+
+        self.tuning_report = tuning.autotune(
+            self, (a, b, c, alpha, beta, bias, out, stream), repeats=repeats, warmup=warmup, budget_s=budget_s,
+            cache=cache,
+        )
+        return self.config
+
+    def _timing_call(self, a, b, c, alpha, beta, bias, out, stream) -> tuple:
+        """For the tuner: validate once and return (run, stream pointer, compressed, dense, out) where ``run(s, x, d)``
+        enqueues one product with the current configuration on those device pointers."""
+        stream_ptr = _stream_ptr(stream)
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
+        beta = float(beta)
+        shared_c = c is None
+
+        def run(s: int, x: int, d: int) -> None:
+            self._call(alpha_arg, s, x, beta, d if shared_c else c_ptr, d, stream_ptr)
+
+        return run, stream_ptr, (s_ptr, x_ptr, d_ptr), out
+
+
+class BoundMatmul:
+    """A plan's product on fixed operands, checked once: ``call()`` runs it (see
+    :meth:`SparseMatmulPlan.bind`). Holds references to the operands; returns ``out``."""
+
+    __slots__ = ("plan", "out", "_operands", "_stream", "_args", "_format")
+
+    def __init__(self, plan: SparseMatmulPlan, operands: tuple, stream_ptr: int) -> None:
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = plan._pointers(*operands, stream_ptr)
+        self.plan = plan
+        self.out = out
+        self._format = plan._format
+        self._operands = operands[:-1] + (out,)
+        self._stream = stream_ptr
+        # the direct path: fixed pointers, nothing to copy per call
+        direct = not (plan.padded or plan._has_bias or plan._has_alpha_vector)
+        self._args = (alpha_arg, s_ptr, x_ptr, float(operands[4]), c_ptr, d_ptr, stream_ptr) if direct else None
+
+    def __call__(self) -> Any:
         import cupy
 
-        with cupy.cuda.Device(self.device):
-            self._allocate_workspace()
-        return self.config
+        plan = self.plan
+        if plan._closed:
+            raise ClosedError("the plan was closed")
+        if self._args is None or plan._format != self._format:
+            return plan._run(None, *self._operands, self._stream)  # checks everything (and refuses stale data)
+        if cupy.cuda.runtime.getDevice() != plan.device:
+            with cupy.cuda.Device(plan.device):
+                plan._call(*self._args)
+        else:
+            plan._call(*self._args)
+        return self.out
+
+    def __repr__(self) -> str:
+        return f"<BoundMatmul of {self.plan!r}>"

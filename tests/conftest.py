@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,6 +21,12 @@ def _gpu_skip_reason() -> str | None:
     from pycusparselt.devices import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
+
+
+def pytest_configure(config):
+    # tuning in tests never writes the user's tuning cache
+    if not os.environ.get("PYCUSPARSELT_CACHE_DIR"):
+        os.environ["PYCUSPARSELT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pycusparselt-tests-")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -377,6 +377,11 @@ class Problem:
         _check(d_h, self.case, self.a_h, self.b_h, self.c_h,
                alpha=self.alpha if alpha is None else alpha, bias=self.bias_h)
 
+    def recompress(self) -> None:
+        """Compress again, after the plan's configuration changed (the compressed form depends on it)."""
+        self.comp.close()
+        self.comp = self.plan.compress(self.sparse_d, prune="strip")
+
     def close(self) -> None:
         self.comp.close()
         self.plan.close()
@@ -816,6 +821,10 @@ def test_autotune(cp, case):
     with Problem(cp, case) as p:
         config = p.plan.autotune(*p.args(), p.c_d, **p.call_kwargs())
         assert isinstance(config, psl.PlanConfig)
+        if p.comp._key != p.plan._sparse_key:
+            with pytest.raises(ValueError, match="compressed for configuration 0, but the plan was re-initialised"):
+                p.matmul()
+            p.recompress()
         assert 0 <= config.alg_id < p.plan.max_alg_id
         assert p.plan.config == config
         assert isinstance(p.plan.workspace_size, int) and p.plan.workspace_size >= 0
@@ -836,6 +845,7 @@ def test_every_algorithm_config_gives_correct_results(cp, case):
                                            split_k_buffers=default.split_k_buffers)
             assert p.plan.config.alg_id == alg_id
             assert p.plan.workspace_size >= 0
+            p.recompress()  # the compressed form depends on the configuration
             p.check(p.matmul())
         with pytest.raises(ValueError):
             p.plan.config = psl.PlanConfig(alg_id=count, split_k=default.split_k,

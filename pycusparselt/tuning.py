@@ -1,0 +1,324 @@
+"""The auto-tuner behind :meth:`pycusparselt.SparseMatmulPlan.autotune`: time candidate configurations with
+CUDA events and keep the fastest, remembering the winner on disk.
+
+Why our own: on the H100 ``cusparseLtMatmulSearch`` sometimes keeps a configuration slower than the default
+one, and the default can be twice as slow as the best (every FP8 case). So every algorithm id is timed, then
+split-K variants of the two fastest, and the default configuration and the library search's choice are
+always candidates: the winner is never slower than either, up to timing noise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from . import bindings
+from ._library import library_version
+from .enums import SplitKMode
+from .errors import CuSparseLtError
+from .timing import time_gpu
+from .tuning_cache import TuningCache, TuningCacheWarning
+
+if TYPE_CHECKING:
+    from .plan import SparseMatmulPlan
+
+__all__ = ["PlanConfig", "Candidate", "TuningReport", "tuning_key", "autotune"]
+
+# split-K factors and modes tried on the fastest algorithm ids; invalid ones are refused by the library
+# and recorded as such
+SPLIT_K_FACTORS = (2, 4, 8)
+SPLIT_K_MODES = (SplitKMode.SPLIT_K_MODE_ONE_KERNEL, SplitKMode.SPLIT_K_MODE_TWO_KERNELS)
+SPLIT_K_FINALISTS = 2
+MAX_ROTATION = 8
+
+
+class PlanConfig(NamedTuple):
+    """The algorithm a plan runs: cuSPARSELt's config id and its split-K settings.
+
+    When setting :attr:`SparseMatmulPlan.config`, a split-K field left at None takes the library's
+    default for that algorithm.
+    """
+
+    alg_id: int
+    split_k: int | None = None
+    split_k_mode: int | None = None
+    split_k_buffers: int | None = None
+
+
+class Candidate(NamedTuple):
+    """One configuration the tuner tried."""
+
+    config: PlanConfig
+    # "default", "alg", "split-k", "search-config" (the search's choice, set like the others), or "search"
+    # (the plan as cusparseLtMatmulSearch left it: timed for comparison, not a configuration one can set)
+    source: str
+    median_ms: float | None  # None when the library refused it
+    error: str | None = None
+    setup_ms: float = 0.0  # re-initialising the plan and compressing for it
+
+
+class TuningReport(NamedTuple):
+    """What :meth:`~pycusparselt.SparseMatmulPlan.autotune` did.
+
+    ``source`` is "timed" (candidates timed now), "cache" (a stored winner applied, nothing timed) or
+    "search" (``cusparseLtMatmulSearch`` only). ``candidates`` is empty unless timed.
+    """
+
+    method: str
+    source: str
+    best: PlanConfig
+    candidates: tuple[Candidate, ...]
+    seconds: float = 0.0
+
+    def time_of(self, source: str) -> float | None:
+        """The median time (ms) of the first candidate from ``source`` ("default", "search"), if timed."""
+        for cand in self.candidates:
+            if cand.source == source:
+                return cand.median_ms
+        return None
+
+    @property
+    def best_ms(self) -> float | None:
+        """The winner's median time in milliseconds (None unless timed)."""
+        times = [c.median_ms for c in self.candidates if c.median_ms is not None and c.source != "search"]
+        return min(times) if times else None
+
+
+def tuning_key(plan: SparseMatmulPlan) -> dict[str, Any]:
+    """The tuning cache key of ``plan``: GPU, library version and the full problem signature."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(plan.device)
+    name = props["name"]
+    problem = {
+        "dtype": str(plan.dtype),
+        "out_dtype": str(plan.out_dtype),
+        "compute": int(plan._compute_type),
+        "sparse": plan.sparse,
+        "matrices": [
+            [m.rows, m.cols, m.ld, m.order, m.batch, m.batch_stride] for m in plan._mats
+        ],
+        "activation": plan.activation,
+        "bias": plan._has_bias,
+        "alpha_vector": plan._has_alpha_vector,
+        "c": plan._layouts["c"] is not None,
+    }
+    return {
+        "gpu": name.decode() if isinstance(name, bytes) else str(name),
+        "compute_capability": f"{props['major']}.{props['minor']}",
+        "cusparselt": ".".join(map(str, library_version())),
+        "problem": problem,
+    }
+
+
+def _extent(layout: tuple) -> int:
+    """Elements spanned by an operand with this layout (dtype, shape, order, ld, batch stride)."""
+    _, shape, order, ld, batch_stride = layout
+    rows, cols = shape[-2:]
+    matrix = (rows - 1) * ld + cols if order == "row" else (cols - 1) * ld + rows
+    batch = shape[0] if len(shape) == 3 else 1
+    return (batch - 1) * batch_stride + matrix
+
+
+def _random_sparse_side(plan: SparseMatmulPlan) -> Any:
+    """Random data with the layout of the plan's sparse operand (values only matter for power and clocks:
+    normal floats, small integers, finite FP8 bytes)."""
+    import cupy
+
+    _, shape, order, ld, batch_stride = plan._layouts[plan.sparse]
+    rows, cols = shape[-2:]
+    count = shape[0] if len(shape) == 3 and batch_stride else 1
+    base = (count, rows, ld) if order == "row" else (count, cols, ld)
+    kind = np.dtype(plan._storage)
+    if kind == np.int8:
+        data = cupy.random.randint(-8, 8, base, dtype=cupy.int8)
+    elif kind == np.uint8:  # FP8 bytes: exponent below all-ones in both formats, either sign
+        data = cupy.random.randint(0, 0x70, base, dtype=cupy.uint8) | (cupy.random.randint(0, 2, base,
+                                                                                             dtype=cupy.uint8) << 7)
+    else:
+        normal = cupy.random.standard_normal(base, dtype=cupy.float32)
+        if kind.itemsize == 2 and kind != np.float16:  # bfloat16: the upper half of the float32 bits
+            data = (normal.view(cupy.uint32) >> 16).astype(cupy.uint16).view(kind)
+        else:
+            data = normal.astype(kind)
+    data = data[:, :, :cols] if order == "row" else data.swapaxes(-1, -2)[:, :rows, :]
+    if len(shape) == 2:
+        return data[0]
+    return data if batch_stride else cupy.broadcast_to(data, shape)
+
+
+def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list) -> list[int]:
+    """``count`` device copies of ``nbytes`` at ``ptr`` (the first is ``ptr`` itself)."""
+    import cupy
+
+    ptrs = [ptr]
+    for _ in range(count - 1):
+        buf = cupy.empty(nbytes, dtype=cupy.uint8)
+        cupy.cuda.runtime.memcpyAsync(buf.data.ptr, ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream_ptr)
+        keep.append(buf)
+        ptrs.append(buf.data.ptr)
+    return ptrs
+
+
+def _rotation_count(plan: SparseMatmulPlan, compressed_nbytes: int) -> int:
+    """How many operand sets to cycle through so that timed calls read from memory as in real use: enough
+    to overflow L2 when the whole problem fits in it, else 1."""
+    import cupy
+
+    if plan.padded:  # the plan's own padded buffers are the operands
+        return 1
+    dense_name = "b" if plan.sparse == "a" else "a"
+    x_layout = plan._layouts[dense_name]
+    total = (
+        compressed_nbytes
+        + _extent(x_layout) * x_layout[0].itemsize
+        + _extent(plan._d_layout) * plan._d_layout[0].itemsize
+    )
+    l2 = cupy.cuda.Device(plan.device).attributes["L2CacheSize"]
+    return 1 if total >= l2 else min(MAX_ROTATION, math.ceil(2 * l2 / total) + 1)
+
+
+def autotune(
+    plan: SparseMatmulPlan,
+    call_args: tuple,
+    *,
+    repeats: int = 10,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    cache: TuningCache | bool | None = None,
+) -> TuningReport:
+    """Tune ``plan`` on the operands of one call (see :meth:`SparseMatmulPlan.autotune`) and keep the winner."""
+    import cupy
+
+    from .plan import CompressedOperand, _on_stream
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if budget_s is not None and budget_s < 0:
+        raise ValueError(f"budget_s: expected a non-negative number of seconds, got {budget_s}")
+    if cache is None or cache is True:
+        cache = TuningCache()
+    elif cache is not False and not isinstance(cache, TuningCache):
+        raise TypeError(f"cache: expected a TuningCache, True, False or None, got {type(cache).__name__}")
+    began = time.perf_counter()
+    a, b, c, alpha, beta, bias, out, stream_arg = call_args
+    sparse_arg = a if plan.sparse == "a" else b
+    with cupy.cuda.Device(plan.device):
+        key = tuning_key(plan) if cache else None
+        if cache:
+            stored = cache.get(key)
+            if stored is not None:
+                try:
+                    plan.config = PlanConfig(**stored["config"])
+                    return TuningReport("timed", "cache", plan.config, (), time.perf_counter() - began)
+                except (KeyError, TypeError, ValueError, CuSparseLtError) as exc:
+                    warnings.warn(
+                        f"tuning cache entry {cache.path_for(key)} could not be applied ({exc}); tuning again",
+                        TuningCacheWarning,
+                        stacklevel=3,
+                    )
+        # The compressed form depends on the configuration (see SparseMatmulPlan.config), so each candidate
+        # gets its own: of the caller's dense sparse-side operand when given, else of random data.
+        source = _random_sparse_side(plan) if type(sparse_arg) is CompressedOperand else sparse_arg
+        keep: list = []
+        state: dict[str, Any] = {}
+
+        def prepare() -> tuple:
+            """Compress for the plan's current configuration; return (run, operand sets)."""
+            if "compressed" in state:
+                state.pop("compressed").close()
+            compressed = state["compressed"] = plan.compress(source, prune="strip", stream=stream_arg)
+            args = (compressed, b) if plan.sparse == "a" else (a, compressed)
+            run, stream_ptr, (s_ptr, x_ptr, d_ptr), _ = plan._timing_call(*args, c, alpha, beta, bias, out, stream_arg)
+            if "sets" not in state:
+                count = _rotation_count(plan, compressed._buffer.nbytes)
+                dense_name = "b" if plan.sparse == "a" else "a"
+                x_layout = plan._layouts[dense_name]
+                xs = _copies(x_ptr, _extent(x_layout) * x_layout[0].itemsize, count, stream_ptr, keep)
+                d_bytes = _extent(plan._d_layout) * plan._d_layout[0].itemsize
+                keep.extend(cupy.empty(d_bytes, dtype=cupy.uint8) for _ in range(count - 1))
+                ds = [d_ptr] + [buf.data.ptr for buf in keep[-(count - 1):]] if count > 1 else [d_ptr]
+                state["xd"], state["stream"] = list(zip(xs, ds, strict=True)), _on_stream(stream_ptr)
+            count = len(state["xd"])
+            ss = _copies(s_ptr, compressed._buffer.nbytes, count, stream_ptr, state.setdefault("s_keep", []))
+            sets = [(s, x, d) for s, (x, d) in zip(ss, state["xd"], strict=True)]
+            return run, sets
+
+        results: list[Candidate] = []
+        tried: set[tuple] = set()
+
+        def attempt(config: PlanConfig | None, source_name: str) -> CuSparseLtError | None:
+            """Time ``config`` (None: the plan as it stands, after the library's search)."""
+            if config is not None:
+                if tuple(config) in tried:
+                    return None
+                tried.add(tuple(config))
+            setup = time.perf_counter()
+            try:
+                if config is not None:
+                    state.pop("s_keep", None)  # the previous candidate's copies
+                    plan.config = config
+                    run, sets = prepare()
+                else:
+                    run, sets = state["run"], state["sets"]
+                setup = (time.perf_counter() - setup) * 1e3
+                n = len(sets)
+                timing = time_gpu(lambda i: run(*sets[i % n]), repeats=repeats, warmup=warmup,
+                                  stream=state["stream"])
+                results.append(Candidate(config or plan.config, source_name, timing.median_ms, None, setup))
+            except CuSparseLtError as exc:
+                results.append(Candidate(config or plan.config, source_name, None, f"{exc.function}: {exc.name}"))
+                return exc
+            return None
+
+        default = plan.default_config
+        attempt(default, "default")
+        # the library's search, run in place on a freshly initialised default plan (keeping its compressed
+        # form), timed as it leaves the plan; then its choice as a configuration like any other
+        tried.discard(tuple(default))
+        plan.config = default
+        state["run"], state["sets"] = prepare()
+        compressed = state["compressed"]
+        search_args = (compressed, b) if plan.sparse == "a" else (a, compressed)
+        plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, out, stream_arg)
+        plan._allocate_workspace()
+        attempt(None, "search")
+        attempt(plan.config, "search-config")
+
+        def in_budget() -> bool:
+            return budget_s is None or time.perf_counter() - began < budget_s
+
+        for alg in range(plan.max_alg_id):
+            if not in_budget():
+                break
+            attempt(PlanConfig(alg, default.split_k, default.split_k_mode, default.split_k_buffers), "alg")
+        timed = sorted((c for c in results if c.median_ms is not None and c.source != "search"),
+                       key=lambda c: c.median_ms)
+        finalists = list(dict.fromkeys(c.config.alg_id for c in timed))[:SPLIT_K_FINALISTS]
+        split_k_refused = False
+        for alg in finalists:
+            for factor in SPLIT_K_FACTORS:
+                for mode in SPLIT_K_MODES:
+                    if in_budget() and not split_k_refused:
+                        error = attempt(PlanConfig(alg, factor, int(mode), None), "split-k")
+                        # the architecture takes no split-K at all (SM 9.0 with 0.8.0): stop asking
+                        split_k_refused = error is not None and error.name == "CUSPARSE_STATUS_INVALID_VALUE"
+        settable = sorted((c for c in results if c.median_ms is not None and c.source != "search"),
+                          key=lambda c: c.median_ms)
+        if not settable:
+            raise RuntimeError("autotune: the library refused every candidate configuration, the default included")
+        best = settable[0]
+        plan.config = best.config
+        if "compressed" in state:
+            state.pop("compressed").close()
+        state["stream"].synchronize()
+        keep.clear()
+        state.clear()
+        report = TuningReport("timed", "timed", plan.config, tuple(results), time.perf_counter() - began)
+        if cache:
+            cache.put(key, {"config": best.config._asdict(), "median_ms": best.median_ms,
+                            "default_ms": report.time_of("default")})
+        return report

@@ -1,0 +1,245 @@
+"""GPU tests of the auto-tuner, the tuning cache across processes, bound calls, the per-call fast path and
+CUDA graph capture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+from test_plan_gpu import F16, I8, I32, RELU, Case, Problem, _ids
+
+import pycusparselt as psl
+from pycusparselt.tuning_cache import TuningCache, TuningCacheWarning
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    Case(F16, F16, with_c=True, beta=0.5, bias=True, **RELU),
+    Case(I8, I32, side="b", a_order="row", b_order="col"),
+    Case(F16, F16, m=256, n=512, k=1024),
+    Case(F16, F16, m=33, n=50, k=70),  # padded
+]
+
+
+@pytest.fixture
+def cp():
+    return pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_timed_autotune_keeps_the_fastest_candidate(cp, case, tmp_path):
+    with Problem(cp, case) as p:
+        config = p.plan.autotune(*p.args(), p.c_d, **p.call_kwargs(), cache=TuningCache(tmp_path))
+        report = p.plan.tuning_report
+        assert report.source == "timed" and report.method == "timed"
+        assert config == p.plan.config == report.best
+        sources = {c.source for c in report.candidates}
+        assert {"default", "search", "search-config", "alg"} <= sources
+        timed = [c for c in report.candidates if c.median_ms is not None]
+        assert all(c.median_ms > 0 for c in timed)
+        # the winner is the fastest candidate, so never slower than the default or the library's search
+        assert report.best_ms == min(c.median_ms for c in timed if c.source != "search")
+        assert report.best_ms <= report.time_of("default")
+        assert report.best_ms <= report.time_of("search-config")
+        assert report.time_of("search") > 0
+        # every algorithm id was timed (once: the default's and the search's are not timed twice)
+        timed_ids = {c.config.alg_id for c in report.candidates if c.source in ("alg", "default", "search-config")}
+        assert timed_ids == set(range(p.plan.max_alg_id))
+        p.recompress()  # the winner's compressed form
+        p.check(p.matmul())
+
+
+def test_every_timed_candidate_is_correct(cp):
+    """The tuner may keep any candidate it timed: each one must compute the right product."""
+    case = Case(F16, F16, m=128, n=256, k=512)
+    with Problem(cp, case) as p:
+        p.plan.autotune(*p.args(), cache=False, repeats=2, warmup=1)
+        configs = [c.config for c in p.plan.tuning_report.candidates if c.median_ms is not None]
+        assert len(configs) >= 2
+        for config in configs:
+            p.plan.config = config
+            p.recompress()
+            p.check(p.matmul())
+
+
+def test_search_method_and_bad_arguments(cp):
+    with Problem(cp, Case(F16, F16)) as p:
+        config = p.plan.autotune(*p.args(), method="search")
+        assert p.plan.tuning_report.source == "search" and config == p.plan.config
+        p.check(p.matmul())
+        with pytest.raises(ValueError, match="method: expected 'timed' or 'search', got 'fast'"):
+            p.plan.autotune(*p.args(), method="fast")
+        with pytest.raises(ValueError, match="repeats must be >= 1"):
+            p.plan.autotune(*p.args(), repeats=0, cache=False)
+        with pytest.raises(TypeError, match="cache: expected a TuningCache"):
+            p.plan.autotune(*p.args(), cache="yes")
+
+
+def test_budget_limits_the_candidates(cp):
+    with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
+        p.plan.autotune(*p.args(), cache=False, budget_s=0.0)
+        sources = {c.source for c in p.plan.tuning_report.candidates}
+        # the default, the search and its choice are always timed; nothing else fits in no time
+        assert sources <= {"default", "search", "search-config"} and {"default", "search"} <= sources
+
+
+def test_cache_is_reused_in_process_and_ignored_when_corrupt(cp, tmp_path):
+    cache = TuningCache(tmp_path)
+    case = Case(F16, F16, m=128, n=128, k=256)
+    with Problem(cp, case) as p:
+        tuned = p.plan.autotune(*p.args(), cache=cache)
+        assert p.plan.tuning_report.source == "timed"
+        [entry] = list(tmp_path.glob("*.json"))
+        stored = json.loads(entry.read_text())
+        assert stored["key"]["problem"]["dtype"] == "float16"
+        assert PlanConfigFrom(stored) == tuned
+    with Problem(cp, case, seed=1) as p:  # same problem, other data: the stored winner, nothing timed
+        assert p.plan.autotune(*p.args(), cache=cache) == tuned
+        assert p.plan.tuning_report.source == "cache" and p.plan.tuning_report.candidates == ()
+        p.recompress()
+        p.check(p.matmul())
+    entry.write_text("{not json")
+    with Problem(cp, case) as p, pytest.warns(TuningCacheWarning, match="corrupt"):
+        p.plan.autotune(*p.args(), cache=cache, repeats=2)
+    assert p.plan.tuning_report.source == "timed"
+    # a foreign entry (another GPU's key stored under this file name) is ignored too
+    stored = json.loads(entry.read_text())
+    stored["key"]["gpu"] = "another GPU"
+    entry.write_text(json.dumps(stored))
+    with Problem(cp, case) as p, pytest.warns(TuningCacheWarning, match="another key"):
+        p.plan.autotune(*p.args(), cache=cache, repeats=2)
+    assert p.plan.tuning_report.source == "timed"
+
+
+def PlanConfigFrom(stored: dict) -> psl.PlanConfig:
+    return psl.PlanConfig(**stored["value"]["config"])
+
+
+_SECOND_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import cupy as cp
+    import pycusparselt as psl
+    from pycusparselt.tuning_cache import TuningCache
+
+    a = cp.random.standard_normal((128, 256), dtype=cp.float32).astype(cp.float16)
+    b = cp.asfortranarray(cp.random.standard_normal((256, 192), dtype=cp.float32).astype(cp.float16))
+    with psl.SparseMatmulPlan(a, b) as plan:
+        ca = plan.compress(a, prune="strip")
+        config = plan.autotune(ca, b, cache=TuningCache(sys.argv[1]))
+        print(json.dumps({"source": plan.tuning_report.source, "config": list(config)}))
+    """
+)
+
+
+def test_a_second_process_reuses_the_tuned_config(cp, tmp_path):
+    script = tmp_path / "tune.py"
+    script.write_text(_SECOND_PROCESS)
+    cache_dir = tmp_path / "cache"
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-P", str(script), str(cache_dir)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["source"] == "timed"
+    assert second == {"source": "cache", "config": first["config"]}
+
+
+# -- the per-call path ----------------------------------------------------------------------------
+
+
+def test_fast_path_still_rejects_a_different_array(cp):
+    case = Case(F16, F16)
+    with Problem(cp, case) as p:
+        out = cp.empty(case.d_shape, dtype=np.float16)
+        p.check(p.matmul(out=out))
+        p.check(p.matmul(out=out))  # the remembered array
+        wrong = cp.empty(case.d_shape, dtype=np.float16, order="F")
+        with pytest.raises(ValueError, match="out: expected"):
+            p.matmul(out=wrong)
+        other = cp.asfortranarray(cp.zeros((case.k, case.n), dtype=cp.float32))
+        with pytest.raises(ValueError, match="does not match the plan's b"):
+            p.plan.matmul(p.comp, other)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_bound_call_equals_matmul_and_reads_operands_at_run_time(cp, case):
+    with Problem(cp, case) as p:
+        call = p.plan.bind(*p.args(), p.c_d, **p.call_kwargs())
+        d = call()
+        assert d is call.out
+        p.check(d)
+        # update the dense operand in place: the next call uses the new values
+        other = p.other_d
+        fresh = Problem(cp, case, seed=5)
+        other[...] = fresh.other_d
+        host = fresh.b_h if case.side == "a" else fresh.a_h
+        if case.side == "a":
+            p.b_h = host
+        else:
+            p.a_h = host
+        fresh.close()
+        p.check(call())
+        p.plan.close()
+        with pytest.raises(psl.ClosedError):
+            call()
+
+
+def test_graph_capture_replays_the_product(cp):
+    case = Case(F16, F16, m=256, n=128, k=512, bias=True)
+    with Problem(cp, case) as p:
+        stream = cp.cuda.Stream(non_blocking=True)
+        out = cp.empty(case.d_shape, dtype=np.float16)
+        with stream:
+            call = p.plan.bind(*p.args(), **p.call_kwargs(), out=out, stream=stream)
+            call()  # eager, before capture (the library initialises lazily)
+            stream.synchronize()
+            eager = out.copy()
+            out.fill(0)
+            stream.begin_capture()
+            call()
+            graph = stream.end_capture()
+            stream.synchronize()
+            assert not cp.any(out)  # capturing ran nothing
+            graph.launch(stream)
+            stream.synchronize()
+        np.testing.assert_array_equal(out.get(), eager.get())
+        p.check(out)
+        # replays read the arrays: a new bias shows up without re-capturing
+        p.bias_h = (p.bias_h * 2).astype(p.bias_h.dtype)
+        p.bias_d[...] = cp.asarray(p.bias_h)
+        graph.launch(stream)
+        stream.synchronize()
+        p.check(out)
+
+
+def test_a_new_configuration_refuses_data_compressed_before(cp):
+    """Data compressed under another configuration crashed the H100 (illegal instruction): refused instead,
+    by matmul and by bound calls, and accepted again once compressed anew."""
+    with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
+        call = p.plan.bind(*p.args())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p.plan.config = psl.PlanConfig(p.plan.max_alg_id - 1)
+        for run in (p.matmul, call):
+            with pytest.raises(ValueError, match="compress the sparse operand again"):
+                run()
+        p.recompress()
+        p.check(p.matmul())
+        p.check(p.plan.bind(*p.args())())
+
+
+def test_search_in_place_keeps_compressed_data_valid(cp):
+    with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
+        call = p.plan.bind(*p.args())
+        p.plan.autotune(*p.args(), method="search")
+        p.check(call())
+        p.check(p.matmul())
