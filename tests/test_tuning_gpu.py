@@ -243,3 +243,16 @@ def test_search_in_place_keeps_compressed_data_valid(cp):
         p.plan.autotune(*p.args(), method="search")
         p.check(call())
         p.check(p.matmul())
+
+
+def test_autotune_on_the_dense_sparse_side_operand_then_compress(cp, tmp_path):
+    """The documented order: tune on the dense operand, then compress for the tuned plan."""
+    case = Case(I8, I32, m=128, n=256, k=512)
+    with Problem(cp, case) as p:
+        args = (p.sparse_d, p.other_d) if case.side == "a" else (p.other_d, p.sparse_d)
+        config = p.plan.autotune(*args, cache=TuningCache(tmp_path), repeats=3)
+        assert p.plan.tuning_report.source == "timed" and config == p.plan.config
+        p.recompress()
+        p.check(p.matmul())
+        with pytest.raises(TypeError, match="expected the CompressedOperand"):
+            p.plan.matmul(*args)  # matmul itself still wants the compressed operand
