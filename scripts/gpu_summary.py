@@ -80,7 +80,7 @@ def main(outdir: str) -> int:
     except Exception as exc:
         summary["cusparselt"] = f"unavailable: {exc}"
     summary["pytest_gpu"] = junit_counts(out / "junit_gpu.xml")
-    summary["pytest_all"] = junit_counts(out / "junit_all.xml")
+    summary["pytest_cpu"] = junit_counts(out / "junit_cpu.xml")
     summary["combinations"] = combinations(out / "junit_gpu.xml")
     probe = out / "probe_summary.json"
     if probe.exists():
@@ -88,7 +88,7 @@ def main(outdir: str) -> int:
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in summary if k not in ("probe", "combinations")}, indent=1))
     ok = all(summary[k].get("failures", 1) == 0 and summary[k].get("errors", 1) == 0
-             for k in ("pytest_gpu", "pytest_all"))
+             for k in ("pytest_gpu", "pytest_cpu"))
     return 0 if ok else 1
 
 
