@@ -48,12 +48,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _stream_ptr(stream: Any) -> int:
+def _stream_ptr(stream: Any, device: int | None = None) -> int:
+    """The stream's handle; for None, CuPy's current stream of ``device`` (default: the current device)."""
     import cupy
 
-    if stream is None:
+    if stream is not None:
+        return bindings._stream_handle(stream)
+    if device is None or cupy.cuda.runtime.getDevice() == device:
         return cupy.cuda.get_current_stream().ptr
-    return bindings._stream_handle(stream)
+    with cupy.cuda.Device(device):
+        return cupy.cuda.get_current_stream().ptr
 
 
 class _StreamHandle:
@@ -655,7 +659,7 @@ class SparseMatmulPlan:
         h = self._live()
         alg = self._prune_alg(method)
         op, view = self._sparse_operand(x)
-        stream_ptr = _stream_ptr(stream)
+        stream_ptr = _stream_ptr(stream, self.device)
         p, kk, _ = self._dims
         with cupy.cuda.Device(self.device):
             buf = self._dense_sparse_copy(view, stream_ptr)
@@ -681,7 +685,7 @@ class SparseMatmulPlan:
 
         h = self._live()
         _, view = self._sparse_operand(x)
-        stream_ptr = _stream_ptr(stream)
+        stream_ptr = _stream_ptr(stream, self.device)
         with cupy.cuda.Device(self.device):
             buf = self._dense_sparse_copy(view, stream_ptr) if self.padded else None
             return self._flag_valid(h, buf.data.ptr if buf is not None else view.data.ptr, stream_ptr)
@@ -708,7 +712,7 @@ class SparseMatmulPlan:
 
         h = self._live()
         op, view = self._sparse_operand(x)
-        stream_ptr = _stream_ptr(stream)
+        stream_ptr = _stream_ptr(stream, self.device)
         with cupy.cuda.Device(self.device):
             copy = None
             if prune is not None or self.padded:
@@ -855,6 +859,8 @@ class SparseMatmulPlan:
         buf = self._buffers[name]
         want = np.dtype(np.float32) if name == "alpha" else buf.dtype
         key = _cupy_key(value)
+        if key is not None and value.data.device_id != self.device:
+            raise ValueError(f"{name}: array is on device {value.data.device_id}, the plan on device {self.device}")
         if (
             key is not None
             and self._batch == 1
@@ -945,10 +951,10 @@ class SparseMatmulPlan:
 
         if self._closed:
             raise ClosedError("the plan was closed")
-        stream_ptr = _stream_ptr(stream)
         if cupy.cuda.runtime.getDevice() != self.device:
             with cupy.cuda.Device(self.device):
-                return self._run(function, a, b, c, alpha, beta, bias, out, stream_ptr)
+                return self._run(function, a, b, c, alpha, beta, bias, out, stream)
+        stream_ptr = _stream_ptr(stream)  # None: the current stream of the plan's device
         h = self._live()
         s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
         if function is None:
@@ -986,7 +992,7 @@ class SparseMatmulPlan:
 
         self._live()
         with cupy.cuda.Device(self.device):
-            return BoundMatmul(self, (a, b, c, alpha, beta, bias, out), _stream_ptr(stream))
+            return BoundMatmul(self, (a, b, c, alpha, beta, bias, out), _stream_ptr(stream, self.device))
 
     def autotune(
         self,
@@ -1050,7 +1056,7 @@ class SparseMatmulPlan:
     def _timing_call(self, a, b, c, alpha, beta, bias, out, stream) -> tuple:
         """For the tuner: validate once and return (run, stream pointer, compressed, dense, out) where ``run(s, x, d)``
         enqueues one product with the current configuration on those device pointers."""
-        stream_ptr = _stream_ptr(stream)
+        stream_ptr = _stream_ptr(stream, self.device)
         s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
         beta = float(beta)
         shared_c = c is None
