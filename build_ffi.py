@@ -324,11 +324,20 @@ cusparseStatus_t cusparseLtSpMMACompress2(const cusparseLtHandle_t* handle,
 #: The complete declaration text handed to cffi.
 CDEF = CUDA_TYPES_CDEF + CUSPARSE_TYPES_CDEF + CUSPARSELT_CDEF
 
+#: Ours, not the header's: cusparseLtMatmul seen through a pointer type whose parameters are all integers
+#: (pointers and handles have the size of intptr_t, the status enum that of int), so the per-call path
+#: passes Python integers without creating a cdata object per argument (bindings.MatmulCall).
+FAST_PATH_CDEF = """
+typedef int (*pycusparselt_matmul_fn)(intptr_t handle, intptr_t plan, intptr_t alpha, intptr_t a, intptr_t b,
+                                      intptr_t beta, intptr_t c, intptr_t d, intptr_t workspace,
+                                      intptr_t streams, int num_streams);
+"""
+
 
 def make_ffibuilder(cdef: str = CDEF) -> cffi.FFI:
     """Return an out-of-line ABI-mode builder for ``cdef``."""
     builder = cffi.FFI()
-    builder.cdef(cdef)
+    builder.cdef(cdef + FAST_PATH_CDEF)
     builder.set_source(MODULE_NAME, None)
     return builder
 

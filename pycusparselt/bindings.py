@@ -703,49 +703,47 @@ def matmul(
 class MatmulCall:
     """``cusparseLtMatmul`` with its fixed arguments converted once, for hot loops and graph capture.
 
-    :func:`matmul` checks and converts all ten arguments on every call, which costs microseconds; here the
-    handle, plan and workspace are converted at construction and each call converts only the four
-    pointers. The caller keeps the handle, plan and workspace alive and unchanged while the object is used
-    (a plan whose configuration changes needs a new MatmulCall). Not thread-safe: alpha, beta and the
-    stream live in buffers the object owns.
+    :func:`matmul` checks and converts all eleven arguments on every call, which costs microseconds; here
+    the handle, plan, workspace and the addresses of alpha, beta and the stream live as integers, and the
+    function is called through an all-integer pointer type (``FAST_PATH_CDEF`` in ``build_ffi.py``), so a
+    call converts nothing. The caller keeps the handle, plan and workspace alive and unchanged while the
+    object is used (a plan whose configuration changes needs a new MatmulCall). Not thread-safe: alpha,
+    beta and the stream live in buffers the object owns.
     """
 
-    __slots__ = ("_fn", "_handle", "_plan", "_workspace", "_alpha", "_beta", "_stream", "_cast")
+    __slots__ = ("_fn", "_ints", "_alpha", "_alpha_at", "_beta", "_stream", "_last_stream")
 
     def __init__(self, handle: RawHandle, plan: RawPlan, workspace: int | None) -> None:
-        self._fn = _lib().cusparseLtMatmul
-        self._handle = _live(handle, RawHandle, "handle")
-        self._plan = _live(plan, RawPlan, "plan")
-        self._workspace = _pointer(workspace, "workspace")
+        address = lambda cdata: int(ffi.cast("intptr_t", cdata))  # noqa: E731
+        self._fn = ffi.cast("pycusparselt_matmul_fn", _lib().cusparseLtMatmul)
         self._alpha = ffi.new("float *")
         self._beta = ffi.new("float *")
         self._stream = ffi.new("cudaStream_t[1]")
-        self._cast = ffi.cast
+        self._last_stream = 0
+        self._alpha_at = address(self._alpha)
+        # handle, plan, beta, workspace, streams
+        self._ints = (
+            address(_live(handle, RawHandle, "handle")),
+            address(_live(plan, RawPlan, "plan")),
+            address(self._beta),
+            0 if workspace is None else _int(workspace, "workspace", "a device address"),
+            address(self._stream),
+        )
 
     def __call__(self, alpha: float | DevicePointer, a: int, b: int, beta: float, c: int, d: int, stream: int) -> None:
         """Run the product; ``alpha`` a float or a :class:`DevicePointer`, the rest device addresses and a
         stream handle (integers)."""
-        cast = self._cast
         if type(alpha) is DevicePointer:
-            alpha_arg = cast("void *", alpha)
+            alpha_at = int(alpha)
         else:
             self._alpha[0] = alpha
-            alpha_arg = self._alpha
+            alpha_at = self._alpha_at
         self._beta[0] = beta
-        self._stream[0] = cast("cudaStream_t", stream)
-        status = self._fn(
-            self._handle,
-            self._plan,
-            alpha_arg,
-            cast("void *", a),
-            cast("void *", b),
-            self._beta,
-            cast("void *", c),
-            cast("void *", d),
-            self._workspace,
-            self._stream,
-            1,
-        )
+        if stream != self._last_stream:
+            self._stream[0] = ffi.cast("cudaStream_t", stream)
+            self._last_stream = stream
+        handle, plan, beta_at, workspace, streams = self._ints
+        status = self._fn(handle, plan, alpha_at, a, b, beta_at, c, d, workspace, streams, 1)
         if status:
             check_status("cusparseLtMatmul", status)
 

@@ -1022,7 +1022,8 @@ class SparseMatmulPlan:
             ones, the default configuration and ``cusparseLtMatmulSearch``'s choice are each timed with CUDA
             events (``warmup`` calls, then the median of ``repeats``; inputs rotated when the problem fits in
             L2), and the fastest is kept: never slower than the default or than the library's search, up to
-            timing noise. ``"search"``: only ``cusparseLtMatmulSearch``.
+            timing noise. ``"search"``: only ``cusparseLtMatmulSearch``; the plan is then re-initialised with
+            its choice.
         repeats, warmup : int
             Timed and untimed calls per candidate (``"timed"``).
         budget_s : float, optional
@@ -1038,11 +1039,23 @@ class SparseMatmulPlan:
         if method not in ("timed", "search"):
             raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")
         if method == "search":
-            self._run(bindings.matmul_search, a, b, c, alpha, beta, bias, out, stream)
             import cupy
 
             with cupy.cuda.Device(self.device):
-                self._allocate_workspace()
+                sparse_arg = a if self.sparse == "a" else b
+                temporary = None
+                if type(sparse_arg) is not CompressedOperand:
+                    temporary = sparse_arg = self.compress(sparse_arg, prune="strip", stream=stream)
+                args = (sparse_arg, b) if self.sparse == "a" else (a, sparse_arg)
+                try:
+                    self._run(bindings.matmul_search, *args, c, alpha, beta, bias, out, stream)
+                finally:
+                    if temporary is not None:
+                        temporary.close()
+                # The search changes the configuration of the initialised plan in place; data compressed by
+                # such a plan afterwards gave an output that was never written (FP16 8192x4096x4096 on the
+                # H100). So the plan is initialised anew with the configuration found, like any other.
+                self.config = self.config
             self.tuning_report = TuningReport("search", "search", self.config, ())
             return self.config
         from . import tuning

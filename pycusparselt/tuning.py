@@ -19,7 +19,7 @@ from . import bindings
 from ._library import library_version
 from .enums import SplitKMode
 from .errors import CuSparseLtError
-from .timing import time_gpu
+from .timing import time_gpu, time_gpu_graph
 from .tuning_cache import TuningCache, TuningCacheWarning
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ SPLIT_K_FACTORS = (2, 4, 8)
 SPLIT_K_MODES = (SplitKMode.SPLIT_K_MODE_ONE_KERNEL, SplitKMode.SPLIT_K_MODE_TWO_KERNELS)
 SPLIT_K_FINALISTS = 2
 MAX_ROTATION = 8
+# Under this many milliseconds per call a GEMM is timed as a CUDA graph of several calls: launched one at a
+# time it would measure the host's launch cost (10-30 us), not the configuration.
+GRAPH_BELOW_MS = 0.2
 
 
 class PlanConfig(NamedTuple):
@@ -181,6 +184,20 @@ def _rotation_count(plan: SparseMatmulPlan, compressed_nbytes: int) -> int:
     return 1 if total >= l2 else min(MAX_ROTATION, math.ceil(2 * l2 / total) + 1)
 
 
+def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
+    """Median GPU milliseconds per call of ``run`` over the rotating operand ``sets``."""
+    n = len(sets)
+
+    def one(i: int) -> None:
+        run(*sets[i % n])
+
+    eager = time_gpu(one, repeats=repeats, warmup=warmup, stream=stream).median_ms
+    if eager >= GRAPH_BELOW_MS:
+        return eager
+    calls = min(64, max(n, math.ceil(4 * GRAPH_BELOW_MS / max(eager, 1e-3))))
+    return time_gpu_graph(one, calls=calls, repeats=repeats, warmup=1, stream=stream).median_ms
+
+
 def autotune(
     plan: SparseMatmulPlan,
     call_args: tuple,
@@ -193,7 +210,7 @@ def autotune(
     """Tune ``plan`` on the operands of one call (see :meth:`SparseMatmulPlan.autotune`) and keep the winner."""
     import cupy
 
-    from .plan import CompressedOperand, _on_stream
+    from .plan import CompressedOperand
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -204,7 +221,7 @@ def autotune(
     elif cache is not False and not isinstance(cache, TuningCache):
         raise TypeError(f"cache: expected a TuningCache, True, False or None, got {type(cache).__name__}")
     began = time.perf_counter()
-    a, b, c, alpha, beta, bias, out, stream_arg = call_args
+    a, b, c, alpha, beta, bias, out, _ = call_args  # timed on a stream of its own (below)
     sparse_arg = a if plan.sparse == "a" else b
     with cupy.cuda.Device(plan.device):
         key = tuning_key(plan) if cache else None
@@ -225,14 +242,19 @@ def autotune(
         source = _random_sparse_side(plan) if type(sparse_arg) is CompressedOperand else sparse_arg
         keep: list = []
         state: dict[str, Any] = {}
+        # a stream of our own: graphs cannot be captured on the legacy default stream; the caller's work
+        # is finished first
+        cupy.cuda.runtime.deviceSynchronize()
+        tuning_stream = cupy.cuda.Stream(non_blocking=True)
 
         def prepare() -> tuple:
             """Compress for the plan's current configuration; return (run, operand sets)."""
             if "compressed" in state:
                 state.pop("compressed").close()
-            compressed = state["compressed"] = plan.compress(source, prune="strip", stream=stream_arg)
+            compressed = state["compressed"] = plan.compress(source, prune="strip", stream=tuning_stream)
             args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-            run, stream_ptr, (s_ptr, x_ptr, d_ptr), _ = plan._timing_call(*args, c, alpha, beta, bias, out, stream_arg)
+            run, stream_ptr, (s_ptr, x_ptr, d_ptr), _ = plan._timing_call(*args, c, alpha, beta, bias, out,
+                                                                          tuning_stream)
             if "sets" not in state:
                 count = _rotation_count(plan, compressed._buffer.nbytes)
                 dense_name = "b" if plan.sparse == "a" else "a"
@@ -241,7 +263,7 @@ def autotune(
                 d_bytes = _extent(plan._d_layout) * plan._d_layout[0].itemsize
                 keep.extend(cupy.empty(d_bytes, dtype=cupy.uint8) for _ in range(count - 1))
                 ds = [d_ptr] + [buf.data.ptr for buf in keep[-(count - 1):]] if count > 1 else [d_ptr]
-                state["xd"], state["stream"] = list(zip(xs, ds, strict=True)), _on_stream(stream_ptr)
+                state["xd"], state["stream"] = list(zip(xs, ds, strict=True)), tuning_stream
             count = len(state["xd"])
             ss = _copies(s_ptr, compressed._buffer.nbytes, count, stream_ptr, state.setdefault("s_keep", []))
             sets = [(s, x, d) for s, (x, d) in zip(ss, state["xd"], strict=True)]
@@ -265,10 +287,8 @@ def autotune(
                 else:
                     run, sets = state["run"], state["sets"]
                 setup = (time.perf_counter() - setup) * 1e3
-                n = len(sets)
-                timing = time_gpu(lambda i: run(*sets[i % n]), repeats=repeats, warmup=warmup,
-                                  stream=state["stream"])
-                results.append(Candidate(config or plan.config, source_name, timing.median_ms, None, setup))
+                median = _measure(run, sets, state["stream"], repeats, warmup)
+                results.append(Candidate(config or plan.config, source_name, median, None, setup))
             except CuSparseLtError as exc:
                 results.append(Candidate(config or plan.config, source_name, None, f"{exc.function}: {exc.name}"))
                 return exc
@@ -283,7 +303,7 @@ def autotune(
         state["run"], state["sets"] = prepare()
         compressed = state["compressed"]
         search_args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-        plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, out, stream_arg)
+        plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, out, tuning_stream)
         plan._allocate_workspace()
         attempt(None, "search")
         attempt(plan.config, "search-config")
@@ -314,7 +334,7 @@ def autotune(
         plan.config = best.config
         if "compressed" in state:
             state.pop("compressed").close()
-        state["stream"].synchronize()
+        tuning_stream.synchronize()
         keep.clear()
         state.clear()
         report = TuningReport("timed", "timed", plan.config, tuple(results), time.perf_counter() - began)

@@ -71,6 +71,7 @@ def test_search_method_and_bad_arguments(cp):
     with Problem(cp, Case(F16, F16)) as p:
         config = p.plan.autotune(*p.args(), method="search")
         assert p.plan.tuning_report.source == "search" and config == p.plan.config
+        p.recompress()
         p.check(p.matmul())
         with pytest.raises(ValueError, match="method: expected 'timed' or 'search', got 'fast'"):
             p.plan.autotune(*p.args(), method="fast")
@@ -237,12 +238,15 @@ def test_a_new_configuration_refuses_data_compressed_before(cp):
         p.check(p.plan.bind(*p.args())())
 
 
-def test_search_in_place_keeps_compressed_data_valid(cp):
-    with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
-        call = p.plan.bind(*p.args())
-        p.plan.autotune(*p.args(), method="search")
-        p.check(call())
+@pytest.mark.parametrize("shape", [(256, 256, 512), (1024, 1024, 2048)], ids=str)
+def test_search_then_compress_gives_the_right_product(cp, shape):
+    m, n, k = shape
+    with Problem(cp, Case(F16, F16, m=m, n=n, k=k)) as p:
+        config = p.plan.autotune(*p.args(), method="search")
+        assert p.plan._format == config.alg_id  # initialised anew with the search's choice
+        p.recompress()
         p.check(p.matmul())
+        p.check(p.plan.bind(*p.args())())
 
 
 def test_autotune_on_the_dense_sparse_side_operand_then_compress(cp, tmp_path):
