@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["Timing", "time_gpu", "time_gpu_graph"]
+__all__ = ["Timing", "time_gpu"]
 
 
 class Timing(NamedTuple):
@@ -67,28 +67,3 @@ def time_gpu(
     times = tuple(cupy.cuda.get_elapsed_time(start, stop) / inner for start, stop in events)
     return Timing(statistics.median(times), min(times), times)
 
-
-def time_gpu_graph(
-    fn: Callable[[int], Any],
-    *,
-    calls: int,
-    repeats: int = 10,
-    warmup: int = 2,
-    stream: Any,
-) -> Timing:
-    """Time ``calls`` calls of ``fn`` captured in one CUDA graph, per call: GPU time without the host's
-    launch cost, for work too short to keep the GPU busy when launched one call at a time.
-
-    ``stream`` must be a non-default CuPy stream (capture is not allowed on the legacy default stream).
-    """
-    if calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
-    stream.begin_capture()
-    try:
-        for i in range(calls):
-            fn(i)
-    finally:
-        graph = stream.end_capture()
-    timing = time_gpu(lambda i: graph.launch(stream), repeats=repeats, warmup=warmup, stream=stream)
-    per_call = tuple(t / calls for t in timing.times_ms)
-    return Timing(statistics.median(per_call), min(per_call), per_call)

@@ -5,12 +5,18 @@
 #
 # 1. installs the carried wheels in .whl/ (cffi, pycparser) and this checkout (no index, no build isolation);
 # 2. prints `python -m pycusparselt info` and runs the GPU demo;
-# 3. runs `pytest -m gpu`, then the whole suite;
-# 4. runs the semantics experiments (scripts/probe_semantics.py) and the benchmarks in benchmarks/;
+# 3. runs `pytest -m gpu`, then the CPU tests (`-m "not gpu"`), so nothing runs twice;
+# 4. runs the semantics experiments (scripts/probe_semantics.py), the benchmarks in benchmarks/, the sparse GEMM
+#    benchmark's quick set and the host-overhead measurement (benchmarks/host_overhead.py, needs nvcc);
 # 5. writes OUTDIR/gpu_check.json (device, driver, library and CuPy versions, test counts) and the logs.
 # Exits non-zero if any step failed. Every step has a time limit, so a hang costs minutes, not the run.
+#
+#   scripts/gpu_check.sh OUTDIR tests    steps 1-3 only;   scripts/gpu_check.sh OUTDIR bench    steps 1, 2, 4
+# (each part fits in one 10-minute command where the whole check does not). Tuning writes to a fresh cache.
 set -uo pipefail
 OUTDIR=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
+PART=${2:-all}
+export PYCUSPARSELT_CACHE_DIR=${PYCUSPARSELT_CACHE_DIR:-$OUTDIR/tuning_cache}
 PY=${PYTHON:-python3}
 # the leak test at the full count; the hypothesis profile fixed and derandomised for this run
 export PYTHONUNBUFFERED=1 PYCUSPARSELT_HYPOTHESIS_PROFILE=gpu PYCUSPARSELT_LEAK_PLANS=10000
@@ -33,11 +39,14 @@ timeout 120 $PY -P -m pycusparselt demo 2>&1 | tee -a "$OUTDIR/info.txt" || fail
 TIMEOUT=""
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout=120"
 
+if [ "$PART" != bench ]; then
 step "pytest -m gpu"
-timeout 400 $PY -P -m pytest -m gpu -q $TIMEOUT -W ignore::DeprecationWarning --junitxml="$OUTDIR/junit_gpu.xml" 2>&1 | tee "$OUTDIR/pytest.log" || failed=1
-step "pytest (whole suite)"
-timeout 500 $PY -P -m pytest -q $TIMEOUT -W ignore::DeprecationWarning --junitxml="$OUTDIR/junit_all.xml" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1
+timeout 480 $PY -P -m pytest -m gpu -q $TIMEOUT -W ignore::DeprecationWarning --junitxml="$OUTDIR/junit_gpu.xml" 2>&1 | tee "$OUTDIR/pytest.log" || failed=1
+step "pytest -m 'not gpu'"
+timeout 300 $PY -P -m pytest -m "not gpu" -q $TIMEOUT -W ignore::DeprecationWarning --junitxml="$OUTDIR/junit_cpu.xml" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1
+fi
 
+if [ "$PART" != tests ]; then
 step "semantics experiments"
 timeout 300 $PY -P scripts/probe_semantics.py "$OUTDIR" 2>&1 | tee "$OUTDIR/bench.log" || failed=1
 for bench in benchmarks/bench_*.py; do
@@ -45,6 +54,12 @@ for bench in benchmarks/bench_*.py; do
   step "benchmark $bench"
   timeout 300 $PY -P "$bench" 2>&1 | tee -a "$OUTDIR/bench.log" || failed=1
 done
+step "sparse GEMM benchmark (--quick) and host overhead against the C loop"
+timeout 300 $PY -P -m pycusparselt bench --quick --no-progress --json "$OUTDIR/bench_quick.json" \
+  --markdown "$OUTDIR/bench_quick.md" 2>&1 | tee -a "$OUTDIR/bench.log" || failed=1
+timeout 300 $PY -P benchmarks/host_overhead.py --json "$OUTDIR/host_overhead.json" 2>&1 \
+  | tee -a "$OUTDIR/bench.log" || failed=1
+fi
 
 step "summary"
 $PY -P scripts/gpu_summary.py "$OUTDIR" || failed=1
