@@ -5,7 +5,8 @@ author = "the pycusparselt developers"
 copyright = "2026, the pycusparselt developers"
 release = "0.1.0"
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx", "numpydoc"]
+# myst_parser: docs/benchmarks.md is markdown, written by scripts/bench_report.py from the results JSON
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx", "numpydoc", "myst_parser"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
 numpydoc_show_class_members = False

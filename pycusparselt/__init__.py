@@ -8,7 +8,10 @@ Importing the package loads nothing native: the library is found and loaded on f
   header's enumerations; :mod:`pycusparselt.errors`: the exceptions.
 - :class:`SparseMatmulPlan` (:mod:`pycusparselt.plan`): persistent GEMMs on device arrays; :func:`matmul`
   (:mod:`pycusparselt.oneshot`): one-shot products through a cache of plans.
-- :class:`SparseLinear` (:mod:`pycusparselt.linear`): an inference layer with a 2:4 weight.
+- :class:`SparseLinear` (:mod:`pycusparselt.linear`): an inference layer with a 2:4 weight, in FP16, BF16,
+  INT8 or FP8; :mod:`pycusparselt.quantization`: quantized values, scales and calibration.
+- :mod:`pycusparselt.distributed` (imported on demand): tensor-parallel SparseLinear layers over NCCL and
+  their launcher, ``python -m pycusparselt.distributed``.
 - :mod:`pycusparselt.reference`: the NumPy oracle (pruning, compression, GEMM semantics); needs no GPU.
 """
 

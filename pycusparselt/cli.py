@@ -1,9 +1,10 @@
-"""Command line: ``python -m pycusparselt info | demo``.
+"""Command line: ``python -m pycusparselt info | demo | bench``.
 
 - ``info`` prints the loaded library (path, version), the versions of cffi, NumPy and CuPy, and each CUDA
   device with its compute capability and whether it has Sparse Tensor Cores, or plainly that there is no GPU.
 - ``demo`` runs a small 2:4 sparse GEMM end to end: on a GPU through cuSPARSELt, otherwise on the NumPy
   reference, and says which.
+- ``bench`` benchmarks 2:4 sparse GEMMs against dense cuBLAS and PyTorch (:mod:`pycusparselt.bench`).
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("-n", type=int, default=256)
     demo.add_argument("-k", type=int, default=256)
     demo.set_defaults(func=cmd_demo)
+    from . import bench as _bench  # NumPy only at import: CuPy and PyTorch are imported when it runs
+
+    bench = sub.add_parser("bench", help="benchmark 2:4 sparse GEMMs against dense cuBLAS and PyTorch")
+    _bench.add_arguments(bench)
+    bench.set_defaults(func=_bench.cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,26 +1,49 @@
 """SparseLinear: an inference layer ``y = activation(x @ W.T + b)`` with W pruned 2:4 along its inputs.
 
-The weight is pruned (optionally after an input-channel permutation) and compressed once; the layer keeps
-one tuned :class:`~pycusparselt.plan.SparseMatmulPlan` per input shape and runs the product with the bias
-and activation fused. On CuPy (or any device) arrays it runs through cuSPARSELt; on NumPy arrays it runs
-on :mod:`pycusparselt.reference`, so the same layer can be checked on the CPU.
+The weight is pruned (optionally after an input-channel permutation) when the layer is made, quantized in
+the INT8 and FP8 modes, and compressed once per plan; the layer keeps one tuned
+:class:`~pycusparselt.plan.SparseMatmulPlan` per input shape and runs the product with the scaling, bias and
+activation fused where cuSPARSELt can. On CuPy (or any device) arrays it runs through cuSPARSELt; on NumPy
+arrays it runs the same arithmetic on :mod:`pycusparselt.reference`, so a layer can be checked on the CPU.
 
 Internally ``y = x @ W.T`` is the plan's ``D = A @ B`` with A = x (batch, in), C-contiguous, and the sparse
 B = W.T (in, out), the transposed view of the C-contiguous weight: K runs along memory in both operands,
-the "TN" form every type accepts, and D = y comes out C-contiguous. No operand is copied to get there.
+the "TN" form every type accepts (INT8 and FP8 accept no other), and D = y comes out C-contiguous. The plan
+computes it as ``D^T = W @ x^T``, so its per-row bias and alpha vector are per **output feature**: INT8
+per-channel weight scales fuse into the alpha vector of this form.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from typing import Any
+import os
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
-from . import reference
-from .plan import SparseMatmulPlan
+from . import quantization, reference
+from .plan import PlanConfig, SparseMatmulPlan
+from .streams import on_stream, stream_ptr
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLinear", "calibrate_chain", "MODES"]
+
+_F16, _BF16, _F32 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
+_I8, _U8 = np.dtype(np.int8), np.dtype(np.uint8)
+_FLOATS = (_F16, _BF16, _F32)
+
+#: The layer's modes: the type its GEMM reads. None (the default) computes in the weight's own dtype.
+MODES = ("fp16", "bf16", "int8", "fp8")
+_MODE_DTYPE = {"fp16": _F16, "bf16": _BF16}
+_OUT_DTYPES = {"int8": (_F16, _BF16, _I8), "fp8": (_F16, _BF16, _F32)}
+_FORMAT_NAME = "pycusparselt.SparseLinear"
+_FORMAT_VERSION = 1
+
+_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+_GELU_K = np.float32(0.044715)
 
 
 def _on_device(array: Any) -> bool:
@@ -39,8 +62,98 @@ def _to_numpy(array: Any) -> np.ndarray:
     return np.from_dlpack(array)
 
 
+def _to_cupy(array: Any) -> Any:
+    import cupy
+
+    return cupy.asarray(array) if hasattr(array, "__cuda_array_interface__") else cupy.from_dlpack(array)
+
+
+def _xp(on_device: bool) -> Any:
+    if on_device:
+        import cupy
+
+        return cupy
+    return np
+
+
+def _padded(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``w`` with zero rows and columns appended up to multiples of ``rows`` and ``cols``."""
+    pr, pc = -w.shape[0] % rows, -w.shape[1] % cols
+    if not (pr or pc):
+        return w
+    return np.pad(w, ((0, pr), (0, pc)))
+
+
+def _prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
+    """2:4 (1:2 for ``pairs``) magnitude pruning along the inputs, any size (zero padding is pruned away)."""
+    out, inp = w.shape
+    if pairs:
+        if method != "strip":
+            raise ValueError("prune: float32 weights are pruned 1:2 (cuSPARSELt's TF32 sparsity); use 'strip'")
+        p = _padded(w, 1, 2)
+        mag = np.abs(p.astype(np.float64)).reshape(out, -1, 2)
+        second = mag[..., 1] > mag[..., 0]  # ties keep the lower index, as the 2:4 rule does
+        keep = np.stack([~second, second], axis=-1).reshape(p.shape)
+        return np.where(keep, p, np.zeros((), p.dtype))[:, :inp]
+    p = _padded(w, 4 if method == "tile" else 1, 4)
+    return reference.prune_2to4(p, axis=-1, method=method)[:out, :inp]
+
+
+def _is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
+    if pairs:
+        p = _padded(w, 1, 2).reshape(w.shape[0], -1, 2)
+        return bool(((p != 0).sum(axis=-1) <= 1).all())
+    return reference.is_2to4(_padded(w, 1, 4), axis=-1)
+
+
+def _gelu32(z: Any, xp: Any) -> Any:
+    """tanh-approximated GELU in float32 (the form of cuBLASLt's epilogue and of the reference).
+
+    ``0.5 * z * (1 + tanh(u))`` is evaluated as ``z / (1 + exp(-2u))``, the same function without the
+    cancellation of ``1 + tanh(u)`` for negative z (there, two correct tanh implementations can disagree by
+    many units of the small result)."""
+    u = _GELU_C * (z + _GELU_K * z * z * z)
+    with np.errstate(over="ignore"):  # exp overflows to inf for z below about -10: the result is -0
+        return z / (np.float32(1.0) + xp.exp(np.float32(-2.0) * u))
+
+
+def _relu32(z: Any, threshold: float, upper: float, xp: Any) -> Any:
+    y = xp.where(z <= np.float32(threshold), np.float32(0.0), z)
+    return y if upper == math.inf else xp.minimum(y, np.float32(upper))
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """A host array as savable plain NumPy data (ml_dtypes types as their unsigned-integer bits)."""
+    if a.dtype in (_BF16, np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+    return a
+
+
+def _positive_scale(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a positive float, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a positive finite scale, got {value!r}")
+    return float(np.float32(v))
+
+
+def _stream_context(stream: Any) -> Any:
+    """A context making ``stream`` CuPy's current stream (None: leave the current one)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    import cupy
+
+    if isinstance(stream, cupy.cuda.Stream):
+        return stream
+    return on_stream(stream_ptr(stream))
+
+
 class SparseLinear:
-    """``y = activation(x @ W.T + b)`` with a 2:4 sparse weight, for inference.
+    """``y = activation(x @ W.T + b)`` with a 2:4 sparse weight, for inference, in FP16, BF16, INT8 or FP8.
 
     Parameters
     ----------
@@ -48,26 +161,57 @@ class SparseLinear:
         The dense weight: NumPy (the layer then runs on the reference), CuPy, or any array with
         ``__cuda_array_interface__`` / ``__dlpack__``. float16, bfloat16 or float32.
     bias : array, shape (out_features,), optional
-        In the weight's dtype.
+        With ``mode=None`` in the weight's dtype; otherwise any float dtype (converted).
+    mode : {None, "fp16", "bf16", "int8", "fp8"}
+        The type the GEMM reads. None: the weight's dtype (float32 weights run on TF32 Tensor Cores and are
+        pruned 1:2, the library's FP32 sparsity). "fp16"/"bf16": the weight and bias are converted after
+        pruning. "int8": the pruned weight is quantized per output channel (symmetric, scale
+        ``max|row| / 127``); inputs are quantized with ``input_scale``; the dequantization (weight scale x
+        input scale, an alpha vector), the bias and ReLU run in cuSPARSELt's epilogue. "fp8": E4M3 (or
+        ``fp8_format="e5m2"``) weight and inputs with per-tensor scales folded into alpha, bias and ReLU
+        fused (``weight_granularity="channel"`` scales each output channel after the product instead).
     prune : {"strip", "tile", None}
-        How to make the weight 2:4 along ``in_features``: pruned by magnitude ("strip": 2 of every 4
-        consecutive inputs; "tile": 4x4 tiles 2:4 along both axes), or None when it already is 2:4.
+        How to make the weight 2:4 along ``in_features``, when the layer is made: by magnitude ("strip": 2
+        of every 4 consecutive inputs; "tile": 4x4 tiles 2:4 along both axes), exactly as
+        :func:`pycusparselt.reference.prune_2to4` on every backend; or None when it already is 2:4.
     permutation : array of int, optional
         Input-channel permutation found by :func:`pycusparselt.permutation.find_permutation`: the weight's
         columns are permuted before pruning and every input's features are gathered in the same order, a copy
         per call. Folding the permutation into the producing layer instead
         (:func:`pycusparselt.permutation.permute_pair`) avoids that copy.
     activation : {None, "relu", "gelu"}
-        Fused activation; ReLU takes ``relu_upper_bound`` and ``relu_threshold``.
-    autotune : bool
-        Tune each new plan on its first input (``cusparseLtMatmulSearch``).
+        ReLU (with ``relu_upper_bound`` and ``relu_threshold``, in the output's real units) is fused.
+        GELU (tanh form) runs as a separate float32 step after the product: cuSPARSELt's GELU exists only
+        for INT8 -> INT8 and acts on the accumulator's units (``alpha * gelu(x / alpha)``), not on the
+        dequantized values.
+    out_dtype : dtype, optional
+        The output type of the quantized modes: float16 (default), bfloat16, or int8 for "int8" (with
+        ``output_scale``: quantized layers then chain without a round trip); float16, bfloat16 or float32
+        for "fp8" (cuSPARSELt 0.8 refuses FP8 output). The float modes output their own type.
+    input_scale, output_scale : float, optional
+        Quantization scales of the input and of an int8 output; :meth:`calibrate` sets them from data.
+    weight_granularity : {None, "channel", "tensor"}
+        Weight scales per output channel or per tensor; default "channel" for "int8", "tensor" for "fp8".
+    fp8_format : {"e4m3", "e5m2"}
+    allow_zero_channels : bool
+        Give all-zero output channels scale 1 instead of raising (see
+        :func:`pycusparselt.quantization.weight_scales`).
+    autotune : bool or mapping
+        Tune each new plan on its first input (:meth:`~pycusparselt.plan.SparseMatmulPlan.autotune`, before
+        compressing the weight for it), unless a configuration stored for this GPU, library version and input
+        shape is known (:meth:`load`, :attr:`tuned_configs`). A mapping is passed to ``autotune`` as keyword
+        arguments, e.g. ``{"budget_s": 2.0}`` or ``{"method": "search"}``.
 
     Attributes
     ----------
     weight : array
-        The pruned (and permuted) weight that the layer multiplies by, on the weight's device. On a device
-        layer the library prunes it when the layer first runs (pruning needs a plan); until then it holds
-        the weight as given.
+        The pruned (and permuted) weight, on the weight's device: what the float modes multiply by, and what
+        the quantized modes quantized (after :meth:`load`, their dequantized weight, float32).
+    weight_q, weight_scale : array
+        Quantized modes: the quantized weight (int8; FP8 as ml_dtypes values on the CPU, bytes on the GPU)
+        and its float32 scales (NumPy, shape (out_features,) or ()).
+    bias : array or None
+        The bias as given (quantized modes: float32).
     """
 
     def __init__(
@@ -75,65 +219,240 @@ class SparseLinear:
         weight: Any,
         bias: Any = None,
         *,
+        mode: str | None = None,
         prune: str | None = "strip",
         permutation: Any = None,
         activation: str | None = None,
         relu_upper_bound: float = math.inf,
         relu_threshold: float = 0.0,
-        autotune: bool = True,
+        out_dtype: Any = None,
+        input_scale: float | None = None,
+        output_scale: float | None = None,
+        weight_granularity: str | None = None,
+        fp8_format: str = "e4m3",
+        allow_zero_channels: bool = False,
+        autotune: bool | Mapping[str, Any] = True,
     ) -> None:
         shape = tuple(weight.shape)
         if len(shape) != 2:
             raise ValueError(f"weight: expected (out_features, in_features), got shape {shape}")
-        self.out_features, self.in_features = shape
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
+        out_features, in_features = shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode: expected None or one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if prune not in ("strip", "tile", None):
+            raise ValueError(f"prune: expected 'strip', 'tile' or None, got {prune!r}")
+        if fp8_format not in ("e4m3", "e5m2"):
+            raise ValueError(f"fp8_format: expected 'e4m3' or 'e5m2', got {fp8_format!r}")
+        if weight_granularity not in (None, "channel", "tensor"):
+            raise ValueError(f"weight_granularity: expected None, 'channel' or 'tensor', got {weight_granularity!r}")
+        on_device = _on_device(weight)
+        perm = None if permutation is None else np.asarray(_to_numpy(permutation), dtype=np.int64)
+        if perm is not None and sorted(perm.tolist()) != list(range(in_features)):
+            raise ValueError(f"permutation: expected a permutation of range({in_features})")
+
+        # The weight is pruned on the host, with the reference's rule, whatever the backend: .weight is the
+        # pruned weight at once, and a device layer prunes exactly as its CPU twin.
+        w_host = _to_numpy(weight)
+        if w_host.dtype not in _FLOATS:
+            raise TypeError(
+                f"weight: expected float16, bfloat16 or float32, got {w_host.dtype} (quantized weights are made "
+                f"by the layer: pass the float weight with mode='int8' or 'fp8')"
+            )
+        if perm is not None:
+            w_host = w_host[:, perm]
+        dtype = w_host.dtype if mode is None else _MODE_DTYPE.get(mode, w_host.dtype)
+        pairs = mode is None and dtype == _F32
+        if prune is not None:
+            w_host = _prune_host(w_host, prune, pairs)
+        elif not _is_sparse_host(w_host, pairs):
+            rule = "1:2 (float32 weights run as TF32)" if pairs else "2:4"
+            raise ValueError(f"weight: not {rule} along in_features; pass prune='strip' or 'tile'")
+        w_host = np.ascontiguousarray(w_host.astype(dtype, copy=False))
+
+        b_host = None if bias is None else _to_numpy(bias)
+        if b_host is not None and mode is None and b_host.dtype != dtype:
+            raise TypeError(f"bias: expected the weight's dtype {dtype}, got {b_host.dtype}")
+        if b_host is not None and b_host.dtype not in _FLOATS:
+            raise TypeError(f"bias: expected a float dtype, got {b_host.dtype}")
+
+        quantized = mode in ("int8", "fp8")
+        fmt = "int8" if mode == "int8" else fp8_format
+        granularity = weight_granularity or ("channel" if mode == "int8" else "tensor")
+        w_q = w_scale = None
+        if quantized:
+            w_q, w_scale = quantization.quantize_weight(
+                w_host, fmt, granularity=granularity, allow_zero_channels=allow_zero_channels
+            )
+            b_host = None if b_host is None else b_host.astype(np.float32)
+        elif b_host is not None:
+            b_host = b_host.astype(dtype)
+        device = None
+        if on_device:
+            device = int(_to_cupy(weight).device.id)
+        self._setup(
+            mode=mode, dtype=dtype, fmt=fmt if quantized else None, granularity=granularity if quantized else None,
+            weight=w_host, weight_q=w_q, weight_scale=w_scale, bias=b_host, permutation=perm,
+            activation=activation, relu_upper_bound=relu_upper_bound, relu_threshold=relu_threshold,
+            out_dtype=out_dtype, input_scale=input_scale, output_scale=output_scale, on_device=on_device,
+            device=device, autotune=autotune, configs={},
+        )
+        self._prune = prune
+
+    def _setup(self, *, mode, dtype, fmt, granularity, weight, weight_q, weight_scale, bias, permutation,
+               activation, relu_upper_bound, relu_threshold, out_dtype, input_scale, output_scale, on_device,
+               device, autotune, configs) -> None:
+        """Everything but pruning and quantizing (shared with :meth:`load`); host arrays in, device copies made."""
         if activation not in (None, "relu", "gelu"):
             raise ValueError(f"activation: expected None, 'relu' or 'gelu', got {activation!r}")
+        if activation != "relu" and (relu_upper_bound != math.inf or relu_threshold != 0.0):
+            raise ValueError("relu_upper_bound and relu_threshold need activation='relu'")
+        self.mode = mode
+        self.dtype = np.dtype(dtype)
+        self.format = fmt
+        self.weight_granularity = granularity
+        self.out_features, self.in_features = weight.shape if weight_q is None else weight_q.shape
         self.activation = activation
-        self._relu = (
-            dict(relu_upper_bound=relu_upper_bound, relu_threshold=relu_threshold) if activation == "relu" else {}
-        )
+        self.relu_upper_bound = float(relu_upper_bound)
+        self.relu_threshold = float(relu_threshold)
+        self.permutation = permutation
+        self.on_device = on_device
         self._autotune = autotune
-        self.on_device = _on_device(weight)
-        self.permutation = None if permutation is None else np.asarray(_to_numpy(permutation), dtype=np.int64)
-        if self.permutation is not None and sorted(self.permutation.tolist()) != list(range(self.in_features)):
-            raise ValueError(f"permutation: expected a permutation of range({self.in_features})")
+        quantized = fmt is not None
+        if quantized:
+            allowed = _OUT_DTYPES[mode]
+            out = allowed[0] if out_dtype is None else np.dtype(out_dtype)
+            if out not in allowed:
+                names = ", ".join(d.name for d in allowed)
+                raise ValueError(f"out_dtype: a {mode!r} layer outputs one of {names}, got {out}")
+        else:
+            out = self.dtype
+            if out_dtype is not None and np.dtype(out_dtype) != out:
+                raise ValueError(
+                    f"out_dtype: a {self.dtype.name} layer outputs {self.dtype.name}, got {np.dtype(out_dtype)}"
+                )
+        self.out_dtype = out
+        self._input_scale = _positive_scale(input_scale, "input_scale")
+        self._output_scale = _positive_scale(output_scale, "output_scale")
+        # what the GEMM does, and what runs after it (GELU; per-channel FP8 scales)
+        self._channel_fp8 = mode == "fp8" and granularity == "channel"
+        self._fused_activation = activation if activation == "relu" and not self._channel_fp8 else None
+        if self._channel_fp8:
+            self._gemm_out = _F32
+        elif activation == "gelu" and out == _I8:
+            self._gemm_out = _F16
+        else:
+            self._gemm_out = out
+        self._fused_bias = bias is not None and not self._channel_fp8
+        self._post = self._channel_fp8 or activation == "gelu"
+
+        self.weight_scale = None if weight_scale is None else np.asarray(weight_scale, dtype=np.float32)
+        self._bias_host = bias
+        xp = _xp(on_device)
+        ctx = contextlib.nullcontext()
+        if on_device:
+            import cupy
+
+            ctx = cupy.cuda.Device(device)
+        with ctx:
+            self.weight = xp.asarray(weight)
+            self.bias = None if bias is None else xp.asarray(bias)
+            if weight_q is None:
+                self.weight_q = None
+            elif on_device and fmt != "int8":
+                self.weight_q = xp.asarray(np.ascontiguousarray(weight_q).view(np.uint8))  # FP8 bytes
+            else:
+                self.weight_q = xp.asarray(weight_q)
+        self._device = device
+        self._configs: dict[tuple, dict] = dict(configs)
+        self._plans: dict[tuple, SparseMatmulPlan] = {}
+        # per input shape: (the plan's sparse key, the weight compressed for it); the compressed form depends on
+        # the whole problem and on the configuration the plan runs
+        self._compressed: dict[tuple, tuple] = {}
+        self._tuned: set[tuple] = set()
+        self._epilogue_cache: dict[str, Any] | None = None
+
+    # -- scales ----------------------------------------------------------------------------------------
+
+    @property
+    def input_scale(self) -> float | None:
+        """The input's quantization scale (quantized modes); set it, or :meth:`calibrate`."""
+        return self._input_scale
+
+    @input_scale.setter
+    def input_scale(self, value: float | None) -> None:
+        self._input_scale = _positive_scale(value, "input_scale")
+        self._invalidate()
+
+    @property
+    def output_scale(self) -> float | None:
+        """The quantization scale of an int8 output."""
+        return self._output_scale
+
+    @output_scale.setter
+    def output_scale(self, value: float | None) -> None:
+        self._output_scale = _positive_scale(value, "output_scale")
+        self._invalidate()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the layer runs INT8 or FP8."""
+        return self.format is not None
+
+    def _invalidate(self) -> None:
+        # int8 outputs scale the ReLU bounds, which plans fix at creation
+        self._epilogue_cache = None
+        if self.out_dtype == _I8 and self._fused_activation is not None:
+            self.close()
+
+    def _epilogue(self) -> dict[str, Any]:
+        """The GEMM's alpha, bias and ReLU parameters, computed on the host (so every backend uses the same
+        float32 values) and copied to the device once."""
+        if self._epilogue_cache is not None:
+            return self._epilogue_cache
+        relu = (
+            {"relu_upper_bound": self.relu_upper_bound, "relu_threshold": self.relu_threshold}
+            if self._fused_activation == "relu" else {}
+        )
+        bias = self._bias_host
+        alpha: Any = 1.0
+        if self.quantized:
+            if self._input_scale is None:
+                raise ValueError(
+                    f"input_scale: this {self.mode} layer has no input scale yet; call calibrate(batches) or set "
+                    f"input_scale"
+                )
+            if self.out_dtype == _I8 and self._output_scale is None:
+                raise ValueError(
+                    "output_scale: an int8 output needs a scale; call calibrate(batches) or set output_scale"
+                )
+            out_scale = 1.0
+            if self._gemm_out == _I8:
+                out_scale = self._output_scale
+                relu = {k: v / out_scale for k, v in relu.items()}
+            if self._channel_fp8:
+                alpha = float(np.float32(self._input_scale))
+            else:
+                ws = self.weight_scale.astype(np.float64)
+                alpha64 = ws * self._input_scale / out_scale
+                alpha = alpha64.astype(np.float32) if self.mode == "int8" else float(np.float32(alpha64))
+                if bias is not None:
+                    bias = (bias.astype(np.float64) / out_scale).astype(np.float32) if self._gemm_out == _I8 else bias
+            if bias is not None and self._fused_bias:
+                bias = bias.astype(np.float32).astype(self._gemm_out) if self._gemm_out != _I8 else bias
+        cache: dict[str, Any] = {"alpha": alpha, "bias": bias if self._fused_bias else None, "relu": relu}
         if self.on_device:
             import cupy
 
-            w = cupy.asarray(weight) if hasattr(weight, "__cuda_array_interface__") else cupy.from_dlpack(weight)
-            if self.permutation is not None:
-                w = w[:, cupy.asarray(self.permutation)]
-            w = cupy.ascontiguousarray(w)
-            self.bias = (
-                None
-                if bias is None
-                else cupy.ascontiguousarray(
-                    cupy.asarray(bias) if hasattr(bias, "__cuda_array_interface__") else cupy.from_dlpack(bias)
-                )
-            )
-        else:
-            w = np.asarray(weight)
-            if self.permutation is not None:
-                w = w[:, self.permutation]
-            self.bias = None if bias is None else np.asarray(bias)
-        if self.bias is not None and self.bias.dtype != w.dtype:
-            raise TypeError(f"bias: expected the weight's dtype {w.dtype}, got {self.bias.dtype}")
-        self.dtype = w.dtype
-        self._prune = prune
-        if self.on_device:
-            self.weight = w  # pruned by the library when the first plan exists (it owns the descriptor)
-            self._pruned = prune is None
-        else:
-            if prune is not None:
-                w = reference.prune_2to4(w, axis=-1, method=prune)
-            elif not reference.is_2to4(w, axis=-1):
-                raise ValueError("weight: not 2:4 along in_features; pass prune='strip' or 'tile'")
-            self.weight = w
-        self._plans: dict[tuple, SparseMatmulPlan] = {}
-        self._compressed: dict[tuple, Any] = {}  # per sparse-operand layout (padded plans differ)
-        self._tuned: set[tuple] = set()
+            with cupy.cuda.Device(self._device):
+                cache["alpha_device"] = cupy.asarray(alpha) if np.ndim(alpha) else alpha
+                cache["bias_device"] = None if cache["bias"] is None else cupy.asarray(cache["bias"])
+                if self._channel_fp8:
+                    cache["scale_device"] = cupy.asarray(self.weight_scale)
+                    cache["bias32_device"] = None if self._bias_host is None else cupy.asarray(self._bias_host)
+        self._epilogue_cache = cache
+        return cache
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -151,12 +470,19 @@ class SparseLinear:
     # -- execution -----------------------------------------------------------------------------------
 
     def __call__(self, x: Any, *, out: Any = None, stream: Any = None) -> Any:
-        """``activation(x @ W.T + b)`` for ``x`` of shape (batch, in_features) (or (in_features,))."""
+        """``activation(x @ W.T + b)`` for ``x`` of shape (batch, in_features) (or (in_features,)).
+
+        ``x`` is of the layer's dtype for the float modes; float16, bfloat16 or float32 (quantized here with
+        ``input_scale``) or already quantized (int8; FP8 bytes on the GPU, ml_dtypes FP8 on the CPU) for the
+        quantized modes. ``out`` (device layers) receives the result.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected (..., {self.in_features}) features, got shape {tuple(x.shape)}")
         if self.on_device != _on_device(x):
             where = "device" if self.on_device else "NumPy (reference)"
             raise TypeError(f"x: this layer's weight is a {where} array; pass x of the same kind")
+        if len(x.shape) not in (1, 2):
+            raise ValueError(f"x: expected (batch, {self.in_features}) or ({self.in_features},), got {tuple(x.shape)}")
         vector = len(x.shape) == 1
         if self.on_device:
             y = self._device_call(x[None] if vector else x, out, stream)
@@ -164,52 +490,319 @@ class SparseLinear:
             y = self._reference_call(x[None] if vector else x)
         return y[0] if vector else y
 
+    def _gemm_input(self, x: Any, xp: Any) -> Any:
+        """The GEMM's dense operand: x in the layer's type (quantized here if given as floats)."""
+        dt = np.dtype(x.dtype)
+        if not self.quantized:
+            if dt != self.dtype:
+                raise TypeError(f"x: expected {self.dtype.name} (the layer's type), got {dt}")
+            return x
+        fp8 = quantization.FORMATS[self.format][0]
+        if (self.mode == "int8" and dt == _I8) or (self.mode == "fp8" and dt in (fp8, _U8)):
+            if dt == _U8 and xp is np:
+                return x.view(fp8)
+            return x  # already quantized, with this layer's input scale
+        if dt not in _FLOATS:
+            raise TypeError(
+                f"x: expected float16, bfloat16 or float32 values (or {self.format} values already quantized), got {dt}"
+            )
+        self._epilogue()  # raises without an input scale
+        inv = np.float32(1.0) / np.float32(self._input_scale)
+        if xp is np:
+            return quantization._quantize_host(x, inv, self.format)
+        return quantization._quantize_device(x, inv, self.format)
+
+    def _finish(self, y: Any, xp: Any) -> Any:
+        """Post-GEMM steps in float32 (GELU, per-channel FP8 scales), then the output type."""
+        if not self._post:
+            return y
+        z = quantization._float32(y, xp)
+        if self._channel_fp8:
+            cache = self._epilogue()
+            scale = cache["scale_device"] if xp is not np else self.weight_scale
+            z = z * scale
+            if self._bias_host is not None:
+                z = z + (cache["bias32_device"] if xp is not np else self._bias_host)
+            if self.activation == "relu":
+                z = _relu32(z, self.relu_threshold, self.relu_upper_bound, xp)
+        if self.activation == "gelu":
+            z = _gelu32(z, xp)
+        if self.out_dtype == _I8:
+            inv = np.float32(1.0) / np.float32(self._output_scale)
+            return quantization._quantize_host(z, inv, "int8") if xp is np else quantization._quantize_device(
+                z, inv, "int8")
+        return quantization._to_dtype(z, self.out_dtype, xp)
+
     def _reference_call(self, x: np.ndarray) -> np.ndarray:
         if self.permutation is not None:
             x = x[..., self.permutation]
-        # y^T = W @ x^T: the reference's bias is one value per row of D, here per output feature
+        xq = self._gemm_input(np.asarray(x), np)
+        e = self._epilogue()
+        w = self.weight if self.weight_q is None else self.weight_q
+        # y^T = W @ x^T: the reference's bias and alpha vector are one value per row of D, here per output
         y_t = reference.matmul(
-            self.weight,
-            np.swapaxes(x, -1, -2),
-            bias=self.bias,
-            activation=self.activation,
-            out_dtype=self.dtype,
-            **self._relu,
+            w, np.swapaxes(xq, -1, -2), alpha=e["alpha"], bias=e["bias"], activation=self._fused_activation,
+            out_dtype=self._gemm_out, **e["relu"],
         )
-        return np.ascontiguousarray(np.swapaxes(y_t, -1, -2))
+        return self._finish(np.ascontiguousarray(np.swapaxes(y_t, -1, -2)), np)
 
     def _device_call(self, x: Any, out: Any, stream: Any) -> Any:
         import cupy
 
-        x = cupy.asarray(x) if hasattr(x, "__cuda_array_interface__") else cupy.from_dlpack(x)
+        x = _to_cupy(x)
+        with cupy.cuda.Device(self._device), _stream_context(stream):
+            if self.permutation is not None:
+                x = x[..., cupy.asarray(self.permutation)]
+            xq = cupy.ascontiguousarray(self._gemm_input(x, cupy))
+            e = self._epilogue()
+            key = (xq.shape, xq.dtype.str, int(xq.device.id))
+            plan = self._plans.get(key)
+            w = self.weight if self.weight_q is None else self.weight_q
+            wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
+            input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
+            if plan is None:
+                plan = SparseMatmulPlan(
+                    xq, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
+                    activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
+                    **e["relu"],
+                )
+                self._plans[key] = plan
+            args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=stream)
+            if key not in self._tuned:
+                # before compressing: the compressed form depends on the configuration
+                self._tune(plan, key, xq, wt, args)
+            compressed = self._compressed_for(plan, key, wt, stream)
+            direct = out if not self._post else None
+            y = plan.matmul(xq, compressed, out=direct, **args)
+            if not self._post:
+                return y
+            y = self._finish(y, cupy)
+            if out is not None:
+                if tuple(out.shape) != tuple(y.shape) or np.dtype(out.dtype) != np.dtype(y.dtype):
+                    raise ValueError(f"out: expected shape {tuple(y.shape)} and dtype {y.dtype}, got "
+                                     f"{tuple(out.shape)} {out.dtype}")
+                out[...] = y
+                return out
+            return y
+
+    # -- tuning --------------------------------------------------------------------------------------
+
+    def _identity(self, device: int) -> tuple:
+        """This GPU and library, as stored configurations are keyed."""
+        import cupy
+
+        from ._library import library_version
+
+        props = cupy.cuda.runtime.getDeviceProperties(device)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        cc = cupy.cuda.Device(device).compute_capability
+        return (name, str(cc), ".".join(map(str, library_version())))
+
+    def _tune(self, plan: SparseMatmulPlan, key: tuple, xq: Any, wt: Any, args: dict) -> None:
+        ident = self._identity(key[2]) + (list(key[0]), key[1])
+        stored = _find_config(self._configs, ident)
+        if stored is not None:
+            try:
+                plan.config = PlanConfig(**stored)
+                self._tuned.add(key)
+                return
+            except Exception as exc:  # noqa: BLE001 - any stale configuration: tune again instead
+                warnings.warn(f"SparseLinear: the stored configuration {stored} was not accepted ({exc}); "
+                              f"tuning again", RuntimeWarning, stacklevel=3)
+        if self._autotune:
+            options = dict(self._autotune) if isinstance(self._autotune, Mapping) else {}
+            # on the dense weight: the tuner compresses it for each configuration it tries
+            config = plan.autotune(xq, wt, **args, **options)
+            self._configs[_config_key(ident)] = dict(config._asdict())
+        self._tuned.add(key)
+
+    def _compressed_for(self, plan: SparseMatmulPlan, key: tuple, wt: Any, stream: Any) -> Any:
+        """The weight compressed for ``plan`` as it is configured now (compressed again after a change)."""
+        held = self._compressed.get(key)
+        if held is None or held[0] != plan._sparse_key:
+            if held is not None:
+                held[1].close()
+            held = self._compressed[key] = (plan._sparse_key, plan.compress(wt, stream=stream))
+        return held[1]
+
+    @property
+    def tuned_configs(self) -> list[dict]:
+        """The tuned configurations, one per (GPU, cuSPARSELt version, input shape): what :meth:`save` stores.
+
+        Settable (entries as returned, e.g. from another layer of the same shapes): input shapes with an entry
+        for this GPU and library version then run that configuration without tuning.
+        """
+        return [_config_entry(k, v) for k, v in self._configs.items()]
+
+    @tuned_configs.setter
+    def tuned_configs(self, entries: Iterable[dict]) -> None:
+        try:
+            configs = {_config_key(_entry_ident(e)): dict(e["config"]) for e in entries}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"tuned_configs: expected entries as tuned_configs returns them ({exc!r})") from None
+        self._configs = configs
+        self._tuned.clear()
+
+    # -- calibration ---------------------------------------------------------------------------------
+
+    def _float_forward(self, x: Any) -> Any:
+        """``activation(x @ W.T + b)`` in float32 with the pruned float weight: the real-valued layer that
+        the quantized one approximates (used for calibration)."""
+        xp = _xp(self.on_device)
+        if self.on_device:
+            x = _to_cupy(x)
+        dt = np.dtype(x.dtype)
+        if dt not in _FLOATS:
+            raise TypeError(f"batches: calibration takes float activations, got {dt}")
+        x32 = quantization._float32(x, xp)
         if self.permutation is not None:
-            x = x[..., cupy.asarray(self.permutation)]
-        x = cupy.ascontiguousarray(x)
-        key = (x.shape, x.dtype.str, x.device.id)
-        plan = self._plans.get(key)
-        wt = self.weight.T  # (in, out), F-contiguous: the sparse B in the TN form
-        if plan is None:
-            plan = SparseMatmulPlan(
-                x, wt, sparse="b", bias=self.bias is not None, activation=self.activation, **self._relu
-            )
-            self._plans[key] = plan
-            if not self._pruned:
-                self.weight = plan.prune(wt, self._prune, stream=stream).T  # once, by the library
-                wt = self.weight.T
-                self._pruned = True
-        compressed = self._compressed.get(plan._sparse_key)
-        if compressed is None:
-            compressed = self._compressed[plan._sparse_key] = plan.compress(wt, stream=stream)
-        if self._autotune and key not in self._tuned:
-            plan.autotune(x, compressed, bias=self.bias, stream=stream)
-            self._tuned.add(key)
-        return plan.matmul(x, compressed, bias=self.bias, out=out, stream=stream)
+            x32 = x32[..., xp.asarray(self.permutation)]
+        y = x32 @ quantization._float32(self.weight, xp).T
+        if self._bias_host is not None:
+            y = y + quantization._float32(self.bias, xp)
+        if self.activation == "relu":
+            y = _relu32(y, self.relu_threshold, self.relu_upper_bound, xp)
+        elif self.activation == "gelu":
+            y = _gelu32(y, xp)
+        return y
+
+    def calibrate(
+        self, batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99, bins: int = 2048
+    ) -> SparseLinear:
+        """Choose ``input_scale`` (and ``output_scale`` for an int8 output) from example inputs.
+
+        Parameters
+        ----------
+        batches : iterable of arrays
+            Float inputs of shape (batch, in_features), on the layer's backend; consumed once.
+        method, percentile, bins
+            As :class:`pycusparselt.quantization.Calibrator`: "max", "percentile" or "mse". The output scale
+            is chosen from the layer's float32 outputs (pruned float weight) the same way.
+
+        Returns
+        -------
+        SparseLinear
+            The layer itself.
+        """
+        if not self.quantized:
+            raise ValueError(f"calibrate: only int8 and fp8 layers have scales; this layer's mode is {self.mode!r}")
+        opts = dict(method=method, percentile=percentile, bins=bins)
+        cal_in = quantization.Calibrator(self.format, **opts)
+        cal_out = quantization.Calibrator("int8", **opts) if self.out_dtype == _I8 else None
+        for x in batches:
+            self._check_batch(x)
+            cal_in.observe(x)
+            if cal_out is not None:
+                cal_out.observe(self._float_forward(x))
+        if cal_in.batches == 0:
+            raise ValueError("batches: no calibration data (the iterable was empty)")
+        self.input_scale = cal_in.scale()
+        if cal_out is not None:
+            self.output_scale = cal_out.scale()
+        return self
+
+    def _check_batch(self, x: Any) -> None:
+        if self.on_device != _on_device(x):
+            raise TypeError("batches: calibration data must live where the layer does (NumPy or device arrays)")
+        if tuple(x.shape)[-1:] != (self.in_features,):
+            raise ValueError(f"batches: expected (..., {self.in_features}) features, got shape {tuple(x.shape)}")
+
+    # -- saving --------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the prepared layer to ``path`` (NumPy ``.npz``): the pruned (and permuted) weight, or the
+        quantized weight and its scales, the bias, the permutation, the scales, the options and the tuned
+        configurations (keyed by GPU, compute capability, cuSPARSELt version and input shape). Nothing is
+        pickled."""
+        meta = {
+            "format": _FORMAT_NAME, "version": _FORMAT_VERSION, "mode": self.mode, "dtype": self.dtype.name,
+            "quant_format": self.format, "weight_granularity": self.weight_granularity,
+            "activation": self.activation, "relu_upper_bound": _json_float(self.relu_upper_bound),
+            "relu_threshold": self.relu_threshold, "out_dtype": self.out_dtype.name,
+            "input_scale": self._input_scale, "output_scale": self._output_scale,
+            "in_features": self.in_features, "out_features": self.out_features,
+            "weight_dtype": None, "configs": self.tuned_configs,
+        }
+        host = _to_numpy
+        arrays: dict[str, np.ndarray] = {}
+        if self.quantized:
+            wq = host(self.weight_q)
+            if wq.dtype != _I8:
+                wq = wq.view(np.uint8)
+            arrays["weight_q"] = wq
+            arrays["weight_scale"] = self.weight_scale
+        else:
+            arrays["weight"] = _bits(host(self.weight))
+        meta["weight_dtype"] = self.dtype.name
+        if self._bias_host is not None:
+            arrays["bias"] = _bits(self._bias_host)
+        if self.permutation is not None:
+            arrays["permutation"] = self.permutation
+        arrays["meta"] = np.array(json.dumps(meta))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, on_device: bool = True, device: int | None = None,
+             autotune: bool | Mapping[str, Any] = True) -> SparseLinear:
+        """A layer saved by :meth:`save`, ready to run: no pruning, calibration or (on the same GPU and
+        library version) tuning again.
+
+        Parameters
+        ----------
+        path : path
+        on_device : bool
+            Load onto the GPU (CuPy) or, with False, onto the reference (NumPy).
+        device : int, optional
+            The CUDA device (default: CuPy's current device).
+        autotune : bool or mapping
+            Tune input shapes without a stored configuration for this GPU and library version (a layer
+            loaded on another GPU or library version re-tunes instead of failing); as for the constructor.
+        """
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != _FORMAT_NAME or meta.get("version") != _FORMAT_VERSION:
+                raise ValueError(f"path: {os.fspath(path)!r} is not a saved SparseLinear (format "
+                                 f"{meta.get('format')!r} version {meta.get('version')!r})")
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+        dtype = _dtype_named(meta["dtype"])
+        fmt = meta["quant_format"]
+        weight_q = weight_scale = None
+        if fmt is not None:
+            weight_q = arrays["weight_q"]
+            if fmt != "int8":
+                weight_q = weight_q.view(quantization.FORMATS[fmt][0])
+            weight_scale = arrays["weight_scale"]
+            scale = weight_scale[:, None] if weight_scale.ndim else weight_scale
+            weight = quantization.dequantize(weight_q, scale)
+            bias = arrays.get("bias")
+        else:
+            weight = arrays["weight"].view(dtype)
+            bias = None if "bias" not in arrays else arrays["bias"].view(dtype)
+        if device is None and on_device:
+            import cupy
+
+            device = cupy.cuda.Device().id
+        layer = cls.__new__(cls)
+        layer._setup(
+            mode=meta["mode"], dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"], weight=weight,
+            weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=arrays.get("permutation"),
+            activation=meta["activation"], relu_upper_bound=float(meta["relu_upper_bound"]),
+            relu_threshold=meta["relu_threshold"], out_dtype=meta["out_dtype"] if fmt else None,
+            input_scale=meta["input_scale"], output_scale=meta["output_scale"], on_device=on_device,
+            device=device if on_device else None, autotune=autotune,
+            configs={_config_key(_entry_ident(e)): dict(e["config"]) for e in meta["configs"]},
+        )
+        layer._prune = None
+        return layer
+
+    # -- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Release the plans and compressed weights (the layer can still be called: they are rebuilt)."""
         for plan in self._plans.values():
             plan.close()
-        for compressed in self._compressed.values():
+        for _, compressed in self._compressed.values():
             compressed.close()
         self._plans.clear()
         self._compressed.clear()
@@ -224,7 +817,85 @@ class SparseLinear:
     def __repr__(self) -> str:
         where = "device" if self.on_device else "reference"
         act = f", activation={self.activation!r}" if self.activation else ""
+        mode = f"mode={self.mode!r}, " if self.mode else ""
         return (
-            f"SparseLinear(in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.dtype}, bias={self.bias is not None}{act}, {where})"
+            f"SparseLinear(in_features={self.in_features}, out_features={self.out_features}, {mode}"
+            f"dtype={self.dtype}, out_dtype={self.out_dtype}, bias={self.bias is not None}{act}, {where})"
         )
+
+
+# -- stored configurations -------------------------------------------------------------------------
+
+
+def _dtype_named(name: str) -> np.dtype:
+    return _BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def _json_float(v: float) -> Any:
+    return v if math.isfinite(v) else str(v)
+
+
+def _config_key(ident: tuple) -> tuple:
+    gpu, cc, version, shape, dtype = ident
+    return (gpu, cc, version, tuple(int(s) for s in shape), dtype)
+
+
+def _entry_ident(entry: dict) -> tuple:
+    return (entry["gpu"], entry["cc"], entry["cusparselt"], entry["x_shape"], entry["x_dtype"])
+
+
+def _config_entry(key: tuple, config: dict) -> dict:
+    gpu, cc, version, shape, dtype = key
+    return {"gpu": gpu, "cc": cc, "cusparselt": version, "x_shape": list(shape), "x_dtype": dtype,
+            "config": dict(config)}
+
+
+def _find_config(configs: dict[tuple, dict], ident: tuple) -> dict | None:
+    """The configuration stored for exactly this GPU, compute capability, library version and input."""
+    return configs.get(_config_key(ident))
+
+
+# -- chains ----------------------------------------------------------------------------------------
+
+
+def calibrate_chain(
+    layers: Sequence[SparseLinear], batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99,
+    bins: int = 2048,
+) -> None:
+    """Calibrate layers that run one after the other (``layers[i + 1]`` takes ``layers[i]``'s output).
+
+    Each batch runs once through the float32 layers (pruned float weights); every quantized layer's input
+    scale comes from what it receives, and an int8 output's scale is the next layer's input scale (so the
+    int8 output feeds the next INT8 layer as it is), or from the last layer's own outputs.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers: expected at least one SparseLinear")
+    for i, (a, b) in enumerate(zip(layers[:-1], layers[1:], strict=True)):
+        if a.out_features != b.in_features:
+            raise ValueError(f"layers: layer {i} has {a.out_features} outputs but layer {i + 1} takes "
+                             f"{b.in_features} inputs")
+    opts = dict(method=method, percentile=percentile, bins=bins)
+    cal_in = [quantization.Calibrator(layer.format, **opts) if layer.quantized else None for layer in layers]
+    cal_out = [quantization.Calibrator("int8", **opts) if layer.out_dtype == _I8 else None for layer in layers]
+    seen = 0
+    for x in batches:
+        seen += 1
+        layers[0]._check_batch(x)
+        h = x
+        for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
+            if ci is not None:
+                ci.observe(h)
+            h = layer._float_forward(h)
+            if co is not None:
+                co.observe(h)
+    if seen == 0:
+        raise ValueError("batches: no calibration data (the iterable was empty)")
+    for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
+        if ci is not None:
+            layer.input_scale = ci.scale()
+        if co is not None:
+            layer.output_scale = co.scale()
+    for a, b in zip(layers[:-1], layers[1:], strict=True):
+        if a.out_dtype == _I8 and b.mode == "int8":
+            b.input_scale = a.output_scale  # the same statistics; made identical so the int8 output chains

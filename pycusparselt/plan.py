@@ -29,6 +29,8 @@ from ._handles import Handle, handle_for_device
 from .enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
 from .errors import ClosedError
 from .operands import COL, ROW, Operand, as_operand
+from .streams import on_stream as _on_stream
+from .streams import stream_ptr as _stream_ptr
 from .tuning import PlanConfig, TuningReport
 from .tuning_cache import TuningCache
 
@@ -46,38 +48,6 @@ _ALPHA_VECTOR_NO_C = (
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _stream_ptr(stream: Any, device: int | None = None) -> int:
-    """The stream's handle; for None, CuPy's current stream of ``device`` (default: the current device)."""
-    import cupy
-
-    if stream is not None:
-        return bindings._stream_handle(stream)
-    if device is None or cupy.cuda.runtime.getDevice() == device:
-        return cupy.cuda.get_current_stream().ptr
-    with cupy.cuda.Device(device):
-        return cupy.cuda.get_current_stream().ptr
-
-
-class _StreamHandle:
-    """A raw stream handle behind the CUDA stream protocol (what CuPy 14's Stream.from_external takes)."""
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.ptr)
-
-
-def _on_stream(stream_ptr: int) -> Any:
-    """A CuPy stream object for a raw handle, usable as a context manager (work is enqueued on it)."""
-    import cupy
-
-    from_external = getattr(cupy.cuda.Stream, "from_external", None)
-    if from_external is not None:
-        return from_external(_StreamHandle(stream_ptr))
-    return cupy.cuda.ExternalStream(stream_ptr)
 
 
 _NDARRAY: Any = None  # cupy.ndarray, looked up once

@@ -46,6 +46,40 @@ def test_torch_linear_example():
     assert "relative error" in result.stdout
 
 
+@pytest.mark.parametrize("name", ["int8_linear.py", "fp8_linear.py"])
+def test_quantized_examples_on_the_reference(name):
+    result = _run(name, "--cpu")
+    assert result.returncode == 0, result.stderr
+    assert "relative error vs float32" in result.stdout
+    if name == "int8_linear.py":
+        assert "hidden activations: int8" in result.stdout and "identical outputs" in result.stdout
+        assert "quantized weights 2:4: True" in result.stdout
+    else:
+        assert "tensor weight scales" in result.stdout and "channel weight scales" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8_linear.py", "fp8_linear.py"])
+def test_quantized_examples_on_the_gpu(name):
+    result = _run(name)
+    assert result.returncode == 0, result.stderr
+    assert "running on the NumPy reference" not in result.stdout
+    assert "relative error vs float32" in result.stdout
+    if name == "int8_linear.py":
+        assert "tuned configuration(s) kept" in result.stdout
+
+
+@pytest.mark.gpu
+def test_tuned_graph_example():
+    result = _run("tuned_graph.py", "--m", "512", "--n", "1024", "--k", "1024")
+    assert result.returncode == 0, result.stderr
+    for name in ("matmul", "bound call", "graph replay"):
+        assert f"{name:12s}: relative error" in result.stdout
+    assert "per GEMM: matmul" in result.stdout
+
+
 def test_every_example_is_tested():
-    tested = {"reference_2to4.py", "raw_bindings_fp16.py", "bert_ffn.py", "torch_linear.py", "recipe_digits.py"}
+    tested = {"reference_2to4.py", "raw_bindings_fp16.py", "bert_ffn.py", "torch_linear.py", "recipe_digits.py",
+              "int8_linear.py", "fp8_linear.py", "tuned_graph.py",
+              "tensor_parallel_mlp.py"}  # the last in test_distributed_launch.py (CPU) and test_distributed_gpu.py
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested

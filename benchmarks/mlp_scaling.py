@@ -1,0 +1,184 @@
+"""Strong scaling of the tensor-parallel 2:4 sparse MLP block on 1, 2, 4, ... GPUs (one process per GPU).
+
+Usage::
+
+    python benchmarks/mlp_scaling.py --gpus 1 2 4 [--shapes bert-large llm] [--repeat 20] [--json out.json]
+
+For each GPU count the script starts ``python -m pycusparselt.distributed --nproc G`` on itself; every rank
+builds the same FP16 block ``y = relu(x @ W1.T + b1) @ W2.T + b2`` (a :class:`ParallelSparseMLP`: hidden
+features sharded, one all-reduce) and times it with CUDA events (median of ``--repeat`` after warm-up and
+autotuning); rank 0 reports. On one GPU it also times the same block as two plain SparseLinear layers and as
+dense CuPy (cuBLAS) products. Scaling efficiency at G GPUs is ``t(1) / (G * t(G))`` with ``t(1)`` the
+one-rank parallel block: the whole problem is the same at every G (strong scaling). GPU counts above what the
+machine has are reported as not run. NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
+
+Shapes: ``bert-large`` (1024 -> 4096 -> 1024; 3072 and 12288 tokens: 8 and 32 sequences of 384) and
+``llm`` (4096 -> 14336 -> 4096, the width of an 8B-parameter LLM's MLP without the gate; 2048 and 8192
+tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+SHAPES = {
+    "bert-large": {"hidden": 1024, "ffn": 4096, "tokens": (3072, 12288)},
+    "llm": {"hidden": 4096, "ffn": 14336, "tokens": (2048, 8192)},
+}
+
+
+def _median_ms(cp, fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(statistics.median(times))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: time every shape, rank 0 appends JSON lines to ``args.result``."""
+    import cupy as cp
+
+    import pycusparselt as psl
+    from pycusparselt import distributed as dist
+
+    group = dist.init_process_group("nccl")
+    rank0 = group.rank == 0
+    for name in args.shapes:
+        shape = SHAPES[name]
+        hidden, ffn = shape["hidden"], shape["ffn"]
+        rng = cp.random.default_rng(0)  # the same weights on every rank
+        w1 = (rng.standard_normal((ffn, hidden), dtype=cp.float32) / hidden**0.5).astype(cp.float16)
+        b1 = (0.1 * rng.standard_normal(ffn, dtype=cp.float32)).astype(cp.float16)
+        w2 = (rng.standard_normal((hidden, ffn), dtype=cp.float32) / ffn**0.5).astype(cp.float16)
+        b2 = (0.1 * rng.standard_normal(hidden, dtype=cp.float32)).astype(cp.float16)
+        mlp = dist.ParallelSparseMLP(w1, b1, w2, b2, group=group, activation="relu")
+        fc1 = fc2 = None
+        if group.world_size == 1:
+            fc1, fc2 = psl.SparseLinear(w1, b1, activation="relu"), psl.SparseLinear(w2, b2)
+        for tokens in shape["tokens"]:
+            x = rng.standard_normal((tokens, hidden), dtype=cp.float32).astype(cp.float16)
+            group.barrier()
+            t_parallel = _median_ms(cp, lambda x=x, mlp=mlp: mlp(x), args.repeat)
+            row = {
+                "shape": name, "hidden": hidden, "ffn": ffn, "tokens": tokens, "gpus": group.world_size,
+                "hidden_shards": list(mlp.fc1.sizes), "parallel_ms": t_parallel,
+            }
+            if fc1 is not None:
+                row["sparselinear_ms"] = _median_ms(cp, lambda x=x, f=fc1, g=fc2: g(f(x)), args.repeat)
+                row["dense_ms"] = _median_ms(
+                    cp, lambda x=x, w1=w1, b1=b1, w2=w2, b2=b2: cp.maximum(x @ w1.T + b1, 0) @ w2.T + b2, args.repeat
+                )
+                diff = float(cp.abs(mlp(x).astype(cp.float32) - fc2(fc1(x)).astype(cp.float32)).max())
+                row["max_abs_diff_vs_sparselinear"] = diff
+            if rank0:
+                with open(args.result, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        mlp.close()
+        for layer in (fc1, fc2):
+            if layer is not None:
+                layer.close()
+        del mlp, fc1, fc2, w1, w2
+        cp.get_default_memory_pool().free_all_blocks()
+    group.barrier()
+    group.close()
+
+
+def _environment() -> dict:
+    import cupy as cp
+
+    from pycusparselt import distributed as dist
+    from pycusparselt import library_version
+
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    name = props["name"]
+    return {
+        "device": name.decode() if isinstance(name, bytes) else str(name),
+        "visible_gpus": cp.cuda.runtime.getDeviceCount(),
+        "cusparselt": ".".join(map(str, library_version())),
+        "nccl": int(dist.load_nccl().get_version()),
+        "cupy": cp.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def controller(args: argparse.Namespace) -> int:
+    import cupy as cp
+
+    available = cp.cuda.runtime.getDeviceCount()
+    env = _environment()
+    print(f"{env['device']} x{available}, cuSPARSELt {env['cusparselt']}, NCCL {env['nccl']}, CuPy {env['cupy']}")
+    rows, not_run, failed = [], [], 0
+    for gpus in args.gpus:
+        if gpus > available:
+            not_run.append({"gpus": gpus, "reason": f"only {available} GPU(s) visible"})
+            print(f"{gpus} GPUs: not run (only {available} visible)")
+            continue
+        if args.json:  # rank 0's rows land beside the summary as they are measured (kept if a run is cut short)
+            result = f"{os.path.splitext(args.json)[0]}_{gpus}gpu.jsonl"
+            open(result, "w").close()
+        else:
+            with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
+                result = f.name
+        python = [sys.executable] + (["-P"] if getattr(sys.flags, "safe_path", False) else [])
+        command = [*python, "-m", "pycusparselt.distributed", "--nproc", str(gpus), os.path.abspath(__file__),
+                   "--worker", "--result", result, "--repeat", str(args.repeat), "--shapes", *args.shapes]
+        status = subprocess.run(command, timeout=args.timeout).returncode
+        with open(result) as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+        if not args.json:
+            os.unlink(result)
+        if status:
+            failed += 1
+            not_run.append({"gpus": gpus, "reason": f"the run exited with status {status}"})
+    base = {(r["shape"], r["tokens"]): r["parallel_ms"] for r in rows if r["gpus"] == 1}
+    for r in rows:
+        t1 = base.get((r["shape"], r["tokens"]))
+        r["speedup_vs_1gpu"] = None if t1 is None else t1 / r["parallel_ms"]
+        r["scaling_efficiency"] = None if t1 is None else t1 / (r["gpus"] * r["parallel_ms"])
+    print(f"{'shape':>10} {'tokens':>6} {'GPUs':>4} {'shards':>18} {'parallel ms':>11} {'speedup':>7} {'effic.':>6} "
+          f"{'SparseLinear ms':>15} {'dense ms':>8}")
+    for r in sorted(rows, key=lambda r: (r["shape"], r["tokens"], r["gpus"])):
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else "-"
+        speedup, efficiency = fmt(r["speedup_vs_1gpu"], ">6.2f"), fmt(r["scaling_efficiency"], ">6.2f")
+        print(f"{r['shape']:>10} {r['tokens']:>6} {r['gpus']:>4} {str(tuple(r['hidden_shards'])):>18} "
+              f"{r['parallel_ms']:>11.3f} {speedup}x {efficiency} "
+              f"{fmt(r.get('sparselinear_ms'), '>15.3f')} {fmt(r.get('dense_ms'), '>8.3f')}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows, "not_run": not_run}, f, indent=1)
+    return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="GPU counts to run (default 1 2 4)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs per case (median)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per GPU count")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    return controller(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m pycusparselt.distributed``: see :mod:`pycusparselt.distributed.launch`."""
+
+from .launch import main
+
+raise SystemExit(main())

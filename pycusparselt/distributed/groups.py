@@ -1,0 +1,538 @@
+"""Process groups: the ranks of a tensor-parallel job and their collectives (all-reduce, all-gather).
+
+Two backends behind one interface, :class:`Group`:
+
+- ``"nccl"`` (:class:`NcclGroup`): NCCL through CuPy's ``cupy.cuda.nccl``, one communicator per GPU. Either
+  one process per GPU (:func:`init_process_group`, started by ``python -m pycusparselt.distributed``), or
+  one process driving several GPUs (:meth:`NcclGroup.local`, ``ncclCommInitAll``).
+- ``"host"`` (:class:`HostGroup`): NumPy arrays on the CPU, for layers that run on the NumPy reference:
+  the same sharded arithmetic without a GPU, in one process (:meth:`HostGroup.local`) or one process per
+  rank through the rendezvous store. It exists to check the arithmetic, not for speed.
+
+A group holds one or more *local ranks*: layers and collectives take one array per local rank (a plain
+array when the process holds a single rank, as with one process per GPU, else a list in rank order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import struct
+import sys
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from ..streams import on_stream as _on_stream
+from ..streams import stream_ptr as _stream_ptr
+from .store import TCPStore
+
+__all__ = ["Group", "NcclGroup", "HostGroup", "init_process_group", "load_nccl", "env_config"]
+
+_NVLS = "NCCL_NVLS_ENABLE"
+#: Overrides MASTER_PORT for our store, for launchers whose own process already listens there (torchrun).
+PORT_OVERRIDE = "PYCUSPARSELT_MASTER_PORT"
+_UID = struct.Struct("128b")
+
+# ncclDataType_t (nccl.h): the same values in every NCCL 2 release; bfloat16 since 2.10
+_NCCL_TYPES = {
+    np.dtype(np.int8): 0,
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int32): 2,
+    np.dtype(np.uint32): 3,
+    np.dtype(np.int64): 4,
+    np.dtype(np.uint64): 5,
+    np.dtype(np.float16): 6,
+    np.dtype(np.float32): 7,
+    np.dtype(np.float64): 8,
+    np.dtype(ml_dtypes.bfloat16): 9,
+}
+_NCCL_SUM = 0
+_NCCL_BF16_VERSION = 21000
+
+
+def _nccl_library_candidates() -> list[str]:
+    """libnccl.so.2 from NVIDIA's pip wheels (nvidia-nccl-cu12 / -cu13), where CuPy does not look."""
+    found = []
+    for entry in sys.path:
+        for pattern in ("nvidia/nccl/lib/libnccl.so*", "nvidia/cu*/lib/libnccl.so*"):
+            found.extend(sorted(glob.glob(os.path.join(entry, pattern))))
+    return found
+
+
+def load_nccl() -> Any:
+    """CuPy's NCCL module (``cupy.cuda.nccl``), with NCCL loaded.
+
+    CuPy's wheels find NCCL only on the system's library path or in CuPy's own library directory; NCCL from
+    the ``nvidia-nccl-cu13`` / ``-cu12`` pip wheels (what PyTorch installs) is preloaded here first when
+    needed. Raises ImportError, saying what to install, when no NCCL can be loaded.
+    """
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        raise ImportError("the nccl backend needs CuPy: pip install 'pycusparselt[cu13]' (or [cu12])") from None
+    import importlib
+
+    import warnings
+
+    with warnings.catch_warnings():  # CuPy warns when its own search fails; the pip wheels are tried next
+        warnings.simplefilter("ignore")
+        try:
+            from cupy.cuda import nccl  # CuPy's own loading rules first
+
+            if nccl.available:
+                return nccl
+        except ImportError:
+            pass
+    try:
+        return importlib.import_module("cupy_backends.cuda.libs.nccl")
+    except ImportError as first:
+        error = first
+    for path in _nccl_library_candidates():
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # the extension's libnccl.so.2 now resolves to it
+            return importlib.import_module("cupy_backends.cuda.libs.nccl")
+        except (OSError, ImportError) as exc:
+            error = exc
+    raise ImportError(
+        f"CuPy's NCCL binding could not load NCCL ({error}); install it with `pip install nvidia-nccl-cu13` "
+        f"(CUDA 13) or `pip install nvidia-nccl-cu12` (CUDA 12)"
+    )
+
+
+def env_config() -> dict[str, Any]:
+    """The job as the launcher (or torchrun, or a batch system's wrapper) describes it in the environment.
+
+    ``RANK`` and ``WORLD_SIZE`` (default 0 and 1: a job of one), ``LOCAL_RANK`` (default: ``RANK``),
+    ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (``PYCUSPARSELT_MASTER_PORT`` overrides it;
+    needed when ``WORLD_SIZE > 1``). Raises ValueError naming a variable that is malformed or missing.
+    """
+
+    def integer(name: str, default: int | None) -> int:
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            if default is None:
+                raise ValueError(f"{name} is not set; start the job with `python -m pycusparselt.distributed`")
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+
+    rank, world = integer("RANK", 0), integer("WORLD_SIZE", 1)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    local_rank = integer("LOCAL_RANK", rank)
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK: expected a non-negative integer, got {local_rank}")
+    port_name = PORT_OVERRIDE if os.environ.get(PORT_OVERRIDE) else "MASTER_PORT"
+    port = integer(port_name, 0 if world == 1 else None)
+    if not 0 <= port < 65536:
+        raise ValueError(f"{port_name}: expected a port number, got {port}")
+    return {
+        "rank": rank,
+        "world_size": world,
+        "local_rank": local_rank,
+        "master_addr": os.environ.get("MASTER_ADDR") or "127.0.0.1",
+        "master_port": port,
+    }
+
+
+def _as_list(arrays: Any, count: int, what: str) -> list:
+    if isinstance(arrays, (list, tuple)):
+        if len(arrays) != count:
+            raise ValueError(f"{what}: expected one array per local rank ({count}), got {len(arrays)}")
+        return list(arrays)
+    if count != 1:
+        raise TypeError(f"{what}: this group holds {count} ranks in this process; pass a list of {count} arrays")
+    return [arrays]
+
+
+class Group:
+    """The ranks of a job and their collectives; made by :func:`init_process_group`,
+    :meth:`NcclGroup.local` or :meth:`HostGroup.local`.
+
+    Attributes
+    ----------
+    backend : str
+        "nccl" or "host".
+    world_size : int
+        Ranks in the job.
+    ranks : tuple of int
+        The ranks this process holds, in order.
+    devices : tuple
+        The CUDA device of each held rank (None for the host backend).
+    """
+
+    backend = ""
+
+    def __init__(self, world_size: int, ranks: Sequence[int], devices: Sequence[int | None], store: TCPStore | None):
+        self.world_size = int(world_size)
+        self.ranks = tuple(int(r) for r in ranks)
+        self.devices = tuple(devices)
+        self._store = store
+        self._sequence = 0
+        self._closed = False
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (when it holds exactly one)."""
+        if len(self.ranks) != 1:
+            raise ValueError(f"this process holds ranks {self.ranks}; use group.ranks")
+        return self.ranks[0]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def device_of(self, rank: int) -> int | None:
+        """The CUDA device of a rank held by this process."""
+        try:
+            return self.devices[self.ranks.index(rank)]
+        except ValueError:
+            raise ValueError(f"rank {rank} is not held by this process (it holds {self.ranks})") from None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            from ..errors import ClosedError
+
+            raise ClosedError("the process group was closed")
+
+    def all_reduce(self, arrays: Any, *, stream: Any = None) -> None:
+        """Sum the arrays of all ranks, in place (every rank gets the sum).
+
+        ``arrays``: one C-contiguous array per local rank (a plain array for a single local rank), of the
+        same shape and dtype on every rank.
+        """
+        raise NotImplementedError
+
+    def all_gather(self, arrays: Any, *, stream: Any = None) -> Any:
+        """Gather every rank's array: returns, per local rank, an array of shape ``(world_size, *shape)``
+        whose ``[r]`` is rank ``r``'s (a plain array for a single local rank, else a list)."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point (host-side)."""
+        self._check_open()
+        if self._store is None:
+            return
+        self._sequence += 1
+        key = f"pycusparselt/barrier/{self._sequence}"
+        self._store.add(key, 1)
+        self._store.wait_count(key, self.world_size)
+
+    def replicate(self, array: Any) -> Any:
+        """``array`` on every local rank's device (for inputs that every rank needs whole): a plain array for
+        a single local rank, else a list."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the communicators and the store (after every rank has arrived). Harmless when repeated."""
+        if self._closed:
+            return
+        self._closed = True
+        store, self._store = self._store, None
+        if store is not None:
+            try:
+                store.add("pycusparselt/closed", 1)
+                if self.ranks and self.ranks[0] == 0:  # the server outlives every rank's last request
+                    store.wait_count("pycusparselt/closed", self.world_size)
+            finally:
+                store.close()
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"ranks {self.ranks} of {self.world_size}"
+        return f"<{type(self).__name__} {self.backend}: {state}>"
+
+
+class HostGroup(Group):
+    """NumPy collectives on the CPU: sums in rank order, so every rank gets the same bits.
+
+    Use :meth:`local` for all ranks in one process, or :func:`init_process_group` with ``backend="host"``
+    for one process per rank (arrays travel through the store).
+    """
+
+    backend = "host"
+
+    @classmethod
+    def local(cls, world_size: int) -> HostGroup:
+        """A group whose ``world_size`` ranks all live in this process."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
+        return cls(world_size, range(world_size), (None,) * world_size, None)
+
+    def _arrays(self, arrays: Any, what: str) -> list[np.ndarray]:
+        self._check_open()
+        items = _as_list(arrays, len(self.ranks), what)
+        for array in items:
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"{what}: the host backend takes NumPy arrays, got {type(array).__name__}")
+        first = items[0]
+        for array in items[1:]:
+            if array.shape != first.shape or array.dtype != first.dtype:
+                raise ValueError(
+                    f"{what}: every rank's array must have one shape and dtype, got {first.shape} {first.dtype} "
+                    f"and {array.shape} {array.dtype}"
+                )
+        return items
+
+    def _exchange(self, items: list[np.ndarray], what: str) -> list[np.ndarray]:
+        """Every rank's array, in rank order."""
+        if self._store is None:
+            return items
+        self._sequence += 1
+        prefix = f"pycusparselt/{what}/{self._sequence}"
+        mine = np.ascontiguousarray(items[0])
+        self._store.set(f"{prefix}/{self.rank}", mine.tobytes())
+        everyone = []
+        for rank in range(self.world_size):
+            data = mine.tobytes() if rank == self.rank else self._store.get(f"{prefix}/{rank}")
+            if len(data) != mine.nbytes:
+                raise ValueError(
+                    f"{what}: rank {rank} sent {len(data)} bytes, rank {self.rank} has {mine.nbytes} "
+                    f"({mine.shape} {mine.dtype}); every rank must pass one shape and dtype"
+                )
+            everyone.append(np.frombuffer(data, dtype=mine.dtype).reshape(mine.shape))
+        if self._store.add(f"{prefix}/read", 1) == self.world_size:  # the last reader cleans up
+            for rank in range(self.world_size):
+                self._store.delete(f"{prefix}/{rank}")
+            self._store.delete(f"{prefix}/read")
+        return everyone
+
+    def all_reduce(self, arrays: Any, *, stream: Any = None) -> None:
+        items = self._arrays(arrays, "all_reduce")
+        everyone = self._exchange(items, "all_reduce")
+        total = everyone[0].copy()
+        with np.errstate(over="ignore"):  # integer sums wrap, as NCCL's do
+            for array in everyone[1:]:
+                total = total + array  # rounded to the dtype at every step, like NCCL
+        for array in items:
+            array[...] = total
+
+    def all_gather(self, arrays: Any, *, stream: Any = None) -> Any:
+        items = self._arrays(arrays, "all_gather")
+        gathered = np.stack(self._exchange(items, "all_gather"))
+        result = [gathered.copy() for _ in items]
+        return result[0] if not isinstance(arrays, (list, tuple)) else result
+
+    def replicate(self, array: Any) -> Any:
+        self._check_open()
+        array = np.asarray(array)
+        return array if len(self.ranks) == 1 else [array] * len(self.ranks)
+
+
+class NcclGroup(Group):
+    """NCCL communicators through ``cupy.cuda.nccl``, one per GPU held by this process.
+
+    Made by :func:`init_process_group` (one process per GPU) or :meth:`local` (one process, several GPUs).
+    Collectives run on the given stream, or on each device's current CuPy stream, asynchronously: the result
+    is ready for later work on that stream.
+    """
+
+    backend = "nccl"
+
+    def __init__(self, comms: list, world_size: int, ranks: Sequence[int], devices: Sequence[int],
+                 store: TCPStore | None, nccl: Any) -> None:
+        super().__init__(world_size, ranks, devices, store)
+        self._comms = comms
+        self._nccl = nccl
+
+    @classmethod
+    def local(cls, devices: Sequence[int]) -> NcclGroup:
+        """One process driving ``devices`` (rank ``i`` on ``devices[i]``) with ``ncclCommInitAll``."""
+        import cupy
+
+        devices = [int(d) for d in devices]
+        count = cupy.cuda.runtime.getDeviceCount()
+        if not devices or len(set(devices)) != len(devices) or not all(0 <= d < count for d in devices):
+            raise ValueError(f"devices: expected distinct device indices in 0 .. {count - 1}, got {devices}")
+        os.environ.setdefault(_NVLS, "0")
+        nccl = load_nccl()
+        comms = nccl.NcclCommunicator.initAll(devices)
+        return cls(comms, len(devices), range(len(devices)), devices, None, nccl)
+
+    @property
+    def nccl_version(self) -> int:
+        """NCCL's runtime version code (e.g. 22703 for 2.27.3)."""
+        return int(self._nccl.get_version())
+
+    def _arrays(self, arrays: Any, what: str) -> list:
+        import cupy
+
+        self._check_open()
+        items = _as_list(arrays, len(self.ranks), what)
+        for device, array in zip(self.devices, items, strict=True):
+            if not isinstance(array, cupy.ndarray):
+                raise TypeError(f"{what}: the nccl backend takes CuPy arrays, got {type(array).__name__}")
+            if array.device.id != device:
+                raise ValueError(f"{what}: array is on device {array.device.id}, its rank's communicator on {device}")
+            if not array.flags.c_contiguous:
+                raise ValueError(f"{what}: arrays must be C-contiguous")
+        first = items[0]
+        for array in items[1:]:
+            if array.shape != first.shape or array.dtype != first.dtype:
+                raise ValueError(
+                    f"{what}: every rank's array must have one shape and dtype, got {first.shape} {first.dtype} "
+                    f"and {array.shape} {array.dtype}"
+                )
+        return items
+
+    def _streams(self, stream: Any) -> list[int]:
+        if stream is not None and len(self.ranks) > 1:
+            raise ValueError("stream: a group of several local ranks runs on each device's current stream")
+        return [_stream_ptr(stream, device) for device in self.devices]
+
+    def _grouped(self, calls: list) -> None:
+        import cupy
+
+        several = len(calls) > 1
+        if several:  # one thread, several communicators: NCCL needs the calls in one group
+            self._nccl.groupStart()
+        try:
+            for device, call in zip(self.devices, calls, strict=True):
+                with cupy.cuda.Device(device):
+                    call()
+        finally:
+            if several:
+                self._nccl.groupEnd()
+
+    def all_reduce(self, arrays: Any, *, stream: Any = None) -> None:
+        items = self._arrays(arrays, "all_reduce")
+        dtype = items[0].dtype
+        if dtype not in _NCCL_TYPES:
+            names = ", ".join(str(d) for d in _NCCL_TYPES)
+            raise TypeError(f"all_reduce: NCCL cannot add {dtype} arrays (supported: {names})")
+        if dtype == np.dtype(ml_dtypes.bfloat16) and self.nccl_version < _NCCL_BF16_VERSION:
+            raise TypeError(f"all_reduce: bfloat16 needs NCCL 2.10 or newer, this is {self.nccl_version}")
+        code, streams = _NCCL_TYPES[dtype], self._streams(stream)
+        self._grouped([
+            (lambda c=comm, a=array, s=s: c.allReduce(a.data.ptr, a.data.ptr, a.size, code, _NCCL_SUM, s))
+            for comm, array, s in zip(self._comms, items, streams, strict=True)
+        ])
+
+    def all_gather(self, arrays: Any, *, stream: Any = None) -> Any:
+        import cupy
+
+        items = self._arrays(arrays, "all_gather")
+        streams = self._streams(stream)
+        results = []
+        for device, array, s in zip(self.devices, items, streams, strict=True):
+            with cupy.cuda.Device(device), _on_stream(s):  # CuPy's pool reuses it only after this stream
+                results.append(cupy.empty((self.world_size, *array.shape), dtype=array.dtype))
+        # gathered as bytes: any dtype (float8 storage included) travels unchanged
+        self._grouped([
+            (lambda c=comm, a=array, r=result, s=s: c.allGather(a.data.ptr, r.data.ptr, a.nbytes, 1, s))
+            for comm, array, result, s in zip(self._comms, items, results, streams, strict=True)
+        ])
+        return results if isinstance(arrays, (list, tuple)) else results[0]
+
+    def replicate(self, array: Any) -> Any:
+        import cupy
+
+        self._check_open()
+        copies = []
+        host = None
+        for device in self.devices:
+            if isinstance(array, cupy.ndarray) and array.device.id == device:
+                copies.append(array)
+                continue
+            if host is None:
+                host = cupy.asnumpy(array) if isinstance(array, cupy.ndarray) else np.asarray(array)
+            with cupy.cuda.Device(device):
+                copies.append(cupy.asarray(host))
+        return copies[0] if len(copies) == 1 else copies
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for comm in self._comms:
+            comm.destroy()
+        self._comms = []
+        super().close()
+
+
+def _uid_bytes(uid: Any) -> bytes:
+    """NCCL's unique id as its 128 bytes: CuPy 14 returns bytes, older CuPy a tuple of signed chars."""
+    if isinstance(uid, (bytes, bytearray)):
+        data = bytes(uid)
+    else:  # the chars' signedness depends on the platform: keep their bits
+        data = bytes(int(v) & 0xFF for v in uid)
+    if len(data) != _UID.size:
+        raise ValueError(f"NCCL unique id: expected {_UID.size} bytes, got {len(data)}")
+    return data
+
+
+def _communicator(nccl: Any, world: int, uid: bytes, rank: int) -> Any:
+    """``ncclCommInitRank`` through CuPy, whichever form of the id this CuPy takes."""
+    try:
+        return nccl.NcclCommunicator(world, uid, rank)
+    except TypeError:  # CuPy before 14: a tuple of 128 signed chars (refused before NCCL is called)
+        return nccl.NcclCommunicator(world, _UID.unpack(uid), rank)
+
+
+def init_process_group(backend: str = "nccl", *, device: int | None = None, timeout: float = 300.0) -> Group:
+    """Join the job described by the environment (see :func:`env_config`): one rank in this process.
+
+    Parameters
+    ----------
+    backend : {"nccl", "host"}
+        "nccl": a communicator on this rank's GPU, set up from the NCCL unique id that rank 0 publishes in
+        the store. "host": NumPy collectives through the store (layers then run on the NumPy reference).
+    device : int, optional
+        The CUDA device (nccl backend): default ``LOCAL_RANK``. It is made CuPy's current device.
+    timeout : float
+        Seconds to wait for the store and for the other ranks.
+
+    Notes
+    -----
+    ``NCCL_NVLS_ENABLE`` is set to 0 unless already set: NVLink multicast stays off. A job of one rank
+    needs no store (nor ``MASTER_PORT``).
+    """
+    if backend not in ("nccl", "host"):
+        raise ValueError(f"backend: expected 'nccl' or 'host', got {backend!r}")
+    config = env_config()
+    rank, world = config["rank"], config["world_size"]
+    os.environ.setdefault(_NVLS, "0")
+    nccl = None
+    if backend == "nccl":
+        import cupy
+
+        nccl = load_nccl()
+        device = config["local_rank"] if device is None else int(device)
+        count = cupy.cuda.runtime.getDeviceCount()
+        if not 0 <= device < count:
+            raise ValueError(
+                f"device {device} (LOCAL_RANK={config['local_rank']}) does not exist: {count} GPU(s) are visible; "
+                f"start at most {count} processes per node"
+            )
+        cupy.cuda.Device(device).use()
+    store = None
+    if world > 1:
+        store = TCPStore(config["master_addr"], config["master_port"], is_server=rank == 0, timeout=timeout)
+    try:
+        if backend == "host":
+            return HostGroup(world, (rank,), (None,), store)
+        import cupy
+
+        key = "pycusparselt/nccl_unique_id"
+        if rank == 0:
+            uid = _uid_bytes(nccl.get_unique_id())
+            if store is not None:
+                store.set(key, uid)
+        else:
+            uid = store.get(key)
+        with cupy.cuda.Device(device):
+            comm = _communicator(nccl, world, uid, rank)
+        return NcclGroup([comm], world, (rank,), (device,), store, nccl)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise

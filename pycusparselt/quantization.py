@@ -1,0 +1,519 @@
+"""Quantization for 2:4 sparse inference: INT8 and FP8 values with their scales, and activation calibration.
+
+The seed's last step of the recipe: train dense, prune 2:4 and retrain, *then* quantize. Symmetric linear
+quantization maps a real value ``v`` to ``q = round(v / scale)``, saturated to the format's range, and back
+to ``q * scale``. The formats:
+
+========  ====================================================  ===========================
+format    values                                                ``qmax`` (largest magnitude)
+========  ====================================================  ===========================
+int8      integers -127 .. 127 (-128 is not used: symmetric)    127
+e4m3      ``ml_dtypes.float8_e4m3fn`` (3 mantissa bits)         448
+e5m2      ``ml_dtypes.float8_e5m2`` (2 mantissa bits)           57344
+========  ====================================================  ===========================
+
+Weights get one scale per output channel (row) or one per tensor, ``max|w| / qmax``; zeros stay exactly
+zero, so a 2:4 weight stays 2:4. Activations get one scale per tensor, chosen from calibration batches by
+their maximum, a percentile of their magnitudes, or the clipping value that minimises the quantization's
+mean squared error (:class:`Calibrator`).
+
+Every function takes NumPy arrays (computed on the CPU) or CuPy arrays (computed on their GPU) and gives
+bit-identical results on both: the arithmetic is one float32 multiply by ``1 / scale`` (itself a float32
+division), then round-half-to-even and saturation. On the GPU, FP8 values are returned as their bytes
+(``uint8``): CuPy cannot hold float8 arrays (view them with ``.view(ml_dtypes.float8_e4m3fn)`` or pass
+``input_dtype=`` to :class:`~pycusparselt.plan.SparseMatmulPlan`); on the CPU they are ml_dtypes arrays.
+Non-finite inputs to :func:`quantize` give unspecified values; the calibration and weight functions refuse
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Any, Iterable
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "FORMATS",
+    "qmax",
+    "quantize",
+    "dequantize",
+    "weight_scales",
+    "quantize_weight",
+    "Calibrator",
+    "calibrate",
+]
+
+_I8 = np.dtype(np.int8)
+_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_F32 = np.dtype(np.float32)
+
+#: Quantized formats by name: their NumPy dtype and largest magnitude.
+FORMATS: dict[str, tuple[np.dtype, float]] = {
+    "int8": (_I8, 127.0),
+    "e4m3": (_E4M3, 448.0),
+    "e5m2": (_E5M2, 57344.0),
+}
+_BY_DTYPE = {dt: name for name, (dt, _) in FORMATS.items()}
+# float8 bit layout for the GPU conversion: mantissa bits, exponent of the smallest normal, exponent bias
+_FP8_BITS = {"e4m3": (3, -6, 7), "e5m2": (2, -14, 15)}
+
+_METHODS = ("max", "percentile", "mse")
+
+
+def _format(dtype: Any, what: str = "dtype") -> str:
+    """A format name from "int8" / "e4m3" / "e5m2" or the matching NumPy dtype."""
+    if isinstance(dtype, str) and dtype.lower() in FORMATS:
+        return dtype.lower()
+    try:
+        return _BY_DTYPE[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{what}: expected one of {', '.join(FORMATS)} (or np.int8, ml_dtypes.float8_e4m3fn, "
+            f"ml_dtypes.float8_e5m2), got {dtype!r}"
+        ) from None
+
+
+def qmax(dtype: Any) -> float:
+    """The largest magnitude of a quantized format: 127 (int8), 448 (e4m3) or 57344 (e5m2)."""
+    return FORMATS[_format(dtype)][1]
+
+
+# -- arrays of either family ----------------------------------------------------------------------
+
+
+def _cupy() -> Any:
+    return sys.modules.get("cupy")
+
+
+def _namespace(a: Any, what: str) -> tuple[Any, Any]:
+    """(array, numpy or cupy): CuPy arrays and ``__cuda_array_interface__`` objects on the GPU, the rest
+    through NumPy."""
+    cp = _cupy()
+    if cp is not None and isinstance(a, cp.ndarray):
+        return a, cp
+    if not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asarray(a), cupy
+    if not isinstance(a, np.ndarray) and hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
+        if a.__dlpack_device__()[0] in (2, 13):  # CUDA, CUDA managed
+            import cupy
+
+            return cupy.from_dlpack(a), cupy
+        return np.from_dlpack(a), np
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiu" and arr.dtype not in (_BF16, _E4M3, _E5M2):
+        raise TypeError(f"{what}: expected a real array, got dtype {arr.dtype}")
+    return arr, np
+
+
+def _float32(x: Any, xp: Any) -> Any:
+    """``x`` as float32 (exact for float16, bfloat16 and the 8-bit formats)."""
+    if x.dtype == _F32:
+        return x
+    if xp is not np and x.dtype == _BF16:
+        # bfloat16 is the top half of a float32: widen the bits (CuPy has no bfloat16 arithmetic)
+        return (x.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32)
+    return x.astype(np.float32)
+
+
+def _to_dtype(y32: Any, dtype: Any, xp: Any) -> Any:
+    """float32 -> float16, bfloat16 or float32, rounding to nearest even (identical on both families)."""
+    dtype = np.dtype(dtype)
+    if dtype == _F32:
+        return y32
+    if dtype == _BF16 and xp is not np:
+        return _device_kernels()["bf16"](y32).view(_BF16)
+    return y32.astype(dtype)
+
+
+def _inverse(scale: Any, xp: Any, what: str = "scale") -> Any:
+    """float32 ``1 / scale``; host scales are checked to be positive and finite."""
+    if xp is not np and isinstance(scale, xp.ndarray):
+        return xp.float32(1.0) / scale.astype(xp.float32)
+    s = np.asarray(scale, dtype=np.float32)
+    if s.size == 0 or not np.all(np.isfinite(s)) or not np.all(s > 0):
+        raise ValueError(f"{what}: expected positive finite scale(s), got {scale!r}")
+    inv = np.float32(1.0) / s
+    if xp is np or s.ndim == 0:
+        return inv
+    return xp.asarray(inv)
+
+
+# -- GPU kernels ----------------------------------------------------------------------------------
+
+_FP8_PREAMBLE = """
+__device__ __forceinline__ unsigned char pycusparselt_to_fp8(float v, int mant, int emin, int bias,
+                                                              float fmax) {
+    if (isnan(v)) return 0x7F;
+    unsigned char sign = signbit(v) ? 0x80 : 0;
+    float a = fminf(fabsf(v), fmax);           // saturate: the formats' largest finite value
+    if (a == 0.0f) return sign;
+    int e;
+    frexpf(a, &e);                             // a = m * 2^e, m in [0.5, 1)
+    int q = max(e - 1, emin) - mant;           // exponent of one unit in the last place
+    int r = (int)rintf(ldexpf(a, -q));         // the rounded significand (ties to even); exact scaling
+    if (r == 0) return sign;
+    if (q == emin - mant && r < (1 << mant)) return sign | r;   // subnormal
+    int biased = q + mant + bias;
+    if (r == (1 << (mant + 1))) { r >>= 1; biased += 1; }       // rounding carried into the exponent
+    return sign | (biased << mant) | (r - (1 << mant));
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _device_kernels() -> dict[str, Any]:
+    import cupy
+
+    kernels = {
+        "int8": cupy.ElementwiseKernel(
+            "T x, float32 inv",
+            "int8 q",
+            "float v = rintf((float)x * inv); q = (signed char)fminf(fmaxf(v, -127.0f), 127.0f);",
+            "pycusparselt_quantize_int8",
+        ),
+        # float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN)
+        "bf16": cupy.ElementwiseKernel(
+            "float32 y",
+            "uint16 b",
+            "unsigned int u = __float_as_uint(y);"
+            "b = isnan(y) ? (unsigned short)((u >> 16) | 0x40)"
+            " : (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);",
+            "pycusparselt_float32_to_bf16",
+        ),
+    }
+    for name, (mant, emin, bias) in _FP8_BITS.items():
+        fmax = FORMATS[name][1]
+        kernels[name] = cupy.ElementwiseKernel(
+            "T x, float32 inv",
+            "uint8 q",
+            f"q = pycusparselt_to_fp8((float)x * inv, {mant}, {emin}, {bias}, {fmax:.1f}f);",
+            f"pycusparselt_quantize_{name}",
+            preamble=_FP8_PREAMBLE,
+        )
+    return kernels
+
+
+def _quantize_device(x: Any, inv: Any, fmt: str) -> Any:
+    """Quantize a CuPy array with a float32 inverse scale (scalar or broadcastable array) in one kernel."""
+    import cupy
+
+    if x.dtype == _BF16:
+        x = _float32(x, cupy)
+    return _device_kernels()[fmt](x, inv)
+
+
+def _quantize_host(x: np.ndarray, inv: Any, fmt: str) -> np.ndarray:
+    v = _float32(x, np) * inv  # one float32 multiply, as on the GPU
+    dt, limit = FORMATS[fmt]
+    with np.errstate(invalid="ignore"):
+        if fmt == "int8":
+            return np.clip(np.rint(v), -limit, limit).astype(np.int8)
+        return np.clip(v, -limit, limit).astype(dt)  # ml_dtypes rounds float32 to nearest even
+
+
+# -- quantize / dequantize ------------------------------------------------------------------------
+
+
+def quantize(x: Any, scale: Any, dtype: Any = "int8") -> Any:
+    """Symmetric quantization ``q = saturate(round(x * (1 / scale)))``.
+
+    Parameters
+    ----------
+    x : array
+        float16, bfloat16 or float32 values: NumPy (CPU) or CuPy (GPU).
+    scale : float or array
+        Positive scale(s), broadcastable against ``x`` (a per-row vector as ``scale[:, None]``).
+    dtype : {"int8", "e4m3", "e5m2"}
+        The format; NumPy dtypes (``np.int8``, ``ml_dtypes.float8_e4m3fn``, ...) are accepted too.
+
+    Returns
+    -------
+    array
+        int8 values in -127 .. 127; or FP8 values, saturated to the format's largest finite magnitude
+        (ml_dtypes arrays on the CPU, their bytes as uint8 on the GPU). Rounding is to nearest, ties to
+        even.
+
+    Raises
+    ------
+    ValueError
+        An unknown format, or a host scale that is not positive and finite.
+    """
+    fmt = _format(dtype)
+    x, xp = _namespace(x, "x")
+    if x.dtype.kind not in "f" and x.dtype != _BF16:
+        raise TypeError(f"x: expected float16, bfloat16 or float32 values, got {x.dtype}")
+    inv = _inverse(scale, xp)
+    if xp is np:
+        return _quantize_host(x, inv, fmt)
+    return _quantize_device(x, inv, fmt)
+
+
+def dequantize(q: Any, scale: Any, *, dtype: Any = None) -> Any:
+    """``q * scale`` in float32 (the real values quantized ``q`` stands for).
+
+    Parameters
+    ----------
+    q : array
+        int8 values, FP8 values (ml_dtypes arrays), or FP8 bytes as uint8 with ``dtype`` naming the format.
+    scale : float or array
+        Broadcastable against ``q``.
+    dtype : {None, "e4m3", "e5m2"}
+        The FP8 format of uint8 bytes (CuPy cannot hold float8 arrays); None for int8 and float8 arrays.
+    """
+    q, xp = _namespace(q, "q")
+    if q.dtype == np.uint8:
+        if dtype is None:
+            raise ValueError("dtype: uint8 values are FP8 bytes; name their format, dtype='e4m3' or 'e5m2'")
+        fmt = _format(dtype)
+        if fmt == "int8":
+            raise ValueError("dtype: uint8 bytes hold FP8 values; int8 values are passed as int8")
+        table = np.arange(256, dtype=np.uint8).view(FORMATS[fmt][0]).astype(np.float32)
+        values = xp.asarray(table)[q]
+    else:
+        values = _float32(q, xp)
+    if xp is np or not isinstance(scale, xp.ndarray):
+        scale = xp.asarray(np.asarray(scale, dtype=np.float32))
+    return values * scale.astype(xp.float32)
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+
+def weight_scales(
+    w: Any, dtype: Any = "int8", *, granularity: str = "channel", allow_zero_channels: bool = False
+) -> Any:
+    """Scales for a weight of shape (out_features, in_features): ``max|w| / qmax`` per row or per tensor.
+
+    Parameters
+    ----------
+    w : array, shape (out_features, in_features)
+        The (pruned) weight, NumPy or CuPy, float16, bfloat16 or float32.
+    dtype : {"int8", "e4m3", "e5m2"}
+    granularity : {"channel", "tensor"}
+        One scale per output channel (row), or one for the whole weight.
+    allow_zero_channels : bool
+        An all-zero row has no scale of its own. By default that raises ValueError naming the rows; with
+        True such rows get scale 1 (they quantize to zeros, exactly, whatever the scale).
+
+    Returns
+    -------
+    array of float32
+        Shape (out_features,) for "channel", () for "tensor"; in ``w``'s array family.
+
+    Raises
+    ------
+    ValueError
+        A weight that is not 2-D, NaN or infinite values, an all-zero weight or channel (see above), an
+        unknown granularity or format.
+    """
+    fmt = _format(dtype)
+    if granularity not in ("channel", "tensor"):
+        raise ValueError(f"granularity: expected 'channel' or 'tensor', got {granularity!r}")
+    w, xp = _namespace(w, "w")
+    if w.ndim != 2:
+        raise ValueError(f"w: expected (out_features, in_features), got shape {tuple(w.shape)}")
+    w32 = _float32(w, xp)
+    if not bool(xp.isfinite(w32).all()):
+        raise ValueError("w: the weight has NaN or infinite values; they cannot be quantized")
+    limit = np.float32(FORMATS[fmt][1])
+    amax = xp.abs(w32).max(axis=1) if granularity == "channel" else xp.abs(w32).max()
+    zero = amax == 0
+    if bool(zero.any()):
+        if granularity == "tensor":
+            raise ValueError("w: every weight is zero; there is nothing to scale")
+        if not allow_zero_channels:
+            rows = np.flatnonzero(_host(zero, xp))
+            shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+            raise ValueError(
+                f"w: {len(rows)} output channel(s) are all zero (rows {shown}); pass allow_zero_channels=True "
+                f"to give them scale 1 (they stay exactly zero)"
+            )
+        amax = xp.where(zero, limit, amax)
+    return (amax / limit).astype(xp.float32)
+
+
+def quantize_weight(
+    w: Any, dtype: Any = "int8", *, granularity: str = "channel", allow_zero_channels: bool = False
+) -> tuple[Any, Any]:
+    """Quantize a weight with :func:`weight_scales`: returns ``(values, scales)``.
+
+    Zeros stay exactly zero, so a 2:4 weight stays 2:4 (a kept value may also round to zero, which keeps
+    it 2:4). ``values`` are int8 (or FP8: ml_dtypes on the CPU, bytes on the GPU) of ``w``'s shape;
+    ``dequantize(values, scales[:, None])`` approximates ``w`` to half a step of each row's scale.
+    """
+    fmt = _format(dtype)
+    scales = weight_scales(w, fmt, granularity=granularity, allow_zero_channels=allow_zero_channels)
+    w, xp = _namespace(w, "w")
+    inv = xp.float32(1.0) / (scales[:, None] if scales.ndim else scales)
+    values = _quantize_host(w, inv, fmt) if xp is np else _quantize_device(w, inv, fmt)
+    return values, scales
+
+
+def _host(a: Any, xp: Any) -> np.ndarray:
+    return a if xp is np else xp.asnumpy(a)
+
+
+# -- calibration ----------------------------------------------------------------------------------
+
+
+class Calibrator:
+    """Statistics of activation batches, and a per-tensor scale chosen from them.
+
+    :meth:`observe` keeps the maximum magnitude and a histogram of the magnitudes (``bins`` equal bins
+    over ``[0, R)``, ``R`` a power of two above the maximum seen; when a batch exceeds it, ``R`` doubles
+    and pairs of bins merge, so nothing is stored per value and every batch is seen once). On the GPU the
+    histogram is made there and only the counts come back; NumPy and CuPy give the same counts.
+
+    Parameters
+    ----------
+    dtype : {"int8", "e4m3", "e5m2"}
+        The format the scale is for.
+    method : {"max", "percentile", "mse"}
+        The default of :meth:`scale`: the maximum magnitude; the ``percentile`` of the magnitudes (the
+        upper edge of its histogram bin, at most the maximum); or the clipping value, among 128 equally
+        spaced up to the maximum, that minimises the histogram's quantization mean squared error
+        (clipping error above it, rounding error below; exact zeros cost nothing).
+    percentile : float
+        In (0, 100], for "percentile".
+    bins : int
+        Histogram size, even and at least 16.
+    """
+
+    def __init__(self, dtype: Any = "int8", *, method: str = "max", percentile: float = 99.99,
+                 bins: int = 2048) -> None:
+        self.format = _format(dtype)
+        self.method = self._check_method(method)
+        self.percentile = self._check_percentile(percentile)
+        if not isinstance(bins, (int, np.integer)) or bins < 16 or bins % 2:
+            raise ValueError(f"bins: expected an even integer >= 16, got {bins!r}")
+        self.bins = int(bins)
+        self.count = 0  #: values observed
+        self.zeros = 0  #: of which exactly zero
+        self.batches = 0  #: batches observed
+        self.amax = 0.0  #: largest magnitude observed
+        self._range: float | None = None  # R, a power of two > amax, once a non-zero value was seen
+        self._hist = np.zeros(self.bins, dtype=np.int64)
+
+    @staticmethod
+    def _check_method(method: str) -> str:
+        if method not in _METHODS:
+            raise ValueError(f"method: expected one of {', '.join(_METHODS)}, got {method!r}")
+        return method
+
+    @staticmethod
+    def _check_percentile(percentile: float) -> float:
+        p = float(percentile)
+        if not 0 < p <= 100:
+            raise ValueError(f"percentile: expected a value in (0, 100], got {percentile!r}")
+        return p
+
+    def observe(self, x: Any) -> None:
+        """Add one batch (any shape; NumPy or CuPy; float16, bfloat16 or float32)."""
+        x, xp = _namespace(x, "x")
+        index = self.batches
+        self.batches += 1
+        if x.size == 0:
+            return
+        a = xp.abs(_float32(x, xp)).ravel()
+        if not bool(xp.isfinite(a).all()):
+            bad = int((~xp.isfinite(a)).sum())
+            raise ValueError(f"batch {index}: {bad} NaN or infinite value(s); calibration needs finite activations")
+        amax = float(a.max())
+        zeros = int(a.size - int(xp.count_nonzero(a)))
+        self.count += int(a.size)
+        self.zeros += zeros
+        self.amax = max(self.amax, amax)
+        if amax == 0:
+            return
+        if self._range is None:
+            self._range = math.ldexp(1.0, math.frexp(amax)[1])  # the power of two above amax
+        while amax >= self._range:
+            merged = self._hist.reshape(-1, 2).sum(axis=1)
+            self._hist = np.concatenate([merged, np.zeros(self.bins - merged.size, np.int64)])
+            self._range *= 2
+        per_bin = np.float32(self.bins / self._range)
+        idx = xp.minimum(xp.floor(a * per_bin), self.bins - 1).astype(xp.int32)
+        counts = _host(xp.bincount(idx, minlength=self.bins), xp).astype(np.int64)
+        counts[0] -= zeros  # exact zeros are counted apart
+        self._hist += counts
+
+    def histogram(self) -> tuple[np.ndarray, float]:
+        """``(counts, R)``: counts of the non-zero magnitudes in ``bins`` equal bins over ``[0, R)``."""
+        return self._hist.copy(), (self._range or 0.0)
+
+    def clip_value(self, method: str | None = None, *, percentile: float | None = None) -> float:
+        """The magnitude that maps to ``qmax`` (``scale * qmax``) by ``method`` (default: the calibrator's)."""
+        method = self._check_method(method or self.method)
+        if self.count == 0:
+            raise ValueError("no calibration data: the batches were empty (observe() saw no values)")
+        if self.amax == 0:
+            raise ValueError(f"all {self.count} calibration values are zero: no scale can be chosen from them")
+        if method == "max":
+            return self.amax
+        width = self._range / self.bins
+        if method == "percentile":
+            p = self._check_percentile(self.percentile if percentile is None else percentile)
+            cumulative = self.zeros + np.cumsum(self._hist)
+            i = int(np.searchsorted(cumulative, p / 100.0 * self.count, side="left"))
+            return min((min(i, self.bins - 1) + 1) * width, self.amax)
+        return self._mse_clip(width)
+
+    def _mse_clip(self, width: float) -> float:
+        limit = FORMATS[self.format][1]
+        nonzero = np.flatnonzero(self._hist)
+        centers = (nonzero + 0.5) * width
+        counts = self._hist[nonzero].astype(np.float64)
+        clips = self.amax * np.arange(1, 129) / 128.0
+        step = clips[:, None] / limit  # value of one quantization unit per candidate
+        v = np.minimum(centers[None, :], clips[:, None]) / step
+        if self.format == "int8":
+            q = np.rint(v)
+        else:
+            q = v.astype(np.float32).astype(FORMATS[self.format][0]).astype(np.float64)
+        error = ((centers[None, :] - q * step) ** 2 * counts[None, :]).sum(axis=1)
+        best = np.flatnonzero(error <= error.min() * (1 + 1e-12))
+        return float(clips[best[-1]])  # ties: the largest clipping value
+
+    def scale(self, method: str | None = None, *, percentile: float | None = None) -> float:
+        """The per-tensor scale, ``clip_value / qmax``, as a float32 value (a Python float).
+
+        Raises
+        ------
+        ValueError
+            No values observed, or every value zero.
+        """
+        clip = self.clip_value(method, percentile=percentile)
+        return float(np.float32(clip) / np.float32(FORMATS[self.format][1]))
+
+    def __repr__(self) -> str:
+        return (f"Calibrator({self.format!r}, method={self.method!r}, batches={self.batches}, count={self.count}, "
+                f"amax={self.amax:g})")
+
+
+def calibrate(
+    batches: Iterable[Any], dtype: Any = "int8", *, method: str = "max", percentile: float = 99.99,
+    bins: int = 2048,
+) -> float:
+    """The per-tensor activation scale for ``batches`` (an iterable of arrays, consumed once).
+
+    See :class:`Calibrator` for the methods. Raises ValueError for no data, all-zero data, or a batch
+    with NaN or infinite values (naming the batch).
+    """
+    calibrator = Calibrator(dtype, method=method, percentile=percentile, bins=bins)
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches: expected an iterable of arrays, got {type(batches).__name__}") from None
+    for batch in iterator:
+        calibrator.observe(batch)
+    if calibrator.batches == 0:
+        raise ValueError("batches: no calibration data (the iterable was empty)")
+    return calibrator.scale()

@@ -1,0 +1,199 @@
+"""Device correctness of the object layer: what several GPUs in one process need.
+
+Handles, plans, compressed operands and workspaces belong to the device of the arrays they were made from,
+whatever device is current when they are made, called or closed; each device (and thread) has its own
+handle; arrays of different devices in one call are refused with a message naming the devices. The tests
+that need a second GPU skip, saying so, on a machine with one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import pycusparselt as psl
+from pycusparselt import bindings, reference
+from pycusparselt._handles import Handle, handle_for_device
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+F16 = np.dtype(np.float16)
+
+
+def _needs_two() -> None:
+    have = cp.cuda.runtime.getDeviceCount()
+    if have < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {have}")
+
+
+def _problem(seed: int = 0, m: int = 128, k: int = 256, n: int = 64):
+    rng = np.random.default_rng(seed)
+    a = reference.prune_2to4(rng.standard_normal((m, k)).astype(F16))
+    b = rng.standard_normal((k, n)).astype(F16)
+    bias = rng.standard_normal(m).astype(F16)
+    return a, b, bias
+
+
+def _on(device: int, *arrays):
+    with cp.cuda.Device(device):
+        return [cp.asarray(a) for a in arrays]
+
+
+# -- one GPU --------------------------------------------------------------------------------------------
+
+
+def test_plan_made_in_a_device_context_runs_outside_it():
+    a_h, b_h, _ = _problem(1)
+    with cp.cuda.Device(0):
+        a, b = _on(0, a_h, b_h)
+        plan = psl.SparseMatmulPlan(a, b)
+        compressed = plan.compress(a)
+    d = plan.matmul(compressed, b)
+    assert plan.device == 0 and d.device.id == 0
+    assert compressed._buffer.device.id == 0 and plan._workspace.device.id == 0
+    reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h), a=a_h, b=b_h)
+    plan.close()
+
+
+def test_sparse_linear_made_in_a_device_context_runs_outside_it():
+    rng = np.random.default_rng(2)
+    w, x = rng.standard_normal((64, 128)).astype(F16), rng.standard_normal((8, 128)).astype(F16)
+    with cp.cuda.Device(0):
+        layer = psl.SparseLinear(cp.asarray(w))
+    y = layer(_on(0, x)[0])
+    assert y.device.id == 0
+    pruned = reference.prune_2to4(w)
+    reference.assert_close(cp.asnumpy(y).T, reference.matmul(pruned, x.T), a=pruned, b=x.T)
+
+
+def test_handles_are_one_per_device_and_thread():
+    handle = handle_for_device(0)
+    assert handle is handle_for_device(0) and handle.device == 0 and not handle.closed
+    other = []
+    thread = threading.Thread(target=lambda: other.append(handle_for_device(0)))
+    thread.start()
+    thread.join()
+    assert other[0] is not handle and other[0].device == 0
+    a_h, b_h, _ = _problem(3)
+    a, b = _on(0, a_h, b_h)
+    with psl.SparseMatmulPlan(a, b) as plan:
+        assert plan._handle is handle
+
+
+def test_plan_on_an_explicit_stream():
+    a_h, b_h, bias_h = _problem(4)
+    a, b, bias = _on(0, a_h, b_h, bias_h)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with psl.SparseMatmulPlan(a, b, bias=True) as plan:
+        compressed = plan.compress(a, stream=stream)
+        d = plan.matmul(compressed, b, bias=bias, stream=stream)
+        stream.synchronize()
+    reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h, bias=bias_h), a=a_h, b=b_h, bias=bias_h)
+
+
+# -- two GPUs -------------------------------------------------------------------------------------------
+
+
+def test_plan_on_device_1_while_device_0_is_current():
+    _needs_two()
+    a_h, b_h, bias_h = _problem(5)
+    a1, b1, bias1 = _on(1, a_h, b_h, bias_h)
+    assert cp.cuda.Device().id == 0
+    plan = psl.SparseMatmulPlan(a1, b1, bias=True)
+    compressed = plan.compress(a1)
+    d = plan.matmul(compressed, b1, bias=bias1)
+    assert plan.device == 1 and plan._handle.device == 1 and plan._handle is handle_for_device(1)
+    assert compressed._buffer.device.id == 1 and plan._workspace.device.id == 1 and d.device.id == 1
+    assert cp.cuda.Device().id == 0  # the caller's current device is left alone
+    reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h, bias=bias_h), a=a_h, b=b_h, bias=bias_h)
+    assert handle_for_device(0) is not handle_for_device(1)
+    plan.close()
+
+
+def test_arrays_on_different_devices_in_one_call_are_refused():
+    _needs_two()
+    a_h, b_h, _ = _problem(6)
+    a1, b1 = _on(1, a_h, b_h)
+    a0, b0 = _on(0, a_h, b_h)
+    with psl.SparseMatmulPlan(a1, b1) as plan:
+        compressed = plan.compress(a1)
+        with pytest.raises(ValueError, match="device 0.*device 1"):
+            plan.matmul(compressed, b0)
+        with pytest.raises(ValueError, match="device 0.*device 1"):
+            plan.compress(a0)
+        with pytest.raises(ValueError, match="device 0.*device 1"):
+            plan.matmul(compressed, b1, out=cp.empty((a_h.shape[0], b_h.shape[1]), dtype=F16))
+    with pytest.raises(ValueError, match="different devices"):
+        psl.SparseMatmulPlan(a0, b1)
+
+
+def test_a_bias_on_another_device_is_refused():
+    _needs_two()
+    a_h, b_h, bias_h = _problem(7)
+    a1, b1 = _on(1, a_h, b_h)
+    (bias0,) = _on(0, bias_h)
+    with psl.SparseMatmulPlan(a1, b1, bias=True) as plan:
+        compressed = plan.compress(a1)
+        with pytest.raises(ValueError, match="device"):
+            plan.matmul(compressed, b1, bias=bias0)
+
+
+def test_the_current_stream_of_the_plans_device_is_used():
+    _needs_two()
+    a_h, b_h, _ = _problem(8)
+    a0, b0 = _on(0, a_h, b_h)
+    with psl.SparseMatmulPlan(a0, b0) as plan:
+        compressed = plan.compress(a0)
+        with cp.cuda.Device(1):
+            other = cp.cuda.Stream(non_blocking=True)  # a stream of device 1, current there
+            with other:
+                d = plan.matmul(compressed, b0)  # must run on device 0's current stream, not on `other`
+        cp.cuda.Device(0).synchronize()
+    reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h), a=a_h, b=b_h)
+
+
+def test_closing_destroys_with_the_objects_device_current(monkeypatch):
+    _needs_two()
+    seen = []
+
+    def recording(name):
+        original = getattr(bindings, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append((name, cp.cuda.runtime.getDevice()))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(bindings, name, wrapper)
+
+    for name in ("matmul_plan_destroy", "matmul_alg_selection_destroy", "mat_descriptor_destroy", "destroy"):
+        recording(name)
+    a_h, b_h, _ = _problem(9)
+    a1, b1 = _on(1, a_h, b_h)
+    plan = psl.SparseMatmulPlan(a1, b1)
+    handle = Handle(1)
+    assert cp.cuda.Device().id == 0
+    plan.close()
+    handle.close()
+    assert {name for name, _ in seen} >= {"matmul_plan_destroy", "matmul_alg_selection_destroy",
+                                          "mat_descriptor_destroy", "destroy"}
+    assert all(device == 1 for _, device in seen), seen
+    assert cp.cuda.Device().id == 0
+
+
+def test_sparse_linear_on_device_1_while_device_0_is_current():
+    _needs_two()
+    rng = np.random.default_rng(10)
+    w, b = rng.standard_normal((64, 128)).astype(F16), rng.standard_normal(64).astype(F16)
+    x = rng.standard_normal((16, 128)).astype(F16)
+    w1, b1, x1 = _on(1, w, b, x)
+    layer = psl.SparseLinear(w1, b1, activation="relu")
+    y = layer(x1)
+    assert y.device.id == 1 and cp.cuda.Device().id == 0
+    pruned = reference.prune_2to4(w)
+    desired = reference.matmul(pruned, x.T, bias=b, activation="relu")
+    reference.assert_close(cp.asnumpy(y).T, desired, a=pruned, b=x.T, bias=b, activation="relu")
+    with pytest.raises(ValueError, match="device"):
+        layer(_on(0, x)[0])
