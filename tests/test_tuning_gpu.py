@@ -84,7 +84,7 @@ def test_budget_limits_the_candidates(cp):
     with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
         p.plan.autotune(*p.args(), cache=False, budget_s=0.0)
         sources = {c.source for c in p.plan.tuning_report.candidates}
-        # the default, the search and its choice are always timed; nothing else fits in no time
+        # the default and the search's choice are always timed; nothing else fits in no time
         assert sources == {"default", "search"}
 
 
