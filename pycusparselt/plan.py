@@ -1037,8 +1037,9 @@ class SparseMatmulPlan:
         return self.config
 
     def _timing_call(self, a, b, c, alpha, beta, bias, out, stream) -> tuple:
-        """For the tuner: validate once and return (run, stream pointer, compressed, dense, out) where ``run(s, x, d)``
-        enqueues one product with the current configuration on those device pointers."""
+        """For the tuner: check a call once; return ``(run, stream pointer, (S, X, D pointers), out)``, where
+        ``run(s, x, d)`` enqueues one product with the plan's current configuration on those device pointers
+        (the caller keeps ``out`` alive while it uses D's pointer)."""
         stream_ptr = _stream_ptr(stream, self.device)
         s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
         beta = float(beta)

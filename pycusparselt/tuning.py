@@ -247,8 +247,10 @@ def autotune(
             state.pop("s_keep", None)  # the previous candidate's copies
             compressed = state["compressed"] = plan.compress(source, prune="strip", stream=tuning_stream)
             args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-            run, stream_ptr, (s_ptr, x_ptr, d_ptr), _ = plan._timing_call(*args, c, alpha, beta, bias, out,
-                                                                          tuning_stream)
+            # one D for every candidate: the caller's, or the one allocated by the first call, kept alive here
+            run, stream_ptr, (s_ptr, x_ptr, d_ptr), state["out"] = plan._timing_call(
+                *args, c, alpha, beta, bias, state.get("out", out), tuning_stream
+            )
             if "sets" not in state:
                 count = _rotation_count(plan, compressed._buffer.nbytes)
                 dense_name = "b" if plan.sparse == "a" else "a"
@@ -291,7 +293,7 @@ def autotune(
         prepare()
         compressed = state["compressed"]
         search_args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-        plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, out, tuning_stream)
+        plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, state["out"], tuning_stream)
         tried.discard(tuple(default))
         attempt(plan.config, "search")
 
