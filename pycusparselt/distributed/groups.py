@@ -275,14 +275,7 @@ class HostGroup(Group):
         for array in items:
             if not isinstance(array, np.ndarray):
                 raise TypeError(f"{what}: the host backend takes NumPy arrays, got {type(array).__name__}")
-        first = items[0]
-        for array in items[1:]:
-            if array.shape != first.shape or array.dtype != first.dtype:
-                raise ValueError(
-                    f"{what}: every rank's array must have one shape and dtype, got {first.shape} {first.dtype} "
-                    f"and {array.shape} {array.dtype}"
-                )
-        return items
+        return _same_layout(items, what)
 
     def _exchange(self, items: list[np.ndarray], what: str) -> list[np.ndarray]:
         """Every rank's array, in rank order."""
@@ -327,6 +320,18 @@ class HostGroup(Group):
         self._check_open()
         array = np.asarray(array)
         return array if len(self.ranks) == 1 else [array] * len(self.ranks)
+
+
+def _same_layout(items: list, what: str) -> list:
+    """``items`` if every rank's array has the first one's shape and dtype, else ValueError."""
+    first = items[0]
+    for array in items[1:]:
+        if array.shape != first.shape or array.dtype != first.dtype:
+            raise ValueError(
+                f"{what}: every rank's array must have one shape and dtype, got {first.shape} {first.dtype} "
+                f"and {array.shape} {array.dtype}"
+            )
+    return items
 
 
 class NcclGroup(Group):
@@ -376,14 +381,7 @@ class NcclGroup(Group):
                 raise ValueError(f"{what}: array is on device {array.device.id}, its rank's communicator on {device}")
             if not array.flags.c_contiguous:
                 raise ValueError(f"{what}: arrays must be C-contiguous")
-        first = items[0]
-        for array in items[1:]:
-            if array.shape != first.shape or array.dtype != first.dtype:
-                raise ValueError(
-                    f"{what}: every rank's array must have one shape and dtype, got {first.shape} {first.dtype} "
-                    f"and {array.shape} {array.dtype}"
-                )
-        return items
+        return _same_layout(items, what)
 
     def _streams(self, stream: Any) -> list[int]:
         if stream is not None and len(self.ranks) > 1:
