@@ -8,7 +8,13 @@ Every value and signature here is checked against the installed ``cusparseLt.h``
 ``tests/test_header_conformance.py``; nothing in the package repeats these constants by hand (the enums in
 ``pycusparselt/enums.py`` are read from the compiled declarations).
 
-Run ``python build_ffi.py`` in a source checkout to write the module in place for development.
+A second, optional module, ``pycusparselt._fastcall``, is compiled (cffi's API mode) where a C compiler and
+the Python headers exist: one C function that calls ``cusparseLtMatmul`` through an address, so the per-call
+path skips libffi. It includes no CUDA or cuSPARSELt header and links nothing; where it cannot be built,
+``pip install`` warns and the package calls the library through the ABI module instead.
+
+Run ``python build_ffi.py`` in a source checkout to write the module in place for development
+(``python build_ffi.py --fastcall`` also compiles the optional module beside it).
 """
 
 from __future__ import annotations
@@ -334,6 +340,36 @@ typedef int (*pycusparselt_matmul_fn)(intptr_t handle, intptr_t plan, intptr_t a
 """
 
 
+#: Name of the optional compiled module.
+FASTCALL_MODULE = "pycusparselt._fastcall"
+
+#: The compiled module's one function: ``fn`` is the address of ``cusparseLtMatmul``, the other parameters
+#: are those of ``pycusparselt_matmul_fn`` (the same integers, so both paths take the same arguments).
+FASTCALL_CDEF = """
+int pycusparselt_matmul_at(intptr_t fn, intptr_t handle, intptr_t plan, intptr_t alpha, intptr_t a, intptr_t b,
+                           intptr_t beta, intptr_t c, intptr_t d, intptr_t workspace, intptr_t streams,
+                           int num_streams);
+"""
+
+#: Its C source: cusparseLtMatmul's parameter list (cusparseLt.h), every pointer as ``void *``.
+FASTCALL_SOURCE = r"""
+#include <stdint.h>
+
+typedef int (*pycusparselt_matmul_ptr)(const void *handle, const void *plan, const void *alpha, const void *a,
+                                       const void *b, const void *beta, const void *c, void *d, void *workspace,
+                                       void *streams, int32_t num_streams);
+
+static int pycusparselt_matmul_at(intptr_t fn, intptr_t handle, intptr_t plan, intptr_t alpha, intptr_t a,
+                                  intptr_t b, intptr_t beta, intptr_t c, intptr_t d, intptr_t workspace,
+                                  intptr_t streams, int num_streams)
+{
+    return ((pycusparselt_matmul_ptr)fn)((const void *)handle, (const void *)plan, (const void *)alpha,
+                                         (const void *)a, (const void *)b, (const void *)beta, (const void *)c,
+                                         (void *)d, (void *)workspace, (void *)streams, (int32_t)num_streams);
+}
+"""
+
+
 def make_ffibuilder(cdef: str = CDEF) -> cffi.FFI:
     """Return an out-of-line ABI-mode builder for ``cdef``."""
     builder = cffi.FFI()
@@ -342,9 +378,22 @@ def make_ffibuilder(cdef: str = CDEF) -> cffi.FFI:
     return builder
 
 
+def make_fastcall_builder() -> cffi.FFI:
+    """Return the API-mode builder of the optional compiled module (``optional``: a failed build warns)."""
+    builder = cffi.FFI()
+    builder.cdef(FASTCALL_CDEF)
+    builder.set_source(FASTCALL_MODULE, FASTCALL_SOURCE, optional=True)
+    return builder
+
+
 ffibuilder = make_ffibuilder()
+fastcall_builder = make_fastcall_builder()
 
 if __name__ == "__main__":
-    # Development: write the module into the source tree.
+    import sys
+
+    # Development: write the module(s) into the source tree.
     here = os.path.dirname(os.path.abspath(__file__))
     ffibuilder.emit_python_code(os.path.join(here, "pycusparselt", "_cusparselt_cffi.py"))
+    if "--fastcall" in sys.argv[1:]:
+        fastcall_builder.compile(tmpdir=here)

@@ -13,8 +13,10 @@ microseconds per call (medians over the repeats of a loop of ``--iters`` calls w
 
 - ``c_host_us``: wall clock around the C enqueue loop: the library's own host cost;
 - ``py_matmul_host_us``: ``plan.matmul(wa, b, out=y)``; ``py_bind_host_us``: ``plan.bind(wa, b, out=y)()``,
-  the pre-validated call (where this version has it); ``py_bindings_host_us``: the checked binding-layer call
-  ``pycusparselt.bindings.matmul`` with pre-built arguments;
+  the pre-validated call (where this version has it); ``matmul_call``: how those call the library
+  (``compiled`` shim or cffi's ``abi`` mode); where compiled, ``py_bind_abi_host_us`` is the same bound call
+  through cffi's ABI mode (``PYCUSPARSELT_FAST_CALL=0``), for comparison; ``py_bindings_host_us``: the
+  checked binding-layer call ``pycusparselt.bindings.matmul`` with pre-built arguments;
 - ``*_gpu_us``: CUDA events around the same loops (equal to the host time where the GPU waits on the host);
 - ``graph_gpu_us``: GPU time per GEMM when the calls are captured in a CUDA graph and replayed.
 
@@ -197,6 +199,19 @@ def _measure_one(m: int, n: int, k: int, iters: int, repeats: int) -> dict:
         except Exception as exc:  # the plan's internals are not an API: report, do not fail
             row["bindings_reason"] = f"{type(exc).__name__}: {exc}"
         row["graph_gpu_us"] = _graph_us(cp, plan, wa, b, y, min(iters, 100), repeats)
+        row["matmul_call"] = getattr(getattr(plan, "_call", None), "kind", None)
+    if row["matmul_call"] == "compiled":  # the same bound call through cffi's ABI mode, for comparison
+        previous = os.environ.get("PYCUSPARSELT_FAST_CALL")
+        os.environ["PYCUSPARSELT_FAST_CALL"] = "0"
+        try:
+            with psl.SparseMatmulPlan(a, b) as plan, plan.compress(a, prune="strip") as wa:
+                row["py_bind_abi_host_us"], row["py_bind_abi_gpu_us"] = _loop(
+                    cp, plan.bind(wa, b, out=y), iters, repeats)
+        finally:
+            if previous is None:
+                del os.environ["PYCUSPARSELT_FAST_CALL"]
+            else:
+                os.environ["PYCUSPARSELT_FAST_CALL"] = previous
     return row
 
 

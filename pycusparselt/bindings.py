@@ -19,6 +19,8 @@ integer handle, ``None`` (the legacy default stream), or any object with ``__cud
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 from . import _library
@@ -47,6 +49,9 @@ __all__ = [
     "RawPlan",
     "DevicePointer",
     "MatmulCall",
+    "PreparedMatmul",
+    "matmul_call_path",
+    "matmul_caller",
     "MAT_DESC_ATTRIBUTE_TYPES",
     "MATMUL_DESC_ATTRIBUTE_TYPES",
     "MATMUL_ALG_ATTRIBUTE_TYPES",
@@ -700,34 +705,70 @@ def matmul(
     check_status("cusparseLtMatmul", status)
 
 
+def _compiled_matmul() -> tuple[Any, str]:
+    """(the compiled module's call-through-an-address function or None, a description of the path)."""
+    if os.environ.get("PYCUSPARSELT_FAST_CALL", "1").strip() == "0":
+        return None, "abi (PYCUSPARSELT_FAST_CALL=0)"
+    try:
+        from ._fastcall import lib
+    except ImportError as exc:  # not built at install time (no compiler or no Python headers)
+        return None, f"abi (the compiled module pycusparselt._fastcall is not installed: {exc})"
+    return lib.pycusparselt_matmul_at, "compiled"
+
+
+def matmul_call_path() -> str:
+    """How :class:`MatmulCall` calls ``cusparseLtMatmul`` here: ``"compiled"``, or ``"abi (why)"``."""
+    return _compiled_matmul()[1]
+
+
+def matmul_caller() -> tuple[Any, str]:
+    """``(call, kind)``: what :class:`MatmulCall` calls ``cusparseLtMatmul`` through, taking its eleven
+    arguments as integers, and which path that is.
+
+    ``kind`` is ``"compiled"`` when the optional module ``pycusparselt._fastcall`` was built at install time
+    (a C function that calls the library through its address: a direct call, about a microsecond less per
+    call than libffi), else ``"abi"`` (cffi's ABI mode through ``pycusparselt_matmul_fn``). Setting
+    ``PYCUSPARSELT_FAST_CALL=0`` chooses the ABI path even where the compiled module exists.
+    """
+    fn = _lib().cusparseLtMatmul
+    compiled, _ = _compiled_matmul()
+    if compiled is not None:
+        return functools.partial(compiled, int(ffi.cast("intptr_t", fn))), "compiled"
+    return ffi.cast("pycusparselt_matmul_fn", fn), "abi"
+
+
+def _address(cdata: Any) -> int:
+    return int(ffi.cast("intptr_t", cdata))
+
+
 class MatmulCall:
     """``cusparseLtMatmul`` with its fixed arguments converted once, for hot loops and graph capture.
 
     :func:`matmul` checks and converts all eleven arguments on every call, which costs microseconds; here
     the handle, plan, workspace and the addresses of alpha, beta and the stream live as integers, and the
-    function is called through an all-integer pointer type (``FAST_PATH_CDEF`` in ``build_ffi.py``), so a
-    call converts nothing. The caller keeps the handle, plan and workspace alive and unchanged while the
-    object is used (a plan whose configuration changes needs a new MatmulCall). Not thread-safe: alpha,
-    beta and the stream live in buffers the object owns.
+    function is called through :func:`matmul_caller` (a compiled direct call, or an all-integer cffi pointer
+    type), so a call converts nothing. The caller keeps the handle, plan and workspace alive and unchanged
+    while the object (or a :class:`PreparedMatmul` made by :meth:`prepare`) is used; a plan whose
+    configuration changes needs a new MatmulCall. Not thread-safe: alpha, beta and the stream live in
+    buffers the object owns.
     """
 
-    __slots__ = ("_fn", "_ints", "_alpha", "_alpha_at", "_beta", "_stream", "_last_stream")
+    __slots__ = ("_fn", "kind", "_ints", "_alpha", "_alpha_at", "_beta", "_stream", "_last_stream")
 
     def __init__(self, handle: RawHandle, plan: RawPlan, workspace: int | None) -> None:
-        address = lambda cdata: int(ffi.cast("intptr_t", cdata))  # noqa: E731
-        self._fn = ffi.cast("pycusparselt_matmul_fn", _lib().cusparseLtMatmul)
+        self._fn, self.kind = matmul_caller()
         self._alpha = ffi.new("float *")
         self._beta = ffi.new("float *")
         self._stream = ffi.new("cudaStream_t[1]")
         self._last_stream = 0
-        self._alpha_at = address(self._alpha)
+        self._alpha_at = _address(self._alpha)
         # handle, plan, beta, workspace, streams
         self._ints = (
-            address(_live(handle, RawHandle, "handle")),
-            address(_live(plan, RawPlan, "plan")),
-            address(self._beta),
+            _address(_live(handle, RawHandle, "handle")),
+            _address(_live(plan, RawPlan, "plan")),
+            _address(self._beta),
             0 if workspace is None else _int(workspace, "workspace", "a device address"),
-            address(self._stream),
+            _address(self._stream),
         )
 
     def __call__(self, alpha: float | DevicePointer, a: int, b: int, beta: float, c: int, d: int, stream: int) -> None:
@@ -744,6 +785,46 @@ class MatmulCall:
             self._last_stream = stream
         handle, plan, beta_at, workspace, streams = self._ints
         status = self._fn(handle, plan, alpha_at, a, b, beta_at, c, d, workspace, streams, 1)
+        if status:
+            check_status("cusparseLtMatmul", status)
+
+    def prepare(
+        self, alpha: float | DevicePointer, a: int, b: int, beta: float, c: int, d: int, stream: int
+    ) -> PreparedMatmul:
+        """Every argument fixed: a :class:`PreparedMatmul` that owns its own alpha, beta and stream."""
+        return PreparedMatmul(self, alpha, a, b, beta, c, d, stream)
+
+
+class PreparedMatmul:
+    """One ``cusparseLtMatmul`` with all eleven arguments fixed (from :meth:`MatmulCall.prepare`).
+
+    ``launch()`` enqueues it and returns the raw status (0 for success), for callers that check it
+    themselves on their hottest path; calling the object raises on failure. Alpha, beta and the stream
+    handle live in buffers this object owns, so several may be used side by side. The same lifetime rule
+    as :class:`MatmulCall` applies.
+    """
+
+    __slots__ = ("launch", "kind", "_buffers")
+
+    def __init__(
+        self, call: MatmulCall, alpha: float | DevicePointer, a: int, b: int, beta: float, c: int, d: int, stream: int
+    ) -> None:
+        handle, plan, _, workspace, _ = call._ints
+        beta_buf, stream_buf = ffi.new("float *", float(beta)), ffi.new("cudaStream_t[1]")
+        stream_buf[0] = ffi.cast("cudaStream_t", _int(stream, "stream", "a stream handle"))
+        self._buffers: tuple = (beta_buf, stream_buf)
+        if type(alpha) is DevicePointer:
+            alpha_at = int(alpha)
+        else:
+            alpha_buf = ffi.new("float *", float(alpha))
+            self._buffers += (alpha_buf,)
+            alpha_at = _address(alpha_buf)
+        args = (handle, plan, alpha_at, a, b, _address(beta_buf), c, d, workspace, _address(stream_buf), 1)
+        self.launch = functools.partial(call._fn, *args)
+        self.kind = call.kind
+
+    def __call__(self) -> None:
+        status = self.launch()
         if status:
             check_status("cusparseLtMatmul", status)
 

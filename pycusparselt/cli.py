@@ -1,7 +1,8 @@
 """Command line: ``python -m pycusparselt info | demo | bench``.
 
-- ``info`` prints the loaded library (path, version), the versions of cffi, NumPy and CuPy, and each CUDA
-  device with its compute capability and whether it has Sparse Tensor Cores, or plainly that there is no GPU.
+- ``info`` prints the loaded library (path, version), the versions of cffi, NumPy and CuPy, how products
+  call the library (``matmul call``: the compiled shim or cffi's ABI mode), and each CUDA device with its
+  compute capability and whether it has Sparse Tensor Cores, or plainly that there is no GPU.
 - ``demo`` runs a small 2:4 sparse GEMM end to end: on a GPU through cuSPARSELt, otherwise on the NumPy
   reference, and says which.
 - ``bench`` benchmarks 2:4 sparse GEMMs against dense cuBLAS and PyTorch (:mod:`pycusparselt.bench`).
@@ -35,7 +36,7 @@ def _cupy_version() -> str:
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
-    from . import __version__
+    from . import __version__, bindings
     from ._library import load
     from .devices import cuda_devices
     from .errors import LibraryNotFoundError
@@ -47,6 +48,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     except LibraryNotFoundError as exc:
         print(f"cuSPARSELt   not available: {exc}")
     print(f"cffi         {_version('cffi')}")
+    print(f"matmul call  {bindings.matmul_call_path()}")
     print(f"NumPy        {np.__version__}")
     print(f"ml_dtypes    {_version('ml_dtypes')}")
     print(f"CuPy         {_cupy_version()}")

@@ -482,6 +482,7 @@ class SparseMatmulPlan:
             finalizer()
         self._buffers = {}
         self._workspace = None
+        self._call = None  # what bound calls check: theirs is gone
 
     def __enter__(self) -> SparseMatmulPlan:
         return self
@@ -519,8 +520,9 @@ class SparseMatmulPlan:
         """The configuration the plan runs (settable; :meth:`autotune` sets it too).
 
         Setting it re-initialises the plan with that configuration, which can change cuSPARSELt's compressed
-        form: operands compressed before are then refused (compress again). ``autotune(method="search")``
-        changes the configuration in place and keeps them valid.
+        form: operands compressed before are then refused (compress again) unless the algorithm id is
+        unchanged. :meth:`autotune` re-initialises the plan the same way (both methods), so tune first,
+        then compress.
         """
         h = self._live()
         get = bindings.matmul_alg_get_attribute
@@ -1055,33 +1057,57 @@ class BoundMatmul:
     """A plan's product on fixed operands, checked once: ``call()`` runs it (see
     :meth:`SparseMatmulPlan.bind`). Holds references to the operands; returns ``out``."""
 
-    __slots__ = ("plan", "out", "_operands", "_stream", "_args", "_format")
+    __slots__ = ("plan", "out", "_operands", "_stream", "_format", "_via", "_launch", "_prepared", "_get_device")
 
     def __init__(self, plan: SparseMatmulPlan, operands: tuple, stream_ptr: int) -> None:
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = plan._pointers(*operands, stream_ptr)
-        self.plan = plan
-        self.out = out
-        self._format = plan._format
-        self._operands = operands[:-1] + (out,)
-        self._stream = stream_ptr
-        # the direct path: fixed pointers, nothing to copy per call
-        direct = not (plan.padded or plan._has_bias or plan._has_alpha_vector)
-        self._args = (alpha_arg, s_ptr, x_ptr, float(operands[4]), c_ptr, d_ptr, stream_ptr) if direct else None
-
-    def __call__(self) -> Any:
         import cupy
 
+        self.plan = plan
+        self._stream = stream_ptr
+        self._format = plan._format
+        self._get_device = cupy.cuda.runtime.getDevice
+        self._via = self._launch = self._prepared = None
+        self._prepare(operands)
+
+    def _prepare(self, operands: tuple) -> None:
+        """Check the operands and fix every argument of the C call (the direct path) where nothing needs
+        copying per call; ``_via`` is the plan's call object they were fixed for."""
         plan = self.plan
-        if plan._closed:
-            raise ClosedError("the plan was closed")
-        if self._args is None or plan._format != self._format:
-            return plan._run(None, *self._operands, self._stream)  # checks everything (and refuses stale data)
-        if cupy.cuda.runtime.getDevice() != plan.device:
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = plan._pointers(*operands, self._stream)
+        self.out = out
+        self._operands = operands[:-1] + (out,)
+        if not (plan.padded or plan._has_bias or plan._has_alpha_vector):
+            self._prepared = plan._call.prepare(alpha_arg, s_ptr, x_ptr, float(operands[4]), c_ptr, d_ptr,
+                                                self._stream)
+            self._launch, self._via = self._prepared.launch, plan._call
+
+    def __call__(self) -> Any:
+        plan = self.plan
+        # One identity check covers a closed plan (its call object is None) and a re-initialised one (a new
+        # call object, a new workspace): both take the checked path.
+        if plan._call is not self._via:
+            return self._rebound()
+        if self._get_device() != plan.device:
+            import cupy
+
             with cupy.cuda.Device(plan.device):
-                plan._call(*self._args)
+                status = self._launch()
         else:
-            plan._call(*self._args)
+            status = self._launch()
+        if status:
+            bindings.check_status("cusparseLtMatmul", status)
         return self.out
+
+    def _rebound(self) -> Any:
+        plan = self.plan
+        if self._launch is not None and not plan._closed and plan._format == self._format:
+            # re-initialised with the same compressed form: fix the arguments again for the new workspace
+            import cupy
+
+            with cupy.cuda.Device(plan.device):
+                self._prepare(self._operands)
+            return self()
+        return plan._run(None, *self._operands, self._stream)  # checks everything (and refuses stale data)
 
     def __repr__(self) -> str:
         return f"<BoundMatmul of {self.plan!r}>"

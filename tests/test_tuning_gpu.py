@@ -193,6 +193,42 @@ def test_bound_call_equals_matmul_and_reads_operands_at_run_time(cp, case):
             call()
 
 
+def test_bound_call_follows_a_reinitialised_plan(cp):
+    """Re-initialising with the same configuration frees the old workspace: a bound call made before must fix
+    its arguments again (not run on freed memory) and still give the right product."""
+    with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
+        call = p.plan.bind(*p.args())
+        p.check(call())
+        before = p.plan._call
+        p.plan.config = p.plan.config
+        assert p.plan._call is not before
+        out = call.out
+        out.fill(0)
+        assert call() is out
+        p.check(out)
+        assert call._via is p.plan._call  # back on the direct path
+
+
+def test_compiled_and_abi_call_paths_agree(cp, monkeypatch):
+    """The compiled per-call shim (where built) and cffi's ABI path give bit-identical products."""
+    case = Case(F16, F16, m=128, n=256, k=512)
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PYCUSPARSELT_FAST_CALL", switch)
+        with Problem(cp, case) as p:
+            kind = p.plan._call.kind
+            results[kind] = (p.matmul().get(), p.plan.bind(*p.args())().get())
+            p.check(cp.asarray(results[kind][1]))
+    assert "abi" in results
+    try:
+        import pycusparselt._fastcall  # noqa: F401
+    except ImportError:
+        pytest.skip("pycusparselt._fastcall was not built here: only the ABI path ran")
+    assert set(results) == {"compiled", "abi"}
+    for got, want in zip(results["compiled"], results["abi"], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_graph_capture_replays_the_product(cp):
     case = Case(F16, F16, m=256, n=128, k=512, bias=True)
     with Problem(cp, case) as p:
