@@ -14,6 +14,12 @@ of every comparison, so a broken path cannot post a fast time. Times are medians
 (:func:`pycusparselt.timing.time_gpu`); eager columns include the host's launch cost wherever it exceeds the
 GPU's time, which is what the graph column removes.
 
+Our three stages (default, search, timed tuner) are what the tuner's targets compare, so they are measured
+without an order: each stage has its own plan (tuned, then given its own compressed weight) and output, and
+their eager columns are timed in alternation, one sample of each per round with the first rotated
+(:func:`pycusparselt.timing.time_gpu_interleaved`), as are their graph columns. Timed one after another,
+the later stage read slower from clock and thermal drift alone.
+
 The functions that turn results into tables and targets (:func:`markdown_report`, :func:`targets`) need
 neither a GPU nor CuPy; ``scripts/bench_report.py`` writes ``docs/benchmarks.md`` with them.
 """
@@ -130,6 +136,8 @@ SPARSE_COLUMNS: dict[str, str] = {
     "ours_search_graph": "ours, search, CUDA graph",
     "ours_timed_graph": "ours, timed tuner, CUDA graph",
 }
+#: Our stages, each a plan of its own: the library's default config, cusparseLtMatmulSearch, our timed tuner.
+_STAGES = ("default", "search", "timed")
 #: A column whose checking call takes longer (seconds) is timed fewer times (about a second's worth, >= 3).
 SLOW_CALL_S = 0.05
 #: Timing noise allowed when comparing our tuner with the default config and with the library's search.
@@ -247,6 +255,9 @@ def environment(torch_module: Any = None) -> dict[str, Any]:
         loaded = load()
         env["cusparselt"] = ".".join(map(str, loaded.version))
         env["cusparselt_path"] = loaded.path
+        from .bindings import matmul_call_path
+
+        env["matmul_call"] = matmul_call_path()
     except Exception as exc:  # LibraryNotFoundError, or anything a broken install raises
         env["cusparselt"] = f"not available: {exc}"
     try:
@@ -421,18 +432,51 @@ class _Runner:
 
     # -- timing and checking --------------------------------------------------------------------------
 
-    def _time(self, fn: Callable[[int], Any], stream: Any = None, per_call: int = 1,
-              first_s: float = 0.0) -> dict[str, float]:
-        from .timing import time_gpu
-
+    def _effort(self, first_s: float) -> tuple[int, int]:
+        """Timed samples and warm-up calls for a column whose checking call took ``first_s`` seconds."""
         repeats, warmup = self.repeats, self.warmup
         if first_s > SLOW_CALL_S:  # a slow column gets about a second of timing, never fewer than 3 samples
             repeats, warmup = max(3, min(repeats, int(1.0 / first_s))), min(warmup, 1)
-        timing = time_gpu(fn, repeats=repeats, warmup=warmup, stream=stream)
+        return repeats, warmup
+
+    def _entry(self, timing: Any, per_call: int, repeats: int) -> dict[str, float]:
         entry = {"median_ms": timing.median_ms / per_call, "min_ms": timing.min_ms / per_call}
         if repeats != self.repeats:
             entry["repeats"] = repeats
         return entry
+
+    def _time(self, fn: Callable[[int], Any], stream: Any = None, per_call: int = 1,
+              first_s: float = 0.0) -> dict[str, float]:
+        from .timing import time_gpu
+
+        repeats, warmup = self._effort(first_s)
+        return self._entry(time_gpu(fn, repeats=repeats, warmup=warmup, stream=stream), per_call, repeats)
+
+    def _time_interleaved(self, live: dict[str, tuple]) -> dict[str, dict[str, float]]:
+        """Time checked columns (``key -> (fn, per_call, stream, first_s)``) in alternation; one round count
+        for all, from the slowest checking call, so every column gets as many samples from the same period."""
+        from .timing import time_gpu_interleaved
+
+        repeats, warmup = self._effort(max(column[3] for column in live.values()))
+        timings = time_gpu_interleaved({key: column[0] for key, column in live.items()}, repeats=repeats,
+                                       warmup=warmup, streams={key: column[2] for key, column in live.items()})
+        return {key: self._entry(timings[key], column[1], repeats) for key, column in live.items()}
+
+    @staticmethod
+    def _unpack(built: tuple) -> tuple:
+        """``(fn, result_getter[, per_call, stream])`` -> ``(fn, result_getter, per_call, stream)``."""
+        return built[0], built[1], built[2] if len(built) > 2 else 1, built[3] if len(built) > 3 else None
+
+    def _check(self, data: _Inputs, fn: Callable[[int], Any], result: Callable[[], Any]) -> tuple[dict, float]:
+        """Run a column once and compare its result with the reference: ``(entry, seconds the call took)``."""
+        cp = self.cp
+        started = time.perf_counter()
+        fn(0)
+        cp.cuda.Device().synchronize()
+        first_s = time.perf_counter() - started
+        err = data.rel_err(result())
+        ok = bool(err <= TOLERANCE[data.out])
+        return {"rel_err": err if math.isfinite(err) else None, "ok": ok}, first_s
 
     def _column(self, record: dict, key: str, data: _Inputs, build: Callable[[], tuple]) -> None:
         """Build a column (``build`` returns ``(fn, result_getter[, per_call, stream])``), check its result
@@ -444,23 +488,64 @@ class _Runner:
             return
         self.events({"column": key})
         try:
-            built = build()
-            fn, result = built[0], built[1]
-            per_call = built[2] if len(built) > 2 else 1
-            stream = built[3] if len(built) > 3 else None
-            started = time.perf_counter()
-            fn(0)
-            cp.cuda.Device().synchronize()
-            first_s = time.perf_counter() - started
-            err = data.rel_err(result())
-            ok = bool(err <= TOLERANCE[data.out])
-            entry: dict[str, Any] = {"rel_err": err if math.isfinite(err) else None, "ok": ok}
+            fn, result, per_call, stream = self._unpack(build())
+            entry, first_s = self._check(data, fn, result)
             entry.update(self._time(fn, stream, per_call, first_s))
             cp.cuda.Device().synchronize()
             record["columns"][key] = entry
         except Exception as exc:  # a column that cannot run is reported, never fatal ...
             record["columns"][key] = {"na": _reason(exc)}
             self._check_alive(key, exc)  # ... unless it took the CUDA context with it
+
+    def _interleaved(self, record: dict, data: _Inputs, builds: dict[str, Callable[[], tuple]],
+                     event: str) -> str | None:
+        """Columns compared with each other: build and check each (as :meth:`_column`), then time those that
+        ran in alternation (:func:`~pycusparselt.timing.time_gpu_interleaved`). Returns how they were timed.
+
+        ``event`` names the interleaved timing for the crash locator. Where it broke the CUDA context before
+        (it is in :attr:`skip`), the columns are timed one after another instead, each under its own name, so
+        that a further crash is pinned on one column.
+        """
+        cp = self.cp
+        live: dict[str, tuple] = {}
+        for key, build in builds.items():
+            skipped = self.skip.get((data.dtype, key))
+            if skipped:
+                record["columns"][key] = {"na": skipped}
+                continue
+            self.events({"column": key})
+            try:
+                fn, result, per_call, stream = self._unpack(build())
+                record["columns"][key], first_s = self._check(data, fn, result)
+                live[key] = (fn, per_call, stream, first_s)
+            except Exception as exc:
+                record["columns"][key] = {"na": _reason(exc)}
+                self._check_alive(key, exc)
+        if not live:
+            return None
+        skipped = self.skip.get((data.dtype, event))
+        if skipped:
+            for key, (fn, per_call, stream, first_s) in live.items():
+                self.events({"column": key})
+                try:
+                    record["columns"][key].update(self._time(fn, stream, per_call, first_s))
+                    cp.cuda.Device().synchronize()
+                except Exception as exc:
+                    record["columns"][key] = {"na": _reason(exc)}
+                    self._check_alive(key, exc)
+            return f"one after another; interleaved: {skipped}"
+        self.events({"column": event})
+        try:
+            entries = self._time_interleaved(live)
+            cp.cuda.Device().synchronize()
+        except Exception as exc:
+            for key in live:
+                record["columns"][key] = {"na": _reason(exc)}
+            self._check_alive(event, exc)
+            return None
+        for key, entry in entries.items():
+            record["columns"][key].update(entry)
+        return "interleaved"
 
     def _check_alive(self, key: str, exc: BaseException) -> None:
         broken = _context_error(self.cp)
@@ -680,82 +765,96 @@ class _Runner:
         return run, lambda: y, calls, stream
 
     def _ours(self, record: dict, data: _Inputs, plan: Any, x: Any, wt: Any) -> None:
+        """Our columns. Each stage (the default config, ``cusparseLtMatmulSearch``, the timed tuner) has a plan
+        of its own, tuned first and then given its compressed weight (a configuration can change cuSPARSELt's
+        compressed form), and an output of its own. The three eager columns are then timed in alternation, and
+        the three graph columns likewise: timed one after another, the later ones read slower from clock and
+        thermal drift alone. ``plan`` is the fresh plan of the case (the default stage's, closed by the
+        caller); ``wt`` the pruned, dense W.T the plans are tuned on and compress.
+        """
+        from .plan import SparseMatmulPlan
+
         cp = self.cp
         m, n = data.shape.m, data.shape.n
-        y = cp.empty((m, n), dtype=data.out_np)
-        # the compressed weight, remade only when the plan refuses it: tuning re-initialises the plan with its
-        # choice, which can change cuSPARSELt's compressed form (SparseMatmulPlan.config)
-        state: dict[str, Any] = {}
+        owned: list[Any] = []  # plans and compressed weights made here, closed in reverse order
+        stages: dict[str, tuple[Any, Any, Any]] = {}  # stage -> (plan, compressed weight, output)
         try:
             record["configs"]["max_alg_id"] = plan.max_alg_id
             record["bind"] = hasattr(plan, "bind")
+            for stage in _STAGES:
+                key = f"ours_{stage}"
+                try:
+                    skipped = self.skip.get((data.dtype, key))
+                    if skipped:  # it broke the CUDA context before: the whole stage is left out
+                        raise _NotAvailable(skipped)
+                    self.events({"column": key})
+                    if stage == "default":
+                        staged = plan
+                    else:
+                        staged = SparseMatmulPlan(x, wt, **data.plan_kwargs)
+                        owned.append(staged)
+                    y = cp.empty((m, n), dtype=data.out_np)
+                    if stage != "default":
+                        started = time.perf_counter()
+                        self._tune(staged, stage, x, wt, y)
+                        record["tune_s"][stage] = time.perf_counter() - started
+                    if stage == "timed":
+                        self._tuner_record(record, staged)
+                    wc = staged.compress(wt)  # already 2:4 (pruned by the library); checked on the GPU
+                    owned.append(wc)
+                    record["configs"][stage] = list(staged.config)
+                    stages[stage] = (staged, wc, y)
+                except Exception as exc:
+                    reason = _reason(exc)
+                    record["columns"][key] = {"na": reason}
+                    record["columns"][f"{key}_graph"] = {"na": reason}
+                    self._check_alive(key, exc)
 
-            def eager() -> tuple:
-                wc = state["wc"]
-
+            def eager(staged: Any, wc: Any, y: Any) -> tuple:
                 def run(_i: int) -> None:
-                    plan.matmul(x, wc, out=y)
+                    staged.matmul(x, wc, out=y)
 
                 _poison(cp, y)
                 return run, lambda: y
 
-            def graph(stage: str) -> tuple:
-                eager_ms = record["columns"].get(f"ours_{stage}", {}).get("median_ms", 1.0)
-                # enough GEMMs per graph that a replay lasts ~0.2 ms or more
-                calls = max(1, min(self.graph_calls, math.ceil(0.2 / max(eager_ms, 1e-3))))
-                return self._graph(plan, x, state["wc"], y, calls)
-
-            for stage in ("default", "search", "timed"):
-                key = f"ours_{stage}"
-                if stage != "default":
-                    skipped = self.skip.get((data.dtype, key))
-                    try:
-                        if skipped:
-                            raise _NotAvailable(skipped)
-                        self.events({"column": key})
-                        started = time.perf_counter()
-                        self._tune(plan, stage, x, state["wc"], y)
-                        record["tune_s"][stage] = time.perf_counter() - started
-                        report = getattr(plan, "tuning_report", None) if stage == "timed" else None
-                        if report is not None and getattr(report, "candidates", None) is not None:
-                            timed = [c for c in report.candidates if c.median_ms is not None]
-                            record["tuner"] = {"source": report.source, "candidates_timed": len(timed),
-                                               "candidates_refused": len(report.candidates) - len(timed),
-                                               "best_ms": min((c.median_ms for c in timed), default=None)}
-                    except Exception as exc:
-                        reason = _reason(exc)
-                        record["columns"][key] = {"na": reason}
-                        record["columns"][f"{key}_graph"] = {"na": reason}
-                        self._check_alive(key, exc)
-                        continue
-                self._compressed(plan, state, x, wt, y)
-                record["configs"][stage] = list(plan.config)
-                self._column(record, key, data, eager)
-                self._column(record, f"{key}_graph", data, lambda stage=stage: graph(stage))
+            how: dict[str, str | None] = {}
+            how["eager"] = self._interleaved(
+                record, data, {f"ours_{s}": lambda s=s: eager(*stages[s]) for s in stages}, "ours_eager_interleaved")
+            # one graph length for all three, so that they compare like with like: enough GEMMs that a replay of
+            # the fastest stage lasts ~0.2 ms or more
+            eager_ms = [record["columns"].get(f"ours_{s}", {}).get("median_ms") for s in stages]
+            fastest = min((ms for ms in eager_ms if ms), default=1.0)
+            calls = max(1, min(self.graph_calls, math.ceil(0.2 / max(fastest, 1e-3))))
+            graphs = {f"ours_{s}_graph": lambda s=s: self._graph(stages[s][0], x, stages[s][1], stages[s][2], calls)
+                      for s in stages}
+            how["graph"] = self._interleaved(record, data, graphs, "ours_graph_interleaved")
+            record["ours_timing"] = {kind: value for kind, value in how.items() if value is not None}
         finally:
-            if "wc" in state:
-                state.pop("wc").close()
+            for obj in reversed(owned):
+                try:
+                    obj.close()
+                except Exception:  # after a lost context: what is propagating says more
+                    pass
 
     @staticmethod
-    def _compressed(plan: Any, state: dict, x: Any, wt: Any, y: Any) -> None:
-        """Keep ``state["wc"]`` if the plan still takes it (one product as the test), else compress again."""
-        if "wc" in state:
-            try:
-                plan.matmul(x, state["wc"], out=y)
-                return
-            except ValueError:  # "compress again": the configuration changed the compressed form
-                state.pop("wc").close()
-        state["wc"] = plan.compress(wt)  # already 2:4 (pruned by the library); checked on the GPU
+    def _tuner_record(record: dict, plan: Any) -> None:
+        report = getattr(plan, "tuning_report", None)
+        if report is not None and getattr(report, "candidates", None) is not None:
+            timed = [c for c in report.candidates if c.median_ms is not None]
+            record["tuner"] = {"source": report.source, "candidates_timed": len(timed),
+                               "candidates_refused": len(report.candidates) - len(timed),
+                               "best_ms": min((c.median_ms for c in timed), default=None)}
 
-    def _tune(self, plan: Any, stage: str, x: Any, wc: Any, y: Any) -> None:
+    def _tune(self, plan: Any, stage: str, x: Any, w: Any, y: Any) -> None:
+        """Tune ``plan`` for ``stage`` ("search" or "timed") on the dense, pruned sparse-side operand ``w``."""
         import inspect
 
         parameters = inspect.signature(plan.autotune).parameters
         if stage == "search":
             if "method" in parameters:
-                plan.autotune(x, wc, out=y, method="search")
+                plan.autotune(x, w, out=y, method="search")
             else:  # releases whose autotune is the library's search
-                plan.autotune(x, wc, out=y)
+                plan.autotune(x, w, out=y)
             return
         if "method" not in parameters:
             raise _NotAvailable("SparseMatmulPlan.autotune has no method='timed' in this version")
@@ -764,7 +863,7 @@ class _Runner:
             kwargs["cache"] = False  # really tune, every run
         if self.tune_budget is not None and "budget_s" in parameters:
             kwargs["budget_s"] = self.tune_budget
-        plan.autotune(x, wc, out=y, **kwargs)
+        plan.autotune(x, w, out=y, **kwargs)
 
     # -- one case ---------------------------------------------------------------------------------------
 
@@ -1034,8 +1133,11 @@ def run_benchmark(
     -------
     dict
         ``{"environment": ..., "settings": ..., "cases": [...]}``; each case holds ``columns`` (per column
-        ``median_ms``, ``min_ms``, ``rel_err``, ``ok``, or ``na`` with the reason), ``configs``, ``tune_s``
-        and ``derived`` (:func:`summarize`).
+        ``median_ms``, ``min_ms``, ``rel_err``, ``ok``, or ``na`` with the reason), ``configs``, ``tune_s``,
+        ``ours_timing`` (how our eager and graph columns were timed: ``"interleaved"``, or one after another
+        where interleaving broke the CUDA context in an earlier case) and ``derived`` (:func:`summarize`).
+        ``settings["ours_timing"]`` is ``"interleaved"``; results without it timed our columns one after
+        another, on one plan.
     """
     shapes, dtypes = list(shapes), list(dtypes)
     for dtype in dtypes:
@@ -1050,7 +1152,9 @@ def run_benchmark(
         raise RuntimeError(f"the benchmark needs a GPU: {reason}")
     deadline = None if time_limit is None else time.time() + time_limit
     settings = {"repeats": repeats, "warmup": warmup, "tune_budget_s": tune_budget, "seed": seed, "noise": NOISE,
-                "use_torch": use_torch, "isolated": isolate, "time_limit_s": time_limit, "deadline": deadline}
+                "use_torch": use_torch, "isolated": isolate, "time_limit_s": time_limit, "deadline": deadline,
+                # our stages: a plan each, eager (and graph) columns timed in alternation (see _Runner._ours)
+                "ours_timing": "interleaved"}
     results: dict[str, Any] = {"environment": {}, "settings": settings, "cases": []}
     # the large shapes first, so that a run cut short still has what the targets are judged on
     order = sorted(range(len(shapes)), key=lambda i: (not is_large(shapes[i].m, shapes[i].n, shapes[i].k), i))
@@ -1370,8 +1474,9 @@ def _env_line(env: dict[str, Any]) -> str:
 def _host_table(host: dict[str, Any]) -> list[str]:
     lines = [
         "| problem (M x N x K, fp16) | C loop host (us/call) | plan.matmul host | plan.bind()() host | "
-        "bindings.matmul host | matmul - C | bind - C | GPU per call, eager | GPU per GEMM, graph |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "bind()() host, ABI call | bindings.matmul host | matmul - C | bind - C | GPU per call, eager | "
+        "GPU per GEMM, graph |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     def us(p: dict, key: str) -> str:
         return _fmt_num(p.get(key), ".1f")
@@ -1384,7 +1489,8 @@ def _host_table(host: dict[str, Any]) -> list[str]:
     for p in host.get("problems", []):
         lines.append(
             f"| {p['m']} x {p['n']} x {p['k']} | {us(p, 'c_host_us')} | {us(p, 'py_matmul_host_us')} | "
-            f"{us(p, 'py_bind_host_us')} | {us(p, 'py_bindings_host_us')} | {diff(p, 'py_matmul_host_us')} | "
+            f"{us(p, 'py_bind_host_us')} | {us(p, 'py_bind_abi_host_us')} | {us(p, 'py_bindings_host_us')} | "
+            f"{diff(p, 'py_matmul_host_us')} | "
             f"{diff(p, 'py_bind_host_us')} | "
             f"{us(p, 'py_matmul_gpu_us')} | {us(p, 'graph_gpu_us')} |"
         )
@@ -1423,6 +1529,17 @@ def _budget_text(budget: float | None) -> str:
         return "every candidate timed"
     return (f"a budget of {budget:g} s per case: the default config and the search's choice always, then the "
             "algorithm ids that fit")
+
+
+def _ours_timing_text(settings: dict[str, Any]) -> str:
+    """How our three stages were timed against each other (results written before interleaving say nothing)."""
+    if settings.get("ours_timing") == "interleaved":
+        return ("- Our three stages are timed in alternation: each has its own plan (tuned, then given its own "
+                "compressed weight) and output, and each round takes one sample of each eager column, the first "
+                "rotated from round to round; the graph columns likewise. Clock or thermal drift during a case "
+                "thus favours no stage.")
+    return ("- Our three stages were timed one after another (default, search, tuned) on one plan, so a later "
+            "column can read slower from clock or thermal drift alone.")
 
 
 def markdown_report(results: dict[str, Any], *, plot_path: str | None = None, notes: str | None = None,
@@ -1466,6 +1583,7 @@ def markdown_report(results: dict[str, Any], *, plot_path: str | None = None, no
         "(`autotune(method=\"search\")`), after our timed tuner (`autotune(method=\"timed\")`, tuning cache off, "
         f"{_budget_text(settings.get('tune_budget_s'))}), and the tuned product replayed from a CUDA graph "
         "(`plan.bind`, time per GEMM);",
+        _ours_timing_text(settings),
         "- *speedup*: best dense time / our tuned eager time; *vs cslt*: PyTorch's better time / ours.",
         "- Eager columns include the host's launch cost wherever it is longer than the GPU's time (small "
         "problems); `*` marks those cases (the graph replay is under half the eager time).",

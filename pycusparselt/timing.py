@@ -1,15 +1,16 @@
 """GPU timing with CUDA events: warm-up, then the median of several timed runs.
 
 Used by the auto-tuner (:meth:`pycusparselt.SparseMatmulPlan.autotune`) and the benchmarks, so every figure
-the project reports is measured the same way.
+the project reports is measured the same way. :func:`time_gpu_interleaved` times several functions in
+alternation, for comparisons that clock or thermal drift must not bias.
 """
 
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
-__all__ = ["Timing", "time_gpu"]
+__all__ = ["Timing", "time_gpu", "time_gpu_interleaved"]
 
 
 class Timing(NamedTuple):
@@ -67,3 +68,74 @@ def time_gpu(
     times = tuple(cupy.cuda.get_elapsed_time(start, stop) / inner for start, stop in events)
     return Timing(statistics.median(times), min(times), times)
 
+
+def time_gpu_interleaved(
+    fns: Mapping[str, Callable[[int], Any]],
+    *,
+    repeats: int = 10,
+    warmup: int = 3,
+    lead: int = 1,
+    streams: Mapping[str, Any] | None = None,
+) -> dict[str, Timing]:
+    """Time several functions on the GPU in alternation, so that drift (clocks, temperature) favours none.
+
+    Each function is warmed up first. Then come ``repeats`` rounds; a round takes one sample of every function,
+    and the function that goes first rotates from round to round (``a, b, c``, then ``b, c, a``, ...). A sample
+    is ``lead`` untimed calls, then one call between two CUDA events, then a synchronisation, so samples never
+    overlap and no function's work spills into another's.
+
+    Parameters
+    ----------
+    fns : mapping of str to callable
+        Each called as ``fn(i)`` with its own running call index (to rotate inputs), enqueuing its work on its
+        stream.
+    repeats : int
+        Rounds, i.e. timed samples per function; the median is reported.
+    warmup : int
+        Untimed calls of each function first (library initialisation, caches, clocks).
+    lead : int
+        Untimed calls just before each timed one. The synchronisation after the previous sample leaves the GPU
+        idle, so without them a sample would also time the host launching the call, and would start with the
+        previous function's data in the caches; with them it starts behind queued work, as :func:`time_gpu`'s
+        back-to-back samples do.
+    streams : mapping of str to cupy.cuda.Stream, optional
+        Where each function's events are recorded; CuPy's current stream for a function not in it.
+
+    Returns
+    -------
+    dict of str to Timing
+        In the order of ``fns``.
+    """
+    import cupy
+
+    if repeats < 1 or warmup < 0 or lead < 0:
+        raise ValueError(f"repeats must be >= 1, warmup and lead >= 0, got {repeats}, {warmup}, {lead}")
+    keys = list(fns)
+    if not keys:
+        return {}
+    streams = dict(streams or {})
+    current = cupy.cuda.get_current_stream()
+    stream = {key: streams[key] if streams.get(key) is not None else current for key in keys}
+    calls = dict.fromkeys(keys, 0)
+
+    def call(key: str) -> None:
+        fns[key](calls[key])
+        calls[key] += 1
+
+    for key in keys:
+        for _ in range(warmup):
+            call(key)
+        stream[key].synchronize()
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for round_ in range(repeats):
+        first = round_ % len(keys)
+        for key in keys[first:] + keys[:first]:
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            for _ in range(lead):
+                call(key)
+            start.record(stream[key])
+            call(key)
+            stop.record(stream[key])
+            stop.synchronize()
+            times[key].append(cupy.cuda.get_elapsed_time(start, stop))
+    return {key: Timing(statistics.median(t), min(t), tuple(t)) for key, t in times.items()}

@@ -322,7 +322,7 @@ def test_report_script(tmp_path):
     results.write_text(json.dumps(_results()))
     host.write_text(json.dumps({"problems": [{"m": 64, "n": 256, "k": 256, "c_host_us": 10.0,
                                                "py_matmul_host_us": 12.0, "py_bind_host_us": 10.5,
-                                               "py_matmul_gpu_us": 12.1, "graph_gpu_us": 3.0}]}))
+                                               "py_bind_abi_host_us": 11.5, "py_matmul_gpu_us": 12.1, "graph_gpu_us": 3.0}]}))
     notes = tmp_path / "notes.md"
     notes.write_text("Why the misses happened.\n")
     out = tmp_path / "page.md"
@@ -333,7 +333,7 @@ def test_report_script(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     page = out.read_text()
-    assert "## Host overhead" in page and "| 64 x 256 x 256 | 10.0 | 12.0 | 10.5 | n/a | +2.0 | +0.5 |" in page
+    assert "## Host overhead" in page and "| 64 x 256 x 256 | 10.0 | 12.0 | 10.5 | 11.5 | n/a | +2.0 | +0.5 |" in page
     assert "Why the misses happened." in page and "{eval-rst}" in page
 
 
@@ -615,33 +615,255 @@ def test_slow_columns_are_timed_fewer_times(monkeypatch):
     assert asked == [(20, 5), (10, 1), (3, 1)]
 
 
-def test_compressed_operand_is_kept_while_the_plan_takes_it():
-    class Operand:
-        closed = False
+class _FakeGpu:
+    """A stand-in for ``cupy`` (NumPy arrays; CUDA events read a host clock) that logs events and syncs."""
 
-        def close(self):
-            self.closed = True
+    def __init__(self):
+        from types import SimpleNamespace
 
-    class Plan:
-        form = 0
+        self.np = _NumpyAsCupy()
+        self.clock, self.log = 0.0, []
+        self.current = self.Stream("current")
+        gpu = self
 
-        def compress(self, w):
-            op = Operand()
-            op.form = self.form
-            return op
+        class Event:
+            def record(self, stream):
+                self.stream, self.t = stream, gpu.clock
+                gpu.log.append(("record", stream.name))
 
-        def matmul(self, x, op, out):
-            if op.form != self.form:
-                raise ValueError("compressed for another configuration; compress again")
+            def synchronize(self):
+                gpu.log.append(("sync", self.stream.name))
 
-    plan, state = Plan(), {}
-    bench._Runner._compressed(plan, state, None, None, None)
-    first = state["wc"]
-    bench._Runner._compressed(plan, state, None, None, None)  # the search: same form, same operand
-    assert state["wc"] is first and not first.closed
-    plan.form = 42  # a configuration set on the plan: another form
-    bench._Runner._compressed(plan, state, None, None, None)
-    assert state["wc"] is not first and first.closed and state["wc"].form == 42
+        self.cuda = SimpleNamespace(
+            Event=Event, get_current_stream=lambda: self.current,
+            get_elapsed_time=lambda start, stop: stop.t - start.t,
+            runtime=SimpleNamespace(deviceSynchronize=lambda: None),
+            Device=lambda: SimpleNamespace(synchronize=lambda: None),
+        )
+
+    def Stream(self, name):  # noqa: N802 (CuPy's name)
+        from types import SimpleNamespace
+
+        return SimpleNamespace(name=name, synchronize=lambda: self.log.append(("sync", name)))
+
+    def __getattr__(self, name):
+        return getattr(self.np, name)
+
+
+def test_time_gpu_interleaved_rotates_the_first_column(monkeypatch):
+    from pycusparselt import timing
+
+    gpu = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", gpu)
+    calls = []
+
+    def column(key, ms):
+        def fn(i):
+            calls.append((key, i))
+            gpu.clock += ms + 0.01 * len(calls)  # the GPU slows down as the run goes on
+
+        return fn
+
+    fns = {"a": column("a", 1.0), "b": column("b", 2.0), "g": column("g", 3.0)}
+    got = timing.time_gpu_interleaved(fns, repeats=4, warmup=2, streams={"g": gpu.Stream("graph")})
+    assert list(got) == ["a", "b", "g"]
+    # two warm-up calls of each, then per sample an untimed lead call and the timed call, of the same column
+    order = [key for key, _ in calls]
+    assert order[:6] == ["a", "a", "b", "b", "g", "g"]
+    timed = order[7::2]
+    assert timed == ["a", "b", "g", "b", "g", "a", "g", "a", "b", "a", "b", "g"]  # the first column rotates
+    assert order[6::2] == timed
+    assert [i for key, i in calls if key == "b"] == list(range(2 + 4 * 2))  # each column counts its own calls
+    # events on the column's own stream; every sample synchronised before the next one starts
+    stream = {"a": "current", "b": "current", "g": "graph"}
+    samples = [entry for key in timed for entry in (("record", stream[key]),) * 2 + (("sync", stream[key]),)]
+    assert gpu.log == [("sync", "current"), ("sync", "current"), ("sync", "graph")] + samples
+    # each column's times are its own calls' (plus their drift), never another column's
+    for key, ms in (("a", 1.0), ("b", 2.0), ("g", 3.0)):
+        assert ms < got[key].median_ms < ms + 0.5 and len(got[key].times_ms) == 4
+        assert got[key].min_ms == min(got[key].times_ms)
+    with pytest.raises(ValueError, match="repeats"):
+        timing.time_gpu_interleaved(fns, repeats=0)
+    assert timing.time_gpu_interleaved({}) == {}
+
+
+class _FakeOperand:
+    def __init__(self, plan, log):
+        self.plan, self.log, self.closed = plan, log, False
+
+    def close(self):
+        self.closed = True
+        self.log.append(("close operand", self.plan.name))
+
+
+class _FakePlan:
+    """Records what is done to it; its products are right only with an operand it compressed itself."""
+
+    made: list = []
+    fail: dict = {}  # method -> exception raised by autotune
+    ms = {"default": 3.0, "search": 2.0, "timed": 1.0}
+
+    def __init__(self, x, w, *, log, gpu, result, name="default", **kwargs):
+        self.x, self.w, self.kwargs, self.log, self.gpu, self.result = x, w, kwargs, log, gpu, result
+        self.name, self.config, self.max_alg_id, self.closed = name, (0, 1, 0), 7, False
+        self.outs = set()
+        _FakePlan.made.append(self)
+
+    def autotune(self, a, b, c=None, *, out=None, method="timed", cache=None, budget_s=None):
+        self.name = method
+        self.log.append(("autotune", method, b is self.w))
+        if method in self.fail:
+            raise self.fail[method]
+        self.config = {"search": (3, 1, 0), "timed": (5, 2, 1)}[method]
+
+    def compress(self, w):
+        self.log.append(("compress", self.name, w is self.w))
+        return _FakeOperand(self, self.log)
+
+    def matmul(self, x, wc, out):
+        if wc.plan is not self:
+            raise ValueError("compressed by another plan")
+        self.outs.add(id(out))
+        out[...] = self.result
+        self.gpu.clock += self.ms[self.name]
+        self.log.append(("matmul", self.name))
+
+    def close(self):
+        self.closed = True
+        self.log.append(("close plan", self.name))
+
+
+def _ours_runner(monkeypatch, fail=None, skip=None):
+    """A runner on fakes for ``_Runner._ours``: returns (runner, record, data, default plan, log, events)."""
+    from pycusparselt import plan as plan_module
+
+    gpu = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", gpu)
+    data = bench._Inputs(gpu, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
+    data.build_reference()
+    x, wt = data.typed(data.x_store), data.typed(data.w_store).T
+    log, events = [], []
+    result = data.reference.astype(data.out_np)
+    monkeypatch.setattr(_FakePlan, "made", [])
+    monkeypatch.setattr(_FakePlan, "fail", fail or {})
+
+    def new_plan(x_, w_, **kwargs):
+        assert x_ is x and w_ is wt and kwargs == data.plan_kwargs  # the case's operands and kind
+        return _FakePlan(x_, w_, log=log, gpu=gpu, result=result, name="new", **kwargs)
+
+    monkeypatch.setattr(plan_module, "SparseMatmulPlan", new_plan)
+    runner = object.__new__(bench._Runner)
+    runner.cp, runner.skip, runner.events = gpu, dict(skip or {}), events.append
+    runner.repeats, runner.warmup, runner.tune_budget, runner.graph_calls = 3, 1, 2.0, 20
+
+    def graph(plan, x_, wc, y, calls):
+        stream = gpu.Stream(f"graph-{plan.name}")
+        log.append(("capture", plan.name, calls))
+
+        def run(_i):
+            for _ in range(calls):
+                plan.matmul(x_, wc, out=y)
+
+        return run, lambda: y, calls, stream
+
+    runner._graph = graph
+    record = {"columns": {}, "configs": {}, "tune_s": {}}
+    default = _FakePlan(x, wt, log=log, gpu=gpu, result=result, **data.plan_kwargs)
+    runner._ours(record, data, default, x, wt)
+    return runner, record, data, default, log, events, gpu
+
+
+def _rounds(log, start, stages, repeats=3):
+    """The stages of the timed products after ``start`` in the log: warm-up, then lead and timed per sample."""
+    products = [entry[1] for entry in log[start:] if entry[0] == "matmul"]
+    warm = len(stages)
+    return products[:warm], products[warm:warm + 2 * repeats * len(stages)][1::2]
+
+
+def test_ours_stages_have_their_own_plans_tuned_before_compressed(monkeypatch):
+    _, record, _, default, log, events, _ = _ours_runner(monkeypatch)
+    plans = _FakePlan.made
+    assert len(plans) == 3 and len({id(p) for p in plans}) == 3 and plans[0] is default
+    default_plan, search, timed = plans
+    assert (search.name, timed.name) == ("search", "timed")
+    # per plan: tuned on the dense, pruned W.T (not a compressed operand), then compressed; the default untuned
+    setup = [entry for entry in log if entry[0] in ("autotune", "compress")]
+    assert setup == [("compress", "default", True), ("autotune", "search", True), ("compress", "search", True),
+                     ("autotune", "timed", True), ("compress", "timed", True)]
+    assert record["configs"] == {"max_alg_id": 7, "default": [0, 1, 0], "search": [3, 1, 0], "timed": [5, 2, 1]}
+    assert set(record["tune_s"]) == {"search", "timed"}
+    # every product used its own plan's operand (a foreign one raises) and its own output
+    outs = [p.outs for p in plans]
+    assert all(len(o) == 1 for o in outs) and len(set.union(*outs)) == 3
+    # everything made here is closed, operands before their plans; the case's own plan is left to the caller
+    assert search.closed and timed.closed and not default.closed
+    closes = [entry for entry in log if entry[0].startswith("close")]
+    assert closes == [("close operand", "timed"), ("close plan", "timed"), ("close operand", "search"),
+                      ("close plan", "search"), ("close operand", "default")]
+    assert [e["column"] for e in events] == [
+        "ours_default", "ours_search", "ours_timed", "ours_default", "ours_search", "ours_timed",
+        "ours_eager_interleaved", "ours_default_graph", "ours_search_graph", "ours_timed_graph",
+        "ours_graph_interleaved"]
+
+
+def test_ours_columns_are_timed_in_alternation(monkeypatch):
+    _, record, _, _, log, _, _ = _ours_runner(monkeypatch)
+    stages = ["default", "search", "timed"]
+    # eager: each checked once, then warmed up, then rounds with the first column rotated
+    first_eager = next(i for i, e in enumerate(log) if e[0] == "matmul")
+    checks = [e[1] for e in log[first_eager:] if e[0] == "matmul"][:3]
+    assert checks == stages
+    start = [i for i, e in enumerate(log) if e[0] == "matmul"][3]
+    warm, timed = _rounds(log, start, stages)
+    assert warm == stages
+    assert timed == ["default", "search", "timed", "search", "timed", "default", "timed", "default", "search"]
+    cols = record["columns"]
+    for stage, ms in _FakePlan.ms.items():
+        assert cols[f"ours_{stage}"] == {"rel_err": cols[f"ours_{stage}"]["rel_err"], "ok": True,
+                                         "median_ms": ms, "min_ms": ms}  # its own plan's time, no other's
+        assert cols[f"ours_{stage}_graph"]["median_ms"] == pytest.approx(ms)  # per GEMM of the graph
+        assert cols[f"ours_{stage}_graph"]["ok"] is True
+    # one graph length for all three: enough GEMMs that the fastest stage's replay lasts 0.2 ms
+    captures = [e for e in log if e[0] == "capture"]
+    assert captures == [("capture", s, 1) for s in stages]
+    assert record["ours_timing"] == {"eager": "interleaved", "graph": "interleaved"}
+
+
+def test_ours_stage_that_fails_to_tune_is_left_out(monkeypatch):
+    _, record, _, _, log, events, _ = _ours_runner(monkeypatch, fail={"search": RuntimeError("no search here")})
+    cols = record["columns"]
+    assert cols["ours_search"] == {"na": "RuntimeError: no search here"} == cols["ours_search_graph"]
+    assert "search" not in record["configs"] and "search" not in record["tune_s"]
+    # the two others are still checked and timed in alternation
+    start = [i for i, e in enumerate(log) if e[0] == "matmul"][2]
+    warm, timed = _rounds(log, start, ["default", "timed"])
+    assert warm == ["default", "timed"] and timed == ["default", "timed", "timed", "default", "default", "timed"]
+    assert cols["ours_default"]["median_ms"] == 3.0 and cols["ours_timed_graph"]["median_ms"] == pytest.approx(1.0)
+    # the plan whose tuning failed is closed all the same (and was never compressed for)
+    plans = _FakePlan.made
+    assert plans[1].closed and plans[2].closed and ("compress", "search", True) not in log
+    assert [e["column"] for e in events][:3] == ["ours_default", "ours_search", "ours_timed"]
+
+
+def test_ours_after_a_crash_in_the_interleaved_timing(monkeypatch):
+    note = "not run: it broke the CUDA context"
+    _, record, _, _, log, events, _ = _ours_runner(
+        monkeypatch, skip={("fp16", "ours_eager_interleaved"): note, ("fp16", "ours_timed_graph"): note})
+    cols = record["columns"]
+    # eager: one column after another, each under its own name for the crash locator
+    assert [e["column"] for e in events][3:9] == ["ours_default", "ours_search", "ours_timed"] * 2
+    assert all(cols[f"ours_{s}"]["median_ms"] == ms for s, ms in _FakePlan.ms.items())
+    assert record["ours_timing"]["eager"].startswith("one after another")
+    # graph: the left-out column is n/a, the other two are interleaved
+    assert cols["ours_timed_graph"] == {"na": note} and record["ours_timing"]["graph"] == "interleaved"
+    assert ("capture", "timed", 1) not in log
+
+
+def test_report_says_how_ours_were_timed():
+    interleaved = bench.markdown_report(dict(_results(), settings={"repeats": 20, "ours_timing": "interleaved"}))
+    assert "timed in alternation" in interleaved and "one after another" not in interleaved
+    older = bench.markdown_report(_results())  # results written before: one plan, stage after stage
+    assert "one after another" in older and "alternation" not in older
 
 
 def test_number_formats():
