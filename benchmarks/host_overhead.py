@@ -3,10 +3,12 @@
 Usage::
 
     python benchmarks/host_overhead.py [--problems 64x256x256,256x256x256,4096x4096x4096] [--iters 200]
-                                       [--repeats 7] [--json out.json]
+                                       [--repeats 7] [--rounds 3] [--json out.json]
 
 Builds ``benchmarks/host_overhead.cu`` with nvcc against the cuSPARSELt that pycusparselt loads (its header is
-the wheel's ``include`` directory beside ``lib``), runs it, then measures the same problems from Python: FP16
+the wheel's ``include`` directory beside ``lib``), then, ``--rounds`` times, runs it and measures the same
+problems from Python (each figure is the median over the rounds, so that a slow or fast spell of the host
+falls on both sides): FP16
 ``D (M, N) = A (M, K) @ B (K, N)`` with A 2:4 sparse, every matrix C-contiguous, the default configuration,
 on CuPy's current (legacy default) stream, as the C program does. For each problem it reports, in
 microseconds per call (medians over the repeats of a loop of ``--iters`` calls with no synchronisation inside):
@@ -215,6 +217,20 @@ def _measure_one(m: int, n: int, k: int, iters: int, repeats: int) -> dict:
     return row
 
 
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per problem: each numeric field the median over the rounds (the rounds list the same problems
+    in the same order); other fields from the first round."""
+    rows = []
+    for same in zip(*rounds, strict=True):
+        row = dict(same[0])
+        for key, value in same[0].items():
+            if key not in ("m", "n", "k") and isinstance(value, float):
+                values = [r[key] for r in same if isinstance(r.get(key), float)]
+                row[key] = statistics.median(values)
+        rows.append(row)
+    return rows
+
+
 def measure_python(problems: list[tuple[int, int, int]], iters: int, repeats: int) -> list[dict]:
     import cupy as cp
 
@@ -230,14 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", default=DEFAULT_PROBLEMS, help="comma-separated MxNxK (FP16, A sparse)")
     parser.add_argument("--iters", type=int, default=200, help="calls per timed loop")
     parser.add_argument("--repeats", type=int, default=7, help="timed loops; medians are reported")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternations of the C program and the Python loops; medians over them are reported")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
     try:
         problems = parse_problems(args.problems)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.iters < 1 or args.repeats < 1:
-        parser.error(f"--iters and --repeats must be positive, got {args.iters} and {args.repeats}")
+    if args.iters < 1 or args.repeats < 1 or args.rounds < 1:
+        parser.error(f"--iters, --repeats and --rounds must be positive, got {args.iters}, {args.repeats} and "
+                     f"{args.rounds}")
 
     from pycusparselt.bench import environment
     from pycusparselt.devices import gpu_unavailable_reason
@@ -249,32 +268,43 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "description": (
             f"Host time per call in microseconds: wall clock around a loop of {args.iters} calls with no "
-            f"synchronisation inside (medians of {args.repeats} loops), FP16 D = A @ B with A 2:4 sparse, all "
-            "row-major, default configuration, legacy default stream. C loop: benchmarks/host_overhead.cu built "
-            "with nvcc against the same libcusparseLt. GPU columns: CUDA events around the eager loop (equal to "
+            f"synchronisation inside (medians of {args.repeats} loops; then the median over {args.rounds} rounds "
+            "that alternate the C program and Python), FP16 D = A @ B with A 2:4 sparse, all row-major, default "
+            "configuration, legacy default stream. C loop: benchmarks/host_overhead.cu built with nvcc against the "
+            "same libcusparseLt. 'ABI call': the bound call through cffi's ABI mode (PYCUSPARSELT_FAST_CALL=0) "
+            "instead of the compiled shim. GPU columns: CUDA events around the eager loop (equal to "
             "the host time where the GPU waits on the host) and per GEMM of a replayed CUDA graph."
         ),
         "environment": environment(),
         "iters": args.iters,
         "repeats": args.repeats,
     }
-    c_rows: dict[tuple, dict] = {}
+    # Rounds alternate the C program and the Python loops, and each figure is the median over the rounds, so
+    # that a slow or fast spell of the host (clocks, other processes) lands on both sides alike.
+    c_rounds: list[dict[tuple, dict]] = []
+    py_rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory() as workdir:
         exe, how = build(workdir)
         if exe is None:
             result["c_reason"] = how
         else:
             result["c_build"] = how
-            try:
-                for row in run_c(exe, problems, args.iters, args.repeats):
-                    c_rows[(row["m"], row["n"], row["k"])] = row
-            except (RuntimeError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
-                result["c_reason"] = str(exc)
-    rows = measure_python(problems, args.iters, args.repeats)
+        for _ in range(args.rounds):
+            if exe is not None and "c_reason" not in result:
+                try:
+                    c_rows = run_c(exe, problems, args.iters, args.repeats)
+                    c_rounds.append({(r["m"], r["n"], r["k"]): r for r in c_rows})
+                except (RuntimeError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
+                    result["c_reason"] = str(exc)
+            py_rounds.append(measure_python(problems, args.iters, args.repeats))
+    result["rounds"] = args.rounds
+    rows = combine_rounds(py_rounds)
     for row in rows:
-        c = c_rows.get((row["m"], row["n"], row["k"]))
-        row["c_host_us"] = c["host_us"] if c else None
-        row["c_gpu_us"] = c["gpu_us"] if c else None
+        key = (row["m"], row["n"], row["k"])
+        c_host = [c[key]["host_us"] for c in c_rounds if key in c]
+        c_gpu = [c[key]["gpu_us"] for c in c_rounds if key in c]
+        row["c_host_us"] = statistics.median(c_host) if c_host else None
+        row["c_gpu_us"] = statistics.median(c_gpu) if c_gpu else None
     result["problems"] = rows
 
     print(f"{'problem':>18} {'C host':>8} {'matmul':>8} {'bind':>8} {'bindings':>8} {'mm-C':>7} {'bind-C':>7} "

@@ -1053,6 +1053,11 @@ class SparseMatmulPlan:
         return run, stream_ptr, (s_ptr, x_ptr, d_ptr), out
 
 
+#: What a bound call without a direct path holds as its plan's call object: never the plan's (a closed plan
+#: holds None), so every call takes the checked path.
+_NO_CALL = object()
+
+
 class BoundMatmul:
     """A plan's product on fixed operands, checked once: ``call()`` runs it (see
     :meth:`SparseMatmulPlan.bind`). Holds references to the operands; returns ``out``."""
@@ -1066,7 +1071,7 @@ class BoundMatmul:
         self._stream = stream_ptr
         self._format = plan._format
         self._get_device = cupy.cuda.runtime.getDevice
-        self._via = self._launch = self._prepared = None
+        self._via, self._launch, self._prepared = _NO_CALL, None, None
         self._prepare(operands)
 
     def _prepare(self, operands: tuple) -> None:

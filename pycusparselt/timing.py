@@ -10,7 +10,21 @@ from __future__ import annotations
 import statistics
 from typing import Any, Callable, Mapping, NamedTuple
 
-__all__ = ["Timing", "time_gpu", "time_gpu_interleaved"]
+__all__ = ["Timing", "hold_stream", "time_gpu", "time_gpu_interleaved"]
+
+#: A one-thread kernel that spins until ``ns`` nanoseconds of the GPU's global timer have passed.
+_HOLD_SOURCE = r"""
+extern "C" __global__ void pycusparselt_hold(unsigned long long ns)
+{
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+
+_hold_kernels: dict[int, Any] = {}
 
 
 class Timing(NamedTuple):
@@ -21,6 +35,19 @@ class Timing(NamedTuple):
     times_ms: tuple[float, ...]
 
 
+def hold_stream(stream: Any, microseconds: float) -> None:
+    """Enqueue on ``stream`` a kernel that keeps it busy for ``microseconds`` (one thread spinning on the GPU's
+    global timer), so that the host can queue the work that follows before the GPU reaches it."""
+    import cupy
+    import numpy as np
+
+    device = cupy.cuda.runtime.getDevice()
+    kernel = _hold_kernels.get(device)
+    if kernel is None:
+        kernel = _hold_kernels[device] = cupy.RawKernel(_HOLD_SOURCE, "pycusparselt_hold")
+    kernel((1,), (1,), (np.uint64(max(0, round(microseconds * 1e3))),), stream=stream)
+
+
 def time_gpu(
     fn: Callable[[int], Any],
     *,
@@ -28,6 +55,7 @@ def time_gpu(
     warmup: int = 3,
     inner: int = 1,
     stream: Any = None,
+    hold_us: float = 0.0,
 ) -> Timing:
     """Time ``fn`` on the GPU with CUDA events.
 
@@ -43,6 +71,10 @@ def time_gpu(
         Calls per sample; a sample's time is divided by it (amortises launch gaps for tiny problems).
     stream : cupy.cuda.Stream, optional
         Where the events are recorded; CuPy's current stream when omitted.
+    hold_us : float
+        When positive, the stream is held (:func:`hold_stream`) for this long before the first timed sample,
+        so that all samples are queued before the GPU runs them: a call shorter than the host's launch cost is
+        then timed at the GPU's pace, not the host's. Give it at least the host time of all timed calls.
 
     Returns
     -------
@@ -58,6 +90,8 @@ def time_gpu(
         fn(call)
         call += 1
     events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(repeats)]
+    if hold_us > 0:
+        hold_stream(stream, hold_us)
     for start, stop in events:
         start.record(stream)
         for _ in range(inner):

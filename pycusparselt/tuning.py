@@ -34,6 +34,8 @@ SPLIT_K_FINALISTS = 2
 MAX_ROTATION = 8
 RETIMED = 3
 WARM_MS = 25.0
+#: Host time allowed per timed call when holding the stream (generous: an enqueue costs 10-30 us).
+HOLD_US_PER_CALL = 50.0
 
 
 class PlanConfig(NamedTuple):
@@ -174,10 +176,11 @@ def _rotation_count(plan: SparseMatmulPlan, compressed_nbytes: int) -> int:
 def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
     """Median GPU milliseconds per call of ``run`` over the rotating operand ``sets``.
 
-    Calls are timed eagerly. A GEMM shorter than the host's launch cost (10-30 us) is then timed at the
-    host's pace, which hides differences between configurations; CUDA graphs would not, but a tuner that
-    captured its candidates ended the process with an illegal instruction while tuning FP16 4096^3 on the
-    H100 (cuSPARSELt 0.8.0; the configuration involved was not isolated).
+    Calls are timed eagerly, behind a kernel that holds the stream until every timed call is queued
+    (:func:`~pycusparselt.timing.time_gpu`'s ``hold_us``): a GEMM shorter than the host's launch cost (10-30 us)
+    is otherwise timed at the host's pace, which hides the differences between configurations. CUDA graphs
+    would do the same, but a tuner that captured its candidates ended the process with an illegal
+    instruction while tuning FP16 4096^3 on the H100 (cuSPARSELt 0.8.0; the configuration was not isolated).
     """
     n = len(sets)
 
@@ -186,9 +189,9 @@ def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
 
     # Clocks drop while the host re-initialises the plan between candidates: keep the GPU busy for about
     # WARM_MS before timing, whatever ``warmup`` says, so that every candidate is timed at the same clocks.
-    first = time_gpu(one, repeats=1, warmup=warmup, stream=stream).median_ms
+    first = time_gpu(one, repeats=1, warmup=warmup, stream=stream, hold_us=HOLD_US_PER_CALL).median_ms
     busy = min(2000, max(0, math.ceil(WARM_MS / max(first, 1e-3))))
-    return time_gpu(one, repeats=repeats, warmup=busy, stream=stream).median_ms
+    return time_gpu(one, repeats=repeats, warmup=busy, stream=stream, hold_us=HOLD_US_PER_CALL * repeats).median_ms
 
 
 def autotune(

@@ -6,6 +6,7 @@ figure the targets and tables must show is known in advance.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -322,7 +323,8 @@ def test_report_script(tmp_path):
     results.write_text(json.dumps(_results()))
     host.write_text(json.dumps({"problems": [{"m": 64, "n": 256, "k": 256, "c_host_us": 10.0,
                                                "py_matmul_host_us": 12.0, "py_bind_host_us": 10.5,
-                                               "py_bind_abi_host_us": 11.5, "py_matmul_gpu_us": 12.1, "graph_gpu_us": 3.0}]}))
+                                               "py_bind_abi_host_us": 11.5, "py_matmul_gpu_us": 12.1,
+                                               "graph_gpu_us": 3.0}]}))
     notes = tmp_path / "notes.md"
     notes.write_text("Why the misses happened.\n")
     out = tmp_path / "page.md"
@@ -687,6 +689,31 @@ def test_time_gpu_interleaved_rotates_the_first_column(monkeypatch):
     assert timing.time_gpu_interleaved({}) == {}
 
 
+def test_time_gpu_holds_the_stream_once_before_the_first_sample(monkeypatch):
+    from pycusparselt import timing
+
+    gpu = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", gpu)
+    monkeypatch.setattr(timing, "hold_stream", lambda stream, us: gpu.log.append(("hold", stream.name, us)))
+    calls = []
+
+    def fn(i):
+        calls.append(i)
+        gpu.log.append(("call", i))
+        gpu.clock += 2.0
+
+    got = timing.time_gpu(fn, repeats=3, warmup=2, hold_us=150.0)
+    assert calls == [0, 1, 2, 3, 4]
+    assert gpu.log == [("call", 0), ("call", 1), ("hold", "current", 150.0),
+                       ("record", "current"), ("call", 2), ("record", "current"),
+                       ("record", "current"), ("call", 3), ("record", "current"),
+                       ("record", "current"), ("call", 4), ("record", "current"), ("sync", "current")]
+    assert got.median_ms == 2.0 and got.times_ms == (2.0, 2.0, 2.0)
+    gpu.log.clear()
+    timing.time_gpu(fn, repeats=1, warmup=0)  # no hold unless asked
+    assert not [entry for entry in gpu.log if entry[0] == "hold"]
+
+
 class _FakeOperand:
     def __init__(self, plan, log):
         self.plan, self.log, self.closed = plan, log, False
@@ -874,3 +901,22 @@ def test_number_formats():
                                               bench._failed(SQ[1], "fp16", "OutOfMemoryError")]})
     assert "| not run: the time limit was reached |" in failed and "| case failed: OutOfMemoryError |" in failed
     assert all(line.count("|") == 12 for line in failed.splitlines() if line.startswith("| square"))
+
+
+def _host_overhead_module():
+    spec = importlib.util.spec_from_file_location("host_overhead", ROOT / "benchmarks" / "host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_overhead_problems_and_rounds():
+    host = _host_overhead_module()
+    assert host.parse_problems("64x256x256, 4096x4096x4096") == [(64, 256, 256), (4096, 4096, 4096)]
+    with pytest.raises(ValueError, match="expected MxNxK"):
+        host.parse_problems("64x256")
+    rounds = [[{"m": 64, "n": 8, "k": 16, "bind": 12.0, "kind": "compiled"}, {"m": 1, "n": 2, "k": 3, "bind": 1.0}],
+              [{"m": 64, "n": 8, "k": 16, "bind": 30.0, "kind": "abi"}, {"m": 1, "n": 2, "k": 3, "bind": 2.0}],
+              [{"m": 64, "n": 8, "k": 16, "bind": 11.0, "kind": "abi"}, {"m": 1, "n": 2, "k": 3, "bind": 4.0}]]
+    assert host.combine_rounds(rounds) == [{"m": 64, "n": 8, "k": 16, "bind": 12.0, "kind": "compiled"},
+                                           {"m": 1, "n": 2, "k": 3, "bind": 2.0}]  # medians; the rest from round 1

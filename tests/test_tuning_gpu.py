@@ -193,6 +193,37 @@ def test_bound_call_equals_matmul_and_reads_operands_at_run_time(cp, case):
             call()
 
 
+def test_held_timing_measures_the_gpu_not_the_host(cp):
+    """A call whose host side is slower than its GPU work: timed at the host's pace without the hold, at the
+    GPU's with it (the tuner's case for small GEMMs)."""
+    import time
+
+    from pycusparselt.timing import hold_stream, time_gpu
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    hold_stream(stream, 300)
+    stop.record(stream)
+    stop.synchronize()
+    assert 0.29 <= cp.cuda.get_elapsed_time(start, stop) < 1.0  # ms: the hold lasts as long as asked
+
+    x = cp.ones(1024, dtype=cp.float32)
+
+    def slow_host(_i: int) -> None:
+        until = time.perf_counter() + 100e-6  # 100 us of host work before a GPU add of a few us
+        while time.perf_counter() < until:
+            pass
+        with stream:
+            cp.add(x, 1, out=x)
+
+    free = time_gpu(slow_host, repeats=10, warmup=2, stream=stream)
+    held = time_gpu(slow_host, repeats=10, warmup=2, stream=stream, hold_us=10 * 300)
+    assert free.median_ms > 0.09  # the GPU waited on the host
+    assert held.median_ms < 0.03  # the GPU's own time
+    assert float(x[0]) == 1 + 24
+
+
 def test_bound_call_follows_a_reinitialised_plan(cp):
     """Re-initialising with the same configuration frees the old workspace: a bound call made before must fix
     its arguments again (not run on freed memory) and still give the right product."""
