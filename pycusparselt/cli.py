@@ -93,6 +93,7 @@ def _demo_gpu(m: int, n: int, k: int) -> np.ndarray:
 
     from . import bindings as b
     from .enums import ComputeType, DataType, MatmulDescAttribute, Operation, Order, PruneAlg
+    from .plan import COMPRESSED_SLACK
 
     a_host, b_host = _demo_inputs(m, n, k, np.float16)
     a_dev, b_dev = cp.asarray(a_host), cp.asarray(b_host)
@@ -120,7 +121,7 @@ def _demo_gpu(m: int, n: int, k: int) -> np.ndarray:
         if int(valid.get()[0]) != 0:
             raise RuntimeError("cusparseLtSpMMAPruneCheck reports the pruned matrix is not 2:4")
         size, scratch_size = b.spmma_compressed_size(handle, plan)
-        compressed = cp.empty(size, dtype=cp.uint8)
+        compressed = cp.empty(size + COMPRESSED_SLACK, dtype=cp.uint8)  # the kernels read past `size`
         scratch = cp.empty(max(scratch_size, 1), dtype=cp.uint8)
         b.spmma_compress(handle, plan, a_dev.data.ptr, compressed.data.ptr, scratch.data.ptr, stream)
         workspace = cp.empty(max(b.matmul_get_workspace(handle, plan), 1), dtype=cp.uint8)

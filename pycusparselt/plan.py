@@ -37,6 +37,11 @@ from .tuning_cache import TuningCache
 __all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "TuningReport"]
 
 _ALIGN_BYTES = 16
+#: Bytes allocated past the end of every compressed buffer. cuSPARSELt 0.8.0's SM 9.0 kernels read up to 256
+#: bytes past the size cusparseLtSpMMACompressedSize reports (compute-sanitizer, FP16 33x50x70 on the H100), an
+#: illegal address whenever the buffer ends a mapped region; the margin keeps those reads inside our
+#: allocation, with room to spare for other tile shapes.
+COMPRESSED_SLACK = 64 * 1024
 _N = Operation.NON_TRANSPOSE
 _PRUNE = {"strip": PruneAlg.SPMMA_STRIP, "tile": PruneAlg.SPMMA_TILE}
 # Measured on the H100 with 0.8.0: with alpha vector scaling the library leaves beta * C out of D.
@@ -699,7 +704,7 @@ class SparseMatmulPlan:
                 )
             size, scratch_size = bindings.spmma_compressed_size(h, self._plan)
             with _on_stream(stream_ptr):
-                buffer = cupy.empty(size, dtype=cupy.uint8)
+                buffer = cupy.empty(size + COMPRESSED_SLACK, dtype=cupy.uint8)[:size]
                 scratch = cupy.empty(max(scratch_size, 1), dtype=cupy.uint8)
             # plan-based (see _sparse_key); the temporaries were allocated on this stream, so CuPy's pool reuses
             # them only after the stream is done with them

@@ -142,13 +142,14 @@ def _sample_sparse_side(plan: SparseMatmulPlan, dense: Any) -> Any:
     return data if batch_stride else cupy.broadcast_to(data, shape)
 
 
-def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list) -> list[int]:
-    """``count`` device copies of ``nbytes`` at ``ptr`` (the first is ``ptr`` itself)."""
+def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list, slack: int = 0) -> list[int]:
+    """``count`` device copies of ``nbytes`` at ``ptr`` (the first is ``ptr`` itself), each allocated with
+    ``slack`` bytes more (for the library's reads past a compressed buffer: plan.COMPRESSED_SLACK)."""
     import cupy
 
     ptrs = [ptr]
     for _ in range(count - 1):
-        buf = cupy.empty(nbytes, dtype=cupy.uint8)
+        buf = cupy.empty(nbytes + slack, dtype=cupy.uint8)
         cupy.cuda.runtime.memcpyAsync(buf.data.ptr, ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream_ptr)
         keep.append(buf)
         ptrs.append(buf.data.ptr)
@@ -206,7 +207,7 @@ def autotune(
     """Tune ``plan`` on the operands of one call (see :meth:`SparseMatmulPlan.autotune`) and keep the winner."""
     import cupy
 
-    from .plan import CompressedOperand
+    from .plan import COMPRESSED_SLACK, CompressedOperand
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -255,7 +256,7 @@ def autotune(
                 *args, c, alpha, beta, bias, state.get("out", out), tuning_stream
             )
             if "sets" not in state:
-                count = _rotation_count(plan, compressed._buffer.nbytes)
+                count = _rotation_count(plan, compressed.nbytes)
                 dense_name = "b" if plan.sparse == "a" else "a"
                 x_layout = plan._layouts[dense_name]
                 xs = _copies(x_ptr, _extent(x_layout) * x_layout[0].itemsize, count, stream_ptr, keep)
@@ -264,7 +265,7 @@ def autotune(
                 ds = [d_ptr] + [buf.data.ptr for buf in keep[-(count - 1):]] if count > 1 else [d_ptr]
                 state["xd"], state["stream"] = list(zip(xs, ds, strict=True)), tuning_stream
             count = len(state["xd"])
-            ss = _copies(s_ptr, compressed._buffer.nbytes, count, stream_ptr, state.setdefault("s_keep", []))
+            ss = _copies(s_ptr, compressed.nbytes, count, stream_ptr, state.setdefault("s_keep", []), COMPRESSED_SLACK)
             sets = [(s, x, d) for s, (x, d) in zip(ss, state["xd"], strict=True)]
             return run, sets
 
