@@ -7,21 +7,15 @@ with and returns the status it is told to."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
-from pathlib import Path
 
 import pytest
+from test_bindings import build_ffi  # build_ffi.py, loaded from the checkout
 
 from pycusparselt import bindings as b
 from pycusparselt._ffi import ffi
 from pycusparselt.errors import CuSparseLtError
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("build_ffi", ROOT / "build_ffi.py")
-build_ffi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_ffi)
 
 #: Made-up device addresses in these tests are below this; host buffers from ffi.new are above it.
 HOST = 1 << 24
