@@ -10,6 +10,9 @@ Importing the package loads nothing native: the library is found and loaded on f
   (:mod:`pycusparselt.oneshot`): one-shot products through a cache of plans.
 - :class:`SparseLinear` (:mod:`pycusparselt.linear`): an inference layer with a 2:4 weight, in FP16, BF16,
   INT8 or FP8; :mod:`pycusparselt.quantization`: quantized values, scales and calibration.
+- :func:`capture` (:mod:`pycusparselt.graphs`): a whole network of layers and CuPy / PyTorch operations as
+  one CUDA graph. :mod:`pycusparselt._arrays` is the one module that tells NumPy, CuPy, PyTorch and DLPack
+  arrays apart and answers in the caller's framework.
 - :mod:`pycusparselt.distributed` (imported on demand): tensor-parallel SparseLinear layers over NCCL and
   their launcher, ``python -m pycusparselt.distributed``.
 - :mod:`pycusparselt.reference`: the NumPy oracle (pruning, compression, GEMM semantics); needs no GPU.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from . import enums, errors
 from ._library import ENV_VAR, MIN_VERSION, library_path, library_version
+from .graphs import CapturedGraph, capture
 from .linear import SparseLinear
 from .oneshot import clear_plan_cache, matmul, plan_cache_info
 from .plan import CompressedOperand, PlanConfig, SparseMatmulPlan
@@ -52,6 +56,8 @@ __all__ = [
     "CompressedOperand",
     "PlanConfig",
     "matmul",
+    "capture",
+    "CapturedGraph",
     "plan_cache_info",
     "clear_plan_cache",
 ]

@@ -16,6 +16,7 @@ per-channel weight scales fuse into the alpha vector of this form.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from . import quantization, reference
+from . import _arrays, dtypes, quantization, reference
 from .plan import PlanConfig, SparseMatmulPlan
 from .streams import on_stream, stream_ptr
 
@@ -46,26 +47,15 @@ _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 _GELU_K = np.float32(0.044715)
 
 
-def _on_device(array: Any) -> bool:
-    return not isinstance(array, np.ndarray) and (
-        hasattr(array, "__cuda_array_interface__") or hasattr(array, "__dlpack__")
-    )
+_on_device = _arrays.is_device
+_to_numpy = _arrays.to_numpy
+_to_cupy = _arrays.as_cupy
 
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "__cuda_array_interface__"):
-        import cupy
-
-        return cupy.asnumpy(cupy.asarray(array))
-    return np.from_dlpack(array)
-
-
-def _to_cupy(array: Any) -> Any:
-    import cupy
-
-    return cupy.asarray(array) if hasattr(array, "__cuda_array_interface__") else cupy.from_dlpack(array)
+#: Inputs of up to this many rows run on one plan of this many rows (a decode step's batch of 1 to 16 tokens
+#: costs what 16 cost: the GEMM is bound by reading the weight), so those batch sizes share a plan and tuning.
+SMALL_BATCH_ROWS = 16
+#: Input signatures (address, shape, strides, dtype, stream) whose checked path a layer keeps.
+MAX_ROUTES = 64
 
 
 def _xp(on_device: bool) -> Any:
@@ -367,9 +357,12 @@ class SparseLinear:
         self._device = device
         self._configs: dict[tuple, dict] = dict(configs)
         self._plans: dict[tuple, SparseMatmulPlan] = {}
-        # per input shape: (the plan's sparse key, the weight compressed for it); the compressed form depends on
-        # the whole problem and on the configuration the plan runs
-        self._compressed: dict[tuple, tuple] = {}
+        # the compressed weight by the plans' compressed key: one per configuration, shared across input shapes
+        self._compressed: dict[tuple, Any] = {}
+        # per input shape: (plan, launcher), or None where the plan pads; per input signature and stream: a route
+        self._shapes: dict[tuple, tuple | None] = {}
+        self._routes: dict[tuple, _Route] = {}
+        self._stages: dict[tuple, Any] = {}
         self._tuned: set[tuple] = set()
         self._epilogue_cache: dict[str, Any] | None = None
 
@@ -401,6 +394,9 @@ class SparseLinear:
         return self.format is not None
 
     def _invalidate(self) -> None:
+        # routes and launchers hold the old alpha and quantization scale
+        self._routes.clear()
+        self._shapes.clear()
         # int8 outputs scale the ReLU bounds, which plans fix at creation
         self._epilogue_cache = None
         if self.out_dtype == _I8 and self._fused_activation is not None:
@@ -474,8 +470,21 @@ class SparseLinear:
 
         ``x`` is of the layer's dtype for the float modes; float16, bfloat16 or float32 (quantized here with
         ``input_scale``) or already quantized (int8; FP8 bytes on the GPU, ml_dtypes FP8 on the CPU) for the
-        quantized modes. ``out`` (device layers) receives the result.
+        quantized modes. ``out`` (device layers) receives the result. Device layers return the result in the
+        input's framework (a PyTorch tensor for a tensor) and run on ``stream``, by default the input
+        framework's current stream.
+
+        After the first call with an input of a given address, shape, strides and dtype, a call with the same
+        checks nothing again and, with ``out`` given, allocates nothing: it launches the product (and the
+        input's quantization or padding copy, where needed) on the prepared buffers.
         """
+        if self.on_device:
+            key = _arrays.array_key(x)
+            if key is not None:
+                sp = stream_ptr(stream) if stream is not None else _arrays.current_stream(x, self._device)
+                route = self._routes.get((key, sp))
+                if route is not None:
+                    return route(x, out)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected (..., {self.in_features}) features, got shape {tuple(x.shape)}")
         if self.on_device != _on_device(x):
@@ -485,7 +494,7 @@ class SparseLinear:
             raise ValueError(f"x: expected (batch, {self.in_features}) or ({self.in_features},), got {tuple(x.shape)}")
         vector = len(x.shape) == 1
         if self.on_device:
-            y = self._device_call(x[None] if vector else x, out, stream)
+            return self._device_call(x, out, stream)
         else:
             y = self._reference_call(x[None] if vector else x)
         return y[0] if vector else y
@@ -547,15 +556,168 @@ class SparseLinear:
         return self._finish(np.ascontiguousarray(np.swapaxes(y_t, -1, -2)), np)
 
     def _device_call(self, x: Any, out: Any, stream: Any) -> Any:
+        """A device call: through the input signature's route (made here on its first call), or, for layers
+        whose weight cuSPARSELt cannot take unpadded, through the plan's checked path."""
         import cupy
 
+        with cupy.cuda.Device(self._device):
+            sp = stream_ptr(stream) if stream is not None else _arrays.current_stream(x, self._device)
+            route = self._make_route(x, sp)
+        if route is None:
+            vector = len(x.shape) == 1
+            y = self._general_call(x[None] if vector else x, out, stream)
+            return y[0] if vector else y
+        key = _arrays.array_key(x)
+        if key is not None:
+            if len(self._routes) >= MAX_ROUTES:  # bounded: a loop over fresh arrays must not grow it
+                self._routes.clear()
+            self._routes[(key, sp)] = route
+        return route(x, out)
+
+    def _gemm_dtype(self) -> np.dtype:
+        """The dtype of the GEMM's dense operand: the layer's type, int8, or the FP8 type."""
+        if self.mode == "int8":
+            return _I8
+        if self.mode == "fp8":
+            return quantization.FORMATS[self.format][0]
+        return self.dtype
+
+    def _make_route(self, x: Any, sp: int) -> _Route | None:
+        """Check ``x`` once and prepare everything its calls need; None where the weight needs padding."""
+        import cupy
+
+        vector = len(x.shape) == 1
+        view = _to_cupy(x)  # zero-copy
+        if vector:
+            view = view[None]
+        if view.device.id != self._device:
+            raise ValueError(f"x: array is on device {view.device.id}, the layer on device {self._device}")
+        rows = view.shape[0]
+        given = _arrays.dtype_of(x)
+        fp8 = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
+        needs_quant = False
+        if not self.quantized:
+            if given != self.dtype:
+                raise TypeError(f"x: expected {self.dtype.name} (the layer's type), got {given}")
+        elif (self.mode == "int8" and given == _I8) or (self.mode == "fp8" and given in (fp8, _U8)):
+            pass  # already quantized with this layer's input scale
+        elif given in _FLOATS:
+            needs_quant = True
+            self._epilogue()  # raises without an input scale
+        else:
+            raise TypeError(f"x: expected float16, bfloat16 or float32 values (or {self.format} values already "
+                            f"quantized), got {given}")
+        gin = self._gemm_dtype()
+        storage = _U8 if self.mode == "fp8" else gin
+        multiple = dtypes.rules_for(gin).dense_multiple
+        padded_rows = SMALL_BATCH_ROWS if rows <= SMALL_BATCH_ROWS else -(-rows // multiple) * multiple
+        contiguous = view.flags.c_contiguous and view.data.ptr % 16 == 0
+        direct = not needs_quant and self.permutation is None and rows == padded_rows and contiguous
+        if any(st < 0 for st in view.strides) or rows == 0:
+            return None
+        with cupy.cuda.Device(self._device), on_stream(sp) as cstream:
+            stage_c = None if direct else self._stage(x, padded_rows, storage, sp)
+            example = view.view(storage) if direct else stage_c
+            state = self._shape_state(example, sp)
+            if state is None:
+                return None
+            plan, launch = state
+            fill = None if direct else self._filler(view, stage_c, rows, needs_quant, cstream, sp)
+            if fill is not None:
+                fill()  # compiles its kernels now, outside any graph capture
+        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream)
+
+    def _stage(self, x: Any, rows: int, storage: np.dtype, sp: int) -> Any:
+        """The staging buffer (``rows`` x in_features) of the GEMM's dense operand, one per shape, type, stream
+        and framework: inputs at new addresses reuse it (allocating nothing, so an eager loop's activations
+        keep landing at the addresses its routes know). Rows past an input's stay zero."""
+        key = (rows, storage.str, sp, _arrays.is_torch(x))
+        stage = self._stages.get(key)
+        if stage is None:
+            owner = _arrays.empty(x, (rows, self.in_features), storage, self._device)
+            stage = _to_cupy(owner)
+            stage.fill(0)
+            self._stages[key] = stage
+        return stage
+
+    def _filler(self, view: Any, stage: Any, rows: int, quantize: bool, cstream: Any, sp: int) -> Any:
+        """The per-call step that writes the input into the GEMM's staging buffer (rows ``:rows``): one
+        quantization kernel, a gather for the permutation, or a plain copy; on the call's stream."""
+        import cupy
+
+        src = _unowned(view)  # the input's memory, without holding the array: valid while the caller's is
+        target = stage[:rows]
+        steps = []
+        if self.permutation is not None:
+            perm = cupy.asarray(self.permutation)
+            gathered = cupy.empty(src.shape, dtype=src.dtype) if quantize else target
+            steps.append(functools.partial(cupy.take, src, perm, 1, gathered))
+            src = gathered
+        if quantize:
+            inv = np.float32(np.float32(1.0) / np.float32(self._input_scale))
+            steps.append(functools.partial(quantization.quantize_into, src, inv, self.format, target))
+        elif self.permutation is None:
+            # a copy kernel rather than cudaMemcpyAsync: replays of a CuPy graph holding the memcpy node gave
+            # wrong products for padded small batches (H200, cause not isolated)
+            steps.append(functools.partial(cupy.copyto, target, src.view(target.dtype)))
+
+        def fill() -> None:
+            with cstream:
+                for step in steps:
+                    step()
+
+        return fill
+
+    def _shape_state(self, example: Any, sp: int) -> tuple | None:
+        """(plan, launcher) for inputs of ``example``'s shape: made, tuned and given the compressed weight on
+        the first call with that shape. None where the plan must pad (the weight's sizes)."""
+        import cupy
+
+        key = (tuple(example.shape), self._gemm_dtype().str, self._device)
+        if key in self._shapes:
+            return self._shapes[key]
+        if cupy.cuda.runtime.streamIsCapturing(sp):
+            raise RuntimeError(
+                f"x: the first call with {example.shape[0]} input rows builds and tunes a plan, which cannot happen "
+                f"during CUDA graph capture; call the layer once with such an input before capturing"
+            )
+        e = self._epilogue()
+        w = self.weight if self.weight_q is None else self.weight_q
+        wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
+        input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
+        args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=sp)
+        plan = self._plans.get(key)
+        if plan is None or plan.closed:
+            plan = SparseMatmulPlan(
+                example, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
+                activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
+                **e["relu"],
+            )
+            if plan.padded:
+                plan.close()
+                self._shapes[key] = None
+                return None
+            self._plans[key] = plan
+            self._tuned.discard(key)
+        if key not in self._tuned:
+            self._tune(plan, key, example, wt, args)
+        compressed = self._compressed_for(plan, wt, sp)
+        state = self._shapes[key] = (plan, plan.launcher(compressed, alpha=e["alpha_device"], bias=e["bias_device"],
+                                                         stream=sp))
+        return state
+
+    def _general_call(self, x: Any, out: Any, stream: Any) -> Any:
+        """The plan's checked path (padding copies per call), for weights whose sizes cuSPARSELt cannot take."""
+        import cupy
+
+        template = x
         x = _to_cupy(x)
         with cupy.cuda.Device(self._device), _stream_context(stream):
             if self.permutation is not None:
                 x = x[..., cupy.asarray(self.permutation)]
             xq = cupy.ascontiguousarray(self._gemm_input(x, cupy))
             e = self._epilogue()
-            key = (xq.shape, xq.dtype.str, int(xq.device.id))
+            key = (xq.shape, xq.dtype.str, int(xq.device.id), "padded")
             plan = self._plans.get(key)
             w = self.weight if self.weight_q is None else self.weight_q
             wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
@@ -571,19 +733,16 @@ class SparseLinear:
             if key not in self._tuned:
                 # before compressing: the compressed form depends on the configuration
                 self._tune(plan, key, xq, wt, args)
-            compressed = self._compressed_for(plan, key, wt, stream)
+            compressed = self._compressed_for(plan, wt, stream)
             direct = out if not self._post else None
             y = plan.matmul(xq, compressed, out=direct, **args)
             if not self._post:
-                return y
+                return _arrays.like(y, template)
             y = self._finish(y, cupy)
             if out is not None:
-                if tuple(out.shape) != tuple(y.shape) or np.dtype(out.dtype) != np.dtype(y.dtype):
-                    raise ValueError(f"out: expected shape {tuple(y.shape)} and dtype {y.dtype}, got "
-                                     f"{tuple(out.shape)} {out.dtype}")
-                out[...] = y
+                _copy_out(y, out)
                 return out
-            return y
+            return _arrays.like(y, template)
 
     # -- tuning --------------------------------------------------------------------------------------
 
@@ -616,14 +775,27 @@ class SparseLinear:
             self._configs[_config_key(ident)] = dict(config._asdict())
         self._tuned.add(key)
 
-    def _compressed_for(self, plan: SparseMatmulPlan, key: tuple, wt: Any, stream: Any) -> Any:
-        """The weight compressed for ``plan`` as it is configured now (compressed again after a change)."""
+    def _compressed_for(self, plan: SparseMatmulPlan, wt: Any, stream: Any) -> Any:
+        """The compressed weight for ``plan``: one for every plan of the layer that runs the same configuration,
+        whatever its input rows (see :attr:`SparseMatmulPlan.compressed_key`)."""
+        key = plan.compressed_key
         held = self._compressed.get(key)
-        if held is None or held[0] != plan._sparse_key:
-            if held is not None:
-                held[1].close()
-            held = self._compressed[key] = (plan._sparse_key, plan.compress(wt, stream=stream))
-        return held[1]
+        if held is None or held.closed:
+            held = self._compressed[key] = plan.compress(wt, stream=stream)
+        return held
+
+    @property
+    def plan_shapes(self) -> list[tuple[int, int]]:
+        """The GEMM input shapes the layer has plans for: ``(rows, in_features)``, rows rounded up to
+        :data:`SMALL_BATCH_ROWS` for small batches and to the dtype's multiple otherwise."""
+        return sorted({key[0] for key, plan in self._plans.items() if not plan.closed})
+
+    @property
+    def compressed_nbytes(self) -> int:
+        """Bytes of the compressed weights the layer holds on the GPU (0 before its first call): one per tuned
+        configuration, shared by every input shape tuned to it; each 0.5625 of the dense FP16/BF16 weight's
+        bytes (0.625 for 8-bit types)."""
+        return sum(c.nbytes for c in self._compressed.values() if not c.closed)
 
     @property
     def tuned_configs(self) -> list[dict]:
@@ -800,9 +972,12 @@ class SparseLinear:
 
     def close(self) -> None:
         """Release the plans and compressed weights (the layer can still be called: they are rebuilt)."""
+        self._routes.clear()
+        self._shapes.clear()
+        self._stages.clear()
         for plan in self._plans.values():
             plan.close()
-        for _, compressed in self._compressed.values():
+        for compressed in self._compressed.values():
             compressed.close()
         self._plans.clear()
         self._compressed.clear()
@@ -822,6 +997,130 @@ class SparseLinear:
             f"SparseLinear(in_features={self.in_features}, out_features={self.out_features}, {mode}"
             f"dtype={self.dtype}, out_dtype={self.out_dtype}, bias={self.bias is not None}{act}, {where})"
         )
+
+
+# -- the per-call path ----------------------------------------------------------------------------
+
+
+def _unowned(view: Any) -> Any:
+    """A CuPy array over ``view``'s memory that does not keep it alive (a route must not hold its caller's
+    array: it is used only while a caller's array of the same address, shape and strides is passed in)."""
+    import cupy
+
+    span = sum((n - 1) * st for n, st in zip(view.shape, view.strides, strict=True)) + view.itemsize if view.size else 0
+    memory = cupy.cuda.UnownedMemory(view.data.ptr, span, None, view.device.id)
+    return cupy.ndarray(view.shape, view.dtype, cupy.cuda.MemoryPointer(memory, 0), strides=view.strides)
+
+
+def _copy_out(y: Any, out: Any) -> None:
+    """Copy a CuPy result into the caller's ``out`` (any framework), checking its shape and dtype."""
+    target = _to_cupy(out)
+    want = np.dtype(y.dtype)
+    if tuple(target.shape) != tuple(y.shape) or np.dtype(target.dtype) not in (want, _U8 if want.itemsize == 1
+                                                                              else want):
+        raise ValueError(f"out: expected shape {tuple(y.shape)} and dtype {want}, got {tuple(out.shape)} {out.dtype}")
+    target[...] = y.view(target.dtype) if target.dtype != y.dtype else y
+
+
+class _Route:
+    """One input signature's calls (address, shape, strides and dtype of ``x``, and the stream): the checked,
+    prepared product. A call fills the staging buffer where the input needs converting, padding or permuting,
+    allocates the output in the input's framework (unless ``out`` is given), and launches the GEMM."""
+
+    __slots__ = ("layer", "fill", "launch", "plan", "rows", "padded_rows", "vector", "sp", "cstream", "x_ptr",
+                 "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device")
+
+    def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
+                 plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any) -> None:
+        import cupy
+
+        self.layer, self.fill, self.launch, self.plan = layer, fill, launch, plan
+        self.rows, self.padded_rows, self.vector, self.sp, self.cstream = rows, padded_rows, vector, sp, cstream
+        self.x_ptr = view.data.ptr if stage is None else stage.data.ptr
+        self.device = layer._device
+        self.get_device = cupy.cuda.runtime.getDevice
+        shape, gemm_out = (padded_rows, layer.out_features), layer._gemm_out
+        # nothing here refers to x: a route must not keep its caller's array alive
+        self.alloc_ctx = None
+        if _arrays.is_torch(x):
+            import torch
+
+            self.framework = _arrays.TORCH
+            self.alloc = functools.partial(torch.empty, shape, dtype=_arrays.torch_dtype(gemm_out), device=x.device)
+            self.ptr_of = torch.Tensor.data_ptr
+        else:
+            self.framework = _arrays.CUPY
+            self.alloc = functools.partial(cupy.empty, shape, gemm_out)
+            self.ptr_of = _cupy_ptr
+            if sp != cupy.cuda.get_current_stream().ptr:  # an explicit stream: CuPy's pool is told which
+                self.alloc_ctx = cstream
+        self.scratch = None  # (padded_rows, out) buffer for padded or post-processed results written to `out`
+        self.outs: set = set()  # `out` arrays already checked
+
+    def __call__(self, x: Any, out: Any) -> Any:
+        if self.get_device() != self.device:
+            import cupy
+
+            with cupy.cuda.Device(self.device):
+                return self._run(out)
+        return self._run(out)
+
+    def _run(self, out: Any) -> Any:
+        if self.fill is not None:
+            self.fill()
+        layer = self.layer
+        if out is None and not layer._post:
+            y = self.alloc() if self.alloc_ctx is None else self._alloc_on_stream()
+            self.launch(self.x_ptr, self.ptr_of(y), self.sp)
+            if self.vector:
+                return y[0]
+            return y if self.rows == self.padded_rows else y[: self.rows]
+        direct = out is not None and not layer._post and self.rows == self.padded_rows and not self.vector
+        if direct:
+            key = _arrays.array_key(out)
+            if key is None or key not in self.outs:
+                self._check_out(out, key)
+            self.launch(self.x_ptr, key[0], self.sp)
+            return out
+        import cupy
+
+        with self.cstream:
+            if self.scratch is None:
+                self.scratch = cupy.empty((self.padded_rows, layer.out_features), layer._gemm_out)
+            self.launch(self.x_ptr, self.scratch.data.ptr, self.sp)
+            y = self.scratch[: self.rows]
+            if layer._post:
+                y = layer._finish(y, cupy)
+            if self.vector:
+                y = y[0]
+            if out is not None:
+                _copy_out(y, out)
+                return out
+            return _arrays.as_framework(y, self.framework, layer.out_dtype)  # post-processing made a new array
+
+    def _alloc_on_stream(self) -> Any:
+        with self.alloc_ctx:
+            return self.alloc()
+
+    def _check_out(self, out: Any, key: tuple | None) -> None:
+        layer = self.layer
+        if key is None:
+            raise TypeError(f"out: expected a CuPy array or a CUDA tensor, got {type(out).__name__}")
+        view = _to_cupy(out)
+        want = (self.rows, layer.out_features)
+        if (tuple(view.shape) != want or np.dtype(view.dtype) != layer.out_dtype or not view.flags.c_contiguous
+                or view.device.id != self.device or view.data.ptr % 16):
+            raise ValueError(
+                f"out: expected a C-contiguous {want} {layer.out_dtype} array on device {self.device}, 16-byte "
+                f"aligned; got {tuple(view.shape)} {view.dtype} on device {view.device.id}"
+            )
+        if len(self.outs) >= MAX_ROUTES:
+            self.outs.clear()
+        self.outs.add(key)
+
+
+def _cupy_ptr(a: Any) -> int:
+    return a.data.ptr
 
 
 # -- stored configurations -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bindings, dtypes
+from . import _arrays, bindings, dtypes
 from ._handles import Handle, handle_for_device
 from .enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
 from .errors import ClosedError
@@ -34,7 +34,7 @@ from .streams import stream_ptr as _stream_ptr
 from .tuning import PlanConfig, TuningReport
 from .tuning_cache import TuningCache
 
-__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "TuningReport"]
+__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport"]
 
 _ALIGN_BYTES = 16
 #: Bytes allocated past the end of every compressed buffer. cuSPARSELt 0.8.0's SM 9.0 kernels read up to 256
@@ -55,27 +55,9 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-_NDARRAY: Any = None  # cupy.ndarray, looked up once
-
-
-def _cupy_key(arr: Any) -> tuple | None:
-    """For a CuPy array, what its validity against a plan depends on (the pointer also fixes the device
-    and the alignment); None for other objects, which are always checked in full."""
-    global _NDARRAY
-    if _NDARRAY is None:
-        import cupy
-
-        _NDARRAY = cupy.ndarray
-    if type(arr) is _NDARRAY:
-        return (arr.data.ptr, arr.shape, arr.strides, arr.dtype)
-    return None
-
-
 def _cupy_view(op: Operand) -> Any:
     """A CuPy array over the operand's memory (zero-copy)."""
-    import cupy
-
-    return op.owner if isinstance(op.owner, cupy.ndarray) else cupy.asarray(op.owner)
+    return _arrays.as_cupy(op.owner)
 
 
 def _canonical(arr: Any, transpose: bool) -> Any:
@@ -325,21 +307,16 @@ class SparseMatmulPlan:
         # H100 a plan whose dense operand had another shape hit an illegal instruction reading it, and so did
         # plans reading the output of the descriptor-only cusparseLtSpMMACompress2 (which also compresses only
         # the first matrix of a batch on 0.8.0). So compression is plan-based, and a compressed operand is
-        # accepted by plans of exactly the same problem (same matrices, types and compute; the epilogue may
-        # differ). It also depends on the configuration the plan was initialised with: at 4096^3 FP16 on the
-        # H100, data compressed under config 0 crashed a plan initialised with config 42 (illegal
-        # instruction), while compressing under config 42 worked; cusparseLtMatmulSearch, which changes the
-        # configuration of an initialised plan in place, keeps the form. See _sparse_key.
+        # accepted by plans of exactly the same problem. On the H200 with the slack (COMPRESSED_SLACK), one
+        # compressed operand gave products bit-identical to each plan's own compression for other dense shapes
+        # and, under compute-sanitizer, for every configuration (scripts/probe_shared_compression.py); but data
+        # compressed under configuration 0 still ended a plan of another configuration with an illegal
+        # instruction (FP16 256x512, as on the H100 at 4096^3). So a compressed operand serves every plan of the
+        # same sparse matrix, types, compute type and configuration: the dense operand's shape and the
+        # epilogue may differ. See compressed_key.
         self._format = 0  # the config id the plan was initialised with
-        self._problem_key = (
-            device,
-            A.layout if sparse == "a" else B.layout,
-            s_mat,
-            x_mat,
-            y_mat,
-            out_dt,
-            int(compute_type),
-        )
+        self.sparse_key = (device, (A if sparse == "a" else B).layout, s_mat, A.dtype, out_dt, int(compute_type))
+        self._compressed_size = None  # bytes, for the current configuration
         self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
         self._compute_type = compute_type
         self._buffers: dict[str, Any] = {}
@@ -502,11 +479,26 @@ class SparseMatmulPlan:
             f"{'padded, ' if self.padded else ''}{state}>"
         )
 
+    #: The sparse matrix's identity for compression (set at construction): the device, the sparse operand's
+    #: layout and its descriptor's geometry, the input and output types and the compute type.
+    sparse_key: tuple
+
     @property
-    def _sparse_key(self) -> tuple:
-        """What a compressed operand must match: the problem and the configuration the plan was initialised
-        with (its compressed form)."""
-        return self._problem_key + (self._format,)
+    def compressed_key(self) -> tuple:
+        """What a :class:`CompressedOperand` must match to be read by this plan: :attr:`sparse_key` and the
+        configuration id the plan runs (the compressed form depends on it; not on the dense operand's shape)."""
+        return self.sparse_key + (self._format,)
+
+    def compressed_size(self) -> int:
+        """Bytes of the compressed sparse operand under the current configuration
+        (``cusparseLtSpMMACompressedSize``); a :class:`CompressedOperand` needs at least this many."""
+        h = self._live()
+        if self._compressed_size is None:
+            import cupy
+
+            with cupy.cuda.Device(self.device):
+                self._compressed_size = bindings.spmma_compressed_size(h, self._plan)[0]
+        return self._compressed_size
 
     @property
     def max_alg_id(self) -> int:
@@ -567,6 +559,7 @@ class SparseMatmulPlan:
                 raise
             old = [self._plan, self._sel]
             self._plan, self._sel = plan, selection
+            self._compressed_size = None
             self._format = config.alg_id
             self._objects[:2] = [plan, selection]  # what the finalizer releases
             _release(self._handle, self.device, old)
@@ -647,7 +640,7 @@ class SparseMatmulPlan:
                 target = _canonical(result, self._transpose)
                 target[...] = buf[:, :p, :kk] if target.ndim == 3 else buf[0, :p, :kk]
             given = _cupy_view(op).dtype
-            return result if result.dtype == given else result.view(given)
+            return _arrays.like(result if result.dtype == given else result.view(given), x, op.dtype)
 
     @staticmethod
     def _prune_alg(method: str) -> PruneAlg:
@@ -709,17 +702,39 @@ class SparseMatmulPlan:
             # plan-based (see _sparse_key); the temporaries were allocated on this stream, so CuPy's pool reuses
             # them only after the stream is done with them
             bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
-        return CompressedOperand(buffer, self._sparse_key, op.shape, op.dtype, self.sparse)
+        return CompressedOperand(buffer, self.compressed_key, op.shape, op.dtype, self.sparse)
 
     # -- execution ---------------------------------------------------------------------------------
 
+    def _check_compressed(self, compressed: Any) -> None:
+        if type(compressed) is not CompressedOperand:
+            got = type(compressed).__name__
+            raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
+        if compressed._key[:-1] == self.sparse_key and compressed._key[-1] != self._format:
+            raise ValueError(
+                f"{self.sparse}: this CompressedOperand was compressed for configuration {compressed._key[-1]}, "
+                f"but the plan was re-initialised with configuration {self._format} (by autotune or by setting "
+                f"config), whose compressed form differs; compress the sparse operand again with plan.compress"
+            )
+        if compressed._key != self.compressed_key:
+            raise ValueError(
+                f"{self.sparse}: this CompressedOperand was made by a plan of another sparse operand (shape, layout, "
+                f"dtype, output or compute type, or device); compress the sparse operand with this plan"
+            )
+        if compressed.nbytes < self.compressed_size():
+            raise ValueError(
+                f"{self.sparse}: this CompressedOperand holds {compressed.nbytes} bytes, but this plan's configuration "
+                f"reads {self.compressed_size()}; compress the sparse operand with this plan"
+            )
+
     def _known(self, role: str, arr: Any) -> bool:
-        """Whether ``arr`` (a CuPy array) already passed this role's checks: the per-call fast path."""
-        key = _cupy_key(arr)
+        """Whether ``arr`` (a CuPy array or CUDA tensor) already passed this role's checks: the per-call fast
+        path."""
+        key = _arrays.array_key(arr)
         return key is not None and (role, key) in self._checked
 
     def _remember(self, role: str, arr: Any) -> None:
-        key = _cupy_key(arr)
+        key = _arrays.array_key(arr)
         if key is not None:
             if len(self._checked) >= 64:  # bounded: a loop over fresh arrays must not grow it
                 self._checked.clear()
@@ -728,27 +743,12 @@ class SparseMatmulPlan:
     def _pointers(self, a, b, c, alpha, beta, bias, out, stream_ptr) -> tuple:
         """Check the call's operands against the plan; return what cusparseLtMatmul needs and the output.
 
-        Arrays seen before (same CuPy pointer, shape, strides and dtype) skip the checks; the padded path
-        always reads the operands in full, since it copies them.
+        Arrays seen before (same pointer, shape, strides and dtype; CuPy arrays and CUDA tensors) skip the
+        checks; the padded path always reads the operands in full, since it copies them.
         """
-        import cupy
-
         compressed, dense = (a, b) if self.sparse == "a" else (b, a)
         dense_name = "b" if self.sparse == "a" else "a"
-        if type(compressed) is not CompressedOperand:
-            got = type(compressed).__name__
-            raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
-        if compressed._key != self._sparse_key:
-            if compressed._key[:-1] == self._problem_key:
-                raise ValueError(
-                    f"{self.sparse}: this CompressedOperand was compressed for configuration {compressed._key[-1]}, "
-                    f"but the plan was re-initialised with configuration {self._format} (by autotune or by setting "
-                    f"config), whose compressed form differs; compress the sparse operand again with plan.compress"
-                )
-            raise ValueError(
-                f"{self.sparse}: this CompressedOperand was made by a plan of another problem (another sparse operand, "
-                f"dense operand or output); compress the sparse operand with this plan"
-            )
+        self._check_compressed(compressed)
         s_ptr = compressed.ptr
         if c is None and beta != 0:
             raise ValueError("beta is non-zero but c is None")
@@ -775,14 +775,12 @@ class SparseMatmulPlan:
             self._remember("c", c)
         out_dt, d_shape, d_order = self._d_spec
         if out is None:
+            # in the caller's framework (a tensor for tensors), on the call's stream
             with _on_stream(stream_ptr):
-                if d_order == ROW:
-                    out = cupy.empty(d_shape, dtype=out_dt)
-                else:
-                    out = cupy.empty(d_shape[:-2] + d_shape[:-3:-1], dtype=out_dt).swapaxes(-1, -2)
-            d_ptr = out.data.ptr
+                out = _arrays.empty(dense, d_shape, out_dt, self.device, order="C" if d_order == ROW else "F")
+            d_ptr = _arrays.array_key(out)[0]
         elif self._known("out", out):
-            d_ptr = out.data.ptr
+            d_ptr = _arrays.array_key(out)[0]
         else:
             D = as_operand(out, "out")
             if D.layout != self._d_layout:
@@ -809,8 +807,8 @@ class SparseMatmulPlan:
             if np.ndim(alpha):
                 raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
             alpha_arg = float(alpha)
-        x_ptr = X.ptr if X is not None else _cupy_key(dense)[0]
-        c_ptr = None if c is None else (C.ptr if C is not None else _cupy_key(c)[0])
+        x_ptr = X.ptr if X is not None else _arrays.array_key(dense)[0]
+        c_ptr = None if c is None else (C.ptr if C is not None else _arrays.array_key(c)[0])
         if not self.padded:
             return s_ptr, x_ptr, (d_ptr if c_ptr is None else c_ptr), d_ptr, alpha_arg, out, None
         with _on_stream(stream_ptr):
@@ -835,7 +833,9 @@ class SparseMatmulPlan:
 
         buf = self._buffers[name]
         want = np.dtype(np.float32) if name == "alpha" else buf.dtype
-        key = _cupy_key(value)
+        key = _arrays.array_key(value)
+        if key is not None and type(value) is not cupy.ndarray:
+            value = _arrays.as_cupy(value)  # a CUDA tensor: its CuPy view
         if key is not None and value.data.device_id != self.device:
             raise ValueError(f"{name}: array is on device {value.data.device_id}, the plan on device {self.device}")
         if (
@@ -851,7 +851,7 @@ class SparseMatmulPlan:
             )
             return
         with _on_stream(stream_ptr):
-            arr = cupy.asarray(value)
+            arr = _arrays.as_cupy(value) if _arrays.is_device(value) else cupy.asarray(value)
             if name == "alpha":
                 if arr.shape != (length,):
                     raise ValueError(f"alpha: expected a vector of length {length}, got shape {arr.shape}")
@@ -880,7 +880,7 @@ class SparseMatmulPlan:
     def _finish(self, out: Any, y_buf: Any) -> Any:
         if y_buf is not None:
             p, _, q = self._dims
-            target = _canonical(out, self._transpose)
+            target = _canonical(_arrays.as_cupy(out), self._transpose)
             target[...] = y_buf[:, :p, :q] if target.ndim == 3 else y_buf[0, :p, :q]
         return out
 
@@ -923,6 +923,13 @@ class SparseMatmulPlan:
         """
         return self._run(None, a, b, c, alpha, beta, bias, out, stream)
 
+    def _stream_for(self, stream: Any, a: Any, b: Any) -> int:
+        """The call's stream: the one named, else the current stream of the dense operand's framework
+        (PyTorch's for tensors, CuPy's otherwise) on the plan's device."""
+        if stream is not None:
+            return _stream_ptr(stream)
+        return _arrays.current_stream(b if self.sparse == "a" else a, self.device)
+
     def _run(self, function, a, b, c, alpha, beta, bias, out, stream) -> Any:
         import cupy
 
@@ -931,7 +938,7 @@ class SparseMatmulPlan:
         if cupy.cuda.runtime.getDevice() != self.device:
             with cupy.cuda.Device(self.device):
                 return self._run(function, a, b, c, alpha, beta, bias, out, stream)
-        stream_ptr = _stream_ptr(stream)  # None: the current stream of the plan's device
+        stream_ptr = self._stream_for(stream, a, b)
         h = self._live()
         s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
         if function is None:
@@ -969,7 +976,45 @@ class SparseMatmulPlan:
 
         self._live()
         with cupy.cuda.Device(self.device):
-            return BoundMatmul(self, (a, b, c, alpha, beta, bias, out), _stream_ptr(stream, self.device))
+            return BoundMatmul(self, (a, b, c, alpha, beta, bias, out), self._stream_for(stream, a, b))
+
+    def launcher(self, compressed: CompressedOperand, *, alpha: Any = 1.0, bias: Any = None,
+                 stream: Any = None) -> Launcher:
+        """A product on raw device addresses with the sparse operand, alpha and bias fixed: for layers and
+        captured networks that own their dense operand and output buffers.
+
+        ``launch(x_ptr, d_ptr, stream_ptr)`` enqueues ``D = activation(alpha * S @ X + bias)`` in the plan's
+        canonical form (``Y = S @ X``; for ``sparse="b"`` X is A's memory and D's memory holds Y, see the module
+        docstring), reading the dense operand at ``x_ptr`` and writing D at ``d_ptr``, both with the layouts of
+        the plan's examples; nothing is checked or converted per call. ``bias`` and a vector ``alpha`` are copied
+        into the plan's buffers here, once, on ``stream``: a later :meth:`matmul`, :meth:`bind` call or
+        launcher of this plan with another bias replaces them. Only plans that pad nothing have launchers.
+        """
+        import cupy
+
+        self._live()
+        if self.padded:
+            raise ValueError(
+                f"launcher: this plan pads its operands {self.shape} to the sizes cuSPARSELt takes, which needs "
+                f"copies per call; use matmul() or bind(), or make the plan with padded operands"
+            )
+        self._check_compressed(compressed)
+        with cupy.cuda.Device(self.device):
+            stream_ptr = _stream_ptr(stream, self.device)
+            if self._has_bias:
+                if bias is None:
+                    raise ValueError("bias: the plan was made with bias=True; pass bias=")
+                self._copy_vector("bias", bias, self._dims[0], stream_ptr)
+            elif bias is not None:
+                raise ValueError("bias: the plan was made without bias; make it with bias=True")
+            if self._has_alpha_vector:
+                self._copy_vector("alpha", alpha, self._dims[0], stream_ptr)
+                alpha = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
+            elif np.ndim(alpha):
+                raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
+            else:
+                alpha = float(alpha)
+        return Launcher(self, compressed, alpha)
 
     def autotune(
         self,
@@ -1056,6 +1101,44 @@ class SparseMatmulPlan:
             self._call(alpha_arg, s, x, beta, d if shared_c else c_ptr, d, stream_ptr)
 
         return run, stream_ptr, (s_ptr, x_ptr, d_ptr), out
+
+
+class Launcher:
+    """``launch(x_ptr, d_ptr, stream_ptr)``: one product of a plan on raw addresses (see
+    :meth:`SparseMatmulPlan.launcher`). Follows the plan through re-initialisation (a new configuration);
+    raises :class:`~pycusparselt.errors.ClosedError` once the plan or the compressed operand is closed, and
+    ValueError after a re-initialisation whose configuration needs another compressed form."""
+
+    __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device")
+
+    def __init__(self, plan: SparseMatmulPlan, compressed: CompressedOperand, alpha: Any) -> None:
+        import cupy
+
+        self.plan, self.compressed, self._alpha = plan, compressed, alpha
+        self._call = None
+        self._s = compressed.ptr
+        self._get_device = cupy.cuda.runtime.getDevice
+
+    def __call__(self, x_ptr: int, d_ptr: int, stream_ptr: int) -> None:
+        call = self.plan._call
+        if call is not self._call:  # None: closed; another object: re-initialised
+            if call is None:
+                raise ClosedError("the plan was closed")
+            self.plan._check_compressed(self.compressed)  # a new configuration needs its own compression
+            self._s = self.compressed.ptr  # raises once the operand is closed
+            self._call = call
+        elif self.compressed._buffer is None:
+            raise ClosedError("the compressed operand was closed")
+        if self._get_device() != self.plan.device:
+            import cupy
+
+            with cupy.cuda.Device(self.plan.device):
+                call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
+        else:
+            call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
+
+    def __repr__(self) -> str:
+        return f"<Launcher of {self.plan!r}>"
 
 
 #: What a bound call without a direct path holds as its plan's call object: never the plan's (a closed plan

@@ -43,6 +43,7 @@ __all__ = [
     "dequantize",
     "weight_scales",
     "quantize_weight",
+    "quantize_into",
     "Calibrator",
     "calibrate",
 ]
@@ -189,16 +190,36 @@ def _device_kernels() -> dict[str, Any]:
             "pycusparselt_float32_to_bf16",
         ),
     }
+    # bfloat16 read as its bits (the top half of a float32): one kernel, no widened copy
+    kernels["int8_bf16"] = cupy.ElementwiseKernel(
+        "uint16 xb, float32 inv",
+        "int8 q",
+        "float v = rintf(__uint_as_float(((unsigned int)xb) << 16) * inv);"
+        "q = (signed char)fminf(fmaxf(v, -127.0f), 127.0f);",
+        "pycusparselt_quantize_int8_bf16",
+    )
     for name, (mant, emin, bias) in _FP8_BITS.items():
         fmax = FORMATS[name][1]
-        kernels[name] = cupy.ElementwiseKernel(
-            "T x, float32 inv",
-            "uint8 q",
-            f"q = pycusparselt_to_fp8((float)x * inv, {mant}, {emin}, {bias}, {fmax:.1f}f);",
-            f"pycusparselt_quantize_{name}",
-            preamble=_FP8_PREAMBLE,
-        )
+        for suffix, params, value in (("", "T x", "(float)x"),
+                                      ("_bf16", "uint16 xb", "__uint_as_float(((unsigned int)xb) << 16)")):
+            kernels[name + suffix] = cupy.ElementwiseKernel(
+                f"{params}, float32 inv",
+                "uint8 q",
+                f"q = pycusparselt_to_fp8({value} * inv, {mant}, {emin}, {bias}, {fmax:.1f}f);",
+                f"pycusparselt_quantize_{name}{suffix}",
+                preamble=_FP8_PREAMBLE,
+            )
     return kernels
+
+
+def quantize_into(x: Any, inverse_scale: Any, fmt: str, out: Any) -> Any:
+    """Quantize the CuPy array ``x`` (float16, bfloat16 or float32) into ``out`` (int8, or uint8 bytes for
+    FP8) with one kernel and no allocation: ``out = saturate(round(x * inverse_scale))``, bit-identical to
+    :func:`quantize` with ``scale = 1 / inverse_scale``. On CuPy's current stream."""
+    kernels = _device_kernels()
+    if x.dtype == _BF16:
+        return kernels[fmt + "_bf16"](x.view(np.uint16), inverse_scale, out)
+    return kernels[fmt](x, inverse_scale, out)
 
 
 def _quantize_device(x: Any, inv: Any, fmt: str) -> Any:

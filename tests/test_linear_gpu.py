@@ -45,7 +45,7 @@ def test_one_plan_per_input_shape_and_reuse():
     w = cp.asarray(rng.standard_normal((64, 64)).astype(np.float16))
     layer = SparseLinear(w, autotune={"method": "search"})
     x1, x2 = cp.asarray(rng.standard_normal((8, 64)).astype(np.float16)), cp.asarray(
-        rng.standard_normal((16, 64)).astype(np.float16))
+        rng.standard_normal((32, 64)).astype(np.float16))
     y1 = layer(x1)
     assert len(layer._plans) == 1 and len(layer._tuned) == 1 and len(layer.tuned_configs) == 1
     assert cp.array_equal(layer(x1), y1)  # the same plan again: same result

@@ -821,7 +821,7 @@ def test_autotune(cp, case):
     with Problem(cp, case) as p:
         config = p.plan.autotune(*p.args(), p.c_d, **p.call_kwargs())
         assert isinstance(config, psl.PlanConfig)
-        if p.comp._key != p.plan._sparse_key:
+        if p.comp._key != p.plan.compressed_key:
             with pytest.raises(ValueError, match="compressed for configuration 0, but the plan was re-initialised"):
                 p.matmul()
             p.recompress()
@@ -998,9 +998,9 @@ def test_compressed_operand_shared_by_compatible_plans(cp):
         _check(d, case, p.a_h, p.b_h, None, alpha=1.0, bias=None)
 
 
-def test_compressed_operand_is_refused_by_plans_of_another_problem(cp):
-    """A compressed operand read by a plan whose dense operand has another shape crashed the GPU (illegal
-    instruction): such plans must refuse it before any C call."""
+def test_compressed_operand_serves_plans_of_other_dense_shapes(cp):
+    """One compressed operand, read by plans whose dense operand has other shapes (padded ones too), gives
+    each plan's own product bit for bit; a plan of another sparse matrix refuses it before any C call."""
     rng = np.random.default_rng(11)
     a_h = reference.prune_2to4(rng.standard_normal((64, 64)).astype(np.float16))
     a = cp.asarray(a_h)
@@ -1008,9 +1008,12 @@ def test_compressed_operand_is_refused_by_plans_of_another_problem(cp):
         comp = first.compress(a)
         for n in (16, 40, 5):
             b = cp.asarray(rng.standard_normal((64, n)).astype(np.float16))
-            with psl.SparseMatmulPlan(a, b) as plan:
-                with pytest.raises(ValueError, match="another sparse operand"):
-                    plan.matmul(comp, b)
+            with psl.SparseMatmulPlan(a, b) as plan, plan.compress(a) as own:
+                np.testing.assert_array_equal(_host(plan.matmul(comp, b)), _host(plan.matmul(own, b)))
+        other = cp.asarray(reference.prune_2to4(rng.standard_normal((64, 128)).astype(np.float16)))
+        with psl.SparseMatmulPlan(other, cp.zeros((128, 8), cp.float16)) as plan:
+            with pytest.raises(ValueError, match="another sparse operand"):
+                plan.matmul(comp, cp.zeros((128, 8), cp.float16))
 
 
 def test_batched_compressed_operand_shared_by_a_twin_plan(cp):

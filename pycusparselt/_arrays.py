@@ -1,0 +1,230 @@
+"""What kind of array the caller gave, and results in that caller's framework.
+
+The one module that tells NumPy, CuPy, PyTorch and other device arrays (``__cuda_array_interface__`` /
+``__dlpack__``) apart. PyTorch is never imported here: a tensor can only exist once the caller imported it.
+Results go back in the framework of the array they answer: PyTorch tensors in, PyTorch tensors out (zero-copy,
+allocated by PyTorch's allocator, so they take part in its stream and graph-capture bookkeeping); CuPy and
+everything else, CuPy.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "NUMPY", "CUPY", "TORCH", "DEVICE",
+    "kind", "is_device", "is_torch", "array_key", "as_cupy", "to_numpy", "dtype_of", "like", "as_framework", "empty",
+    "current_stream", "torch_dtype",
+]
+
+NUMPY, CUPY, TORCH, DEVICE = "numpy", "cupy", "torch", "device"
+
+_CUPY_NDARRAY: Any = None  # cupy.ndarray, looked up on first use
+
+
+def _cupy_ndarray() -> Any:
+    global _CUPY_NDARRAY
+    if _CUPY_NDARRAY is None:
+        import cupy
+
+        _CUPY_NDARRAY = cupy.ndarray
+    return _CUPY_NDARRAY
+
+
+def _torch_tensor_type() -> Any:
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
+def is_torch(obj: Any) -> bool:
+    """Whether ``obj`` is a PyTorch tensor (PyTorch is not imported to find out)."""
+    tensor = _torch_tensor_type()
+    return tensor is not None and isinstance(obj, tensor)
+
+
+def kind(obj: Any) -> str:
+    """``"numpy"``, ``"cupy"``, ``"torch"`` (a tensor on any device) or ``"device"`` (another object with
+    ``__cuda_array_interface__`` or ``__dlpack__``); TypeError for anything else."""
+    if isinstance(obj, np.ndarray):
+        return NUMPY
+    if type(obj) is _cupy_ndarray_if_loaded():
+        return CUPY
+    if is_torch(obj):
+        return TORCH
+    if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__"):
+        return DEVICE
+    raise TypeError(f"expected a NumPy, CuPy or PyTorch array (or any DLPack array), got {type(obj).__name__}")
+
+
+def _cupy_ndarray_if_loaded() -> Any:
+    if _CUPY_NDARRAY is not None:
+        return _CUPY_NDARRAY
+    return _cupy_ndarray() if "cupy" in sys.modules else None
+
+
+_RAW_STREAM: Any = None  # PyTorch's current raw stream getter, looked up on first use
+
+
+def is_device(obj: Any) -> bool:
+    """Whether ``obj`` lives on a GPU: a CuPy array, a CUDA tensor, or a device array of another framework.
+    A PyTorch CPU tensor is a host array."""
+    if isinstance(obj, np.ndarray):
+        return False
+    if is_torch(obj):
+        return bool(obj.is_cuda)
+    return hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__")
+
+
+def array_key(obj: Any) -> tuple | None:
+    """For a CuPy array or a CUDA tensor, everything its validity as an operand depends on: address (which
+    also fixes the device and the alignment), shape, strides and dtype. None for other objects, which are
+    checked in full on every call."""
+    t = type(obj)
+    if t is _CUPY_NDARRAY or (_CUPY_NDARRAY is None and t is _cupy_ndarray_if_loaded()):
+        return (obj.data.ptr, obj.shape, obj.strides, obj.dtype)
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(obj, tensor) and obj.is_cuda:
+        return (obj.data_ptr(), obj.shape, obj.stride(), obj.dtype)
+    return None
+
+
+def as_cupy(obj: Any) -> Any:
+    """A CuPy array over ``obj``'s device memory, without copying."""
+    import cupy
+
+    if type(obj) is cupy.ndarray:
+        return obj
+    if is_torch(obj):
+        return _torch_as_cupy(obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        return cupy.asarray(obj)
+    return cupy.from_dlpack(obj)
+
+
+def _torch_as_cupy(t: Any) -> Any:
+    """A CUDA tensor's memory as a CuPy array that keeps the tensor alive. Built from its address rather than
+    through DLPack, whose stream handshake makes the legacy stream wait on the tensor's stream: an error
+    inside ``torch.cuda.graph`` capture. The caller runs on PyTorch's stream, so no wait is needed."""
+    import cupy
+
+    if not t.is_cuda:
+        raise TypeError("expected a CUDA tensor, got a CPU tensor: move it with .cuda()")
+    dt = dtype_of(t)
+    storage = np.dtype(np.uint8) if dt.name.startswith("float8") else dt  # CuPy holds FP8 as bytes
+    shape, strides = tuple(t.shape), tuple(s * storage.itemsize for s in t.stride())
+    span = sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) + storage.itemsize if t.numel() else 0
+    memory = cupy.cuda.UnownedMemory(t.data_ptr(), span, t, t.device.index)
+    return cupy.ndarray(shape, storage, cupy.cuda.MemoryPointer(memory, 0), strides=strides)
+
+
+def to_numpy(obj: Any) -> np.ndarray:
+    """A host copy of any array (NumPy arrays are returned as they are; CPU tensors without a copy)."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if is_torch(obj):
+        t = obj.detach()
+        if t.dtype in _torch_byte_views():
+            t = t.view(_torch().uint8)
+        if t.dtype == _torch().bfloat16:
+            return t.view(_torch().int16).cpu().numpy().view(ml_dtypes.bfloat16)
+        return t.cpu().numpy()
+    if hasattr(obj, "__cuda_array_interface__") or type(obj) is _cupy_ndarray_if_loaded():
+        import cupy
+
+        return cupy.asnumpy(cupy.asarray(obj))
+    return np.from_dlpack(obj)
+
+
+def _torch() -> Any:
+    return sys.modules["torch"]
+
+
+def _torch_byte_views() -> tuple:
+    torch = _torch()
+    return tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+_TORCH_NAMES = {
+    "float16": "float16", "float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "int8": "int8",
+    "uint8": "uint8", "int16": "int16", "int32": "int32", "int64": "int64", "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2", "bool": "bool",
+}
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """The PyTorch dtype of a NumPy / ml_dtypes dtype (float8 included)."""
+    name = np.dtype(dtype).name
+    try:
+        return getattr(_torch(), _TORCH_NAMES[name])
+    except KeyError:
+        raise TypeError(f"dtype {name} has no PyTorch equivalent") from None
+
+
+def dtype_of(obj: Any) -> np.dtype:
+    """The NumPy (or ml_dtypes) dtype of any array, PyTorch's bfloat16 and float8 tensors included."""
+    if is_torch(obj):
+        name = str(obj.dtype).rpartition(".")[2]
+        return np.dtype(getattr(ml_dtypes, name) if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else name)
+    return np.dtype(obj.dtype)
+
+
+def like(result: Any, template: Any, dtype: Any = None) -> Any:
+    """``result`` (a CuPy array) in ``template``'s framework, zero-copy: a PyTorch tensor for a tensor
+    template, else ``result`` itself. ``dtype`` names the values' real type where CuPy holds other storage
+    (FP8 as bytes): the tensor is then viewed as that type."""
+    return as_framework(result, TORCH if is_torch(template) else CUPY, dtype)
+
+
+def as_framework(result: Any, framework: str, dtype: Any = None) -> Any:
+    """``result`` (a CuPy array) as a PyTorch tensor (``framework="torch"``, zero-copy) or as it is."""
+    if framework != TORCH:
+        return result
+    tensor = _torch().from_dlpack(result)
+    if dtype is not None:
+        want = torch_dtype(dtype)
+        if tensor.dtype != want:
+            tensor = tensor.view(want)
+    return tensor
+
+
+def empty(template: Any, shape: tuple, dtype: Any, device: int, *, order: str = "C") -> Any:
+    """A new uninitialised device array in ``template``'s framework (PyTorch's allocator for a tensor, so the
+    array is legal inside ``torch.cuda.graph`` capture; CuPy's otherwise). ``order="F"`` gives the
+    column-major layout (the last two dimensions). FP8 arrays are PyTorch float8 tensors, CuPy bytes."""
+    dtype = np.dtype(dtype)
+    if order == "F":
+        flipped = tuple(shape[:-2]) + (shape[-1], shape[-2])
+        return empty(template, flipped, dtype, device).swapaxes(-1, -2) if not is_torch(template) else \
+            empty(template, flipped, dtype, device).transpose(-1, -2)
+    if is_torch(template):
+        return _torch().empty(shape, dtype=torch_dtype(dtype), device=template.device if template.is_cuda
+                              else f"cuda:{device}")
+    import cupy
+
+    storage = np.dtype(np.uint8) if dtype.name.startswith("float8") else dtype
+    with cupy.cuda.Device(device):
+        return cupy.empty(shape, dtype=storage)
+
+
+def current_stream(template: Any, device: int) -> int:
+    """The stream a call on ``template`` runs on when the caller names none: PyTorch's current stream of
+    ``device`` for a tensor (so the call follows ``torch.cuda.stream`` and ``torch.cuda.graph``), CuPy's
+    current stream of ``device`` otherwise."""
+    if is_torch(template):
+        global _RAW_STREAM
+        if _RAW_STREAM is None:
+            torch = _torch()
+            # the handle without building a Stream object (a microsecond a call); the public form otherwise
+            _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+                lambda d: torch.cuda.current_stream(d).cuda_stream)
+        return int(_RAW_STREAM(device))
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() == device:
+        return cupy.cuda.get_current_stream().ptr
+    with cupy.cuda.Device(device):
+        return cupy.cuda.get_current_stream().ptr

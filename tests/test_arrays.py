@@ -1,0 +1,57 @@
+"""The one place that tells array kinds apart (pycusparselt._arrays), and capture()'s argument checks, on the CPU."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import pycusparselt as psl
+from pycusparselt import _arrays
+
+
+def test_numpy_arrays_are_host_arrays_with_no_fast_key():
+    a = np.zeros((2, 3), np.float16)
+    assert _arrays.kind(a) == _arrays.NUMPY
+    assert not _arrays.is_device(a)
+    assert _arrays.array_key(a) is None
+    assert _arrays.to_numpy(a) is a
+    assert _arrays.dtype_of(np.zeros(2, ml_dtypes.bfloat16)) == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_unknown_objects_are_refused_by_name():
+    with pytest.raises(TypeError, match="got list"):
+        _arrays.kind([1, 2])
+    assert not _arrays.is_torch([1, 2])
+
+
+def test_results_stay_in_their_framework_for_non_torch_templates():
+    marker = object()
+    assert _arrays.like(marker, np.zeros(1)) is marker
+    assert _arrays.as_framework(marker, _arrays.CUPY) is marker
+
+
+def test_capture_checks_its_arguments_before_running_anything():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return x
+
+    with pytest.raises(ValueError, match="warmup"):
+        psl.capture(fn, np.zeros(2), warmup=0)
+    with pytest.raises(ValueError, match="at least one"):
+        psl.capture(fn)
+    with pytest.raises(TypeError, match="all CuPy arrays or all CUDA tensors"):
+        psl.capture(fn, np.zeros(2))
+    assert not calls
+
+
+def test_torch_cpu_tensors_are_host_arrays():
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert _arrays.kind(t) == _arrays.TORCH and not _arrays.is_device(t)
+    assert _arrays.array_key(t) is None
+    assert _arrays.dtype_of(t) == np.dtype(ml_dtypes.bfloat16)
+    assert _arrays.to_numpy(t).dtype == np.dtype(ml_dtypes.bfloat16)
+    assert _arrays.torch_dtype(np.float16) is torch.float16

@@ -1,0 +1,277 @@
+"""The inference path on the GPU: a layer's prepared calls, small batches, one compressed weight, results in the
+caller's framework, and whole networks captured in CUDA graphs (CuPy's and PyTorch's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pycusparselt as psl
+from pycusparselt import SparseLinear, reference
+from pycusparselt.linear import calibrate_chain
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+
+def _layer_pair(rng, out_f, in_f, dtype=np.float16, **kw):
+    """A device layer and its CPU twin on the same weights."""
+    w = rng.standard_normal((out_f, in_f)).astype(dtype)
+    b = rng.standard_normal(out_f).astype(dtype)
+    gpu = SparseLinear(cp.asarray(w), cp.asarray(b), autotune=False, **kw)
+    cpu = SparseLinear(w, b, **kw)
+    return gpu, cpu
+
+
+def _close_to_twin(y_gpu, cpu, x_host, layer):
+    y_cpu = cpu(x_host)
+    w = cp.asnumpy(layer.weight)
+    reference.assert_close(np.asarray(y_gpu).T, y_cpu.T, a=w, b=x_host.T, bias=cpu._bias_host,
+                           activation=layer.activation)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
+def test_small_and_odd_batches_match_the_reference_and_share_plans(rows):
+    rng = np.random.default_rng(rows)
+    gpu, cpu = _layer_pair(rng, 256, 512, activation="relu")
+    x = rng.standard_normal((rows, 512)).astype(np.float16)
+    y = gpu(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.shape == (rows, 256) and y.flags.c_contiguous
+    _close_to_twin(cp.asnumpy(y), cpu, x, gpu)
+    # a vector is a batch of one
+    v = gpu(cp.asarray(x[0]))
+    assert v.shape == (256,)
+    np.testing.assert_array_equal(cp.asnumpy(v), cp.asnumpy(y[0]))
+    # batches of 1 to 16 rows run on one plan of 16 rows: one tuned shape
+    for other in (1, 5, 16):
+        gpu(cp.asarray(rng.standard_normal((other, 512)).astype(np.float16)))
+    shapes = gpu.plan_shapes
+    assert (16, 512) in shapes and all(s[0] >= 16 for s in shapes) and len(shapes) <= 2
+
+
+def test_a_seen_input_is_not_checked_or_allocated_again():
+    rng = np.random.default_rng(1)
+    gpu, cpu = _layer_pair(rng, 256, 512, activation="relu")
+    for rows in (1, 64):  # padded (copied into the staging buffer) and direct
+        x = cp.asarray(rng.standard_normal((rows, 512)).astype(np.float16))
+        out = cp.empty((rows, 256), cp.float16)
+        assert gpu(x, out=out) is out
+        pool = cp.get_default_memory_pool()
+        cp.cuda.Device().synchronize()
+        used, total = pool.used_bytes(), pool.total_bytes()
+        for _ in range(50):
+            gpu(x, out=out)
+        cp.cuda.Device().synchronize()
+        if rows == 64:  # the direct path writes `out` itself: nothing allocated, not even from the pool
+            assert (pool.used_bytes(), pool.total_bytes()) == (used, total)
+        else:
+            assert pool.total_bytes() == total  # the padded path reuses its own scratch buffer
+        _close_to_twin(cp.asnumpy(out), cpu, cp.asnumpy(x), gpu)
+        # the data is read at run time: new values at the same address give the new product
+        x[...] = cp.asarray(rng.standard_normal((rows, 512)).astype(np.float16))
+        _close_to_twin(cp.asnumpy(gpu(x)), cpu, cp.asnumpy(x), gpu)
+
+
+def test_out_of_the_wrong_shape_is_refused_on_the_prepared_path():
+    rng = np.random.default_rng(2)
+    gpu, _ = _layer_pair(rng, 256, 512)
+    x = cp.asarray(rng.standard_normal((64, 512)).astype(np.float16))
+    gpu(x)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        gpu(x, out=cp.empty((64, 255), cp.float16))
+    with pytest.raises(ValueError, match="out"):
+        gpu(x, out=cp.empty((64, 256), cp.float32))
+
+
+def test_one_compressed_weight_serves_every_batch_size():
+    """Plans of every input shape that run one configuration share one compressed weight (here the default
+    configuration everywhere: one copy, 0.5625 of the dense weight)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((1024, 512)).astype(np.float16)
+    layer = SparseLinear(cp.asarray(w), autotune=False)
+    outs = {}
+    for rows in (1, 16, 64, 384):
+        x = rng.standard_normal((rows, 512)).astype(np.float16)
+        outs[rows] = (x, cp.asnumpy(layer(cp.asarray(x))))
+    assert layer.plan_shapes == [(16, 512), (64, 512), (384, 512)]  # 1 and 16 rows share a plan
+    assert 0 < layer.compressed_nbytes <= 0.5625 * w.nbytes  # one compressed weight
+    fresh = SparseLinear(cp.asarray(w), autotune=False)
+    for x, y in outs.values():
+        # against a layer whose plans each compress for themselves under the default configuration
+        fresh.close()
+        np.testing.assert_array_equal(y, cp.asnumpy(fresh(cp.asarray(x))))
+
+
+@pytest.mark.parametrize("alg", [0, 8, 16, 24, 32])
+def test_compressed_operand_shared_across_dense_shapes_under_one_configuration(alg):
+    rng = np.random.default_rng(4)
+    w = cp.asarray(reference.prune_2to4(rng.standard_normal((256, 512)).astype(np.float16)))
+    x0 = cp.asarray(rng.standard_normal((64, 512)).astype(np.float16))
+    with psl.SparseMatmulPlan(x0, w.T, sparse="b") as first:
+        first.config = alg
+        shared = first.compress(w.T)
+        for rows in (16, 128):
+            x = cp.asarray(rng.standard_normal((rows, 512)).astype(np.float16))
+            with psl.SparseMatmulPlan(x, w.T, sparse="b") as plan:
+                plan.config = alg
+                with plan.compress(w.T) as own:
+                    np.testing.assert_array_equal(cp.asnumpy(plan.matmul(x, shared)), cp.asnumpy(plan.matmul(x, own)))
+                launch = plan.launcher(shared)
+                plan.config = alg + 1  # another configuration: the launcher refuses the old compressed form
+                with pytest.raises(ValueError, match="compress the sparse operand again"):
+                    launch(x.data.ptr, cp.empty((rows, 256), cp.float16).data.ptr, 0)
+
+
+# -- PyTorch in, PyTorch out ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch sees no GPU")
+    return torch
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_tensors_in_torch_tensors_out(torch, dtype):
+    tdt = getattr(torch, dtype)
+    rng = np.random.default_rng(5)
+    w = torch.randn(256, 512, device="cuda", dtype=tdt)
+    b = torch.randn(256, device="cuda", dtype=tdt)
+    layer = SparseLinear(w, b, activation="relu", autotune=False)
+    for rows in (3, 64):
+        x = torch.randn(rows, 512, device="cuda", dtype=tdt)
+        y = layer(x)
+        assert isinstance(y, torch.Tensor) and y.dtype == tdt and y.device == x.device and y.shape == (rows, 256)
+        want = torch.relu(torch.nn.functional.linear(x.float(), torch.from_dlpack(layer.weight).float(), b.float()))
+        assert float((y.float() - want).abs().max()) <= 0.02 * float(want.abs().max()) + 1e-2
+        # the same tensor again takes the prepared path, on PyTorch's stream
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            y2 = layer(x)
+        s.synchronize()
+        assert torch.equal(y2, y)
+    # the plan, the one-shot product and pruning answer in PyTorch too
+    x = torch.randn(64, 512, device="cuda", dtype=tdt)
+    wt = torch.from_dlpack(layer.weight).t()
+    with psl.SparseMatmulPlan(x, wt, sparse="b") as plan:
+        comp = plan.compress(wt)
+        d = plan.matmul(x, comp)
+        assert isinstance(d, torch.Tensor) and d.dtype == tdt
+        bound = plan.bind(x, comp)
+        assert isinstance(bound(), torch.Tensor)
+        pruned = plan.prune(torch.randn(256, 512, device="cuda", dtype=tdt).t())
+        assert isinstance(pruned, torch.Tensor) and pruned.dtype == tdt
+    one = psl.matmul(x, wt, sparse="b")
+    assert isinstance(one, torch.Tensor) and torch.equal(one, d)
+    del rng
+
+
+def test_fp8_and_int8_layers_answer_in_torch(torch):
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    x = torch.randn(32, 512, device="cuda", dtype=torch.float16)
+    for kw in ({"mode": "int8", "out_dtype": np.int8, "output_scale": 0.1}, {"mode": "fp8"}, {"mode": "int8"}):
+        layer = SparseLinear(cp.asarray(w), input_scale=0.05, autotune=False, **kw)
+        y = layer(x)
+        want = cp.asnumpy(layer(cp.asarray(x.cpu().numpy())))
+        assert isinstance(y, torch.Tensor)
+        np.testing.assert_array_equal(y.cpu().numpy(), want)
+
+
+# -- whole-network capture -----------------------------------------------------------------------------
+
+
+def _ffn(layers):
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+    run.layers = layers
+    return run
+
+
+def _fp16_stack(rng, n=4):
+    layers = []
+    for i in range(n):
+        shape = (512, 256) if i % 2 == 0 else (256, 512)
+        w = rng.standard_normal(shape).astype(np.float16) / 16
+        b = rng.standard_normal(shape[0]).astype(np.float16)
+        layers.append(SparseLinear(cp.asarray(w), cp.asarray(b), activation="relu" if i % 2 == 0 else None,
+                                   autotune=False))
+    return layers
+
+
+@pytest.mark.parametrize("rows", [1, 48])
+def test_captured_fp16_stack_equals_eager_bit_for_bit(rows):
+    rng = np.random.default_rng(7)
+    fn = _ffn(_fp16_stack(rng))
+    xs = [cp.asarray(rng.standard_normal((rows, 256)).astype(np.float16)) for _ in range(3)]
+    graph = psl.capture(fn, xs[0])
+    for x in xs:
+        eager = cp.asnumpy(fn(x))
+        stepwise = x
+        for layer in fn.layers:  # each layer on a fresh copy of its input
+            stepwise = layer(stepwise.copy())
+        np.testing.assert_array_equal(eager, cp.asnumpy(stepwise))
+        replay = cp.asnumpy(graph(x))
+        np.testing.assert_array_equal(replay, eager)
+    graph.close()
+    with pytest.raises(psl.ClosedError):
+        graph.replay()
+
+
+def test_captured_int8_and_fp8_chains_equal_eager():
+    rng = np.random.default_rng(8)
+    w1, b1 = rng.standard_normal((512, 256)).astype(np.float32), rng.standard_normal(512).astype(np.float32)
+    w2, b2 = rng.standard_normal((256, 512)).astype(np.float32), rng.standard_normal(256).astype(np.float32)
+    batches = [cp.asarray(rng.standard_normal((64, 256)).astype(np.float16)) for _ in range(3)]
+    int8 = [SparseLinear(cp.asarray(w1), cp.asarray(b1), mode="int8", activation="relu", out_dtype=np.int8,
+                         autotune=False),
+            SparseLinear(cp.asarray(w2), cp.asarray(b2), mode="int8", autotune=False)]
+    calibrate_chain(int8, batches)
+    fp8 = [SparseLinear(cp.asarray(w1), cp.asarray(b1), mode="fp8", activation="relu", autotune=False),
+           SparseLinear(cp.asarray(w2), cp.asarray(b2), mode="fp8", autotune=False)]
+    calibrate_chain(fp8, batches)
+    for layers in (int8, fp8):
+        fn = _ffn(layers)
+        graph = psl.capture(fn, batches[0])
+        for x in batches:
+            np.testing.assert_array_equal(cp.asnumpy(graph(x)), cp.asnumpy(fn(x)))
+
+
+def test_torch_capture_and_torch_cuda_graph(torch):
+    rng = np.random.default_rng(9)
+    layers = _fp16_stack(rng)
+    fn = _ffn(layers)
+    xs = [torch.randn(48, 256, device="cuda", dtype=torch.float16) for _ in range(3)]
+    graph = psl.capture(fn, xs[0])
+    for x in xs:
+        assert torch.equal(graph(x), fn(x))
+    # inside the caller's own torch.cuda.graph, after one eager call of that shape
+    static = xs[0].clone()
+    fn(static)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(static)
+    for x in xs:
+        static.copy_(x)
+        g.replay()
+        assert torch.equal(out, fn(x))
+
+
+def test_a_new_shape_during_capture_is_refused_clearly():
+    rng = np.random.default_rng(10)
+    (layer,) = _fp16_stack(rng, 1)
+    stream = cp.cuda.Stream(non_blocking=True)
+    x = cp.asarray(rng.standard_normal((32, 256)).astype(np.float16))
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="call the layer once with such an input before capturing"):
+                layer(x)
+        finally:
+            stream.end_capture()
