@@ -181,6 +181,38 @@ class Stack:
             x = self.dequant(mm(h, d["w2q"]), d["alpha2"], d["bias2"])
         return x
 
+    def _view(self, t: Any, dtype: Any) -> Any:
+        """A CuPy array over a CUDA tensor's memory. Not through DLPack: its stream handshake is refused inside
+        ``torch.cuda.graph`` capture."""
+        cp = self.cp
+        memory = cp.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, t.device.index)
+        return cp.ndarray(tuple(t.shape), dtype, cp.cuda.MemoryPointer(memory, 0))
+
+    def dense_int8_tensors(self, t: Any) -> Any:
+        """Dense INT8 on PyTorch tensors, capturable whole by ``torch.cuda.graph``: ``torch._int_mm`` (cuBLASLt)
+        for the GEMMs and the same fused kernels as :meth:`dense_int8`, run on PyTorch's current stream."""
+        import torch
+
+        from pycusparselt.streams import on_stream
+
+        cp = self.cp
+        with on_stream(torch.cuda.current_stream().cuda_stream):
+            for blk in self.blocks:
+                d = blk["dense_int8"]
+                if "torch_int8" not in d:
+                    d["torch_int8"] = (torch.from_dlpack(d["w1q"]).t(), torch.from_dlpack(d["w2q"]).t(),
+                                       np.float32(1.0) / np.float32(d["s_in"]))
+                w1t, w2t, inv = d["torch_int8"]
+                xq = torch.empty(t.shape, dtype=torch.int8, device=t.device)
+                self.q.quantize_into(self._view(t, cp.float16), inv, "int8", self._view(xq, cp.int8))
+                acc = torch._int_mm(xq, w1t)
+                h = torch.empty(acc.shape, dtype=torch.int8, device=t.device)
+                self.requant(self._view(acc, cp.int32), d["alpha1"], d["bias1"], self._view(h, cp.int8))
+                acc = torch._int_mm(h, w2t)
+                t = torch.empty(acc.shape, dtype=torch.float16, device=t.device)
+                self.dequant(self._view(acc, cp.int32), d["alpha2"], d["bias2"], self._view(t, cp.float16))
+        return t
+
     def sparse(self, mode: str, x: Any) -> Any:
         for blk in self.blocks:
             fc1, fc2 = blk[mode]

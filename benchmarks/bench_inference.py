@@ -56,16 +56,26 @@ def host_us(fn: Callable[[], Any], calls: int = 300) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+#: Called after every row (writes the JSON so far: a crash keeps the rows measured before it).
+_checkpoint: Callable[[], None] = lambda: None  # noqa: E731
+
+
 def _row(rows: list, model: str, batch: int, variant: str, graph: bool, ms: float, **extra: Any) -> None:
     rows.append({"model": model, "batch": batch, "variant": variant, "graph": graph, "ms": ms, **extra})
+    _checkpoint()
     print(f"  {model:15s} batch {batch:4d} {variant:12s} {'graph' if graph else 'eager':5s} {ms:9.3f} ms", flush=True)
 
 
 def _both(rows, model, batch, variant, fn, x, repeat, **extra) -> None:
     """Time ``fn(x)`` eagerly and as a captured graph of the whole stack."""
+    _row(rows, model, batch, variant, False, time_ms(lambda: fn(x), repeat), **extra)
+    _capture_row(rows, model, batch, variant, fn, x, repeat, **extra)
+
+
+def _capture_row(rows, model, batch, variant, fn, x, repeat, **extra) -> None:
+    """Time ``fn(x)`` captured whole in one CUDA graph."""
     import pycusparselt as psl
 
-    _row(rows, model, batch, variant, False, time_ms(lambda: fn(x), repeat), **extra)
     try:
         graph = psl.capture(fn, x)
     except Exception as exc:  # noqa: BLE001 - e.g. CuPy refuses cuBLAS calls during capture: reported
@@ -97,7 +107,8 @@ def bench_bert(blocks: int, batches: list[int], repeat: int, tune_budget: float,
             t = torch.addmm(b2, torch._addmm_activation(b1, t, w1.t()), w2.t())
         return t
 
-    errors = {}
+    errors: dict[str, float] = {}
+    configs: dict[str, list] = {}
     for batch in batches:
         x = rng.standard_normal((batch * bert.SEQ, bert.HIDDEN), dtype=cp.float32).astype(cp.float16)
         xt = torch.from_dlpack(x)
@@ -108,18 +119,23 @@ def bench_bert(blocks: int, batches: list[int], repeat: int, tune_budget: float,
         ref = stack.reference(x, "pruned")
         for mode in ("fp16", "int8", "fp8"):
             errors[f"sparse-{mode}@{batch}"] = bert._rel_error(stack.sparse(mode, x), ref)
+            configs[f"sparse-{mode}@{batch}"] = [layer.tuned_configs for layer in stack.blocks[0][mode]]
+        dense_ref = stack.reference(x, "dense")
+        errors[f"dense-int8@{batch}"] = bert._rel_error(cp.from_dlpack(stack.dense_int8_tensors(xt)), dense_ref)
+        errors[f"dense-fp16@{batch}"] = bert._rel_error(cp.from_dlpack(dense_fp16(xt)), dense_ref)
         _both(rows, "bert-large-ffn", batch, "dense-fp16", dense_fp16, xt, repeat)
-        int8 = {}
-        for impl in ("cublas", "torch"):
-            int8[impl] = time_ms(lambda impl=impl, x=x: stack.dense_int8(x, impl), repeat)
+        # dense INT8 eager: the faster of cublasGemmEx (CuPy) and torch._int_mm; captured: torch._int_mm on
+        # tensors (CuPy refuses cuBLAS calls during capture)
+        int8 = {"cublas": time_ms(lambda x=x: stack.dense_int8(x, "cublas"), repeat),
+                "torch": time_ms(lambda xt=xt: stack.dense_int8_tensors(xt), repeat)}
         best = min(int8, key=int8.get)
-        _both(rows, "bert-large-ffn", batch, "dense-int8", lambda v, best=best: stack.dense_int8(v, best), x, repeat,
-              impl=best)
+        _row(rows, "bert-large-ffn", batch, "dense-int8", False, int8[best], impl=best, impls_ms=int8)
+        _capture_row(rows, "bert-large-ffn", batch, "dense-int8", stack.dense_int8_tensors, xt, repeat, impl="torch")
         for mode in ("fp16", "int8", "fp8"):
             _both(rows, "bert-large-ffn", batch, f"sparse-{mode}", lambda v, mode=mode: stack.sparse(mode, v), x,
                   repeat, prepare_s=round(tune_s, 1))
         _both(rows, "bert-large-ffn", batch, "sparse-fp16-torch", lambda v: stack.sparse("fp16", v), xt, repeat)
-    return {"build_s": build_s, "rel_error": errors}
+    return {"build_s": build_s, "rel_error": errors, "configs": configs}
 
 
 # -- LLM decode ----------------------------------------------------------------------------------------------
@@ -248,6 +264,49 @@ def _host_row(rng: Any, m: int, out_f: int, in_f: int, tune_budget: float) -> di
     return entry
 
 
+def _isolated(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--isolate``: one process per (part, batch size), results merged into one JSON. A process that dies
+    (an error left sticky on the device) costs its own rows only; they are reported with its exit status."""
+    import subprocess
+    import tempfile
+
+    base = [a for a in argv if a != "--isolate"]
+    runs = []
+    for part in args.parts:
+        sizes = {"bert": ("--batches", args.batches), "llm": ("--tokens", args.tokens)}.get(part)
+        for size in ([None] if sizes is None else sizes[1]):
+            extra = ["--parts", part] + ([] if size is None else [sizes[0], str(size)])
+            runs.append((part, size, extra))
+    merged: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (part, size, extra) in enumerate(runs):
+            path = os.path.join(tmp, f"{i}.json")
+            # later flags win: the part and size given here replace the command line's
+            cmd = [sys.executable, os.path.abspath(__file__), *base, *extra, "--json", path]
+            rc = subprocess.run(cmd).returncode
+            got = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+            if not merged:
+                merged = {k: v for k, v in got.items() if k not in ("rows", "host", "bert", "llm", "seconds")}
+                merged.update(rows=[], host=[], isolated=True)
+            merged["rows"] += got.get("rows", [])
+            merged["host"] += got.get("host", [])
+            for name in ("bert", "llm"):
+                if name in got:
+                    into = merged.setdefault(name, {})
+                    for k, v in got[name].items():
+                        if isinstance(v, dict):
+                            into.setdefault(k, {}).update(v)
+                        else:
+                            into.setdefault(k, v)
+            if rc != 0:
+                merged.setdefault("failed_runs", []).append({"part": part, "size": size, "returncode": rc})
+                print(f"  {part} {size}: the process ended with status {rc}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(merged, f, indent=1)
+    return 0 if "failed_runs" not in merged else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bert-blocks", type=int, default=24)
@@ -258,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-budget", type=float, default=2.0, help="seconds of tuning per layer shape")
     parser.add_argument("--parts", nargs="+", default=["host", "llm", "bert"], choices=["host", "llm", "bert"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each part and batch size in a process of its own and merge the results")
     args = parser.parse_args(argv)
+    if args.isolate:
+        return _isolated(args, argv if argv is not None else sys.argv[1:])
 
     import cupy as cp
     import torch
@@ -273,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         "bert_blocks": args.bert_blocks, "llm_blocks": args.llm_blocks, "repeat": args.repeat,
         "tune_budget_s": args.tune_budget, "rows": [], "host": [],
     }
+    global _checkpoint
+
+    def checkpoint() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    _checkpoint = checkpoint
     t0 = time.perf_counter()
     if "host" in args.parts:
         result["host"] = bench_host(args.tune_budget)
@@ -284,9 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         result["bert"] = bench_bert(args.bert_blocks, args.batches, args.repeat, args.tune_budget, result["rows"])
     result["seconds"] = time.perf_counter() - t0
     print(f"{result['device']}, cuSPARSELt {result['cusparselt']}, torch {result['torch']}: {result['seconds']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    checkpoint()
     return 0
 
 

@@ -17,8 +17,8 @@ import numpy as np
 
 __all__ = [
     "NUMPY", "CUPY", "TORCH", "DEVICE",
-    "kind", "is_device", "is_torch", "array_key", "as_cupy", "to_numpy", "dtype_of", "like", "as_framework", "empty",
-    "current_stream", "torch_dtype",
+    "kind", "is_device", "is_torch", "array_key", "signature", "as_cupy", "to_numpy", "dtype_of", "like",
+    "as_framework", "empty", "current_stream", "torch_dtype",
 ]
 
 NUMPY, CUPY, TORCH, DEVICE = "numpy", "cupy", "torch", "device"
@@ -89,6 +89,19 @@ def array_key(obj: Any) -> tuple | None:
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(obj, tensor) and obj.is_cuda:
         return (obj.data_ptr(), obj.shape, obj.stride(), obj.dtype)
+    return None
+
+
+def signature(obj: Any) -> tuple | None:
+    """:func:`array_key` without the address: shape, strides, dtype, device, framework and whether the address
+    is 16-byte aligned. Arrays of one signature are valid operands of the same prepared call with only the
+    address changed. None for objects other than CuPy arrays and CUDA tensors."""
+    t = type(obj)
+    if t is _CUPY_NDARRAY or (_CUPY_NDARRAY is None and t is _cupy_ndarray_if_loaded()):
+        return (obj.shape, obj.strides, obj.dtype, obj.device.id, CUPY, obj.data.ptr % 16 == 0)
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(obj, tensor) and obj.is_cuda:
+        return (obj.shape, obj.stride(), obj.dtype, obj.get_device(), TORCH, obj.data_ptr() % 16 == 0)
     return None
 
 

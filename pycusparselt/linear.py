@@ -362,9 +362,12 @@ class SparseLinear:
         # per input shape: (plan, launcher), or None where the plan pads; per input signature and stream: a route
         self._shapes: dict[tuple, tuple | None] = {}
         self._routes: dict[tuple, _Route] = {}
+        # per signature (address left out) and stream: a route to re-aim at new addresses without the checks
+        self._prototypes: dict[tuple, _Route] = {}
         self._stages: dict[tuple, Any] = {}
         self._tuned: set[tuple] = set()
         self._epilogue_cache: dict[str, Any] | None = None
+        self._perm_device: Any = None
 
     # -- scales ----------------------------------------------------------------------------------------
 
@@ -396,6 +399,7 @@ class SparseLinear:
     def _invalidate(self) -> None:
         # routes and launchers hold the old alpha and quantization scale
         self._routes.clear()
+        self._prototypes.clear()
         self._shapes.clear()
         # int8 outputs scale the ReLU bounds, which plans fix at creation
         self._epilogue_cache = None
@@ -562,7 +566,17 @@ class SparseLinear:
 
         with cupy.cuda.Device(self._device):
             sp = stream_ptr(stream) if stream is not None else _arrays.current_stream(x, self._device)
-            route = self._make_route(x, sp)
+            signature = _arrays.signature(x)
+            prototype = self._prototypes.get((signature, sp))
+            if prototype is not None:
+                # an array like one seen before at a new address (an eager loop's fresh activations)
+                route = prototype.aimed_at(x)
+            else:
+                route = self._make_route(x, sp)
+                if route is not None and signature is not None:
+                    if len(self._prototypes) >= MAX_ROUTES:
+                        self._prototypes.clear()
+                    self._prototypes[(signature, sp)] = route
         if route is None:
             vector = len(x.shape) == 1
             y = self._general_call(x[None] if vector else x, out, stream)
@@ -625,7 +639,7 @@ class SparseLinear:
             fill = None if direct else self._filler(view, stage_c, rows, needs_quant, cstream, sp)
             if fill is not None:
                 fill()  # compiles its kernels now, outside any graph capture
-        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream)
+        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream, needs_quant)
 
     def _stage(self, x: Any, rows: int, storage: np.dtype, sp: int) -> Any:
         """The staging buffer (``rows`` x in_features) of the GEMM's dense operand, one per shape, type, stream
@@ -649,7 +663,7 @@ class SparseLinear:
         target = stage[:rows]
         steps = []
         if self.permutation is not None:
-            perm = cupy.asarray(self.permutation)
+            perm = self._permutation_device()
             gathered = cupy.empty(src.shape, dtype=src.dtype) if quantize else target
             steps.append(functools.partial(cupy.take, src, perm, 1, gathered))
             src = gathered
@@ -657,8 +671,8 @@ class SparseLinear:
             inv = np.float32(np.float32(1.0) / np.float32(self._input_scale))
             steps.append(functools.partial(quantization.quantize_into, src, inv, self.format, target))
         elif self.permutation is None:
-            # a copy kernel rather than cudaMemcpyAsync: replays of a CuPy graph holding the memcpy node gave
-            # wrong products for padded small batches (H200, cause not isolated)
+            # cupy.copyto: one cudaMemcpyAsync for a contiguous input (most of a small batch's ~30 us of host
+            # time per call goes here and to the launch), one copy kernel for a strided one
             steps.append(functools.partial(cupy.copyto, target, src.view(target.dtype)))
 
         def fill() -> None:
@@ -667,6 +681,15 @@ class SparseLinear:
                     step()
 
         return fill
+
+    def _permutation_device(self) -> Any:
+        """The input permutation on the layer's device, copied there once."""
+        import cupy
+
+        if self._perm_device is None:
+            with cupy.cuda.Device(self._device):
+                self._perm_device = cupy.asarray(self.permutation)
+        return self._perm_device
 
     def _shape_state(self, example: Any, sp: int) -> tuple | None:
         """(plan, launcher) for inputs of ``example``'s shape: made, tuned and given the compressed weight on
@@ -762,7 +785,8 @@ class SparseLinear:
         stored = _find_config(self._configs, ident)
         if stored is not None:
             try:
-                plan.config = PlanConfig(**stored)
+                if plan.config != PlanConfig(**stored):  # re-initialising costs ~0.2 s: only on a change
+                    plan.config = PlanConfig(**stored)
                 self._tuned.add(key)
                 return
             except Exception as exc:  # noqa: BLE001 - any stale configuration: tune again instead
@@ -814,6 +838,10 @@ class SparseLinear:
             raise ValueError(f"tuned_configs: expected entries as tuned_configs returns them ({exc!r})") from None
         self._configs = configs
         self._tuned.clear()
+        # prepared calls run the old configurations: the next call of each shape takes the new one
+        self._routes.clear()
+        self._prototypes.clear()
+        self._shapes.clear()
 
     # -- calibration ---------------------------------------------------------------------------------
 
@@ -973,8 +1001,10 @@ class SparseLinear:
     def close(self) -> None:
         """Release the plans and compressed weights (the layer can still be called: they are rebuilt)."""
         self._routes.clear()
+        self._prototypes.clear()
         self._shapes.clear()
         self._stages.clear()
+        self._perm_device = None
         for plan in self._plans.values():
             plan.close()
         for compressed in self._compressed.values():
@@ -1028,13 +1058,16 @@ class _Route:
     allocates the output in the input's framework (unless ``out`` is given), and launches the GEMM."""
 
     __slots__ = ("layer", "fill", "launch", "plan", "rows", "padded_rows", "vector", "sp", "cstream", "x_ptr",
-                 "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device")
+                 "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device", "stage",
+                 "quantize")
 
     def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
-                 plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any) -> None:
+                 plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any,
+                 quantize: bool) -> None:
         import cupy
 
         self.layer, self.fill, self.launch, self.plan = layer, fill, launch, plan
+        self.stage, self.quantize = stage, quantize
         self.rows, self.padded_rows, self.vector, self.sp, self.cstream = rows, padded_rows, vector, sp, cstream
         self.x_ptr = view.data.ptr if stage is None else stage.data.ptr
         self.device = layer._device
@@ -1054,8 +1087,26 @@ class _Route:
             self.ptr_of = _cupy_ptr
             if sp != cupy.cuda.get_current_stream().ptr:  # an explicit stream: CuPy's pool is told which
                 self.alloc_ctx = cstream
-        self.scratch = None  # (padded_rows, out) buffer for padded or post-processed results written to `out`
-        self.outs: set = set()  # `out` arrays already checked
+        # [(padded_rows, out) buffer] for padded or post-processed results written to `out`, made on first
+        # use; a list so that routes aimed at other addresses share it (they run on the same stream)
+        self.scratch: list = [None]
+        self.outs: set = set()  # `out` arrays already checked (shared by aimed routes: same output shape)
+
+    def aimed_at(self, x: Any) -> _Route:
+        """This route for ``x``, an array of the same signature (:func:`_arrays.signature`) at another address:
+        the prepared plan, buffers and checks are shared; only the input's address (or the filler reading it)
+        changes."""
+        twin = object.__new__(_Route)
+        for name in _Route.__slots__:
+            setattr(twin, name, getattr(self, name))
+        view = _to_cupy(x)
+        if self.vector:
+            view = view[None]
+        if self.stage is None:
+            twin.x_ptr = view.data.ptr
+        else:
+            twin.fill = self.layer._filler(view, self.stage, self.rows, self.quantize, self.cstream, self.sp)
+        return twin
 
     def __call__(self, x: Any, out: Any) -> Any:
         if self.get_device() != self.device:
@@ -1085,10 +1136,11 @@ class _Route:
         import cupy
 
         with self.cstream:
-            if self.scratch is None:
-                self.scratch = cupy.empty((self.padded_rows, layer.out_features), layer._gemm_out)
-            self.launch(self.x_ptr, self.scratch.data.ptr, self.sp)
-            y = self.scratch[: self.rows]
+            scratch = self.scratch[0]
+            if scratch is None:
+                scratch = self.scratch[0] = cupy.empty((self.padded_rows, layer.out_features), layer._gemm_out)
+            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
+            y = scratch[: self.rows]
             if layer._post:
                 y = layer._finish(y, cupy)
             if self.vector:

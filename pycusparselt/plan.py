@@ -792,21 +792,9 @@ class SparseMatmulPlan:
             self._check_aligned(D)
             self._remember("out", out)
             d_ptr = D.ptr
-        if self._has_bias:
-            if bias is None:
-                raise ValueError("bias: the plan was made with bias=True; pass bias=")
-            self._copy_vector("bias", bias, self._dims[0], stream_ptr)
-        elif bias is not None:
-            raise ValueError("bias: the plan was made without bias; make it with bias=True")
-        if self._has_alpha_vector:
-            if c is not None or beta != 0:
-                raise ValueError(_ALPHA_VECTOR_NO_C)
-            self._copy_vector("alpha", alpha, self._dims[0], stream_ptr)
-            alpha_arg = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
-        else:
-            if np.ndim(alpha):
-                raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
-            alpha_arg = float(alpha)
+        if self._has_alpha_vector and (c is not None or beta != 0):
+            raise ValueError(_ALPHA_VECTOR_NO_C)
+        alpha_arg = self._epilogue_args(alpha, bias, stream_ptr)
         x_ptr = X.ptr if X is not None else _arrays.array_key(dense)[0]
         c_ptr = None if c is None else (C.ptr if C is not None else _arrays.array_key(c)[0])
         if not self.padded:
@@ -1000,21 +988,24 @@ class SparseMatmulPlan:
             )
         self._check_compressed(compressed)
         with cupy.cuda.Device(self.device):
-            stream_ptr = _stream_ptr(stream, self.device)
-            if self._has_bias:
-                if bias is None:
-                    raise ValueError("bias: the plan was made with bias=True; pass bias=")
-                self._copy_vector("bias", bias, self._dims[0], stream_ptr)
-            elif bias is not None:
-                raise ValueError("bias: the plan was made without bias; make it with bias=True")
-            if self._has_alpha_vector:
-                self._copy_vector("alpha", alpha, self._dims[0], stream_ptr)
-                alpha = bindings.DevicePointer(self._buffers["alpha"].data.ptr)
-            elif np.ndim(alpha):
-                raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
-            else:
-                alpha = float(alpha)
-        return Launcher(self, compressed, alpha)
+            alpha_arg = self._epilogue_args(alpha, bias, _stream_ptr(stream, self.device))
+        return Launcher(self, compressed, alpha_arg)
+
+    def _epilogue_args(self, alpha: Any, bias: Any, stream_ptr: int) -> Any:
+        """Check ``alpha`` and ``bias`` against the plan, copy a bias or vector alpha into the plan's buffers on
+        the stream, and return the alpha argument of the C call (a float, or the alpha buffer's address)."""
+        if self._has_bias:
+            if bias is None:
+                raise ValueError("bias: the plan was made with bias=True; pass bias=")
+            self._copy_vector("bias", bias, self._dims[0], stream_ptr)
+        elif bias is not None:
+            raise ValueError("bias: the plan was made without bias; make it with bias=True")
+        if self._has_alpha_vector:
+            self._copy_vector("alpha", alpha, self._dims[0], stream_ptr)
+            return bindings.DevicePointer(self._buffers["alpha"].data.ptr)
+        if np.ndim(alpha):
+            raise ValueError("alpha: a vector alpha needs a plan made with alpha_vector=True")
+        return float(alpha)
 
     def autotune(
         self,

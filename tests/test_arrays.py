@@ -55,3 +55,8 @@ def test_torch_cpu_tensors_are_host_arrays():
     assert _arrays.dtype_of(t) == np.dtype(ml_dtypes.bfloat16)
     assert _arrays.to_numpy(t).dtype == np.dtype(ml_dtypes.bfloat16)
     assert _arrays.torch_dtype(np.float16) is torch.float16
+
+
+def test_signature_is_none_for_host_arrays():
+    assert _arrays.signature(np.zeros(3)) is None
+    assert _arrays.signature([1, 2]) is None

@@ -275,3 +275,65 @@ def test_a_new_shape_during_capture_is_refused_clearly():
                 layer(x)
         finally:
             stream.end_capture()
+
+
+@pytest.mark.parametrize("rows,mode", [(1, "fp16"), (64, "fp16"), (3, "int8")])
+def test_fresh_addresses_reuse_the_prepared_call(monkeypatch, rows, mode):
+    """An eager loop's activations land at new addresses: a call with an array of a known signature at a new
+    address is re-aimed (no new route checks) and reads the new address."""
+    rng = np.random.default_rng(rows)
+    kw = {"activation": "relu"} if mode == "fp16" else {"mode": "int8"}
+    gpu, cpu = _layer_pair(rng, 256, 512, **kw)
+    if mode == "int8":
+        calib = rng.standard_normal((64, 512)).astype(np.float16)
+        gpu.calibrate([cp.asarray(calib)])
+        cpu.calibrate([calib])
+    gpu(cp.asarray(rng.standard_normal((rows, 512)).astype(np.float16)))
+    made = []
+    real = SparseLinear._make_route
+    monkeypatch.setattr(SparseLinear, "_make_route", lambda self, *a: made.append(1) or real(self, *a))
+    keep = []  # kept alive so that each array has its own address
+    for _ in range(5):
+        x_host = rng.standard_normal((rows, 512)).astype(np.float16)
+        x = cp.asarray(x_host)
+        keep.append(x)
+        y = gpu(x)
+        if mode == "fp16":
+            _close_to_twin(cp.asnumpy(y), cpu, x_host, gpu)
+        else:  # the same quantized product as the reference twin, up to one int8 step of rounding
+            want = cpu(x_host).astype(np.float32)
+            np.testing.assert_allclose(cp.asnumpy(y).astype(np.float32), want,
+                                       atol=2 * gpu.input_scale * float(np.abs(gpu.weight_scale).max()) * 512)
+    assert made == []
+    assert len({int(x.data.ptr) for x in keep}) == 5
+
+
+def test_setting_tuned_configs_takes_effect_on_prepared_shapes():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((256, 512)).astype(np.float16)
+    b = rng.standard_normal(256).astype(np.float16)
+    gpu = SparseLinear(cp.asarray(w), cp.asarray(b), activation="relu", autotune={"budget_s": 0.2, "cache": False})
+    cpu = SparseLinear(w, b, activation="relu")
+    x_host = rng.standard_normal((64, 512)).astype(np.float16)
+    x = cp.asarray(x_host)
+    gpu(x)
+    (entry,) = gpu.tuned_configs
+    tuned = entry["config"]["alg_id"]
+    other = {"alg_id": 0 if tuned != 0 else 1}
+    gpu.tuned_configs = [{**entry, "config": other}]
+    y = gpu(x)  # the same input: its prepared call was dropped and the shape runs the new configuration
+    (plan,) = [p for p in gpu._plans.values() if not p.closed]
+    assert plan.config.alg_id == other["alg_id"]
+    _close_to_twin(cp.asnumpy(y), cpu, x_host, gpu)
+
+
+def test_signature_leaves_out_the_address_only():
+    from pycusparselt import _arrays
+
+    a, b = cp.zeros((4, 64), cp.float16), cp.zeros((4, 64), cp.float16)
+    assert _arrays.array_key(a) != _arrays.array_key(b)
+    assert _arrays.signature(a) == _arrays.signature(b)
+    assert _arrays.signature(a.T) != _arrays.signature(a)  # strides
+    assert _arrays.signature(a.astype(cp.float32)) != _arrays.signature(a)  # dtype
+    flat = cp.zeros(4 * 64 + 1, cp.float16)
+    assert _arrays.signature(flat[1:].reshape(4, 64)) != _arrays.signature(a)  # 2-byte aligned only
