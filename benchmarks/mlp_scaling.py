@@ -3,13 +3,16 @@
 Usage::
 
     python benchmarks/mlp_scaling.py --gpus 1 2 4 [--shapes bert-large llm] [--repeat 20] [--json out.json]
+        [--launcher torchrun|mpirun]
 
-For each GPU count the script starts ``python -m pycusparselt.distributed --nproc G`` on itself; every rank
+For each GPU count the script starts itself under ``torchrun --standalone --nproc_per_node G`` (or
+``mpirun -np G python -m mpi4py``); every rank
 builds the same FP16 block ``y = relu(x @ W1.T + b1) @ W2.T + b2`` (a :class:`ParallelSparseMLP`: hidden
 features sharded, one all-reduce) and times it with CUDA events (median of ``--repeat`` after warm-up and
 autotuning); rank 0 reports. On one GPU it also times the same block as two plain SparseLinear layers and as
 dense CuPy (cuBLAS) products. Scaling efficiency at G GPUs is ``t(1) / (G * t(G))`` with ``t(1)`` the
-one-rank parallel block: the whole problem is the same at every G (strong scaling). GPU counts above what the
+one-rank parallel block: the whole problem is the same at every G (strong scaling). ``allreduce_ms`` is the
+all-reduce of the block's output alone (tokens x hidden, FP16), timed the same way. GPU counts above what the
 machine has are reported as not run. NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
 
 Shapes: ``bert-large`` (1024 -> 4096 -> 1024; 3072 and 12288 tokens: 8 and 32 sequences of 384) and
@@ -77,6 +80,10 @@ def worker(args: argparse.Namespace) -> None:
                 "shape": name, "hidden": hidden, "ffn": ffn, "tokens": tokens, "gpus": group.world_size,
                 "hidden_shards": list(mlp.fc1.sizes), "parallel_ms": t_parallel,
             }
+            if group.world_size > 1:
+                y = cp.zeros((tokens, hidden), cp.float16)
+                row["allreduce_ms"] = _median_ms(cp, lambda y=y: group.all_reduce(y), args.repeat)
+            row["engine"] = group.engine
             if fc1 is not None:
                 row["sparselinear_ms"] = _median_ms(cp, lambda x=x, f=fc1, g=fc2: g(f(x)), args.repeat)
                 row["dense_ms"] = _median_ms(
@@ -133,9 +140,12 @@ def controller(args: argparse.Namespace) -> int:
         else:
             with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
                 result = f.name
-        python = [sys.executable] + (["-P"] if getattr(sys.flags, "safe_path", False) else [])
-        command = [*python, "-m", "pycusparselt.distributed", "--nproc", str(gpus), os.path.abspath(__file__),
-                   "--worker", "--result", result, "--repeat", str(args.repeat), "--shapes", *args.shapes]
+        if args.launcher == "torchrun":
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+        else:
+            launcher = ["mpirun", "-np", str(gpus), sys.executable, "-m", "mpi4py"]
+        command = [*launcher, os.path.abspath(__file__), "--worker", "--result", result, "--repeat", str(args.repeat),
+                   "--shapes", *args.shapes]
         status = subprocess.run(command, timeout=args.timeout).returncode
         with open(result) as f:
             rows.extend(json.loads(line) for line in f if line.strip())
@@ -150,17 +160,18 @@ def controller(args: argparse.Namespace) -> int:
         r["speedup_vs_1gpu"] = None if t1 is None else t1 / r["parallel_ms"]
         r["scaling_efficiency"] = None if t1 is None else t1 / (r["gpus"] * r["parallel_ms"])
     print(f"{'shape':>10} {'tokens':>6} {'GPUs':>4} {'shards':>18} {'parallel ms':>11} {'speedup':>7} {'effic.':>6} "
-          f"{'SparseLinear ms':>15} {'dense ms':>8}")
+          f"{'all-reduce ms':>13} {'SparseLinear ms':>15} {'dense ms':>8}")
     for r in sorted(rows, key=lambda r: (r["shape"], r["tokens"], r["gpus"])):
         def fmt(v, spec):
             return format(v, spec) if v is not None else "-"
         speedup, efficiency = fmt(r["speedup_vs_1gpu"], ">6.2f"), fmt(r["scaling_efficiency"], ">6.2f")
         print(f"{r['shape']:>10} {r['tokens']:>6} {r['gpus']:>4} {str(tuple(r['hidden_shards'])):>18} "
-              f"{r['parallel_ms']:>11.3f} {speedup}x {efficiency} "
+              f"{r['parallel_ms']:>11.3f} {speedup}x {efficiency} {fmt(r.get('allreduce_ms'), '>13.3f')} "
               f"{fmt(r.get('sparselinear_ms'), '>15.3f')} {fmt(r.get('dense_ms'), '>8.3f')}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows, "not_run": not_run}, f, indent=1)
+            json.dump({"environment": {**env, "launcher": args.launcher}, "rows": rows, "not_run": not_run}, f,
+                      indent=1)
     return 1 if failed else 0
 
 
@@ -171,6 +182,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per case (median)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per GPU count")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--launcher", choices=("torchrun", "mpirun"), default="torchrun",
+                        help="what starts the ranks (default torchrun: needs PyTorch; mpirun: mpi4py and MPI)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()

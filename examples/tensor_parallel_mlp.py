@@ -1,15 +1,17 @@
 """A tensor-parallel 2:4 sparse MLP block, one process per GPU, checked against one SparseLinear pair.
 
-Start it with the launcher (one process per GPU; ``--nproc 1`` works on a single GPU)::
+Start one process per GPU with the launcher you use (one process works on a single GPU)::
 
-    python -m pycusparselt.distributed --nproc 2 examples/tensor_parallel_mlp.py
+    torchrun --standalone --nproc_per_node 2 examples/tensor_parallel_mlp.py
+    mpirun -np 2 python -m mpi4py examples/tensor_parallel_mlp.py
+    python examples/tensor_parallel_mlp.py                    # one rank
 
 Every rank builds the same weights (same seed) and keeps its shards: ``fc1`` column-parallel (the hidden
 features split, ReLU fused), ``fc2`` row-parallel (one all-reduce). Rank 0 then runs the whole block with
 two plain :class:`~pycusparselt.SparseLinear` layers on the same weights and prints the largest difference.
 
 Without a GPU (or with ``--backend host``) the ranks run the NumPy reference and exchange arrays through the
-launcher's rendezvous store: the same sharded arithmetic, anywhere.
+job's engine (torch.distributed or MPI; one process needs none): the same sharded arithmetic, anywhere.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def main() -> None:
             diff = float(xp.abs(y.astype(xp.float32) - y_one.astype(xp.float32)).max())
             scale = float(xp.abs(y_one.astype(xp.float32)).max())
             print(f"tensor-parallel MLP {args.hidden} -> {args.ffn} -> {args.hidden}, {args.dtype}, "
-                  f"{group.world_size} rank(s), backend {backend}, hidden shards {mlp.fc1.sizes}")
+                  f"{group.world_size} rank(s), backend {backend}, engine {group.engine}, "
+                  f"hidden shards {mlp.fc1.sizes}")
             print(f"output {tuple(y.shape)}: max |difference| from one SparseLinear pair {diff:.3g} "
                   f"(largest |y| {scale:.3g}, relative {diff / scale:.2e})")
             # partial sums are rounded per rank before the all-reduce: a few units of the type's precision

@@ -7,24 +7,34 @@ alternation, for comparisons that clock or thermal drift must not bias.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from typing import Any, Callable, Mapping, NamedTuple
 
 __all__ = ["Timing", "hold_stream", "time_gpu", "time_gpu_interleaved"]
 
-#: A one-thread kernel that spins until ``ns`` nanoseconds of the GPU's global timer have passed.
-_HOLD_SOURCE = r"""
-extern "C" __global__ void pycusparselt_hold(unsigned long long ns)
-{
+#: One thread spins until ``ns`` nanoseconds of the GPU's global timer have passed. An elementwise kernel of one
+#: element: CuPy compiles and loads those for each device (a RawKernel raised CUDA_ERROR_INVALID_HANDLE when
+#: launched on the second GPU of a process, H200 x2, CuPy 14).
+_HOLD_BODY = r"""
+if (i == 0) {
     unsigned long long start, now;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
     do {
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     } while (now - start < ns);
+    sink[0] = now - start;
 }
 """
 
-_hold_kernels: dict[int, Any] = {}
+_hold_sinks: dict[int, Any] = {}  # per device: the kernel's one-element output
+
+
+@functools.lru_cache(maxsize=1)
+def _hold_kernel() -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel("uint64 ns", "raw uint64 sink", _HOLD_BODY, "pycusparselt_hold")
 
 
 class Timing(NamedTuple):
@@ -37,15 +47,19 @@ class Timing(NamedTuple):
 
 def hold_stream(stream: Any, microseconds: float) -> None:
     """Enqueue on ``stream`` a kernel that keeps it busy for ``microseconds`` (one thread spinning on the GPU's
-    global timer), so that the host can queue the work that follows before the GPU reaches it."""
+    global timer), so that the host can queue the work that follows before the GPU reaches it. ``stream``: a
+    CuPy stream or any stream :func:`pycusparselt.streams.stream_ptr` takes, of the current device."""
     import cupy
     import numpy as np
 
+    from .streams import on_stream, stream_ptr
+
     device = cupy.cuda.runtime.getDevice()
-    kernel = _hold_kernels.get(device)
-    if kernel is None:
-        kernel = _hold_kernels[device] = cupy.RawKernel(_HOLD_SOURCE, "pycusparselt_hold")
-    kernel((1,), (1,), (np.uint64(max(0, round(microseconds * 1e3))),), stream=stream)
+    sink = _hold_sinks.get(device)
+    if sink is None:
+        sink = _hold_sinks[device] = cupy.zeros(1, cupy.uint64)
+    with on_stream(stream_ptr(stream)):
+        _hold_kernel()(np.uint64(max(0, round(microseconds * 1e3))), sink, size=1)
 
 
 def time_gpu(

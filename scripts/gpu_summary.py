@@ -64,6 +64,7 @@ def main(outdir: str) -> int:
         props = cupy.cuda.runtime.getDeviceProperties(0)
         summary["device"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         summary["compute_capability"] = f"{props['major']}.{props['minor']}"
+        summary["gpus"] = cupy.cuda.runtime.getDeviceCount()
         summary["cupy"] = cupy.__version__
         summary["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
         summary["driver"] = cupy.cuda.runtime.driverGetVersion()

@@ -197,3 +197,85 @@ def test_sparse_linear_on_device_1_while_device_0_is_current():
     reference.assert_close(cp.asnumpy(y).T, desired, a=pruned, b=x.T, bias=b, activation="relu")
     with pytest.raises(ValueError, match="device"):
         layer(_on(0, x)[0])
+
+
+# -- every public object on device 1 while device 0 is current ------------------------------------------
+
+
+def _assert_on_1(*arrays):
+    for a in arrays:
+        assert a.device.id == 1
+    assert cp.cuda.Device().id == 0  # the caller's current device is left alone
+
+
+def test_tuning_and_its_timing_kernel_on_device_1():
+    _needs_two()
+    from pycusparselt.timing import hold_stream, time_gpu
+
+    a_h, b_h, bias_h = _problem(11)
+    a1, b1, bias1 = _on(1, a_h, b_h, bias_h)
+    plan = psl.SparseMatmulPlan(a1, b1, bias=True)
+    config = plan.autotune(a1, b1, bias=bias1, budget_s=0.5, cache=False)
+    assert plan.config == config
+    d = plan.matmul(plan.compress(a1), b1, bias=bias1)
+    _assert_on_1(d)
+    reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h, bias=bias_h), a=a_h, b=b_h, bias=bias_h)
+    with cp.cuda.Device(1):
+        stream = cp.cuda.Stream(non_blocking=True)
+    with cp.cuda.Device(1):  # the hold kernel on the second GPU, then timing there
+        hold_stream(stream, 50)
+        timing = time_gpu(lambda i: plan.matmul(plan.compress(a1), b1, bias=bias1, stream=stream), repeats=3,
+                          stream=stream, hold_us=100)
+    assert timing.median_ms > 0
+    plan.close()
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "fp8"])
+def test_sparse_linear_modes_on_device_1(mode):
+    _needs_two()
+    rng = np.random.default_rng(12)
+    w, b = rng.standard_normal((64, 128)).astype(F16), rng.standard_normal(64).astype(F16)
+    x = rng.standard_normal((16, 128)).astype(F16)
+    w1, b1, x1 = _on(1, w, b, x)
+    layer = psl.SparseLinear(w1, b1, mode=mode, activation="relu", autotune={"budget_s": 0.3, "cache": False})
+    cpu = psl.SparseLinear(w, b, mode=mode, activation="relu")
+    if mode != "fp16":
+        layer.calibrate([x1])
+        cpu.calibrate([x])
+    out = _on(1, np.zeros((16, 64), F16))[0]
+    for y in (layer(x1), layer(x1), layer(x1, out=out)):  # the first call, the prepared call, into `out`
+        _assert_on_1(y)
+        got, want = cp.asnumpy(y).astype(np.float32), cpu(x).astype(np.float32)
+        if mode == "fp16":
+            pruned = reference.prune_2to4(w)
+            reference.assert_close(cp.asnumpy(y).T, reference.matmul(pruned, x.T, bias=b, activation="relu"),
+                                   a=pruned, b=x.T, bias=b, activation="relu")
+        else:  # the NumPy twin of the same quantized layer: a few units of rounding apart
+            scale = float(np.abs(want).max())
+            assert np.abs(got - want).max() <= 0.05 * scale
+
+
+def test_bound_calls_graphs_and_the_one_shot_cache_on_device_1():
+    _needs_two()
+    a_h, b_h, bias_h = _problem(13)
+    a1, b1, bias1 = _on(1, a_h, b_h, bias_h)
+    want = reference.matmul(a_h, b_h, bias=bias_h)
+    plan = psl.SparseMatmulPlan(a1, b1, bias=True)
+    compressed = plan.compress(a1)
+    _assert_on_1(compressed._buffer)
+    bound = plan.bind(compressed, b1, bias=bias1)
+    d = bound()
+    _assert_on_1(d)
+    reference.assert_close(cp.asnumpy(d), want, a=a_h, b=b_h, bias=bias_h)
+    layer = psl.SparseLinear(*_on(1, a_h, bias_h), prune=None, autotune=False)
+    x1 = _on(1, np.ascontiguousarray(b_h.T))[0]
+    eager = layer(x1)
+    graph = psl.capture(layer, x1)
+    replay = graph(x1)
+    _assert_on_1(eager, replay)
+    assert cp.array_equal(eager, replay)
+    graph.close()
+    y = psl.matmul(a1, b1)  # the one-shot path and its plan cache
+    _assert_on_1(y)
+    reference.assert_close(cp.asnumpy(y), reference.matmul(a_h, b_h), a=a_h, b=b_h)
+    plan.close()

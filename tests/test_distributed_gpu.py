@@ -10,8 +10,12 @@ saying how many they need. On a machine with several GPUs::
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import ml_dtypes
@@ -171,14 +175,13 @@ def test_local_group_of_one_device(nccl):
         dist.NcclGroup.local([0, 0])
 
 
-def test_launcher_runs_the_example_on_one_gpu():
-    result = subprocess.run(
-        [sys.executable, "-P", "-m", "pycusparselt.distributed", "--nproc", "1",
-         str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "nccl", "--tokens", "256"],
-        capture_output=True, text=True, timeout=300,
-    )
+def test_the_example_on_one_gpu_without_a_launcher():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-P", str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "nccl",
+                             "--tokens", "256"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    assert "1 rank(s), backend nccl" in result.stdout and "agrees with the single-device block" in result.stdout
+    assert "1 rank(s), backend nccl, engine single" in result.stdout
+    assert "agrees with the single-device block" in result.stdout
 
 
 # -- several GPUs: one process driving them all (ncclCommInitAll), and one process each --------------
@@ -241,36 +244,96 @@ def test_mlp_across_gpus_exact_on_small_integers(nccl, world):
             assert np.array_equal(_host(y), expected)
 
 
+# -- one process per GPU, started by the launchers users have ------------------------------------------
+
+
+def _launcher(kind: str, nproc: int) -> list[str]:
+    """The command that starts ``nproc`` processes of a script under ``kind``, or a skip saying what is missing."""
+    if kind == "torchrun":
+        pytest.importorskip("torch", reason="torchrun needs PyTorch")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    pytest.importorskip("mpi4py", reason="the mpi engine needs mpi4py")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("no MPI runtime (mpirun) on this machine")
+    return [mpirun, "-np", str(nproc), "--oversubscribe", sys.executable, "-m", "mpi4py"]
+
+
+def _run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONSAFEPATH="1")
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("kind, engine", [("torchrun", "torch"), ("mpirun", "mpi")])
 @pytest.mark.parametrize("world", [2, 4])
-def test_launcher_runs_the_example_on_several_gpus(world):
+def test_the_example_on_several_gpus(kind, engine, world):
     _needs(world)
-    result = subprocess.run(
-        [sys.executable, "-P", "-m", "pycusparselt.distributed", "--nproc", str(world),
-         str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "nccl", "--tokens", "512"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"{world} rank(s), backend nccl" in result.stdout and "agrees with the single-device block" in result.stdout
+    result = _run([*_launcher(kind, world), str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "nccl",
+                   "--tokens", "512"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{world} rank(s), backend nccl, engine {engine}" in result.stdout
+    assert "agrees with the single-device block" in result.stdout
 
 
-def test_process_groups_across_gpus(tmp_path):
+@pytest.mark.parametrize("kind", ["torchrun", "mpirun"])
+def test_the_example_on_the_host_backend_in_several_processes(kind):
+    result = _run([*_launcher(kind, 3), str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "host",
+                   "--hidden", "128", "--ffn", "512", "--tokens", "16"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 rank(s), backend host" in result.stdout and "agrees with the single-device block" in result.stdout
+
+
+_JOB = """
+import sys
+import cupy as cp
+from pycusparselt import distributed as dist
+group = dist.init_process_group('nccl', engine=sys.argv[1])
+r = group.rank
+a = cp.full(1024, r + 1, dtype=cp.float32)
+group.all_reduce(a)
+g = group.all_gather(cp.full(3, r, dtype=cp.int32))
+cp.cuda.get_current_stream().synchronize()
+group.barrier()
+sys.stdout.write(f'rank {r} on GPU {cp.cuda.Device().id} via {group.engine}: {float(a[0])} {g[:, 0].tolist()}\\n')
+group.close()
+"""
+
+
+@pytest.mark.parametrize("kind, engine", [("torchrun", "torch"), ("torchrun", "cupyx"), ("mpirun", "mpi")])
+def test_process_groups_across_gpus(tmp_path, kind, engine):
     _needs(2)
+    if engine == "cupyx":
+        pytest.importorskip("cupyx.distributed", reason="CuPy's distributed module is missing")
     script = tmp_path / "job.py"
+    script.write_text(_JOB)
+    result = _run([*_launcher(kind, 2), str(script), engine])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert lines == [f"rank 0 on GPU 0 via {engine}: 3.0 [0, 1]", f"rank 1 on GPU 1 via {engine}: 3.0 [0, 1]"]
+
+
+def test_a_rank_that_dies_stops_the_job(tmp_path):
+    """Rank 1 fails after joining while rank 0 waits in a collective: torchrun ends the job, with rank 1's
+    error, in well under 30 s, and no process of the job is left."""
+    _needs(2)
+    marker = f"job_{uuid.uuid4().hex}"
+    script = tmp_path / f"{marker}.py"
     script.write_text(
-        "import sys\n"
         "import cupy as cp\n"
         "from pycusparselt import distributed as dist\n"
         "group = dist.init_process_group('nccl')\n"
-        "r = group.rank\n"
-        "a = cp.full(1024, r + 1, dtype=cp.float32)\n"
-        "group.all_reduce(a)\n"
-        "g = group.all_gather(cp.full(3, r, dtype=cp.int32))\n"
+        "if group.rank == 1:\n"
+        "    raise RuntimeError('rank 1 fails on purpose')\n"
+        "group.all_reduce(cp.ones(16, cp.float32))\n"
         "cp.cuda.get_current_stream().synchronize()\n"
-        "sys.stdout.write(f'rank {r} on GPU {cp.cuda.Device().id}: {float(a[0])} {g[:, 0].tolist()}\\n')\n"
-        "group.close()\n"
+        "group.barrier()\n"
     )
-    result = subprocess.run([sys.executable, "-P", "-m", "pycusparselt.distributed", "--nproc", "2", str(script)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
-    assert lines == ["rank 0 on GPU 0: 3.0 [0, 1]", "rank 1 on GPU 1: 3.0 [0, 1]"]
+    began = time.monotonic()
+    result = _run([*_launcher("torchrun", 2), str(script)], timeout=120)
+    elapsed = time.monotonic() - began
+    assert result.returncode != 0
+    assert "rank 1 fails on purpose" in result.stderr
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to stop"
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"processes left behind: {left.stdout}"

@@ -3,30 +3,35 @@
 Megatron-style tensor parallelism for 2:4 sparse layers: :class:`ColumnParallelSparseLinear` shards the
 output features, :class:`RowParallelSparseLinear` the input features (on multiples of the 2:4 group and of
 the plans' alignment), and :class:`ParallelSparseMLP` chains them with one all-reduce. Collectives run on
-NCCL through CuPy (``cupy.cuda.nccl``), one process per GPU::
+NCCL through CuPy (``cupy.cuda.nccl``), one process per GPU, started the way multi-GPU jobs already start::
 
-    python -m pycusparselt.distributed --nproc 4 train.py ...
+    torchrun --nproc_per_node 4 train.py ...            # PyTorch's launcher (torch.distributed engine)
+    mpirun -np 4 python -m mpi4py train.py ...          # MPI (mpi4py engine); srun under Slurm
 
     # train.py
     from pycusparselt import distributed as dist
-    group = dist.init_process_group()          # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    group = dist.init_process_group()          # the engine is read from the environment: group.engine
     mlp = dist.ParallelSparseMLP(w1, b1, w2, b2, group=group)
     y = mlp(x)                                 # the whole output, on every rank
 
-or one process driving several GPUs (:meth:`NcclGroup.local`). A :class:`HostGroup` runs the same sharded
-arithmetic on the NumPy reference, without a GPU. Importing this package loads neither CuPy nor NCCL.
+or one process driving several GPUs (:meth:`NcclGroup.local`). The engines
+(:mod:`~pycusparselt.distributed.engines`: torch.distributed, mpi4py, cupyx.distributed) only introduce the
+ranks to each other; the data goes over NCCL. A :class:`HostGroup` runs the same sharded arithmetic on the
+NumPy reference, without a GPU. Importing this package loads neither CuPy, NCCL, PyTorch nor MPI.
 """
 
 from __future__ import annotations
 
-from . import sharding
+from . import engines, sharding
+from .engines import choose_engine
 from .groups import Group, HostGroup, NcclGroup, env_config, init_process_group, load_nccl
 from .parallel import ColumnParallelSparseLinear, ParallelSparseMLP, RowParallelSparseLinear
 from .sharding import aligned_multiple, row_parallel_bounds, shard_bounds
-from .store import StoreTimeout, TCPStore
 
 __all__ = [
     "sharding",
+    "engines",
+    "choose_engine",
     "Group",
     "NcclGroup",
     "HostGroup",
@@ -39,6 +44,4 @@ __all__ = [
     "shard_bounds",
     "aligned_multiple",
     "row_parallel_bounds",
-    "TCPStore",
-    "StoreTimeout",
 ]

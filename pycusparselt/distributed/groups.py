@@ -3,11 +3,17 @@
 Two backends behind one interface, :class:`Group`:
 
 - ``"nccl"`` (:class:`NcclGroup`): NCCL through CuPy's ``cupy.cuda.nccl``, one communicator per GPU. Either
-  one process per GPU (:func:`init_process_group`, started by ``python -m pycusparselt.distributed``), or
-  one process driving several GPUs (:meth:`NcclGroup.local`, ``ncclCommInitAll``).
+  one process per GPU (:func:`init_process_group`, under ``torchrun``, ``mpirun``/``srun`` or any launcher
+  that sets ``RANK`` and ``WORLD_SIZE``), or one process driving several GPUs (:meth:`NcclGroup.local`,
+  ``ncclCommInitAll``).
 - ``"host"`` (:class:`HostGroup`): NumPy arrays on the CPU, for layers that run on the NumPy reference:
   the same sharded arithmetic without a GPU, in one process (:meth:`HostGroup.local`) or one process per
-  rank through the rendezvous store. It exists to check the arithmetic, not for speed.
+  rank through the job's engine (``torch.distributed`` or MPI). It exists to check the arithmetic, not for
+  speed.
+
+The ranks find each other through an *engine* (:mod:`pycusparselt.distributed.engines`): PyTorch's
+``torch.distributed``, mpi4py, or CuPy's ``cupyx.distributed``; the engine carries the NCCL unique id and the
+barriers, NCCL carries the data.
 
 A group holds one or more *local ranks*: layers and collectives take one array per local rank (a plain
 array when the process holds a single rank, as with one process per GPU, else a list in rank order).
@@ -25,15 +31,12 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from ..streams import on_stream as _on_stream
-from ..streams import stream_ptr as _stream_ptr
-from .store import TCPStore
+from ..streams import on_stream, stream_ptr
+from .engines import Engine, choose_engine, local_rank_from_env, make_engine
 
-__all__ = ["Group", "NcclGroup", "HostGroup", "init_process_group", "load_nccl", "env_config"]
+__all__ = ["Group", "NcclGroup", "HostGroup", "init_process_group", "load_nccl", "env_config", "as_list"]
 
 _NVLS = "NCCL_NVLS_ENABLE"
-#: Overrides MASTER_PORT for our store, for launchers whose own process already listens there (torchrun).
-PORT_OVERRIDE = "PYCUSPARSELT_MASTER_PORT"
 _UID = struct.Struct("128b")
 
 # ncclDataType_t (nccl.h): the same values in every NCCL 2 release; bfloat16 since 2.10
@@ -103,18 +106,18 @@ def load_nccl() -> Any:
 
 
 def env_config() -> dict[str, Any]:
-    """The job as the launcher (or torchrun, or a batch system's wrapper) describes it in the environment.
+    """The job as its launcher describes it in the environment, and the engine ``init_process_group`` would use.
 
-    ``RANK`` and ``WORLD_SIZE`` (default 0 and 1: a job of one), ``LOCAL_RANK`` (default: ``RANK``),
-    ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (``PYCUSPARSELT_MASTER_PORT`` overrides it;
-    needed when ``WORLD_SIZE > 1``). Raises ValueError naming a variable that is malformed or missing.
+    Keys: ``engine`` (see :func:`~pycusparselt.distributed.engines.choose_engine`), ``rank`` and
+    ``world_size`` (``RANK`` and ``WORLD_SIZE``, default 0 and 1; under MPI the engine reads them from MPI),
+    ``local_rank`` (``LOCAL_RANK`` or the MPI launcher's / srun's equivalent, default ``rank``),
+    ``master_addr`` and ``master_port`` (``MASTER_ADDR``, default 127.0.0.1, and ``MASTER_PORT``). Raises
+    ValueError naming a variable that is malformed.
     """
 
-    def integer(name: str, default: int | None) -> int:
+    def integer(name: str, default: int | None) -> int | None:
         raw = os.environ.get(name)
         if raw is None or raw == "":
-            if default is None:
-                raise ValueError(f"{name} is not set; start the job with `python -m pycusparselt.distributed`")
             return default
         try:
             return int(raw)
@@ -124,23 +127,23 @@ def env_config() -> dict[str, Any]:
     rank, world = integer("RANK", 0), integer("WORLD_SIZE", 1)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
-    local_rank = integer("LOCAL_RANK", rank)
-    if local_rank < 0:
-        raise ValueError(f"LOCAL_RANK: expected a non-negative integer, got {local_rank}")
-    port_name = PORT_OVERRIDE if os.environ.get(PORT_OVERRIDE) else "MASTER_PORT"
-    port = integer(port_name, 0 if world == 1 else None)
-    if not 0 <= port < 65536:
-        raise ValueError(f"{port_name}: expected a port number, got {port}")
+    local_rank = local_rank_from_env()
+    port = integer("MASTER_PORT", None)
+    if port is not None and not 0 <= port < 65536:
+        raise ValueError(f"MASTER_PORT: expected a port number, got {port}")
     return {
+        "engine": choose_engine(),
         "rank": rank,
         "world_size": world,
-        "local_rank": local_rank,
+        "local_rank": rank if local_rank is None else local_rank,
         "master_addr": os.environ.get("MASTER_ADDR") or "127.0.0.1",
         "master_port": port,
     }
 
 
-def _as_list(arrays: Any, count: int, what: str) -> list:
+def as_list(arrays: Any, count: int, what: str) -> list:
+    """``arrays`` as one array per local rank: a list of ``count`` (checked), or a plain array when
+    ``count`` is 1."""
     if isinstance(arrays, (list, tuple)):
         if len(arrays) != count:
             raise ValueError(f"{what}: expected one array per local rank ({count}), got {len(arrays)}")
@@ -168,13 +171,19 @@ class Group:
 
     backend = ""
 
-    def __init__(self, world_size: int, ranks: Sequence[int], devices: Sequence[int | None], store: TCPStore | None):
+    def __init__(self, world_size: int, ranks: Sequence[int], devices: Sequence[int | None],
+                 engine: Engine | None) -> None:
         self.world_size = int(world_size)
         self.ranks = tuple(int(r) for r in ranks)
         self.devices = tuple(devices)
-        self._store = store
-        self._sequence = 0
+        self._engine = engine
         self._closed = False
+
+    @property
+    def engine(self) -> str:
+        """How the ranks met: "torch", "mpi", "cupyx", "single" (see :mod:`~pycusparselt.distributed.engines`),
+        or "local" for a group of one process made by ``local()``."""
+        return "local" if self._engine is None else self._engine.name
 
     @property
     def rank(self) -> int:
@@ -216,12 +225,8 @@ class Group:
     def barrier(self) -> None:
         """Wait until every rank reaches this point (host-side)."""
         self._check_open()
-        if self._store is None:
-            return
-        self._sequence += 1
-        key = f"pycusparselt/barrier/{self._sequence}"
-        self._store.add(key, 1)
-        self._store.wait_count(key, self.world_size)
+        if self._engine is not None:
+            self._engine.barrier()
 
     def replicate(self, array: Any) -> Any:
         """``array`` on every local rank's device (for inputs that every rank needs whole): a plain array for
@@ -229,18 +234,14 @@ class Group:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release the communicators and the store (after every rank has arrived). Harmless when repeated."""
+        """Release the communicators, and the engine's process group where this group made it. Harmless when
+        repeated."""
         if self._closed:
             return
         self._closed = True
-        store, self._store = self._store, None
-        if store is not None:
-            try:
-                store.add("pycusparselt/closed", 1)
-                if self.ranks and self.ranks[0] == 0:  # the server outlives every rank's last request
-                    store.wait_count("pycusparselt/closed", self.world_size)
-            finally:
-                store.close()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
 
     def __enter__(self) -> Group:
         return self
@@ -249,7 +250,7 @@ class Group:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"ranks {self.ranks} of {self.world_size}"
+        state = "closed" if self._closed else f"ranks {self.ranks} of {self.world_size}, engine {self.engine}"
         return f"<{type(self).__name__} {self.backend}: {state}>"
 
 
@@ -257,7 +258,7 @@ class HostGroup(Group):
     """NumPy collectives on the CPU: sums in rank order, so every rank gets the same bits.
 
     Use :meth:`local` for all ranks in one process, or :func:`init_process_group` with ``backend="host"``
-    for one process per rank (arrays travel through the store).
+    for one process per rank (arrays travel through the job's engine: ``torch.distributed`` or MPI).
     """
 
     backend = "host"
@@ -271,7 +272,7 @@ class HostGroup(Group):
 
     def _arrays(self, arrays: Any, what: str) -> list[np.ndarray]:
         self._check_open()
-        items = _as_list(arrays, len(self.ranks), what)
+        items = as_list(arrays, len(self.ranks), what)
         for array in items:
             if not isinstance(array, np.ndarray):
                 raise TypeError(f"{what}: the host backend takes NumPy arrays, got {type(array).__name__}")
@@ -279,26 +280,19 @@ class HostGroup(Group):
 
     def _exchange(self, items: list[np.ndarray], what: str) -> list[np.ndarray]:
         """Every rank's array, in rank order."""
-        if self._store is None:
+        if self._engine is None or self.world_size == 1:
             return items
-        self._sequence += 1
-        prefix = f"pycusparselt/{what}/{self._sequence}"
         mine = np.ascontiguousarray(items[0])
-        self._store.set(f"{prefix}/{self.rank}", mine.tobytes())
-        everyone = []
-        for rank in range(self.world_size):
-            data = mine.tobytes() if rank == self.rank else self._store.get(f"{prefix}/{rank}")
-            if len(data) != mine.nbytes:
+        everyone = self._engine.all_gather((mine.shape, mine.dtype.str, mine.tobytes()))
+        arrays = []
+        for rank, (shape, dtype, data) in enumerate(everyone):
+            if tuple(shape) != mine.shape or np.dtype(dtype) != mine.dtype or len(data) != mine.nbytes:
                 raise ValueError(
-                    f"{what}: rank {rank} sent {len(data)} bytes, rank {self.rank} has {mine.nbytes} "
-                    f"({mine.shape} {mine.dtype}); every rank must pass one shape and dtype"
+                    f"{what}: rank {rank} sent {tuple(shape)} {np.dtype(dtype)}, rank {self.rank} has {mine.shape} "
+                    f"{mine.dtype}; every rank must pass one shape and dtype"
                 )
-            everyone.append(np.frombuffer(data, dtype=mine.dtype).reshape(mine.shape))
-        if self._store.add(f"{prefix}/read", 1) == self.world_size:  # the last reader cleans up
-            for rank in range(self.world_size):
-                self._store.delete(f"{prefix}/{rank}")
-            self._store.delete(f"{prefix}/read")
-        return everyone
+            arrays.append(np.frombuffer(data, dtype=mine.dtype).reshape(mine.shape))
+        return arrays
 
     def all_reduce(self, arrays: Any, *, stream: Any = None) -> None:
         items = self._arrays(arrays, "all_reduce")
@@ -345,8 +339,8 @@ class NcclGroup(Group):
     backend = "nccl"
 
     def __init__(self, comms: list, world_size: int, ranks: Sequence[int], devices: Sequence[int],
-                 store: TCPStore | None, nccl: Any) -> None:
-        super().__init__(world_size, ranks, devices, store)
+                 engine: Engine | None, nccl: Any) -> None:
+        super().__init__(world_size, ranks, devices, engine)
         self._comms = comms
         self._nccl = nccl
 
@@ -373,7 +367,7 @@ class NcclGroup(Group):
         import cupy
 
         self._check_open()
-        items = _as_list(arrays, len(self.ranks), what)
+        items = as_list(arrays, len(self.ranks), what)
         for device, array in zip(self.devices, items, strict=True):
             if not isinstance(array, cupy.ndarray):
                 raise TypeError(f"{what}: the nccl backend takes CuPy arrays, got {type(array).__name__}")
@@ -386,7 +380,7 @@ class NcclGroup(Group):
     def _streams(self, stream: Any) -> list[int]:
         if stream is not None and len(self.ranks) > 1:
             raise ValueError("stream: a group of several local ranks runs on each device's current stream")
-        return [_stream_ptr(stream, device) for device in self.devices]
+        return [stream_ptr(stream, device) for device in self.devices]
 
     def _grouped(self, calls: list) -> None:
         import cupy
@@ -423,7 +417,7 @@ class NcclGroup(Group):
         streams = self._streams(stream)
         results = []
         for device, array, s in zip(self.devices, items, streams, strict=True):
-            with cupy.cuda.Device(device), _on_stream(s):  # CuPy's pool reuses it only after this stream
+            with cupy.cuda.Device(device), on_stream(s):  # CuPy's pool reuses it only after this stream
                 results.append(cupy.empty((self.world_size, *array.shape), dtype=array.dtype))
         # gathered as bytes: any dtype (float8 storage included) travels unchanged
         self._grouped([
@@ -476,61 +470,64 @@ def _communicator(nccl: Any, world: int, uid: bytes, rank: int) -> Any:
         return nccl.NcclCommunicator(world, _UID.unpack(uid), rank)
 
 
-def init_process_group(backend: str = "nccl", *, device: int | None = None, timeout: float = 300.0) -> Group:
-    """Join the job described by the environment (see :func:`env_config`): one rank in this process.
+def init_process_group(backend: str = "nccl", *, engine: str = "auto", device: int | None = None,
+                       timeout: float = 300.0) -> Group:
+    """Join the job this process belongs to: one rank in this process.
 
     Parameters
     ----------
     backend : {"nccl", "host"}
-        "nccl": a communicator on this rank's GPU, set up from the NCCL unique id that rank 0 publishes in
-        the store. "host": NumPy collectives through the store (layers then run on the NumPy reference).
+        "nccl": a communicator on this rank's GPU, set up from the NCCL unique id that rank 0 sends through the
+        engine. "host": NumPy collectives through the engine (layers then run on the NumPy reference).
+    engine : {"auto", "torch", "mpi", "cupyx", "single"}
+        How the ranks meet (:mod:`~pycusparselt.distributed.engines`); "auto" reads the environment: an
+        initialised ``torch.distributed`` group or torchrun -> "torch", mpirun/srun with mpi4py -> "mpi",
+        ``WORLD_SIZE`` > 1 without PyTorch -> "cupyx", else "single". :attr:`Group.engine` says which ran.
     device : int, optional
-        The CUDA device (nccl backend): default ``LOCAL_RANK``. It is made CuPy's current device.
+        The CUDA device (nccl backend): default the rank within the node. It is made CuPy's current device.
     timeout : float
-        Seconds to wait for the store and for the other ranks.
+        Seconds the torch engine waits for the other ranks.
 
     Notes
     -----
-    ``NCCL_NVLS_ENABLE`` is set to 0 unless already set: NVLink multicast stays off. A job of one rank
-    needs no store (nor ``MASTER_PORT``).
+    ``NCCL_NVLS_ENABLE`` is set to 0 unless already set: NVLink multicast stays off. The host backend needs
+    the torch (gloo) or mpi engine for more than one process; the cupyx engine needs the nccl backend.
     """
     if backend not in ("nccl", "host"):
         raise ValueError(f"backend: expected 'nccl' or 'host', got {backend!r}")
-    config = env_config()
-    rank, world = config["rank"], config["world_size"]
     os.environ.setdefault(_NVLS, "0")
+    chosen = choose_engine() if engine == "auto" else engine
+    if backend == "host" and chosen == "cupyx":
+        raise ValueError("backend 'host': the cupyx engine runs on GPUs; use the torch or mpi engine")
     nccl = None
+    if backend == "nccl":
+        nccl = load_nccl()
+    if chosen == "cupyx" and device is None:  # CuPy's engine is joined on the GPU
+        local = local_rank_from_env()
+        device = int(os.environ.get("RANK") or 0) if local is None else local
+    joined = make_engine(chosen, device=device, timeout=timeout)
     if backend == "nccl":
         import cupy
 
-        nccl = load_nccl()
-        device = config["local_rank"] if device is None else int(device)
+        device = joined.local_rank if device is None else int(device)
         count = cupy.cuda.runtime.getDeviceCount()
         if not 0 <= device < count:
+            joined.close()
             raise ValueError(
-                f"device {device} (LOCAL_RANK={config['local_rank']}) does not exist: {count} GPU(s) are visible; "
-                f"start at most {count} processes per node"
+                f"device {device} (the rank within the node) does not exist: {count} GPU(s) are visible; start at "
+                f"most {count} processes per node"
             )
         cupy.cuda.Device(device).use()
-    store = None
-    if world > 1:
-        store = TCPStore(config["master_addr"], config["master_port"], is_server=rank == 0, timeout=timeout)
     try:
+        rank, world = joined.rank, joined.world_size
         if backend == "host":
-            return HostGroup(world, (rank,), (None,), store)
+            return HostGroup(world, (rank,), (None,), joined)
         import cupy
 
-        key = "pycusparselt/nccl_unique_id"
-        if rank == 0:
-            uid = _uid_bytes(nccl.get_unique_id())
-            if store is not None:
-                store.set(key, uid)
-        else:
-            uid = store.get(key)
+        uid = joined.broadcast(_uid_bytes(nccl.get_unique_id()) if rank == 0 else None)
         with cupy.cuda.Device(device):
-            comm = _communicator(nccl, world, uid, rank)
-        return NcclGroup([comm], world, (rank,), (device,), store, nccl)
+            comm = _communicator(nccl, world, _uid_bytes(uid), rank)
+        return NcclGroup([comm], world, (rank,), (device,), joined, nccl)
     except BaseException:
-        if store is not None:
-            store.close()
+        joined.close()
         raise

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..linear import SparseLinear
 from . import sharding
-from .groups import Group, _as_list, _on_stream, _stream_ptr
+from ..streams import on_stream, stream_ptr
+from .groups import Group, as_list
 
 __all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSparseMLP"]
 
@@ -80,7 +81,7 @@ def _on_given_stream(stream: Any, device: int | None) -> Any:
     """CuPy's own work (slicing, padding, concatenating) on the stream the layer was asked to use."""
     if stream is None or device is None:
         return contextlib.nullcontext()
-    return _on_stream(_stream_ptr(stream, device))
+    return on_stream(stream_ptr(stream, device))
 
 
 def _default_multiple(dtype: Any, dim: str, layer_kwargs: dict) -> int:
@@ -151,7 +152,7 @@ class _ParallelLinear:
         self.group._check_open()
         if stream is not None and len(self.group.ranks) > 1:
             raise ValueError("stream: a group of several local ranks runs on each device's current stream")
-        items = _as_list(x, len(self.group.ranks), "x")
+        items = as_list(x, len(self.group.ranks), "x")
         inputs = []
         for rank, item in zip(self.group.ranks, items, strict=True):
             device = self.group.device_of(rank)

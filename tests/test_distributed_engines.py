@@ -1,0 +1,214 @@
+"""How the ranks of a job meet (the engines: torch.distributed, mpi4py, cupyx.distributed, a job of one), on the
+CPU. Jobs of several processes under torchrun and mpirun run in tests/test_distributed_gpu.py, where those
+launchers are installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pycusparselt import distributed as dist
+from pycusparselt.distributed import engines
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NOTHING = {"torch": False, "mpi4py": False, "cupyx": False}
+EVERYTHING = {"torch": True, "mpi4py": True, "cupyx": True}
+
+
+# -- choosing the engine ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, have, initialized, expected", [
+    ({}, EVERYTHING, False, "single"),
+    ({}, EVERYTHING, True, "torch"),  # the program's own torch.distributed group comes first
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2"}, EVERYTHING, False, "torch"),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}, EVERYTHING, False, "mpi"),
+    ({"PMI_SIZE": "2", "PMI_RANK": "0"}, {**NOTHING, "mpi4py": True}, False, "mpi"),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}, {**NOTHING, "mpi4py": True}, False, "mpi"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, EVERYTHING, False, "torch"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, {**NOTHING, "cupyx": True}, False, "cupyx"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, NOTHING, False, "single"),
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, NOTHING, False, "single"),  # a one-task allocation
+])
+def test_the_engine_follows_the_environment(env, have, initialized, expected):
+    assert engines.choose_engine(env, torch_initialized=initialized, have=have) == expected
+
+
+def test_an_engine_that_is_missing_is_named():
+    with pytest.raises(RuntimeError, match="neither PyTorch .* nor CuPy"):
+        engines.choose_engine({"RANK": "0", "WORLD_SIZE": "2"}, torch_initialized=False, have=NOTHING)
+    with pytest.raises(RuntimeError, match="mpi4py is not installed"):
+        engines.choose_engine({"OMPI_COMM_WORLD_SIZE": "2"}, torch_initialized=False, have=NOTHING)
+    with pytest.raises(ValueError, match="WORLD_SIZE: expected an integer"):
+        engines.choose_engine({"WORLD_SIZE": "two"}, torch_initialized=False, have=EVERYTHING)
+    with pytest.raises(ValueError, match="engine: expected 'auto' or one of"):
+        engines.make_engine("gloo")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"LOCAL_RANK": "3"}, 3),
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}, 2),
+    ({"MPI_LOCALRANKID": "1"}, 1),
+    ({"SLURM_LOCALID": "5"}, 5),
+    ({"LOCAL_RANK": "0", "SLURM_LOCALID": "5"}, 0),  # LOCAL_RANK (torchrun's) wins
+])
+def test_the_rank_within_the_node(env, expected):
+    assert engines.local_rank_from_env(env) == expected
+
+
+def test_a_negative_local_rank_is_refused():
+    with pytest.raises(ValueError, match="LOCAL_RANK: expected a non-negative integer"):
+        engines.local_rank_from_env({"LOCAL_RANK": "-1"})
+
+
+def _clean(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                 *engines._MPI_SIZE_VARS, *engines._LOCAL_RANK_VARS):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_env_config_reads_and_validates(monkeypatch):
+    _clean(monkeypatch)
+    assert dist.env_config() == {"engine": "single", "rank": 0, "world_size": 1, "local_rank": 0,
+                                 "master_addr": "127.0.0.1", "master_port": None}
+    monkeypatch.setenv("RANK", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="RANK=4 and WORLD_SIZE=4"):
+        dist.env_config()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK: expected an integer"):
+        dist.env_config()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_PORT", "70000")
+    with pytest.raises(ValueError, match="MASTER_PORT: expected a port number"):
+        dist.env_config()
+
+
+def test_a_job_of_one_needs_no_engine(monkeypatch):
+    _clean(monkeypatch)
+    with dist.init_process_group("host") as group:
+        assert group.ranks == (0,) and group.world_size == 1 and group.rank == 0 and group.engine == "single"
+        a = np.arange(4, dtype=np.float32)
+        group.all_reduce(a)
+        assert np.array_equal(a, np.arange(4, dtype=np.float32))
+        assert np.array_equal(group.all_gather(a), a[None])
+        group.barrier()
+        assert "engine single" in repr(group)
+    assert dist.HostGroup.local(2).engine == "local"
+    with pytest.raises(ValueError, match="backend"):
+        dist.init_process_group("gloo")
+    with pytest.raises(ValueError, match="cupyx engine runs on GPUs"):
+        dist.init_process_group("host", engine="cupyx")
+
+
+class _Recorder(engines.Engine):
+    """An engine of ``world`` ranks whose other ranks send what ``others`` gives."""
+
+    name = "test"
+
+    def __init__(self, rank, world, others):
+        super().__init__(rank, world, rank)
+        self.others = others
+        self.closed = 0
+
+    def all_gather(self, obj):
+        return [obj if r == self.rank else self.others(r, obj) for r in range(self.world_size)]
+
+    def barrier(self):
+        pass
+
+    def close(self):
+        self.closed += 1
+
+
+def test_the_host_group_sums_what_the_engine_gathers():
+    a = np.array([1, 2, 3], np.float32)
+    engine = _Recorder(1, 3, lambda r, mine: (mine[0], mine[1], (a * (r + 10)).tobytes()))
+    group = dist.HostGroup(3, (1,), (None,), engine)
+    mine = a.copy()
+    group.all_reduce(mine)
+    assert np.array_equal(mine, a * 10 + a + a * 12)  # ranks 0, 1 (ours) and 2, in rank order
+    gathered = group.all_gather(a.copy())
+    assert gathered.shape == (3, 3) and np.array_equal(gathered[2], a * 12)
+    group.close()
+    group.close()
+    assert engine.closed == 1
+
+
+def test_the_host_group_refuses_a_rank_of_another_shape():
+    engine = _Recorder(0, 2, lambda r, mine: ((4,), mine[1], bytes(16)))
+    group = dist.HostGroup(2, (0,), (None,), engine)
+    with pytest.raises(ValueError, match="rank 1 sent \\(4,\\) float32, rank 0 has \\(3,\\) float32"):
+        group.all_reduce(np.zeros(3, np.float32))
+
+
+def test_the_module_starts_nothing_and_says_which_launcher_to_use():
+    result = subprocess.run([sys.executable, "-P", "-m", "pycusparselt.distributed", "--nproc", "2", "x.py"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "torchrun --nproc_per_node N" in result.stderr and "mpirun -np N" in result.stderr
+
+
+def test_no_module_of_the_package_listens_on_a_socket():
+    import pycusparselt
+
+    root = Path(pycusparselt.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if any(word in p.read_text() for word in ("import socket", "socketserver", ".listen("))]
+    assert offenders == []
+
+
+def test_the_example_in_one_process_on_the_host_backend(monkeypatch):
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    result = subprocess.run(
+        [sys.executable, "-P", str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "host", "--hidden", "128",
+         "--ffn", "512", "--tokens", "16"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "1 rank(s), backend host, engine single" in result.stdout
+    assert "agrees with the single-device block" in result.stdout
+
+
+# -- NCCL's unique id, in either of CuPy's forms ---------------------------------------------------------
+
+
+class _FakeNccl:
+    """Records what the communicator was given; ``form`` is the id type this CuPy takes."""
+
+    def __init__(self, form):
+        self.form = form
+        self.made = []
+        fake = self
+
+        class NcclCommunicator:
+            def __init__(self, ndev, comm_id, rank):
+                if not isinstance(comm_id, fake.form):
+                    raise TypeError(f"commId: expected {fake.form.__name__}")
+                fake.made.append((ndev, comm_id, rank))
+
+        self.NcclCommunicator = NcclCommunicator
+
+
+@pytest.mark.parametrize("form", [bytes, tuple])
+def test_the_unique_id_travels_as_bytes_and_reaches_either_cupy(form):
+    raw = bytes(range(100, 228))  # values above 127: the signed and unsigned readings differ
+    signed = tuple(b - 256 if b > 127 else b for b in raw)  # what CuPy < 14 returned on x86
+    assert dist.groups._uid_bytes(raw) == raw and dist.groups._uid_bytes(signed) == raw
+    fake = _FakeNccl(form)
+    dist.groups._communicator(fake, 4, raw, 2)
+    ndev, comm_id, rank = fake.made[0]
+    assert (ndev, rank) == (4, 2) and bytes(b & 0xFF for b in comm_id) == raw
+    with pytest.raises(ValueError, match="128 bytes"):
+        dist.groups._uid_bytes(b"short")
+
+
+def test_the_nccl_backend_without_cupy_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as on a machine without CuPy
+    with pytest.raises(ImportError, match="CuPy"):
+        dist.load_nccl()
