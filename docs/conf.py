@@ -14,4 +14,6 @@ numpydoc_xref_param_type = False
 intersphinx_mapping = {}
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
-nitpicky = False
+# every cross-reference must resolve; the standard library's and NumPy's have no inventory offline
+nitpicky = True
+nitpick_ignore_regex = [(r"py:.*", r"(enum|numpy|typing|collections\.abc)\..*")]

@@ -3,12 +3,16 @@
 Needs a GPU of SM 8.0+, CuPy and cuSPARSELt: ``python examples/raw_bindings_fp16.py``.
 """
 
-import cupy as cp
-import numpy as np
+from pycusparselt.devices import exit_without_gpu
 
-from pycusparselt import bindings as b
-from pycusparselt import reference
-from pycusparselt.enums import ComputeType, DataType, MatmulDescAttribute, Operation, Order, PruneAlg
+exit_without_gpu("examples/raw_bindings_fp16.py")  # one line instead of a CUDA traceback where no GPU is usable
+
+import cupy as cp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pycusparselt import bindings as b  # noqa: E402
+from pycusparselt import reference  # noqa: E402
+from pycusparselt.enums import ComputeType, DataType, MatmulDescAttribute, Operation, Order, PruneAlg  # noqa: E402
 
 m, n, k = 512, 256, 1024
 rng = np.random.default_rng(0)

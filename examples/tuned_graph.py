@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-import cupy as cp
+from pycusparselt.devices import exit_without_gpu
 
-import pycusparselt as psl
-from pycusparselt.timing import time_gpu
+exit_without_gpu("examples/tuned_graph.py")  # one line instead of a CUDA traceback where no GPU is usable
+
+import cupy as cp  # noqa: E402
+
+import pycusparselt as psl  # noqa: E402
+from pycusparselt.timing import time_gpu  # noqa: E402
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from . import enums, errors
 from ._library import ENV_VAR, MIN_VERSION, library_path, library_version
+from .devices import require_gpu
 from .graphs import CapturedGraph, capture
 from .linear import SparseLinear
 from .oneshot import clear_plan_cache, matmul, plan_cache_info
@@ -32,6 +33,8 @@ from .errors import (
     CuSparseLtMemoryError,
     CuSparseLtRuntimeError,
     CuSparseLtUsageError,
+    GpuUnavailableError,
+    LayerFileError,
     LibraryNotFoundError,
 )
 
@@ -51,6 +54,9 @@ __all__ = [
     "CuSparseLtRuntimeError",
     "CuSparseLtUsageError",
     "LibraryNotFoundError",
+    "LayerFileError",
+    "GpuUnavailableError",
+    "require_gpu",
     "SparseMatmulPlan",
     "SparseLinear",
     "CompressedOperand",

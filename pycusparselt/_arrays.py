@@ -135,9 +135,12 @@ def _torch_as_cupy(t: Any) -> Any:
 
 
 def to_numpy(obj: Any) -> np.ndarray:
-    """A host copy of any array (NumPy arrays are returned as they are; CPU tensors without a copy)."""
+    """A host copy of any array (NumPy arrays are returned as they are; CPU tensors without a copy; Python
+    lists and tuples as NumPy arrays)."""
     if isinstance(obj, np.ndarray):
         return obj
+    if isinstance(obj, (list, tuple)):
+        return np.asarray(obj)
     if is_torch(obj):
         t = obj.detach()
         if t.dtype in _torch_byte_views():

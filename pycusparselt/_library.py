@@ -14,13 +14,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from . import settings
 from ._ffi import ffi
 from .errors import LibraryNotFoundError
 
 __all__ = ["ENV_VAR", "MIN_VERSION", "MAX_TESTED", "LoadedLibrary", "load", "library_version", "library_path"]
 
 #: Environment variable naming the shared library to load, bypassing the search.
-ENV_VAR = "PYCUSPARSELT_LIBRARY"
+ENV_VAR = settings.LIBRARY
 #: Oldest supported release: the opaque structures shrank to 512 bytes and the API took its present form in 0.8.
 MIN_VERSION = (0, 8, 0)
 #: Newest (major, minor) release line this version of pycusparselt was checked against.
@@ -75,7 +76,7 @@ def _query_version(lib: Any) -> tuple[int, int, int]:
 
 def _locate() -> tuple[str, str]:
     """Return (path, how it was found), or raise LibraryNotFoundError."""
-    override = os.environ.get(ENV_VAR)
+    override = settings.path(ENV_VAR)
     if override:
         if not os.path.isfile(override):
             raise LibraryNotFoundError(f"{ENV_VAR}={override!r} is set, but no such file exists")
@@ -114,7 +115,13 @@ def load() -> LoadedLibrary:
             raise LibraryNotFoundError(
                 f"libcusparseLt at {path} could not be loaded ({exc}). Reinstall it with {pip_package_hint()}"
             ) from exc
-        version = _query_version(lib)
+        try:
+            version = _query_version(lib)
+        except Exception as exc:  # noqa: BLE001 - a library without the symbols: cffi's AttributeError/ffi.error
+            raise LibraryNotFoundError(
+                f"{path} (found via {how}) is not libcusparseLt: {exc}. Point {ENV_VAR} at libcusparseLt.so.0, "
+                f"or unset it"
+            ) from None
         if version < MIN_VERSION:
             raise LibraryNotFoundError(
                 f"libcusparseLt {'.'.join(map(str, version))} at {path} is too old: pycusparselt needs "

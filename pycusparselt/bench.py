@@ -1108,7 +1108,7 @@ def run_benchmark(
     ----------
     shapes : iterable of Shape
     dtypes : iterable of str
-        Input types, keys of :data:`DTYPES`.
+        Input types, keys of ``DTYPES``.
     repeats, warmup : int
         Timed samples (the median is kept) and untimed calls first, for every column.
     tune_budget : float, optional

@@ -20,7 +20,6 @@ integer handle, ``None`` (the legacy default stream), or any object with ``__cud
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from . import _library
@@ -170,8 +169,12 @@ def check_status(function: str, status: int, hint: str | None = None) -> None:
 # Opaque structures
 
 
+_ADDRESS_LIMIT = 1 << 64
+
+
 class _Opaque:
-    """Aligned storage for one opaque cuSPARSELt structure, tracking whether it is initialised."""
+    """Aligned storage for one opaque cuSPARSELt structure, tracking whether it is initialised. Not copyable:
+    a copy would be a second owner of the same native object (destroyed twice)."""
 
     _ctype = ""
     _what = ""
@@ -198,6 +201,15 @@ class _Opaque:
     def __repr__(self) -> str:
         state = "initialized" if self._live else "not initialized"
         return f"<{type(self).__name__} at 0x{self.address:x}, {state}>"
+
+    def __copy__(self) -> _Opaque:
+        raise TypeError(f"{type(self).__name__} owns a native {self._what}; it cannot be copied (make another)")
+
+    def __deepcopy__(self, memo: dict) -> _Opaque:
+        return self.__copy__()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} owns a native {self._what}; it cannot be pickled or copied")
 
 
 class RawHandle(_Opaque):
@@ -286,8 +298,8 @@ def _pointer(value: Any, arg: str) -> Any:
     if value is None:
         return ffi.NULL
     address = _int(value, arg, "a device address")
-    if address < 0:
-        raise ValueError(f"{arg}: a device address cannot be negative, got {address}")
+    if not 0 <= address < _ADDRESS_LIMIT:
+        raise ValueError(f"{arg}: a device address is in 0 .. 2**64 - 1, got {address}")
     return ffi.cast("void *", address)
 
 
@@ -295,10 +307,15 @@ def _stream_handle(stream: Any, arg: str = "stream") -> int:
     if stream is None:
         return 0
     if hasattr(stream, "__cuda_stream__"):
-        return int(stream.__cuda_stream__()[1])
-    if not isinstance(stream, int) and hasattr(stream, "ptr"):
-        return int(stream.ptr)
-    return _int(stream, arg, "a cudaStream_t handle")
+        handle = stream.__cuda_stream__()[1]
+    elif not isinstance(stream, int) and hasattr(stream, "ptr"):
+        handle = stream.ptr
+    else:
+        handle = stream
+    handle = _int(handle, arg, "a cudaStream_t handle")
+    if not 0 <= handle < _ADDRESS_LIMIT:
+        raise ValueError(f"{arg}: a cudaStream_t handle is in 0 .. 2**64 - 1, got {handle}")
+    return handle
 
 
 def _stream(stream: Any, arg: str = "stream") -> Any:
@@ -575,7 +592,7 @@ def matmul_descriptor_init(
 
 def matmul_desc_set_attribute(handle: RawHandle, descriptor: RawMatmulDescriptor, attribute: Any, value: Any) -> None:
     """``cusparseLtMatmulDescSetAttribute``: set a :class:`~pycusparselt.enums.MatmulDescAttribute`. The
-    value's C type comes from :data:`MATMUL_DESC_ATTRIBUTE_TYPES` (int flags, float bounds and scalings,
+    value's C type comes from ``MATMUL_DESC_ATTRIBUTE_TYPES`` (int flags, float bounds and scalings,
     int64 bias stride, integer device addresses for pointers)."""
     _set_attribute(
         "cusparseLtMatmulDescSetAttribute", MATMUL_DESC_ATTRIBUTE_TYPES, MatmulDescAttribute,
@@ -707,8 +724,10 @@ def matmul(
 
 def _compiled_matmul() -> tuple[Any, str]:
     """(the compiled module's call-through-an-address function or None, a description of the path)."""
-    if os.environ.get("PYCUSPARSELT_FAST_CALL", "1").strip() == "0":
-        return None, "abi (PYCUSPARSELT_FAST_CALL=0)"
+    from . import settings
+
+    if not settings.flag(settings.FAST_CALL, True):
+        return None, f"abi ({settings.FAST_CALL} is off)"
     try:
         from ._fastcall import lib
     except ImportError as exc:  # not built at install time (no compiler or no Python headers)

@@ -160,7 +160,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .devices import gpu_unavailable_reason
 
     m, n, k = args.m, args.n, args.k
-    reason = None if args.path == "gpu" else gpu_unavailable_reason()
+    reason = None if args.path == "reference" else gpu_unavailable_reason()
+    if args.path == "gpu" and reason:
+        from .devices import WITHOUT_GPU
+
+        print(f"demo --path gpu: no usable GPU: {reason}; {WITHOUT_GPU}", file=sys.stderr)
+        return 1
     if args.path == "reference" or reason:
         why = "as asked" if args.path == "reference" else f"no GPU path: {reason}"
         print(f"Running the 2:4 sparse GEMM D = A @ B ({m}x{k} @ {k}x{n}) on the NumPy reference ({why}).")

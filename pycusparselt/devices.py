@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "SPARSE_MIN_CC"]
+__all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "require_gpu", "exit_without_gpu", "SPARSE_MIN_CC",
+           "WITHOUT_GPU"]
+
+#: What runs where no GPU is usable.
+WITHOUT_GPU = (
+    "without one, the NumPy reference runs: `python -m pycusparselt demo`, pycusparselt.reference, SparseLinear "
+    "on NumPy arrays and the distributed host backend"
+)
 
 #: Sparse Tensor Cores arrived with the Ampere architecture, compute capability 8.0.
 SPARSE_MIN_CC = (8, 0)
@@ -69,3 +76,20 @@ def gpu_unavailable_reason() -> str | None:
     except LibraryNotFoundError as exc:
         return str(exc)
     return None
+
+
+def require_gpu() -> None:
+    """Raise :class:`~pycusparselt.errors.GpuUnavailableError` (one line: why, and what runs without a GPU)
+    unless cuSPARSELt can run here; call it before the first CuPy call of a GPU-only program."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        from .errors import GpuUnavailableError
+
+        raise GpuUnavailableError(f"no usable GPU: {reason}; {WITHOUT_GPU}")
+
+
+def exit_without_gpu(program: str) -> None:
+    """For scripts: exit with status 1 and one line on stderr (no traceback) unless cuSPARSELt can run here."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"{program}: no usable GPU: {reason}; {WITHOUT_GPU}")

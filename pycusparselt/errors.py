@@ -25,6 +25,8 @@ Mistakes caught in Python before any C call raise the built-in ``TypeError`` / `
 from __future__ import annotations
 
 __all__ = [
+    "GpuUnavailableError",
+    "LayerFileError",
     "CuSparseLtError",
     "CuSparseLtUsageError",
     "InvalidValueError",
@@ -121,6 +123,16 @@ class InsufficientResourcesError(CuSparseLtMemoryError):
 
 class ClosedError(ValueError):
     """A native object was used before it was initialised or after it was destroyed."""
+
+
+class GpuUnavailableError(RuntimeError):
+    """No GPU pycusparselt can use here (no CuPy, no CUDA driver, no GPU of SM 8.0+, or no cuSPARSELt); the
+    message says which, and what runs without one."""
+
+
+class LayerFileError(ValueError):
+    """A file given to :meth:`SparseLinear.load <pycusparselt.SparseLinear.load>` is not a saved layer, or is
+    corrupt or inconsistent; the message names the file and the field."""
 
 
 class LibraryNotFoundError(ImportError):

@@ -34,9 +34,9 @@ __all__ = ["capture", "CapturedGraph"]
 
 
 class CapturedGraph:
-    """A captured function: ``graph(*inputs)`` copies ``inputs`` into :attr:`inputs` and replays the graph on
-    the caller's current stream; returns :attr:`outputs` (the graph's own arrays). :meth:`replay` replays
-    without copying (write :attr:`inputs` yourself). :meth:`close` frees the graph and its memory."""
+    """A captured function: ``graph(*inputs)`` copies ``inputs`` into ``inputs`` and replays the graph on
+    the caller's current stream; returns ``outputs`` (the graph's own arrays). :meth:`replay` replays
+    without copying (write ``inputs`` yourself). :meth:`close` frees the graph and its memory."""
 
     def __init__(self, framework: str, graph: Any, inputs: list, outputs: Any, device: int, keep: Any) -> None:
         self.framework = framework
@@ -72,7 +72,7 @@ class CapturedGraph:
 
     def replay(self) -> Any:
         """Replay the graph on the current stream (PyTorch's for tensors, CuPy's otherwise); returns
-        :attr:`outputs`."""
+        ``outputs``."""
         if self._graph is None:
             from .errors import ClosedError
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import warnings
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from . import _arrays, dtypes, quantization, reference
+from . import _arrays, dtypes, layer_files, quantization, reference
 from .plan import PlanConfig, SparseMatmulPlan
 from .streams import on_stream, stream_ptr
 
@@ -40,8 +39,6 @@ _FLOATS = (_F16, _BF16, _F32)
 MODES = ("fp16", "bf16", "int8", "fp8")
 _MODE_DTYPE = {"fp16": _F16, "bf16": _BF16}
 _OUT_DTYPES = {"int8": (_F16, _BF16, _I8), "fp8": (_F16, _BF16, _F32)}
-_FORMAT_NAME = "pycusparselt.SparseLinear"
-_FORMAT_VERSION = 1
 
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 _GELU_K = np.float32(0.044715)
@@ -223,6 +220,13 @@ class SparseLinear:
         allow_zero_channels: bool = False,
         autotune: bool | Mapping[str, Any] = True,
     ) -> None:
+        if isinstance(weight, (list, tuple)):  # nested Python lists: host data
+            weight = np.asarray(weight)
+        if isinstance(bias, (list, tuple)):
+            bias = np.asarray(bias)
+        if not hasattr(weight, "shape"):
+            raise TypeError(f"weight: expected an array (NumPy, CuPy, PyTorch, or nested lists), got "
+                            f"{type(weight).__name__}")
         shape = tuple(weight.shape)
         if len(shape) != 2:
             raise ValueError(f"weight: expected (out_features, in_features), got shape {shape}")
@@ -489,19 +493,26 @@ class SparseLinear:
                 route = self._routes.get((key, sp))
                 if route is not None:
                     return route(x, out)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected (..., {self.in_features}) features, got shape {tuple(x.shape)}")
+        if isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) not in (1, 2) or shape[-1] != self.in_features:
+            raise ValueError(f"x: expected shape (batch, {self.in_features}) or ({self.in_features},), got {shape}")
         if self.on_device != _on_device(x):
             where = "device" if self.on_device else "NumPy (reference)"
             raise TypeError(f"x: this layer's weight is a {where} array; pass x of the same kind")
-        if len(x.shape) not in (1, 2):
-            raise ValueError(f"x: expected (batch, {self.in_features}) or ({self.in_features},), got {tuple(x.shape)}")
-        vector = len(x.shape) == 1
+        vector = len(shape) == 1
         if self.on_device:
             return self._device_call(x, out, stream)
-        else:
-            y = self._reference_call(x[None] if vector else x)
-        return y[0] if vector else y
+        y = self._reference_call(x[None] if vector else x)
+        y = y[0] if vector else y
+        if out is None:
+            return y
+        if not isinstance(out, np.ndarray) or out.shape != y.shape or out.dtype != y.dtype:
+            got = f"{type(out).__name__} {getattr(out, 'shape', '')} {getattr(out, 'dtype', '')}".strip()
+            raise ValueError(f"out: expected a NumPy array of shape {y.shape} and dtype {y.dtype}, got {got}")
+        out[...] = y
+        return out
 
     def _gemm_input(self, x: Any, xp: Any) -> Any:
         """The GEMM's dense operand: x in the layer's type (quantized here if given as floats)."""
@@ -811,7 +822,7 @@ class SparseLinear:
     @property
     def plan_shapes(self) -> list[tuple[int, int]]:
         """The GEMM input shapes the layer has plans for: ``(rows, in_features)``, rows rounded up to
-        :data:`SMALL_BATCH_ROWS` for small batches and to the dtype's multiple otherwise."""
+        ``pycusparselt.linear.SMALL_BATCH_ROWS`` for small batches and to the dtype's multiple otherwise."""
         return sorted({key[0] for key, plan in self._plans.items() if not plan.closed})
 
     @property
@@ -909,90 +920,80 @@ class SparseLinear:
 
     # -- saving --------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the prepared layer to ``path`` (NumPy ``.npz``): the pruned (and permuted) weight, or the
-        quantized weight and its scales, the bias, the permutation, the scales, the options and the tuned
-        configurations (keyed by GPU, compute capability, cuSPARSELt version and input shape). Nothing is
-        pickled."""
+    def save(self, path: str | os.PathLike, *, container: str | None = None) -> None:
+        """Write the prepared layer to ``path``: the pruned (and permuted) weight, or the quantized weight and
+        its scales, the bias, the permutation, the scales, the options and the tuned configurations (keyed by
+        GPU, compute capability, cuSPARSELt version and input shape). Nothing is pickled.
+
+        ``container``: "npz" (NumPy) or "safetensors" (needs the safetensors package); by default
+        "safetensors" for a path ending in ``.safetensors``, else "npz". See :mod:`pycusparselt.layer_files`.
+        """
         meta = {
-            "format": _FORMAT_NAME, "version": _FORMAT_VERSION, "mode": self.mode, "dtype": self.dtype.name,
+            "mode": self.mode, "dtype": self.dtype.name,
             "quant_format": self.format, "weight_granularity": self.weight_granularity,
             "activation": self.activation, "relu_upper_bound": _json_float(self.relu_upper_bound),
             "relu_threshold": self.relu_threshold, "out_dtype": self.out_dtype.name,
             "input_scale": self._input_scale, "output_scale": self._output_scale,
             "in_features": self.in_features, "out_features": self.out_features,
-            "weight_dtype": None, "configs": self.tuned_configs,
+            "weight_dtype": self.dtype.name, "configs": self.tuned_configs,
         }
-        host = _to_numpy
         arrays: dict[str, np.ndarray] = {}
         if self.quantized:
-            wq = host(self.weight_q)
-            if wq.dtype != _I8:
-                wq = wq.view(np.uint8)
-            arrays["weight_q"] = wq
-            arrays["weight_scale"] = self.weight_scale
+            wq = _to_numpy(self.weight_q)
+            arrays["weight_q"] = wq if wq.dtype == _I8 else wq.view(np.uint8)
+            arrays["weight_scale"] = np.asarray(self.weight_scale, np.float32)
         else:
-            arrays["weight"] = _bits(host(self.weight))
-        meta["weight_dtype"] = self.dtype.name
+            arrays["weight"] = _bits(_to_numpy(self.weight))
         if self._bias_host is not None:
             arrays["bias"] = _bits(self._bias_host)
         if self.permutation is not None:
-            arrays["permutation"] = self.permutation
-        arrays["meta"] = np.array(json.dumps(meta))
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+            arrays["permutation"] = self.permutation.astype(np.int64)
+        layer_files.write(path, meta, arrays, container)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, on_device: bool = True, device: int | None = None,
-             autotune: bool | Mapping[str, Any] = True) -> SparseLinear:
+    def load(cls, path: str | os.PathLike, *, on_device: bool | None = None, device: int | None = None,
+             autotune: bool | Mapping[str, Any] = True, container: str | None = None) -> SparseLinear:
         """A layer saved by :meth:`save`, ready to run: no pruning, calibration or (on the same GPU and
         library version) tuning again.
+
+        The file is untrusted input: its structure is checked before any array is read
+        (:func:`pycusparselt.layer_files.read`) and its content as the constructor checks its arguments (2:4
+        structure, a valid permutation, finite positive scales, known options). Anything else raises
+        :class:`~pycusparselt.errors.LayerFileError` naming the file and the field.
 
         Parameters
         ----------
         path : path
-        on_device : bool
-            Load onto the GPU (CuPy) or, with False, onto the reference (NumPy).
+        on_device : bool, optional
+            True: onto the GPU (CuPy); False: onto the NumPy reference. None (default): the GPU where one is
+            usable, else the reference, with a :class:`RuntimeWarning` saying why (``layer.on_device`` tells).
         device : int, optional
             The CUDA device (default: CuPy's current device).
         autotune : bool or mapping
             Tune input shapes without a stored configuration for this GPU and library version (a layer
             loaded on another GPU or library version re-tunes instead of failing); as for the constructor.
+        container : {"npz", "safetensors"}, optional
+            Default: by the path's suffix (see :meth:`save`).
         """
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.get("format") != _FORMAT_NAME or meta.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"path: {os.fspath(path)!r} is not a saved SparseLinear (format "
-                                 f"{meta.get('format')!r} version {meta.get('version')!r})")
-            arrays = {k: data[k] for k in data.files if k != "meta"}
-        dtype = _dtype_named(meta["dtype"])
-        fmt = meta["quant_format"]
-        weight_q = weight_scale = None
-        if fmt is not None:
-            weight_q = arrays["weight_q"]
-            if fmt != "int8":
-                weight_q = weight_q.view(quantization.FORMATS[fmt][0])
-            weight_scale = arrays["weight_scale"]
-            scale = weight_scale[:, None] if weight_scale.ndim else weight_scale
-            weight = quantization.dequantize(weight_q, scale)
-            bias = arrays.get("bias")
-        else:
-            weight = arrays["weight"].view(dtype)
-            bias = None if "bias" not in arrays else arrays["bias"].view(dtype)
+        meta, arrays = layer_files.read(path, container)
+        fields = _loaded_fields(meta, arrays, path)
+        if on_device is None:
+            from .devices import gpu_unavailable_reason
+
+            reason = gpu_unavailable_reason()
+            on_device = reason is None
+            if reason is not None:
+                warnings.warn(f"SparseLinear.load: no usable GPU ({reason}); the layer runs on the NumPy reference",
+                              RuntimeWarning, stacklevel=2)
         if device is None and on_device:
             import cupy
 
             device = cupy.cuda.Device().id
         layer = cls.__new__(cls)
-        layer._setup(
-            mode=meta["mode"], dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"], weight=weight,
-            weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=arrays.get("permutation"),
-            activation=meta["activation"], relu_upper_bound=float(meta["relu_upper_bound"]),
-            relu_threshold=meta["relu_threshold"], out_dtype=meta["out_dtype"] if fmt else None,
-            input_scale=meta["input_scale"], output_scale=meta["output_scale"], on_device=on_device,
-            device=device if on_device else None, autotune=autotune,
-            configs={_config_key(_entry_ident(e)): dict(e["config"]) for e in meta["configs"]},
-        )
+        try:
+            layer._setup(**fields, on_device=on_device, device=device if on_device else None, autotune=autotune)
+        except (TypeError, ValueError) as exc:
+            raise layer_files.LayerFileError(f"{os.fspath(path)!r}: {exc}") from None
         layer._prune = None
         return layer
 
@@ -1193,6 +1194,82 @@ def _config_key(ident: tuple) -> tuple:
 
 def _entry_ident(entry: dict) -> tuple:
     return (entry["gpu"], entry["cc"], entry["cusparselt"], entry["x_shape"], entry["x_dtype"])
+
+
+def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
+    """A layer file's content checked as the constructor checks its arguments; the keyword arguments of
+    :meth:`SparseLinear._setup` (all but the device ones). Raises LayerFileError naming the field."""
+
+    def fail(message: str) -> Exception:
+        return layer_files.LayerFileError(f"{os.fspath(path)!r}: {message}")
+
+    mode, fmt = meta.get("mode"), meta["quant_format"]
+    if mode is not None and mode not in MODES:
+        raise fail(f"meta field 'mode': expected None or one of {', '.join(MODES)}, got {mode!r}")
+    wanted_fmt = {"int8": ("int8",), "fp8": ("e4m3", "e5m2")}.get(mode, (None,))
+    if fmt not in wanted_fmt:
+        raise fail(f"meta field 'quant_format': a layer of mode {mode!r} has {wanted_fmt}, got {fmt!r}")
+    dtype = _dtype_named(meta["dtype"])
+    if mode in _MODE_DTYPE and dtype != _MODE_DTYPE[mode]:
+        raise fail(f"meta field 'dtype': a {mode} layer is {_MODE_DTYPE[mode].name}, got {dtype.name}")
+    numbers = {}
+    for name in ("relu_upper_bound", "relu_threshold"):
+        value = meta.get(name)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise fail(f"meta field {name!r}: expected a number, got {value!r}") from None
+        if math.isnan(number) or (name == "relu_threshold" and not math.isfinite(number)):
+            raise fail(f"meta field {name!r}: expected a {'finite ' if name == 'relu_threshold' else ''}number, "
+                       f"got {value!r}")
+        numbers[name] = number
+    for name in ("input_scale", "output_scale"):
+        try:
+            _positive_scale(meta.get(name), name)
+        except (TypeError, ValueError) as exc:
+            raise fail(f"meta field {exc}") from None
+    out_dtype = meta.get("out_dtype")
+    if fmt is not None and out_dtype not in {d.name for d in _OUT_DTYPES[mode]}:
+        raise fail(f"meta field 'out_dtype': a {mode} layer outputs {[d.name for d in _OUT_DTYPES[mode]]}, "
+                   f"got {out_dtype!r}")
+    permutation = arrays.get("permutation")
+    if permutation is not None and not np.array_equal(np.sort(permutation), np.arange(permutation.size)):
+        raise fail(f"member 'permutation': not a permutation of range({permutation.size})")
+    bias = arrays.get("bias")
+    weight_q = weight_scale = None
+    if fmt is not None:
+        weight_q = arrays["weight_q"]
+        if fmt != "int8":
+            weight_q = weight_q.view(quantization.FORMATS[fmt][0])
+        weight_scale = arrays["weight_scale"]
+        if not (np.isfinite(weight_scale).all() and (weight_scale > 0).all()):
+            raise fail("member 'weight_scale': expected finite positive scales")
+        weight = quantization.dequantize(weight_q, weight_scale[:, None] if weight_scale.ndim else weight_scale)
+    else:
+        weight = arrays["weight"].view(dtype)
+        bias = None if bias is None else bias.view(dtype)
+    if not np.isfinite(weight.astype(np.float32)).all():
+        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: NaN or infinite values")
+    if bias is not None and not np.isfinite(bias.astype(np.float32)).all():
+        raise fail("member 'bias': NaN or infinite values")
+    pairs = mode is None and dtype == _F32
+    if not _is_sparse_host(weight, pairs):
+        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: not {'1:2' if pairs else '2:4'} along in_features")
+    configs = meta.get("configs")
+    try:
+        configs = {_config_key(_entry_ident(e)): {k: None if v is None else int(v)
+                                                   for k, v in dict(e["config"]).items()} for e in configs}
+        if any(not set(c) <= set(PlanConfig._fields) or "alg_id" not in c for c in configs.values()):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise fail("meta field 'configs': expected the entries tuned_configs returns") from None
+    return dict(
+        mode=mode, dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"] if fmt else None, weight=weight,
+        weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=permutation,
+        activation=meta.get("activation"), relu_upper_bound=numbers["relu_upper_bound"],
+        relu_threshold=numbers["relu_threshold"], out_dtype=out_dtype if fmt else None,
+        input_scale=meta.get("input_scale"), output_scale=meta.get("output_scale"), configs=configs,
+    )
 
 
 def _config_entry(key: tuple, config: dict) -> dict:

@@ -107,12 +107,17 @@ def as_operand(obj: Any, name: str, dtype: Any = None) -> Operand:
             stored = np.dtype(cai["typestr"])
         except TypeError:
             raise TypeError(f"{name}: unknown element type {cai['typestr']!r}") from None
+    if stored.hasobject or stored.kind in "OUSMm":  # other numeric types are refused with the supported list
+        raise TypeError(f"{name}: element type {stored} cannot be a matrix operand (numbers only)")
     dtype = stored if dtype is None else np.dtype(dtype)
     if dtype != stored and not (dtype.itemsize == 1 and stored in (np.dtype(np.uint8), np.dtype(np.int8))):
         raise TypeError(f"{name}: holds {stored}; only uint8/int8 storage can be read as {dtype}")
     shape = tuple(int(s) for s in cai["shape"])
     if len(shape) not in (2, 3):
         raise ValueError(f"{name}: expected a matrix (rows, cols) or a batch (batch, rows, cols), got shape {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"{name}: shape {shape} has an empty dimension; cuSPARSELt multiplies matrices of at "
+                         f"least one row and one column (skip empty products)")
     itemsize = stored.itemsize
     if cai.get("strides") is None:
         strides = tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape)))
@@ -122,6 +127,8 @@ def as_operand(obj: Any, name: str, dtype: Any = None) -> Operand:
             raise ValueError(f"{name}: strides {byte_strides} (bytes) are not multiples of the element size {itemsize}")
         strides = tuple(s // itemsize for s in byte_strides)
     ptr = int(cai["data"][0])
+    if not 0 < ptr < 1 << 64:
+        raise ValueError(f"{name}: device address {ptr:#x} is not a valid pointer (NULL, negative or too large)")
     rows, cols = shape[-2:]
     sr, sc = strides[-2:]
     row_major = (sc == 1 or cols == 1) and (rows == 1 or sr >= cols)

@@ -230,6 +230,11 @@ class SparseMatmulPlan:
         batch = batches.pop() if batches else 1
         if C is not None and C.batch != batch:
             raise ValueError(f"c: C and D share one layout, so c needs the full batch ({batch}), got {C.shape}")
+        if C is not None and batch > 1 and C.batch_stride == 0:
+            raise ValueError(
+                "c: a broadcast batch (batch stride 0) cannot be C: C and D share one layout, so every batch of D "
+                "would be written to one matrix; pass cupy.ascontiguousarray(c)"
+            )
         for op in (A, B, C):
             compact = op.ld * (op.rows if op.order == ROW else op.cols) if op is not None else 0
             if op is not None and op.batch_stride not in (0, compact):
@@ -953,10 +958,10 @@ class SparseMatmulPlan:
     ) -> BoundMatmul:
         """Check these operands once and return a callable that runs :meth:`matmul` on them.
 
-        The returned :class:`BoundMatmul` does no validation, allocation or conversion per call: it is the
-        leanest way to call a plan from Python, and what to capture in a CUDA graph. It reads the arrays at
-        run time (update them in place between calls), including ``bias`` and a vector ``alpha``, which each
-        call copies into the plan's buffers with one device-to-device copy. Arguments as :meth:`matmul`;
+        The returned :class:`~pycusparselt.plan.BoundMatmul` does no validation, allocation or conversion per
+        call: it is the leanest way to call a plan from Python, and what to capture in a CUDA graph. It reads
+        the arrays at run time (update them in place between calls), including ``bias`` and a vector ``alpha``,
+        which each call copies into the plan's buffers with one device-to-device copy. Arguments as :meth:`matmul`;
         ``out`` is allocated once here when omitted. A padded plan copies the dense operands per call, as
         :meth:`matmul` does.
         """

@@ -177,7 +177,7 @@ def _device_kernels() -> dict[str, Any]:
         "int8": cupy.ElementwiseKernel(
             "T x, float32 inv",
             "int8 q",
-            "float v = rintf((float)x * inv); q = (signed char)fminf(fmaxf(v, -127.0f), 127.0f);",
+            "float v = rintf((float)x * inv); q = isnan(v) ? 0 : (signed char)fminf(fmaxf(v, -127.0f), 127.0f);",
             "pycusparselt_quantize_int8",
         ),
         # float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN)
@@ -195,7 +195,7 @@ def _device_kernels() -> dict[str, Any]:
         "uint16 xb, float32 inv",
         "int8 q",
         "float v = rintf(__uint_as_float(((unsigned int)xb) << 16) * inv);"
-        "q = (signed char)fminf(fmaxf(v, -127.0f), 127.0f);",
+        "q = isnan(v) ? 0 : (signed char)fminf(fmaxf(v, -127.0f), 127.0f);",
         "pycusparselt_quantize_int8_bf16",
     )
     for name, (mant, emin, bias) in _FP8_BITS.items():
@@ -235,8 +235,8 @@ def _quantize_host(x: np.ndarray, inv: Any, fmt: str) -> np.ndarray:
     v = _float32(x, np) * inv  # one float32 multiply, as on the GPU
     dt, limit = FORMATS[fmt]
     with np.errstate(invalid="ignore"):
-        if fmt == "int8":
-            return np.clip(np.rint(v), -limit, limit).astype(np.int8)
+        if fmt == "int8":  # int8 has no NaN: it becomes 0 (see quantize)
+            return np.clip(np.nan_to_num(np.rint(v), nan=0.0), -limit, limit).astype(np.int8)
         return np.clip(v, -limit, limit).astype(dt)  # ml_dtypes rounds float32 to nearest even
 
 
@@ -261,6 +261,13 @@ def quantize(x: Any, scale: Any, dtype: Any = "int8") -> Any:
         int8 values in -127 .. 127; or FP8 values, saturated to the format's largest finite magnitude
         (ml_dtypes arrays on the CPU, their bytes as uint8 on the GPU). Rounding is to nearest, ties to
         even.
+
+    Notes
+    -----
+    NaN and infinity, the same on the CPU and the GPU: ±inf saturates to ±127 (int8) or to the FP8 format's
+    largest finite magnitude (E4M3 has no infinity; E5M2's is not used, as for every out-of-range value); NaN
+    stays NaN in FP8 and becomes 0 in int8, which has no NaN. A NaN activation is therefore lost in an INT8
+    layer: check inputs with ``isnan`` first where they can hold one.
 
     Raises
     ------

@@ -151,7 +151,7 @@ def test_argument_checks_on_live_objects():
         b.matmul_desc_set_attribute(h, desc, enums.MatmulDescAttribute.ACTIVATION_RELU, 1.5)
     with pytest.raises(ValueError, match="does not fit the C type int"):
         b.matmul_desc_set_attribute(h, desc, enums.MatmulDescAttribute.ACTIVATION_RELU, 2**40)
-    with pytest.raises(ValueError, match="cannot be negative"):
+    with pytest.raises(ValueError, match="device address is in 0"):
         b.matmul_desc_set_attribute(h, desc, enums.MatmulDescAttribute.BIAS_POINTER, -16)
     plan = _FakeLive.make(b.RawPlan)
     with pytest.raises(TypeError, match="alpha: expected a real number"):
@@ -182,6 +182,34 @@ def test_stream_forms():
     assert count == 2 and int(ffi.cast("uintptr_t", array[1])) == 5678
     assert b._streams(None) == (ffi.NULL, 0)
     assert b._streams(7)[1] == 1
+
+
+def test_addresses_and_streams_out_of_range_are_refused():
+    for bad in (-1, 1 << 64, (1 << 64) + 5):
+        with pytest.raises(ValueError, match="device address is in 0 .. 2\\*\\*64 - 1"):
+            b._pointer(bad, "a")
+        with pytest.raises(ValueError, match="cudaStream_t handle is in 0 .. 2\\*\\*64 - 1"):
+            b._stream_handle(bad)
+
+    class Negative:
+        def __cuda_stream__(self):
+            return (0, -1)
+
+    with pytest.raises(ValueError, match="stream: a cudaStream_t handle"):
+        b._stream_handle(Negative())
+    assert int(ffi.cast("uintptr_t", b._pointer((1 << 64) - 1, "a"))) == (1 << 64) - 1
+
+
+@pytest.mark.parametrize("cls", [b.RawHandle, b.RawMatDescriptor, b.RawMatmulDescriptor, b.RawAlgSelection,
+                                 b.RawPlan])
+def test_native_holders_cannot_be_copied(cls):
+    import copy
+    import pickle
+
+    raw = cls()
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be"):
+            duplicate(raw)
 
 
 def test_device_pointer_scalar_is_passed_as_address():

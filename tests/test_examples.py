@@ -83,3 +83,47 @@ def test_every_example_is_tested():
               "int8_linear.py", "fp8_linear.py", "tuned_graph.py",
               "tensor_parallel_mlp.py"}  # the last in test_distributed_launch.py (CPU) and test_distributed_gpu.py
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+@pytest.mark.parametrize("command", [
+    ["examples/raw_bindings_fp16.py"],
+    ["examples/bert_ffn.py"],
+    ["examples/tuned_graph.py"],
+    ["-m", "pycusparselt", "demo", "--path", "gpu"],
+    ["-c", "import pycusparselt as psl; psl.require_gpu()"],
+    ["-c", "from pycusparselt import distributed as d; d.init_process_group('nccl')"],
+])
+def test_without_a_usable_gpu_one_line_says_so(command):
+    """No GPU visible (CUDA_VISIBLE_DEVICES=''): one line naming the reason and what runs without a GPU, not
+    a CUDA traceback."""
+    import os
+
+    root = EXAMPLES.parent
+    argv = [str(root / command[0])] if command[0].endswith(".py") else command
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-P", *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert "no usable GPU" in result.stderr
+    if command[0] != "-c":  # scripts: one line, no traceback
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    else:  # a library call raises GpuUnavailableError: its message is one line
+        assert result.stderr.strip().splitlines()[-1].startswith("pycusparselt.errors.GpuUnavailableError: ")
+    if "init_process_group" in command[-1]:
+        assert "init_process_group('host')" in result.stderr
+    else:
+        assert "the NumPy reference runs" in result.stderr
+
+
+def test_every_example_is_listed_in_the_docs():
+    listed = (EXAMPLES.parent / "docs" / "examples.rst").read_text()
+    missing = [p.name for p in EXAMPLES.glob("*.py") if f"``{p.name}``" not in listed]
+    assert missing == []
+
+
+def test_the_base_install_brings_nothing_cuda():
+    """`pip install .` on a machine without a GPU: CuPy and NVIDIA's wheels come only with the extras."""
+    import re
+
+    text = (EXAMPLES.parent / "pyproject.toml").read_text()
+    base = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
+    assert "cupy" not in base and "nvidia" not in base and "torch" not in base

@@ -56,6 +56,31 @@ def test_env_var_to_a_file_that_is_no_library(fresh_loader, monkeypatch, tmp_pat
         _library.load()
 
 
+def test_env_var_to_a_library_that_is_not_cusparselt(fresh_loader, monkeypatch):
+    import ctypes.util
+
+    other = ctypes.util.find_library("z") or ctypes.util.find_library("m")
+    if other is None or not os.path.isabs(other):  # find_library may give only a name: find its file
+        candidates = [p for p in ("/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1",
+                                  "/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6") if os.path.exists(p)]
+        if not candidates:
+            pytest.skip("no other shared library found on this machine to point the variable at")
+        other = candidates[0]
+    monkeypatch.setenv(_library.ENV_VAR, other)
+    with pytest.raises(errors.LibraryNotFoundError, match="is not libcusparseLt"):
+        _library.load()
+    result = subprocess.run([sys.executable, "-P", "-m", "pycusparselt", "info"], capture_output=True, text=True,
+                            env={**os.environ, _library.ENV_VAR: other}, timeout=120)
+    assert "Traceback" not in result.stderr and "is not libcusparseLt" in result.stdout + result.stderr
+
+
+def test_env_var_with_a_home_directory(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(_library.ENV_VAR, "~/absent/libcusparseLt.so.0")
+    with pytest.raises(errors.LibraryNotFoundError, match=str(tmp_path / "absent")):
+        _library.load()
+
+
 def test_env_var_takes_precedence(fresh_loader, monkeypatch):
     real = _library_or_skip()
     monkeypatch.setattr(_library, "_loaded", None)

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import pycusparselt as psl
 from pycusparselt import SparseLinear, quantization, reference
 from pycusparselt.linear import _find_config, calibrate_chain
 
@@ -107,7 +108,7 @@ def test_construction_errors(kwargs, error, words):
 
 def test_call_errors():
     layer = SparseLinear(np.ones((8, 16), np.float16))
-    with pytest.raises(ValueError, match=r"x: expected \(\.\.\., 16\) features"):
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 16\) or \(16,\), got \(2, 12\)"):
         layer(np.ones((2, 12), np.float16))
 
 
@@ -381,7 +382,7 @@ def test_stored_configurations_are_found_only_for_the_same_gpu_library_and_input
 def test_loading_something_else_is_refused(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, meta=np.array('{"format": "something", "version": 1}'))
-    with pytest.raises(ValueError, match="is not a saved SparseLinear"):
+    with pytest.raises(psl.LayerFileError, match="not a pycusparselt layer file"):
         SparseLinear.load(path, on_device=False)
 
 
@@ -393,3 +394,40 @@ def test_tuned_configurations_can_be_shared_between_layers():
     assert other.tuned_configs == a.tuned_configs
     with pytest.raises(ValueError, match="tuned_configs: expected entries"):
         other.tuned_configs = [{"gpu": "GPU"}]
+
+
+# -- inputs a new user passes -------------------------------------------------------------------------------
+
+
+def test_python_lists_are_host_arrays():
+    rows = [[1.0, -2.0, 0.0, 0.0, 0.5, 0.0, 0.0, 3.0]] * 4
+    as_array = SparseLinear(np.asarray(rows, np.float32))
+    with pytest.raises(TypeError, match="weight: expected float16, bfloat16 or float32, got float64"):
+        SparseLinear(rows)  # Python floats are float64: refused with the dtype named, not an AttributeError
+    listed = SparseLinear(np.asarray(rows, np.float32), permutation=list(range(8)))
+    x = np.ones((2, 8), np.float32)
+    assert np.array_equal(listed(x), as_array(x))
+    with pytest.raises(TypeError, match="weight: expected an array"):
+        SparseLinear(3.0)
+
+
+def test_out_on_the_reference_is_filled_or_refused():
+    w, b, x = _layer_data(31)
+    layer = SparseLinear(w, b)
+    x = x.astype(np.float32)
+    want = layer(x)
+    out = np.empty_like(want)
+    assert layer(x, out=out) is out and np.array_equal(out, want)
+    vec = np.empty(want.shape[1], want.dtype)
+    assert layer(x[0], out=vec) is vec and np.array_equal(vec, want[0])
+    for bad in (np.empty(want.shape, np.float64), np.empty((1, *want.shape), want.dtype), [0.0]):
+        with pytest.raises(ValueError, match="out: expected a NumPy array of shape \\(6, 24\\) and dtype float32"):
+            layer(x, out=bad)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (2, 2, 64), (64, 2)])
+def test_input_shape_messages_agree(shape):
+    w, b, _ = _layer_data(32)
+    layer = SparseLinear(w, b)
+    with pytest.raises(ValueError, match="x: expected shape \\(batch, 64\\) or \\(64,\\), got"):
+        layer(np.zeros(shape, w.dtype))

@@ -86,3 +86,21 @@ def test_one_byte_storage_read_as_float8():
     assert op.dtype == np.dtype(ml_dtypes.float8_e4m3fn) and op.ld == 64
     with pytest.raises(TypeError, match="only uint8/int8 storage"):
         as_operand(FakeDeviceArray((32, 64)), "a", ml_dtypes.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (16, 0), (0, 16, 16), (2, 0, 16), (-1, 16)])
+def test_empty_and_negative_shapes_are_refused_by_name(shape):
+    with pytest.raises(ValueError, match="b: shape .* has an empty dimension"):
+        as_operand(FakeDeviceArray(shape), "b")
+
+
+@pytest.mark.parametrize("ptr", [0, -4096, 1 << 64])
+def test_null_negative_and_oversized_addresses_are_refused(ptr):
+    with pytest.raises(ValueError, match="a: device address .* is not a valid pointer"):
+        as_operand(FakeDeviceArray((16, 16), ptr=ptr), "a")
+
+
+@pytest.mark.parametrize("typestr", ["|O", "<U4", "|S2", "<M8[s]"])
+def test_non_numeric_element_types_are_refused(typestr):
+    with pytest.raises(TypeError, match="a: element type .* cannot be a matrix operand"):
+        as_operand(FakeDeviceArray((16, 16), typestr=typestr), "a")

@@ -1354,3 +1354,22 @@ def test_torch_tensors(cp, dtype):
             torch.cuda.synchronize()
             assert _bits_equal(_host(out_t), _host(d2))
         assert _bits_equal(_host(a_t), a_h), "the caller's tensor was modified"
+
+
+def test_empty_dimensions_are_refused_by_name(cp):
+    import pycusparselt as psl
+
+    with pytest.raises(ValueError, match="a: shape \\(0, 64\\) has an empty dimension"):
+        psl.SparseMatmulPlan(cp.zeros((0, 64), cp.float16), cp.zeros((64, 16), cp.float16))
+    with pytest.raises(ValueError, match="b: shape \\(64, 0\\) has an empty dimension"):
+        psl.SparseMatmulPlan(cp.zeros((32, 64), cp.float16), cp.zeros((64, 0), cp.float16))
+
+
+def test_a_broadcast_c_is_refused(cp):
+    import pycusparselt as psl
+
+    a = cp.zeros((4, 32, 64), cp.float16)
+    b = cp.zeros((4, 64, 16), cp.float16)
+    c = cp.broadcast_to(cp.zeros((1, 32, 16), cp.float16), (4, 32, 16))
+    with pytest.raises(ValueError, match="c: a broadcast batch \\(batch stride 0\\) cannot be C"):
+        psl.SparseMatmulPlan(a, b, c)

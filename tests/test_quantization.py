@@ -35,6 +35,16 @@ def test_int8_round_trip_is_within_half_a_step(dtype):
     assert np.abs(values).max() == 127  # the largest magnitude maps to qmax
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_nan_and_infinity_have_one_documented_result(dtype):
+    x = np.array([np.nan, -np.nan, np.inf, -np.inf, 1.0], dtype=dtype)
+    assert q.quantize(x, 0.5, "int8").tolist() == [0, 0, 127, -127, 2]
+    for fmt, dt in (("e4m3", E4M3), ("e5m2", E5M2)):
+        y = q.quantize(x, 0.5, fmt).astype(np.float32)
+        largest = float(ml_dtypes.finfo(dt).max)
+        assert np.isnan(y[:2]).all() and y[2:].tolist() == [largest, -largest, 2.0]
+
+
 def test_int8_rounds_half_to_even_and_saturates():
     scale = 0.25  # a power of two: x * (1 / scale) is exact, so the rounding rule alone decides
     x = np.array([0.125, 0.375, -0.125, -0.375, 0.625, 31.75, 40.0, -1000.0, 31.875], np.float32)

@@ -25,7 +25,26 @@ def _values(rng, n, dtype):
         grid = np.sort(grid[np.isfinite(grid)])
         special += [grid, (grid[1:] + grid[:-1]) / 2]
     special.append(np.arange(-300, 300) / 2.0)  # int8 ties at x.5
-    return np.concatenate([spread, *special, [1e6, -1e6, 0.0, -0.0]]).astype(dtype)
+    return np.concatenate([spread, *special, [1e6, -1e6, 0.0, -0.0, np.inf, -np.inf]]).astype(dtype)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_nan_and_infinity_quantize_as_on_the_cpu(fmt, dtype):
+    """NaN: 0 in int8, NaN in FP8; infinity saturates (see quantize); CuPy kernels and quantize_into alike."""
+    x = np.array([np.nan, -np.nan, np.inf, -np.inf, 1.0] * 8, dtype=dtype)
+    host = q.quantize(x, 0.5, fmt)
+    for device in (q.quantize(cp.asarray(x), 0.5, fmt),
+                   q.quantize_into(cp.asarray(x), np.float32(2.0), fmt,
+                                   cp.empty(x.shape, cp.int8 if fmt == "int8" else cp.uint8))):
+        got = cp.asnumpy(device)
+        if fmt == "int8":
+            assert got.tolist() == host.tolist() and got[:5].tolist() == [0, 0, 127, -127, 2]
+        else:
+            got = got.view(host.dtype).astype(np.float32)
+            want = host.astype(np.float32)
+            assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[:2]).all()
+            assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
 
 
 def _same_bits(a, b):

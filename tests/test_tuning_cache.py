@@ -114,3 +114,87 @@ def test_clear(tmp_path):
     cache.put(KEY, VALUE)
     cache.put(dict(KEY, cc="8.0"), VALUE)
     assert cache.clear() == 2 and cache.get(KEY) is None
+
+
+# -- entries as untrusted input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [
+    b"\xff\xfe\x00 not utf-8",
+    b"[" * 100_000 + b"]" * 100_000,  # deep enough to exhaust the parser's recursion
+    json.dumps({"format": FORMAT_VERSION, "key": [[[[1]]]], "value": {}}).encode(),
+    json.dumps({"format": FORMAT_VERSION, "key": KEY, "value": [1]}).encode(),
+])
+def test_undecodable_entries_warn_and_count_as_absent(tmp_path, content):
+    cache = TuningCache(tmp_path, enabled=True)
+    cache.path_for(KEY).write_bytes(content)
+    with pytest.warns(TuningCacheWarning):
+        assert cache.get(KEY) is None
+
+
+def test_an_entry_linked_to_a_fifo_or_a_device_is_not_read(tmp_path):
+    import os
+    import time
+
+    cache = TuningCache(tmp_path, enabled=True)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cache.path_for(KEY).symlink_to(fifo)
+    began = time.perf_counter()
+    with pytest.warns(TuningCacheWarning, match="not a regular file"):
+        assert cache.get(KEY) is None
+    assert time.perf_counter() - began < 5
+    cache.path_for(KEY).unlink()
+    cache.path_for(KEY).symlink_to("/dev/zero")
+    with pytest.warns(TuningCacheWarning, match="not a regular file"):
+        assert cache.get(KEY) is None
+
+
+def test_an_oversized_entry_is_not_read(tmp_path):
+    from pycusparselt.tuning_cache import MAX_ENTRY_BYTES
+
+    cache = TuningCache(tmp_path, enabled=True)
+    cache.path_for(KEY).write_bytes(b" " * (MAX_ENTRY_BYTES + 1))
+    with pytest.warns(TuningCacheWarning, match="bytes"):
+        assert cache.get(KEY) is None
+
+
+def test_clear_deletes_only_our_entries(tmp_path):
+    cache = TuningCache(tmp_path, enabled=True)
+    cache.put(KEY, VALUE)
+    (tmp_path / "config.json").write_text("{}")  # a project's own file where the variable pointed
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / ("a" * 64 + ".json")).mkdir()  # a directory with an entry's name is not an entry
+    (tmp_path / ".tmp-abc123.json").write_text("half written")
+    assert cache.clear() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.json", "notes.txt", "a" * 64 + ".json"])
+    assert TuningCache(tmp_path / "absent", enabled=True).clear() == 0
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), (" FALSE ", False), ("no", False),
+                                            ("1", True), ("on", True), ("Yes", True), ("", True)])
+def test_flag_values(monkeypatch, tmp_path, value, enabled):
+    monkeypatch.setenv("PYCUSPARSELT_TUNING_CACHE", value)
+    assert TuningCache(tmp_path).enabled is enabled
+
+
+@pytest.mark.parametrize("name, value", [("PYCUSPARSELT_TUNING_CACHE", "disabled"),
+                                         ("PYCUSPARSELT_FAST_CALL", "nope")])
+def test_values_that_are_not_flags_are_refused(monkeypatch, tmp_path, name, value):
+    from pycusparselt import settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}='{value}': expected one of"):
+        settings.flag(name, True)
+    if name == "PYCUSPARSELT_TUNING_CACHE":
+        with pytest.raises(ValueError, match=name):
+            TuningCache(tmp_path)
+
+
+def test_the_cache_directory_expands_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PYCUSPARSELT_CACHE_DIR", "~/x")
+    assert default_cache_dir() == tmp_path / "x"
+    monkeypatch.setenv("PYCUSPARSELT_CACHE_DIR", "  ")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "pycusparselt"  # platformdirs honours XDG

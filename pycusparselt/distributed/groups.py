@@ -501,6 +501,16 @@ def init_process_group(backend: str = "nccl", *, engine: str = "auto", device: i
         raise ValueError("backend 'host': the cupyx engine runs on GPUs; use the torch or mpi engine")
     nccl = None
     if backend == "nccl":
+        from ..devices import gpu_unavailable_reason
+
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            from ..errors import GpuUnavailableError
+
+            raise GpuUnavailableError(
+                f"backend 'nccl': no usable GPU ({reason}); on this machine use init_process_group('host'), "
+                f"which runs the layers on the NumPy reference"
+            )
         nccl = load_nccl()
     if chosen == "cupyx" and device is None:  # CuPy's engine is joined on the GPU
         local = local_rank_from_env()

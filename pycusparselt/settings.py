@@ -1,0 +1,56 @@
+"""The environment variables pycusparselt reads, parsed one way everywhere.
+
+============================== =========== ===========================================================
+variable                       kind        meaning
+============================== =========== ===========================================================
+``PYCUSPARSELT_LIBRARY``       path        the cuSPARSELt shared library to load (else found by cuda-pathfinder)
+``PYCUSPARSELT_CACHE_DIR``     path        the tuning cache's directory (else the user cache directory)
+``PYCUSPARSELT_TUNING_CACHE``  flag        0 disables the tuning cache (default 1)
+``PYCUSPARSELT_FAST_CALL``     flag        0 makes product calls go through cffi's ABI mode (default 1)
+============================== =========== ===========================================================
+
+A *flag* is ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case, blanks around it
+ignored); anything else raises ``ValueError`` naming the variable, instead of being taken for either. A
+*path* has ``~`` and ``$VARS`` expanded; an empty value counts as unset.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "flag", "path", "parse_flag"]
+
+LIBRARY = "PYCUSPARSELT_LIBRARY"
+CACHE_DIR = "PYCUSPARSELT_CACHE_DIR"
+TUNING_CACHE = "PYCUSPARSELT_TUNING_CACHE"
+FAST_CALL = "PYCUSPARSELT_FAST_CALL"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_flag(name: str, value: str) -> bool:
+    """``value`` of the flag ``name`` as a bool; ValueError for anything that is not a flag value."""
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r}: expected one of {', '.join(_TRUE)} (on) or {', '.join(_FALSE)} (off)")
+
+
+def flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """The flag ``name`` from the environment; ``default`` when unset or empty."""
+    value = (os.environ if env is None else env).get(name)
+    if value is None or not value.strip():
+        return default
+    return parse_flag(name, value)
+
+
+def path(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The path ``name`` from the environment, ``~`` and ``$VARS`` expanded; None when unset or empty."""
+    value = (os.environ if env is None else env).get(name)
+    if value is None or not value.strip():
+        return None
+    return os.path.expanduser(os.path.expandvars(value.strip()))
