@@ -222,9 +222,11 @@ def test_tuning_and_its_timing_kernel_on_device_1():
     reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h, bias=bias_h), a=a_h, b=b_h, bias=bias_h)
     with cp.cuda.Device(1):
         stream = cp.cuda.Stream(non_blocking=True)
+    compressed = plan.compress(a1)
+    cp.cuda.runtime.deviceSynchronize()
     with cp.cuda.Device(1):  # the hold kernel on the second GPU, then timing there
         hold_stream(stream, 50)
-        timing = time_gpu(lambda i: plan.matmul(plan.compress(a1), b1, bias=bias1, stream=stream), repeats=3,
+        timing = time_gpu(lambda i: plan.matmul(compressed, b1, bias=bias1, stream=stream), repeats=3,
                           stream=stream, hold_us=100)
     assert timing.median_ms > 0
     plan.close()

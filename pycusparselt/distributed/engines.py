@@ -7,7 +7,8 @@ the host backend's arrays) goes through an engine the job already has, chosen fr
   made here with the ``gloo`` backend from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
   ``MASTER_PORT``), destroyed again when the group closes;
 - ``"mpi"``: mpi4py's ``COMM_WORLD``, under ``mpirun``/``mpiexec``/``srun``;
-- ``"cupyx"``: ``cupyx.distributed`` (CuPy's own NCCL backend and store) for CuPy-only jobs: the NCCL
+- ``"cupyx"``: ``cupyx.distributed`` (CuPy's own NCCL backend and store, on ``MASTER_ADDR`` and
+  ``CUPYX_DISTRIBUTED_PORT``, default 13333) for CuPy-only jobs: the NCCL
   communicator is CuPy's, and host-side messages go through NCCL;
 - ``"single"``: a job of one process, which needs none.
 
@@ -230,8 +231,8 @@ class MpiEngine(Engine):
 
 
 class CupyxEngine(Engine):
-    """CuPy's ``cupyx.distributed``: its NCCL communicator (made with its own store, at ``MASTER_ADDR`` and
-    ``MASTER_PORT``), through which host-side messages travel as bytes on the GPU."""
+    """CuPy's ``cupyx.distributed``: its NCCL communicator (made with CuPy's own store, at ``MASTER_ADDR`` and
+    ``CUPYX_DISTRIBUTED_PORT``, default 13333), through which host-side messages travel as bytes on the GPU."""
 
     name = "cupyx"
 
@@ -307,7 +308,8 @@ def make_engine(name: str = "auto", *, device: int | None = None, timeout: float
             raise ValueError("engine 'cupyx': set RANK and WORLD_SIZE (and MASTER_ADDR, MASTER_PORT) for each process")
         local = local_rank_from_env()
         local = rank if local is None else local
-        port = _integer(env, "MASTER_PORT")
+        # CuPy's store has its own port: MASTER_PORT is often taken by the launcher's store (torchrun's)
+        port = _integer(env, "CUPYX_DISTRIBUTED_PORT")
         return CupyxEngine(rank, world, local, local if device is None else device,
                            env.get("MASTER_ADDR") or "127.0.0.1", 13333 if port is None else port)
     local = local_rank_from_env()
