@@ -13,9 +13,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 __all__ = ["Timing", "hold_stream", "time_gpu", "time_gpu_interleaved"]
 
-#: One thread spins until ``ns`` nanoseconds of the GPU's global timer have passed. An elementwise kernel of one
-#: element: CuPy compiles and loads those for each device (a RawKernel raised CUDA_ERROR_INVALID_HANDLE when
-#: launched on the second GPU of a process, H200 x2, CuPy 14).
+#: One thread spins until ``ns`` nanoseconds of the GPU's global timer have passed (an elementwise kernel of one
+#: element, compiled and loaded by CuPy for each device).
 _HOLD_BODY = r"""
 if (i == 0) {
     unsigned long long start, now;
@@ -54,7 +53,7 @@ def hold_stream(stream: Any, microseconds: float) -> None:
 
     from .streams import on_stream, stream_ptr
 
-    device = cupy.cuda.runtime.getDevice()
+    device = cupy.cuda.runtime.getDevice()  # the caller makes the stream's device current
     sink = _hold_sinks.get(device)
     if sink is None:
         sink = _hold_sinks[device] = cupy.zeros(1, cupy.uint64)

@@ -297,9 +297,11 @@ def test_graph_capture_replays_the_product(cp):
             stream.synchronize()
         np.testing.assert_array_equal(out.get(), eager.get())
         p.check(out)
-        # replays read the arrays: a new bias shows up without re-capturing
+        # replays read the arrays: a new bias shows up without re-capturing (written on the graph's stream:
+        # the non-blocking stream is not ordered after the default one)
         p.bias_h = (p.bias_h * 2).astype(p.bias_h.dtype)
-        p.bias_d[...] = cp.asarray(p.bias_h)
+        with stream:
+            p.bias_d[...] = cp.asarray(p.bias_h)
         graph.launch(stream)
         stream.synchronize()
         p.check(out)
