@@ -55,7 +55,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import reference
-from .permutation import _check_permutation, invert_permutation
+from .permutation import check_permutation, invert_permutation
 
 __all__ = [
     "compute_mask",
@@ -208,7 +208,7 @@ def compute_mask(weight: Any, *, method: str = "strip", permutation: Any = None,
     if permutation is None:
         mask = _mask(host, ax, method)
     else:
-        perm = _check_permutation(permutation, host.shape[ax], "permutation")
+        perm = check_permutation(permutation, host.shape[ax], "permutation")
         permuted = _mask(np.take(host, perm, axis=ax), ax, method)
         mask = np.take(permuted, invert_permutation(perm), axis=ax)
     return restore(_from_numpy(np.ascontiguousarray(mask), xp))

@@ -62,6 +62,7 @@ __all__ = [
     "kept_magnitude",
     "apply_permutation",
     "invert_permutation",
+    "check_permutation",
     "permute_producer",
     "permute_consumer",
     "permute_pair",
@@ -89,7 +90,7 @@ def _to_host(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _check_permutation(perm: Any, n: int, what: str = "perm") -> np.ndarray:
+def check_permutation(perm: Any, n: int, what: str = "perm") -> np.ndarray:
     """``perm`` as a host int64 array, checked to be a permutation of ``range(n)``."""
     p = _to_host(perm)
     if p.ndim != 1 or p.shape[0] != n:
@@ -175,7 +176,7 @@ def invert_permutation(perm: Any) -> np.ndarray:
     p = _to_host(perm)
     if p.ndim != 1:
         raise ValueError(f"perm must be 1-D, got shape {p.shape}")
-    p = _check_permutation(p, p.shape[0])
+    p = check_permutation(p, p.shape[0])
     inv = np.empty_like(p)
     inv[p] = np.arange(p.shape[0], dtype=np.int64)
     return inv
@@ -197,7 +198,7 @@ def apply_permutation(weight: Any, perm: Any) -> Any:
         A new array of the same family: column ``j`` of the result is column ``perm[j]`` of
         ``weight``. :func:`invert_permutation` undoes it.
     """
-    p = _check_permutation(perm, weight.shape[-1])
+    p = check_permutation(perm, weight.shape[-1])
     return _take(weight, p, -1)
 
 
@@ -222,7 +223,7 @@ def kept_magnitude(weight: Any, perm: Any = None) -> float:
     xp, mag = _magnitudes(weight)
     _check_k(mag.shape[1])
     if perm is not None:
-        p = _check_permutation(perm, mag.shape[1])
+        p = check_permutation(perm, mag.shape[1])
         mag = xp.take(mag, xp.asarray(p), axis=1)
     groups = xp.sort(mag.reshape(mag.shape[0], mag.shape[1] // 4, 4), axis=-1)
     return float(groups[..., 2:].sum())
@@ -250,7 +251,7 @@ def permute_producer(weight: Any, bias: Any, perm: Any) -> tuple[Any, Any]:
     See :func:`permute_pair`: together with :func:`permute_consumer` and the same ``perm`` the
     composed network computes the same function.
     """
-    p = _check_permutation(perm, weight.shape[0])
+    p = check_permutation(perm, weight.shape[0])
     w = _take(weight, p, 0)
     b = None if bias is None else _take(bias, p, 0)
     return w, b

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "flag", "path", "parse_flag"]
+__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "flag", "path", "integer", "parse_flag"]
 
 LIBRARY = "PYCUSPARSELT_LIBRARY"
 CACHE_DIR = "PYCUSPARSELT_CACHE_DIR"
@@ -54,3 +54,15 @@ def path(name: str, env: Mapping[str, str] | None = None) -> str | None:
     if value is None or not value.strip():
         return None
     return os.path.expanduser(os.path.expandvars(value.strip()))
+
+
+def integer(name: str, default: int | None = None, env: Mapping[str, str] | None = None) -> int | None:
+    """The integer variable ``name`` (``RANK``, ``WORLD_SIZE``, a launcher's ...); ``default`` when unset or
+    empty; ValueError naming the variable for anything that is not an integer."""
+    value = (os.environ if env is None else env).get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {value!r}") from None

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .. import settings
+
 __all__ = ["Engine", "ENGINES", "choose_engine", "make_engine", "local_rank_from_env"]
 
 #: The engines, in the order ``engine="auto"`` considers them.
@@ -51,16 +53,6 @@ def _torch_initialized() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
-def _integer(env: Mapping[str, str], name: str) -> int | None:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
-
-
 def choose_engine(env: Mapping[str, str] | None = None, *, torch_initialized: bool | None = None,
                   have: Mapping[str, bool] | None = None) -> str:
     """The engine ``engine="auto"`` picks for this environment.
@@ -78,10 +70,10 @@ def choose_engine(env: Mapping[str, str] | None = None, *, torch_initialized: bo
         return "torch"
     if env.get("TORCHELASTIC_RUN_ID") and installed["torch"]:
         return "torch"
-    mpi_size = next((_integer(env, v) for v in _MPI_SIZE_VARS if env.get(v)), None)
+    mpi_size = next((settings.integer(v, env=env) for v in _MPI_SIZE_VARS if env.get(v)), None)
     if mpi_size is not None and installed["mpi4py"] and not env.get("WORLD_SIZE"):
         return "mpi"
-    world = _integer(env, "WORLD_SIZE")
+    world = settings.integer("WORLD_SIZE", env=env)
     if world is not None and world > 1:
         if installed["torch"]:
             return "torch"
@@ -103,7 +95,7 @@ def local_rank_from_env(env: Mapping[str, str] | None = None) -> int | None:
     or None when none says."""
     env = os.environ if env is None else env
     for name in _LOCAL_RANK_VARS:
-        value = _integer(env, name)
+        value = settings.integer(name, env=env)
         if value is not None:
             if value < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value}")
@@ -303,13 +295,13 @@ def make_engine(name: str = "auto", *, device: int | None = None, timeout: float
             raise ImportError("engine 'mpi' needs mpi4py and an MPI library: pip install mpi4py") from None
     env = os.environ
     if name == "cupyx":
-        rank, world = _integer(env, "RANK"), _integer(env, "WORLD_SIZE")
+        rank, world = settings.integer("RANK", env=env), settings.integer("WORLD_SIZE", env=env)
         if rank is None or world is None:
             raise ValueError("engine 'cupyx': set RANK and WORLD_SIZE (and MASTER_ADDR, MASTER_PORT) for each process")
         local = local_rank_from_env()
         local = rank if local is None else local
         # CuPy's store has its own port: MASTER_PORT is often taken by the launcher's store (torchrun's)
-        port = _integer(env, "CUPYX_DISTRIBUTED_PORT")
+        port = settings.integer("CUPYX_DISTRIBUTED_PORT", env=env)
         return CupyxEngine(rank, world, local, local if device is None else device,
                            env.get("MASTER_ADDR") or "127.0.0.1", 13333 if port is None else port)
     local = local_rank_from_env()

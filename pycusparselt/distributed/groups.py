@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from .. import settings
 from ..streams import on_stream, stream_ptr
 from .engines import Engine, choose_engine, local_rank_from_env, make_engine
 
@@ -115,15 +116,7 @@ def env_config() -> dict[str, Any]:
     ValueError naming a variable that is malformed.
     """
 
-    def integer(name: str, default: int | None) -> int | None:
-        raw = os.environ.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
-
+    integer = settings.integer
     rank, world = integer("RANK", 0), integer("WORLD_SIZE", 1)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
