@@ -811,8 +811,8 @@ class SparseLinear:
         self._tuned.add(key)
 
     def _compressed_for(self, plan: SparseMatmulPlan, wt: Any, stream: Any) -> Any:
-        """The compressed weight for ``plan``: one for every plan of the layer that runs the same configuration,
-        whatever its input rows (see :attr:`SparseMatmulPlan.compressed_key`)."""
+        """The compressed weight for ``plan`` under its configuration, made once (see
+        :attr:`SparseMatmulPlan.compressed_key`: a compressed form is never shared across dense shapes)."""
         key = plan.compressed_key
         held = self._compressed.get(key)
         if held is None or held.closed:
@@ -827,9 +827,9 @@ class SparseLinear:
 
     @property
     def compressed_nbytes(self) -> int:
-        """Bytes of the compressed weights the layer holds on the GPU (0 before its first call): one per tuned
-        configuration, shared by every input shape tuned to it; each 0.5625 of the dense FP16/BF16 weight's
-        bytes (0.625 for 8-bit types)."""
+        """Bytes of the compressed weights the layer holds on the GPU (0 before its first call): one per plan
+        (inputs of 1 to 16 rows share one) and configuration it ran; each 0.5625 of the dense FP16/BF16
+        weight's bytes (0.625 for 8-bit types)."""
         return sum(c.nbytes for c in self._compressed.values() if not c.closed)
 
     @property

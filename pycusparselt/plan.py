@@ -316,10 +316,14 @@ class SparseMatmulPlan:
         # compressed operand gave products bit-identical to each plan's own compression for other dense shapes
         # and, under compute-sanitizer, for every configuration (scripts/probe_shared_compression.py); but data
         # compressed under configuration 0 still ended a plan of another configuration with an illegal
-        # instruction (FP16 256x512, as on the H100 at 4096^3). So a compressed operand serves every plan of the
-        # same sparse matrix, types, compute type and configuration: the dense operand's shape and the
-        # epilogue may differ. See compressed_key.
+        # instruction (FP16 256x512, as on the H100 at 4096^3), and layers that shared one compressed weight
+        # between plans of different dense shapes under one configuration id ended long runs with an illegal
+        # instruction at larger sizes (H200: BERT-large FFN at 12288 rows after 3072; a 1024 -> 4096 -> 1024
+        # MLP block at 12288 tokens after 3072), which per-plan compression never did: configuration ids are
+        # numbered per problem. So a compressed operand serves plans of the same sparse matrix, types, compute
+        # type, dense and output geometry and configuration: only the epilogue may differ. See compressed_key.
         self._format = 0  # the config id the plan was initialised with
+        self._problem_key = (x_mat, y_mat)
         self.sparse_key = (device, (A if sparse == "a" else B).layout, s_mat, A.dtype, out_dt, int(compute_type))
         self._compressed_size = None  # bytes, for the current configuration
         self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
@@ -490,9 +494,10 @@ class SparseMatmulPlan:
 
     @property
     def compressed_key(self) -> tuple:
-        """What a :class:`CompressedOperand` must match to be read by this plan: :attr:`sparse_key` and the
-        configuration id the plan runs (the compressed form depends on it; not on the dense operand's shape)."""
-        return self.sparse_key + (self._format,)
+        """What a :class:`CompressedOperand` must match to be read by this plan: :attr:`sparse_key`, the dense
+        and output matrices' geometry and the configuration id the plan runs (the compressed form depends on
+        the whole problem; see the constructor's notes)."""
+        return self.sparse_key + (self._problem_key, self._format)
 
     def compressed_size(self) -> int:
         """Bytes of the compressed sparse operand under the current configuration
@@ -715,16 +720,18 @@ class SparseMatmulPlan:
         if type(compressed) is not CompressedOperand:
             got = type(compressed).__name__
             raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
-        if compressed._key[:-1] == self.sparse_key and compressed._key[-1] != self._format:
+        if compressed._key[:-1] == self.compressed_key[:-1] and compressed._key[-1] != self._format:
             raise ValueError(
                 f"{self.sparse}: this CompressedOperand was compressed for configuration {compressed._key[-1]}, "
                 f"but the plan was re-initialised with configuration {self._format} (by autotune or by setting "
                 f"config), whose compressed form differs; compress the sparse operand again with plan.compress"
             )
         if compressed._key != self.compressed_key:
+            other = "dense operand or output shape" if compressed._key[:-2] == self.sparse_key else (
+                "sparse operand (shape, layout, dtype, output or compute type, or device)")
             raise ValueError(
-                f"{self.sparse}: this CompressedOperand was made by a plan of another sparse operand (shape, layout, "
-                f"dtype, output or compute type, or device); compress the sparse operand with this plan"
+                f"{self.sparse}: this CompressedOperand was made by a plan of another {other}; compress the sparse "
+                f"operand with this plan"
             )
         if compressed.nbytes < self.compressed_size():
             raise ValueError(

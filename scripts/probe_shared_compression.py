@@ -8,8 +8,12 @@ a read past one is caught)::
 
     compute-sanitizer --error-exitcode 3 python scripts/probe_shared_compression.py --no-pool --json out.json
 
-Exit status 0 when every product matched and every size was equal. The package relies on the result: a
-CompressedOperand is accepted by every plan of the same sparse matrix (``SparseMatmulPlan.sparse_key``).
+Exit status 0 when every product matched and every size was equal (H200, 1024 x 512, rows 16 and 128: it
+did; ``benchmarks/results/probe_shared_compression_h200_2026-11-29.json``). The package no longer relies on it:
+larger problems sharing one compressed weight across dense shapes ended long runs with an illegal instruction,
+so plans now accept only operands compressed for the same dense and output geometry
+(``SparseMatmulPlan.compressed_key``) and refuse the shared operand this script passes. Run it against the
+package at commit 65b057d, which accepted it.
 """
 
 from __future__ import annotations

@@ -83,43 +83,44 @@ def test_out_of_the_wrong_shape_is_refused_on_the_prepared_path():
         gpu(x, out=cp.empty((64, 256), cp.float32))
 
 
-def test_one_compressed_weight_serves_every_batch_size():
-    """Plans of every input shape that run one configuration share one compressed weight (here the default
-    configuration everywhere: one copy, 0.5625 of the dense weight)."""
+def test_small_batches_share_one_compressed_weight_and_other_shapes_have_their_own():
+    """Inputs of 1-16 rows run on one plan and one compressed weight; each other batch size has its own plan and
+    compressed weight (sharing one across dense shapes ended long runs with an illegal instruction)."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((1024, 512)).astype(np.float16)
     layer = SparseLinear(cp.asarray(w), autotune=False)
     outs = {}
-    for rows in (1, 16, 64, 384):
+    for rows in (1, 16):
         x = rng.standard_normal((rows, 512)).astype(np.float16)
         outs[rows] = (x, cp.asnumpy(layer(cp.asarray(x))))
-    assert layer.plan_shapes == [(16, 512), (64, 512), (384, 512)]  # 1 and 16 rows share a plan
-    assert 0 < layer.compressed_nbytes <= 0.5625 * w.nbytes  # one compressed weight
+    one = layer.compressed_nbytes
+    assert 0 < one <= 0.5625 * w.nbytes + (64 << 10)  # one copy (and its read-past slack) for 1 and 16 rows
+    for rows in (64, 384):
+        x = rng.standard_normal((rows, 512)).astype(np.float16)
+        outs[rows] = (x, cp.asnumpy(layer(cp.asarray(x))))
+    assert layer.plan_shapes == [(16, 512), (64, 512), (384, 512)]
+    assert layer.compressed_nbytes == 3 * one
     fresh = SparseLinear(cp.asarray(w), autotune=False)
     for x, y in outs.values():
-        # against a layer whose plans each compress for themselves under the default configuration
         fresh.close()
         np.testing.assert_array_equal(y, cp.asnumpy(fresh(cp.asarray(x))))
 
 
-@pytest.mark.parametrize("alg", [0, 8, 16, 24, 32])
-def test_compressed_operand_shared_across_dense_shapes_under_one_configuration(alg):
+def test_a_compressed_operand_is_refused_by_plans_of_another_dense_shape_or_configuration():
     rng = np.random.default_rng(4)
     w = cp.asarray(reference.prune_2to4(rng.standard_normal((256, 512)).astype(np.float16)))
     x0 = cp.asarray(rng.standard_normal((64, 512)).astype(np.float16))
-    with psl.SparseMatmulPlan(x0, w.T, sparse="b") as first:
-        first.config = alg
-        shared = first.compress(w.T)
-        for rows in (16, 128):
-            x = cp.asarray(rng.standard_normal((rows, 512)).astype(np.float16))
-            with psl.SparseMatmulPlan(x, w.T, sparse="b") as plan:
-                plan.config = alg
-                with plan.compress(w.T) as own:
-                    np.testing.assert_array_equal(cp.asnumpy(plan.matmul(x, shared)), cp.asnumpy(plan.matmul(x, own)))
-                launch = plan.launcher(shared)
-                plan.config = alg + 1  # another configuration: the launcher refuses the old compressed form
-                with pytest.raises(ValueError, match="compress the sparse operand again"):
-                    launch(x.data.ptr, cp.empty((rows, 256), cp.float16).data.ptr, 0)
+    x1 = cp.asarray(rng.standard_normal((128, 512)).astype(np.float16))
+    with psl.SparseMatmulPlan(x0, w.T, sparse="b") as first, psl.SparseMatmulPlan(x1, w.T, sparse="b") as other:
+        compressed = first.compress(w.T)
+        with pytest.raises(ValueError, match="another dense operand or output shape; compress the sparse"):
+            other.matmul(x1, compressed)
+        with pytest.raises(ValueError, match="another dense operand or output shape"):
+            other.launcher(compressed)
+        launch = first.launcher(compressed)
+        first.config = 1  # another configuration: the launcher refuses the old compressed form
+        with pytest.raises(ValueError, match="compress the sparse operand again"):
+            launch(x0.data.ptr, cp.empty((64, 256), cp.float16).data.ptr, 0)
 
 
 # -- PyTorch in, PyTorch out ------------------------------------------------------------------------------
