@@ -18,7 +18,7 @@ import numpy as np
 __all__ = [
     "NUMPY", "CUPY", "TORCH", "DEVICE",
     "kind", "is_device", "is_torch", "array_key", "signature", "as_cupy", "to_numpy", "dtype_of", "like",
-    "as_framework", "empty", "current_stream", "torch_dtype",
+    "as_framework", "host_tensor", "empty", "current_stream", "torch_dtype",
 ]
 
 NUMPY, CUPY, TORCH, DEVICE = "numpy", "cupy", "torch", "device"
@@ -205,6 +205,17 @@ def as_framework(result: Any, framework: str, dtype: Any = None) -> Any:
         if tensor.dtype != want:
             tensor = tensor.view(want)
     return tensor
+
+
+def host_tensor(array: np.ndarray) -> Any:
+    """A NumPy array (ml_dtypes bfloat16 and FP8 included) as a PyTorch CPU tensor sharing its memory."""
+    torch = _torch()
+    special = {"bfloat16": ("int16", torch.bfloat16), "float8_e4m3fn": ("uint8", torch.float8_e4m3fn),
+               "float8_e5m2": ("uint8", torch.float8_e5m2)}.get(array.dtype.name)
+    array = np.ascontiguousarray(array)
+    if special is None:
+        return torch.from_numpy(array)
+    return torch.from_numpy(array.view(special[0])).view(special[1])
 
 
 def empty(template: Any, shape: tuple, dtype: Any, device: int, *, order: str = "C") -> Any:

@@ -187,3 +187,68 @@ def test_what_cannot_be_pruned_is_listed():
     assert "grouped" in report.skipped["2"]
     with pytest.raises(ValueError, match="method"):
         pst.prune_trained_model(model, method="random")
+
+
+# -- sparsify: the model run through SparseLinear (here on the NumPy reference; tests/test_torch_gpu.py on GPUs)
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.odd = nn.Linear(64, 128), nn.Linear(128, 32), nn.Linear(32, 6)
+        self.conv, self.conv3 = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x, img):
+        return self.odd(self.fc2(torch.relu(self.fc1(x)))), self.conv3(self.conv(img))
+
+
+def test_sparsify_replaces_what_it_can_and_lists_the_rest():
+    torch.manual_seed(0)
+    model = Small().half()
+    x, img = torch.randn(5, 64).half(), torch.randn(2, 8, 4, 4).half()
+    pst.prune_trained_model(model, permute=False)  # fc1, fc2, conv, conv3 become 2:4
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+    biases = {n: m.bias.detach().clone() for n, m in model.named_modules() if hasattr(m, "bias")}
+    report = pst.sparsify(model, "fp16", autotune=False)
+    assert set(report.replaced) == {"fc1", "fc2", "conv", "odd"}  # odd: 6 outputs are padded, 32 inputs fine
+    assert list(report.dense) == ["conv3"] and "1x1" in report.dense["conv3"]
+    y, z = model(x, img)
+    # fc1: activation-free check of one replaced layer against the reference bounds
+    h = model.fc1(x)
+    w, b = weights["fc1"].numpy(), biases["fc1"].numpy()
+    reference.assert_close(h.numpy().T, reference.matmul(w, x.numpy().T, bias=b), a=w, b=x.numpy().T, bias=b)
+    c = model.conv(img)
+    wc, bc = weights["conv"].reshape(16, 8).numpy(), biases["conv"].numpy()
+    flat = img.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    want = reference.matmul(wc, flat.T, bias=bc)
+    reference.assert_close(c.permute(0, 2, 3, 1).reshape(-1, 16).numpy().T, want, a=wc, b=flat.T, bias=bc)
+    assert y.shape == (5, 6) and z.shape == (2, 16, 4, 4)
+
+
+def test_sparsify_int8_calibrates_every_layer_on_its_own_inputs():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    pst.prune_trained_model(model, permute=False)
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(ValueError, match="calibration"):
+        pst.sparsify(model, "int8")
+    report = pst.sparsify(model, "int8", calibration=[x], autotune=False)
+    assert report.replaced == ["0", "2"]
+    with torch.no_grad():
+        got = model(x).float()
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max())  # quantization error only
+
+
+def test_the_sparse_module_compiles_whole():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).half()
+    pst.prune_trained_model(model, permute=False)
+    pst.sparsify(model, "fp16", autotune=False)
+    x = torch.randn(8, 64).half()
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), eager)
+    assert torch.equal(torch.ops.pycusparselt.linear(x, model[0].layer_id), model[0](x))

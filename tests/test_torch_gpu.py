@@ -1,0 +1,71 @@
+"""pycusparselt.torch on the GPU: a sparsified model against F.linear with the pruned weights, inside
+torch.cuda.graph capture and under torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch", reason="pycusparselt.torch needs PyTorch (the 'torch' extra)")
+if not torch.cuda.is_available():
+    pytest.skip("PyTorch sees no GPU", allow_module_level=True)
+nn = torch.nn
+
+from pycusparselt import reference  # noqa: E402
+from pycusparselt import torch as pst  # noqa: E402
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).cuda().half()
+    pst.prune_trained_model(model, permute=False)
+    return model
+
+
+@pytest.mark.parametrize("rows", [1, 16, 384])
+def test_sparsified_layers_match_the_pruned_dense_product(rows):
+    model = _mlp(0)
+    w, b = model[0].weight.detach().float().cpu().numpy(), model[0].bias.detach().float().cpu().numpy()
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
+    report = pst.sparsify(model, "fp16", autotune=False)
+    assert report.replaced == ["0", "2"]
+    with torch.no_grad():
+        h = model[0](x)
+    assert h.is_cuda and h.dtype == torch.float16 and h.shape == (rows, 512)
+    xh = x.float().cpu().numpy()
+    reference.assert_close(h.float().cpu().numpy().T.astype("float16"), reference.matmul(
+        w.astype("float16"), xh.T.astype("float16"), bias=b.astype("float16")), a=w.astype("float16"),
+        b=xh.T.astype("float16"), bias=b.astype("float16"))
+
+
+def test_graph_capture_and_compile_equal_eager():
+    model = _mlp(1)
+    pst.sparsify(model, "fp16", autotune=False)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = model(x).clone()
+        static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(static)  # the shape's first call (tuning, compression) happens outside capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(static)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        compiled = torch.compile(model, fullgraph=True)
+        assert torch.equal(compiled(x), eager)
+
+
+def test_int8_sparsified_model_on_the_gpu():
+    model = _mlp(2)
+    x = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        want = model(x).float()
+    pst.sparsify(model, "int8", calibration=[x], autotune=False)
+    with torch.no_grad():
+        got = model(x).float()
+    assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max())
