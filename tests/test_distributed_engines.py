@@ -28,11 +28,12 @@ EVERYTHING = {"torch": True, "mpi4py": True, "cupyx": True}
     ({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2"}, EVERYTHING, False, "torch"),
     ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}, EVERYTHING, False, "mpi"),
     ({"PMI_SIZE": "2", "PMI_RANK": "0"}, {**NOTHING, "mpi4py": True}, False, "mpi"),
-    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}, {**NOTHING, "mpi4py": True}, False, "mpi"),
+    ({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}, {**NOTHING, "mpi4py": True}, False, "mpi"),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, NOTHING, False, "single"),  # the batch script itself
     ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, EVERYTHING, False, "torch"),
     ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, {**NOTHING, "cupyx": True}, False, "cupyx"),
     ({"RANK": "0", "WORLD_SIZE": "1"}, NOTHING, False, "single"),
-    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, NOTHING, False, "single"),  # a one-task allocation
+    ({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, NOTHING, False, "single"),  # a one-task step
 ])
 def test_the_engine_follows_the_environment(env, have, initialized, expected):
     assert engines.choose_engine(env, torch_initialized=initialized, have=have) == expected

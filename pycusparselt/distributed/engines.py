@@ -30,8 +30,9 @@ __all__ = ["Engine", "ENGINES", "choose_engine", "make_engine", "local_rank_from
 #: The engines, in the order ``engine="auto"`` considers them.
 ENGINES = ("torch", "mpi", "cupyx", "single")
 
-# set by the MPI launchers (Open MPI, MPICH/Hydra, Intel MPI, MVAPICH, PMIx) and by Slurm's srun
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+# set by the MPI launchers (Open MPI, MPICH/Hydra, Intel MPI, MVAPICH, PMIx) and by Slurm's srun (a step's
+# task count: SLURM_NTASKS is also set for the batch script itself, which is one process)
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
 _LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
                     "PMI_LOCAL_RANK", "SLURM_LOCALID")
