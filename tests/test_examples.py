@@ -80,8 +80,8 @@ def test_tuned_graph_example():
 
 def test_every_example_is_tested():
     tested = {"reference_2to4.py", "raw_bindings_fp16.py", "bert_ffn.py", "torch_linear.py", "recipe_digits.py",
-              "int8_linear.py", "fp8_linear.py", "tuned_graph.py",
-              "tensor_parallel_mlp.py"}  # the last in test_distributed_launch.py (CPU) and test_distributed_gpu.py
+              "int8_linear.py", "fp8_linear.py", "tuned_graph.py", "torch_recipe.py",
+              "tensor_parallel_mlp.py"}  # the last in test_distributed_engines.py (CPU) and test_distributed_gpu.py
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -112,6 +112,18 @@ def test_without_a_usable_gpu_one_line_says_so(command):
         assert "init_process_group('host')" in result.stderr
     else:
         assert "the NumPy reference runs" in result.stderr
+
+
+def test_torch_recipe_example_quick():
+    pytest.importorskip("torch", reason="the example needs PyTorch")
+    pytest.importorskip("sklearn", reason="the example needs scikit-learn")
+    result = _run("torch_recipe.py", "--quick", "--markdown")
+    assert result.returncode == 0, result.stderr
+    assert "| CNN (" in result.stdout and "| transformer (" in result.stdout
+    for line in result.stdout.splitlines():
+        if line.startswith("CNN:") or line.startswith("transformer:"):
+            kept = [float(v.split()[0]) for v in line.split("kept magnitude ")[1].split(", ")]
+            assert kept[1] >= kept[0]  # permuted keeps at least what naive keeps
 
 
 def test_every_example_is_listed_in_the_docs():
