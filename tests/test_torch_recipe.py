@@ -249,6 +249,7 @@ def test_the_sparse_module_compiles_whole():
     pst.sparsify(model, "fp16", autotune=False)
     x = torch.randn(8, 64).half()
     eager = model(x)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    assert torch.equal(compiled(x), eager)
+    for backend in ("eager", "aot_eager"):  # aot_eager: traced through the operator's shape-only version
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        assert torch.equal(compiled(x), eager)
     assert torch.equal(torch.ops.pycusparselt.linear(x, model[0].layer_id), model[0](x))
