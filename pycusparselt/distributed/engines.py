@@ -298,7 +298,8 @@ def make_engine(name: str = "auto", *, device: int | None = None, timeout: float
     if name == "cupyx":
         rank, world = settings.integer("RANK", env=env), settings.integer("WORLD_SIZE", env=env)
         if rank is None or world is None:
-            raise ValueError("engine 'cupyx': set RANK and WORLD_SIZE (and MASTER_ADDR, MASTER_PORT) for each process")
+            raise ValueError("engine 'cupyx': set RANK and WORLD_SIZE (and MASTER_ADDR, CUPYX_DISTRIBUTED_PORT) for "
+                             "each process")
         local = local_rank_from_env()
         local = rank if local is None else local
         # CuPy's store has its own port: MASTER_PORT is often taken by the launcher's store (torchrun's)
