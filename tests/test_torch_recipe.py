@@ -3,6 +3,7 @@ optimizer steps and checkpoints. Runs wherever PyTorch is installed."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -253,3 +254,34 @@ def test_the_sparse_module_compiles_whole():
         compiled = torch.compile(model, fullgraph=True, backend=backend)
         assert torch.equal(compiled(x), eager)
     assert torch.equal(torch.ops.pycusparselt.linear(x, model[0].layer_id), model[0](x))
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.01),
+])
+def test_optimizer_state_is_permuted_with_the_parameters(make_opt):
+    """Training on after a permutation equals training the permuted copy of the unpermuted run: the
+    optimizer's momentum and moments move with their channels."""
+    torch.manual_seed(3)
+    model = MLP().double()
+    x, y = torch.randn(64, 32, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64)
+
+    def steps(m, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+
+    opt = make_opt(model.parameters())
+    steps(model, opt, 3)
+    twin = MLP().double()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = make_opt(twin.parameters())
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict shares the state's tensors
+    plan = pst.permute_network(model, optimizer=opt, time_budget=None)
+    assert plan.permuted
+    steps(model, opt, 2)
+    steps(twin, twin_opt, 2)
+    # the permuted network computes what the unpermuted one does, after the same training steps
+    torch.testing.assert_close(model(x), twin(x), rtol=1e-10, atol=1e-10)

@@ -255,9 +255,14 @@ def _consumer_matrix(mod: Any) -> np.ndarray:
     return w
 
 
-def permute_network(model: Any, *, time_budget: float | None = 1.0, seed: int = 0) -> PermutationPlan:
+def permute_network(model: Any, *, optimizer: Any = None, time_budget: float | None = 1.0,
+                    seed: int = 0) -> PermutationPlan:
     """Find the network's permutable channel spaces, search a permutation for each (on its consumers'
     weights, with :func:`~pycusparselt.permutation.find_permutation`) and apply it to ``model`` in place.
+
+    ``optimizer``: its per-parameter state (momentum, Adam's moments: every state tensor of a parameter's
+    shape) is permuted with the parameter, so training continues as if the channels had always been in the
+    new order.
 
     Returns the :class:`PermutationPlan`: what was permuted (with the kept magnitude before and after) and
     what was skipped, and why. The network computes the same function afterwards (up to floating-point
@@ -266,6 +271,16 @@ def permute_network(model: Any, *, time_budget: float | None = 1.0, seed: int = 
     torch = _torch()
     _, spaces = find_channel_spaces(model)
     named = dict(model.named_modules())
+    state = optimizer.state if optimizer is not None else {}
+
+    def permute(tensor: Any, index: Any, dim: int) -> None:
+        """``tensor`` and the optimizer state that belongs to it, reordered along ``dim``."""
+        index = index.to(tensor.device)
+        tensor.copy_(tensor.index_select(dim, index))
+        for value in state.get(tensor, {}).values():
+            if torch.is_tensor(value) and value.shape == tensor.shape:
+                value.copy_(value.index_select(dim, index.to(value.device)))
+
     for space in spaces:
         if space.skipped is not None:
             continue
@@ -279,16 +294,14 @@ def permute_network(model: Any, *, time_budget: float | None = 1.0, seed: int = 
         with torch.no_grad():
             for name in space.producers:
                 mod = named[name]
-                mod.weight.copy_(mod.weight[index.to(mod.weight.device)])
+                permute(mod.weight, index, 0)
                 if mod.bias is not None:
-                    mod.bias.copy_(mod.bias[index.to(mod.bias.device)])
+                    permute(mod.bias, index, 0)
             for name in space.norms:
-                mod = named[name]
                 for attr in ("weight", "bias", "running_mean", "running_var"):
-                    tensor = getattr(mod, attr, None)
+                    tensor = getattr(named[name], attr, None)
                     if tensor is not None:
-                        tensor.copy_(tensor[index.to(tensor.device)])
+                        permute(tensor, index, 0)
             for name in space.consumers:
-                mod = named[name]
-                mod.weight.copy_(mod.weight[:, index.to(mod.weight.device)])
+                permute(named[name].weight, index, 1)
     return PermutationPlan(spaces)

@@ -111,7 +111,7 @@ def prune_trained_model(
     layers = tuple(layers) if layers is not None else (torch.nn.Linear, torch.nn.Conv2d)
     report = PruneReport()
     if permute:
-        report.permutations = permute_network(model, time_budget=permutation_time_budget)
+        report.permutations = permute_network(model, optimizer=optimizer, time_budget=permutation_time_budget)
     for name, mod in model.named_modules():
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(mod, layers):
             continue
