@@ -218,39 +218,60 @@ def test_the_nccl_backend_without_cupy_says_what_to_install(monkeypatch):
 # -- jobs of several processes on the CPU, where PyTorch's launcher is installed -----------------------------
 
 
-def _torchrun(nproc: int, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _job_env(**extra: str) -> dict:
+    """The test's environment without a rank of its own, no GPU, the installed package only."""
     import os
 
-    pytest.importorskip("torch", reason="torchrun and the torch engine need PyTorch")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONSAFEPATH="1", CUDA_VISIBLE_DEVICES="")
+    env.update(PYTHONSAFEPATH="1", CUDA_VISIBLE_DEVICES="", **extra)
+    return env
+
+
+def _torchrun(nproc: int, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    pytest.importorskip("torch", reason="torchrun and the torch engine need PyTorch")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), *argv], capture_output=True, text=True, timeout=timeout, env=env)
+                           str(nproc), *argv], capture_output=True, text=True, timeout=timeout, env=_job_env())
 
 
-def test_the_example_under_torchrun_on_the_host_backend():
-    result = _torchrun(3, str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "host", "--hidden", "128",
-                       "--ffn", "512", "--tokens", "16")
+def _mpirun(nproc: int, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    import shutil
+
+    pytest.importorskip("mpi4py", reason="the mpi engine needs mpi4py")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("no MPI runtime (mpirun) on this machine")
+    env = _job_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return subprocess.run([mpirun, "-np", str(nproc), "--oversubscribe", sys.executable, "-m", "mpi4py", *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+#: Rank 1 raises while the other ranks wait at a barrier.
+_DYING_JOB = (
+    "from pycusparselt import distributed as dist\n"
+    "group = dist.init_process_group('host')\n"
+    "if group.rank == 1:\n"
+    "    raise RuntimeError('rank 1 fails on purpose')\n"
+    "group.barrier()\n"
+)
+
+
+@pytest.mark.parametrize("launch, engine", [(_torchrun, "torch"), (_mpirun, "mpi")])
+def test_the_example_in_several_processes_on_the_host_backend(launch, engine):
+    result = launch(3, str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "host", "--hidden", "128",
+                    "--ffn", "512", "--tokens", "16")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "3 rank(s), backend host, engine torch" in result.stdout
+    assert f"3 rank(s), backend host, engine {engine}" in result.stdout
     assert "agrees with the single-device block" in result.stdout
 
 
 def test_a_rank_that_dies_stops_a_host_job(tmp_path):
-    """Rank 1 raises while the others wait at a barrier: torchrun ends the job with rank 1's error, quickly,
-    and leaves no process of it behind."""
+    """torchrun ends the job with rank 1's error, quickly, and leaves no process of it behind."""
     import time
     import uuid
 
     marker = f"job_{uuid.uuid4().hex}"
     script = tmp_path / f"{marker}.py"
-    script.write_text(
-        "from pycusparselt import distributed as dist\n"
-        "group = dist.init_process_group('host')\n"
-        "if group.rank == 1:\n"
-        "    raise RuntimeError('rank 1 fails on purpose')\n"
-        "group.barrier()\n"
-    )
+    script.write_text(_DYING_JOB)
     began = time.monotonic()
     result = _torchrun(2, str(script), timeout=120)
     elapsed = time.monotonic() - began
@@ -260,40 +281,11 @@ def test_a_rank_that_dies_stops_a_host_job(tmp_path):
     assert left.stdout.strip() == "", f"processes left behind: {left.stdout}"
 
 
-def _mpirun(nproc: int, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    import os
-    import shutil
-
-    pytest.importorskip("mpi4py", reason="the mpi engine needs mpi4py")
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("no MPI runtime (mpirun) on this machine")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONSAFEPATH="1", CUDA_VISIBLE_DEVICES="", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return subprocess.run([mpirun, "-np", str(nproc), "--oversubscribe", sys.executable, "-m", "mpi4py", *argv],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def test_the_example_under_mpirun_on_the_host_backend():
-    result = _mpirun(3, str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "host", "--hidden", "128",
-                     "--ffn", "512", "--tokens", "16")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "3 rank(s), backend host, engine mpi" in result.stdout
-    assert "agrees with the single-device block" in result.stdout
-
-
 def test_a_rank_that_dies_aborts_an_mpi_job(tmp_path):
     import time
 
     script = tmp_path / "job.py"
-    script.write_text(
-        "from pycusparselt import distributed as dist\n"
-        "group = dist.init_process_group('host')\n"
-        "if group.rank == 1:\n"
-        "    raise RuntimeError('rank 1 fails on purpose')\n"
-        "group.barrier()\n"
-    )
+    script.write_text(_DYING_JOB)
     began = time.monotonic()
     result = _mpirun(2, str(script), timeout=120)
     assert result.returncode != 0 and "rank 1 fails on purpose" in result.stderr
