@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _arrays, dtypes, layer_files, quantization, reference
 from .plan import PlanConfig, SparseMatmulPlan
+from .tuning import tuning_is_safe_on
 from .streams import on_stream, stream_ptr
 
 __all__ = ["SparseLinear", "calibrate_chain", "MODES"]
@@ -793,7 +794,10 @@ class SparseLinear:
 
     def _tune(self, plan: SparseMatmulPlan, key: tuple, xq: Any, wt: Any, args: dict) -> None:
         ident = self._identity(key[2]) + (list(key[0]), key[1])
-        stored = _find_config(self._configs, ident)
+        # off device 0 only the default configuration runs (tuning.TUNING_OFF_DEVICE_0): configurations stored
+        # or tuned elsewhere are neither applied nor recorded there
+        safe = tuning_is_safe_on(plan.device)
+        stored = _find_config(self._configs, ident) if safe else None
         if stored is not None:
             try:
                 if plan.config != PlanConfig(**stored):  # re-initialising costs ~0.2 s: only on a change
@@ -807,7 +811,8 @@ class SparseLinear:
             options = dict(self._autotune) if isinstance(self._autotune, Mapping) else {}
             # on the dense weight: the tuner compresses it for each configuration it tries
             config = plan.autotune(xq, wt, **args, **options)
-            self._configs[_config_key(ident)] = dict(config._asdict())
+            if safe:
+                self._configs[_config_key(ident)] = dict(config._asdict())
         self._tuned.add(key)
 
     def _compressed_for(self, plan: SparseMatmulPlan, wt: Any, stream: Any) -> Any:

@@ -1052,7 +1052,8 @@ class SparseMatmulPlan:
             events (``warmup`` calls, then the median of ``repeats``; inputs rotated when the problem fits in
             L2), and the fastest is kept: never slower than the default or than the library's search, up to
             timing noise. ``"search"``: only ``cusparseLtMatmulSearch``; the plan is then re-initialised with
-            its choice.
+            its choice. Only on device 0 (:data:`~pycusparselt.tuning.TUNING_OFF_DEVICE_0`): elsewhere
+            ``"timed"`` keeps the default configuration and ``"search"`` raises ValueError.
         repeats, warmup : int
             Timed and untimed calls per candidate (``"timed"``).
         budget_s : float, optional
@@ -1065,11 +1066,19 @@ class SparseMatmulPlan:
 
         The candidates and their times are in :attr:`tuning_report` afterwards.
         """
+        from . import tuning
+
         if method not in ("timed", "search"):
             raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")
         if method == "search":
             import cupy
 
+            if not tuning.tuning_is_safe_on(self.device):
+                raise ValueError(
+                    f"method='search' on device {self.device}: {tuning.TUNING_OFF_DEVICE_0}; use method='timed' "
+                    f"(the default: it keeps the default configuration there), or make this GPU device 0 with "
+                    f"CUDA_VISIBLE_DEVICES"
+                )
             with cupy.cuda.Device(self.device):
                 sparse_arg = a if self.sparse == "a" else b
                 temporary = None
@@ -1087,8 +1096,6 @@ class SparseMatmulPlan:
                 self.config = self.config
             self.tuning_report = TuningReport("search", "search", self.config, ())
             return self.config
-        from . import tuning
-
         self.tuning_report = tuning.autotune(
             self, (a, b, c, alpha, beta, bias, out, stream), repeats=repeats, warmup=warmup, budget_s=budget_s,
             cache=cache,

@@ -24,7 +24,8 @@ from .tuning_cache import TuningCache, TuningCacheWarning
 if TYPE_CHECKING:
     from .plan import SparseMatmulPlan
 
-__all__ = ["PlanConfig", "Candidate", "TuningReport", "tuning_key", "autotune"]
+__all__ = ["PlanConfig", "Candidate", "TuningReport", "tuning_key", "autotune", "tuning_is_safe_on",
+           "TUNING_OFF_DEVICE_0"]
 
 # split-K factors and modes tried on the fastest algorithm ids; invalid ones are refused by the library
 # and recorded as such
@@ -174,6 +175,21 @@ def _rotation_count(plan: SparseMatmulPlan, compressed_nbytes: int) -> int:
     return 1 if total >= l2 else min(MAX_ROTATION, math.ceil(2 * l2 / total) + 1)
 
 
+#: Why configurations other than the default are tried on device 0 only (see :func:`tuning_is_safe_on`).
+TUNING_OFF_DEVICE_0 = (
+    "with cuSPARSELt 0.8.0, on device 1 of two H200s, cusparseLtMatmulSearch and cusparseLtMatmul of some "
+    "non-default configurations returned with device 0 current, and those configurations gave wrong products "
+    "and illegal memory accesses; the default configuration ran correctly"
+)
+
+
+def tuning_is_safe_on(device: int) -> bool:
+    """Whether configurations other than the library's default (and ``cusparseLtMatmulSearch``) may run for a
+    plan on ``device``: only on device 0 (:data:`TUNING_OFF_DEVICE_0`). Elsewhere the timed tuner keeps the
+    default configuration. A process that sees its one GPU as device 0 (``CUDA_VISIBLE_DEVICES``) tunes."""
+    return device == 0
+
+
 def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
     """Median GPU milliseconds per call of ``run`` over the rotating operand ``sets``.
 
@@ -217,6 +233,9 @@ def autotune(
         cache = TuningCache()
     elif cache is not False and not isinstance(cache, TuningCache):
         raise TypeError(f"cache: expected a TuningCache, True, False or None, got {type(cache).__name__}")
+    safe = tuning_is_safe_on(plan.device)
+    if not safe:  # a winner stored from device 0 of this GPU model is not for this device
+        cache = False
     began = time.perf_counter()
     a, b, c, alpha, beta, bias, out, _ = call_args  # timed on a stream of its own (below)
     sparse_arg = a if plan.sparse == "a" else b
@@ -291,18 +310,19 @@ def autotune(
 
         default = plan.default_config
         attempt(default, "default")
-        # the library's search, on a freshly initialised default plan; its choice is then timed like any other
-        # configuration (a plan the search changed in place is never used: see SparseMatmulPlan.autotune)
-        plan.config = default
-        prepare()
-        compressed = state["compressed"]
-        search_args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-        plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, state["out"], tuning_stream)
-        tried.discard(tuple(default))
-        attempt(plan.config, "search")
+        if safe:
+            # the library's search, on a freshly initialised default plan; its choice is then timed like any
+            # other configuration (a plan the search changed in place is never used: see SparseMatmulPlan.autotune)
+            plan.config = default
+            prepare()
+            compressed = state["compressed"]
+            search_args = (compressed, b) if plan.sparse == "a" else (a, compressed)
+            plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, state["out"], tuning_stream)
+            tried.discard(tuple(default))
+            attempt(plan.config, "search")
 
         def in_budget() -> bool:
-            return budget_s is None or time.perf_counter() - began < budget_s
+            return safe and (budget_s is None or time.perf_counter() - began < budget_s)
 
         for alg in range(plan.max_alg_id):
             if not in_budget():

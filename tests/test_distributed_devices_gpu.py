@@ -8,6 +8,8 @@ that need a second GPU skip, saying so, on a machine with one.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 
 import numpy as np
@@ -230,6 +232,33 @@ def test_tuning_and_its_timing_kernel_on_device_1():
                           stream=stream, hold_us=100)
     assert timing.median_ms > 0
     plan.close()
+
+
+def test_only_the_default_configuration_runs_off_device_0():
+    """Off device 0 cuSPARSELt 0.8.0 ran some configurations on the wrong device (tuning.TUNING_OFF_DEVICE_0):
+    there the timed tuner keeps the default, reads and writes no cache, and method='search' is refused; on
+    device 0 the search and the other configurations are tried."""
+    _needs_two()
+    from pycusparselt.tuning_cache import TuningCache
+
+    a_h, b_h, _ = _problem(13)
+    for device in (0, 1):
+        a, b = _on(device, a_h, b_h)
+        with psl.SparseMatmulPlan(a, b) as plan, tempfile.TemporaryDirectory() as where:
+            cache = TuningCache(where, enabled=True)
+            plan.autotune(a, b, budget_s=0.2, cache=cache)
+            sources = {c.source for c in plan.tuning_report.candidates}
+            if device:
+                assert sources == {"default"} and plan.config == plan.default_config
+                assert not os.listdir(where)
+                with pytest.raises(ValueError, match="method='search' on device 1.*CUDA_VISIBLE_DEVICES"):
+                    plan.autotune(a, b, method="search")
+            else:
+                assert {"default", "search", "alg"} <= sources and os.listdir(where)
+                plan.autotune(a, b, method="search")
+            d = plan.matmul(plan.compress(a), b)
+            assert d.device.id == device and cp.cuda.Device().id == 0
+            reference.assert_close(cp.asnumpy(d), reference.matmul(a_h, b_h), a=a_h, b=b_h)
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8", "fp8"])

@@ -998,24 +998,6 @@ def test_compressed_operand_shared_by_compatible_plans(cp):
         _check(d, case, p.a_h, p.b_h, None, alpha=1.0, bias=None)
 
 
-def test_compressed_operand_serves_plans_of_other_dense_shapes(cp):
-    """One compressed operand, read by plans whose dense operand has other shapes (padded ones too), gives
-    each plan's own product bit for bit; a plan of another sparse matrix refuses it before any C call."""
-    rng = np.random.default_rng(11)
-    a_h = reference.prune_2to4(rng.standard_normal((64, 64)).astype(np.float16))
-    a = cp.asarray(a_h)
-    with psl.SparseMatmulPlan(a, cp.zeros((64, 8), cp.float16)) as first:
-        comp = first.compress(a)
-        for n in (16, 40, 5):
-            b = cp.asarray(rng.standard_normal((64, n)).astype(np.float16))
-            with psl.SparseMatmulPlan(a, b) as plan, plan.compress(a) as own:
-                np.testing.assert_array_equal(_host(plan.matmul(comp, b)), _host(plan.matmul(own, b)))
-        other = cp.asarray(reference.prune_2to4(rng.standard_normal((64, 128)).astype(np.float16)))
-        with psl.SparseMatmulPlan(other, cp.zeros((128, 8), cp.float16)) as plan:
-            with pytest.raises(ValueError, match="another sparse operand"):
-                plan.matmul(comp, cp.zeros((128, 8), cp.float16))
-
-
 def test_batched_compressed_operand_shared_by_a_twin_plan(cp):
     rng = np.random.default_rng(12)
     a_h = reference.prune_2to4(rng.standard_normal((2, 64, 64)).astype(np.float16))
