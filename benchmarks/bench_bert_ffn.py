@@ -59,7 +59,7 @@ class Stack:
         import cupy as cp
 
         import pycusparselt as psl
-        from pycusparselt import quantization
+        from pycusparselt.nn import quantization
 
         self.cp, self.psl, self.q = cp, psl, quantization
         self.tune_options = {"budget_s": tune_budget}
@@ -91,7 +91,7 @@ class Stack:
     def build(self, calibration: Any) -> None:
         """Sparse layers for every mode, calibrated on ``calibration`` (tokens, hidden) float16; dense INT8 weights."""
         cp, psl, q = self.cp, self.psl, self.q
-        from pycusparselt.linear import calibrate_chain
+        from pycusparselt.nn.linear import calibrate_chain
 
         for blk in self.blocks:
             w1, b1, w2, b2 = blk["w1"], blk["b1"], blk["w2"], blk["b2"]
@@ -193,7 +193,7 @@ class Stack:
         for the GEMMs and the same fused kernels as :meth:`dense_int8`, run on PyTorch's current stream."""
         import torch
 
-        from pycusparselt.streams import on_stream
+        from pycusparselt._native.streams import on_stream
 
         cp = self.cp
         with on_stream(torch.cuda.current_stream().cuda_stream):

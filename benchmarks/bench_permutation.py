@@ -1,4 +1,4 @@
-"""Quality and speed of the channel permutation search (pycusparselt.permutation.find_permutation).
+"""Quality and speed of the channel permutation search (pycusparselt.nn.permutation.find_permutation).
 
 Usage::
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pycusparselt import permutation
+from pycusparselt.nn import permutation
 
 FAMILIES = {
     "gaussian": lambda rng, shape: rng.standard_normal(shape),

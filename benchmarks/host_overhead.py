@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.rounds}")
 
     from pycusparselt.bench import environment
-    from pycusparselt.devices import gpu_unavailable_reason
+    from pycusparselt._native.devices import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from pycusparselt.devices import exit_without_gpu
+from pycusparselt._native.devices import exit_without_gpu
 
 exit_without_gpu("examples/bert_ffn.py")  # one line instead of a CUDA traceback where no GPU is usable
 

@@ -18,13 +18,13 @@ import argparse
 import numpy as np
 
 from pycusparselt import SparseLinear
-from pycusparselt.linear import calibrate_chain
+from pycusparselt.nn.linear import calibrate_chain
 
 
 def array_module(cpu: bool):
     """CuPy where a GPU of SM 8.9+ is usable (and not --cpu), else NumPy."""
     if not cpu:
-        from pycusparselt.devices import gpu_unavailable_reason
+        from pycusparselt._native.devices import gpu_unavailable_reason
 
         reason = gpu_unavailable_reason()
         if reason is None:

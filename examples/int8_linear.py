@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from pycusparselt import SparseLinear, reference
-from pycusparselt.linear import calibrate_chain
+from pycusparselt.nn.linear import calibrate_chain
 
 
 def array_module(cpu: bool):
     """CuPy where a GPU is usable (and not --cpu), else NumPy."""
     if not cpu:
-        from pycusparselt.devices import gpu_unavailable_reason
+        from pycusparselt._native.devices import gpu_unavailable_reason
 
         reason = gpu_unavailable_reason()
         if reason is None:

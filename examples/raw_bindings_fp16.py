@@ -3,7 +3,7 @@
 Needs a GPU of SM 8.0+, CuPy and cuSPARSELt: ``python examples/raw_bindings_fp16.py``.
 """
 
-from pycusparselt.devices import exit_without_gpu
+from pycusparselt._native.devices import exit_without_gpu
 
 exit_without_gpu("examples/raw_bindings_fp16.py")  # one line instead of a CUDA traceback where no GPU is usable
 

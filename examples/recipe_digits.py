@@ -1,8 +1,8 @@
 """The three-step 2:4 recipe on scikit-learn's digits, with and without channel permutations.
 
 1. Train a small dense MLP (64 -> 256 -> 128 -> 10, ReLU, softmax cross-entropy, Adam; NumPy only).
-2. Prune every weight 2:4 along its inputs (pycusparselt.masks), optionally after channel
-   permutations (pycusparselt.permutation) applied so that the dense network is unchanged.
+2. Prune every weight 2:4 along its inputs (pycusparselt.nn.masks), optionally after channel
+   permutations (pycusparselt.nn.permutation) applied so that the dense network is unchanged.
 3. Retrain with the masks fixed: the same training procedure and hyper-parameters again.
 
 It prints the test accuracy after each step, for plain and permuted pruning, and runs the final
@@ -19,7 +19,9 @@ import time
 import numpy as np
 from sklearn.datasets import load_digits
 
-from pycusparselt import masks, permutation, reference
+from pycusparselt import reference
+from pycusparselt.nn import masks
+from pycusparselt.nn import permutation
 
 LAYERS = (64, 256, 128, 10)
 EPOCHS = 40

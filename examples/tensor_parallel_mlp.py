@@ -23,7 +23,7 @@ import numpy as np
 
 import pycusparselt as psl
 from pycusparselt import distributed as dist
-from pycusparselt.devices import gpu_unavailable_reason
+from pycusparselt._native.devices import gpu_unavailable_reason
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 

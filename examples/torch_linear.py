@@ -9,7 +9,7 @@ Needs PyTorch with a GPU: ``python examples/torch_linear.py``.
 import torch
 
 import pycusparselt as psl
-from pycusparselt import masks
+from pycusparselt.nn import masks
 
 torch.manual_seed(0)
 linear = torch.nn.Linear(1024, 4096).cuda().half()

@@ -6,11 +6,11 @@ Importing the package loads nothing native: the library is found and loaded on f
 
 - :mod:`pycusparselt.bindings`: one checked wrapper per C function; :mod:`pycusparselt.enums`: the
   header's enumerations; :mod:`pycusparselt.errors`: the exceptions.
-- :class:`SparseMatmulPlan` (:mod:`pycusparselt.plan`): persistent GEMMs on device arrays; :func:`matmul`
-  (:mod:`pycusparselt.oneshot`): one-shot products through a cache of plans.
-- :class:`SparseLinear` (:mod:`pycusparselt.linear`): an inference layer with a 2:4 weight, in FP16, BF16,
-  INT8 or FP8; :mod:`pycusparselt.quantization`: quantized values, scales and calibration.
-- :func:`capture` (:mod:`pycusparselt.graphs`): a whole network of layers and CuPy / PyTorch operations as
+- :class:`SparseMatmulPlan` (:mod:`pycusparselt.gemm.plan`): persistent GEMMs on device arrays; :func:`matmul`
+  (:mod:`pycusparselt.gemm.oneshot`): one-shot products through a cache of plans.
+- :class:`SparseLinear` (:mod:`pycusparselt.nn.linear`): an inference layer with a 2:4 weight, in FP16, BF16,
+  INT8 or FP8; :mod:`pycusparselt.nn.quantization`: quantized values, scales and calibration.
+- :func:`capture` (:mod:`pycusparselt.gemm.graphs`): a whole network of layers and CuPy / PyTorch operations as
   one CUDA graph. :mod:`pycusparselt._arrays` is the one module that tells NumPy, CuPy, PyTorch and DLPack
   arrays apart and answers in the caller's framework.
 - :mod:`pycusparselt.distributed` (imported on demand): tensor-parallel SparseLinear layers over NCCL and
@@ -20,13 +20,13 @@ Importing the package loads nothing native: the library is found and loaded on f
 
 from __future__ import annotations
 
-from . import enums, errors
-from ._library import ENV_VAR, MIN_VERSION, library_path, library_version
-from .devices import require_gpu
-from .graphs import CapturedGraph, capture
-from .linear import SparseLinear
-from .oneshot import clear_plan_cache, matmul, plan_cache_info
-from .plan import CompressedOperand, PlanConfig, SparseMatmulPlan
+from . import _moved, enums, errors
+from ._native.library import ENV_VAR, MIN_VERSION, library_path, library_version
+from ._native.devices import require_gpu
+from .gemm.graphs import CapturedGraph, capture
+from .nn.linear import SparseLinear
+from .gemm.oneshot import clear_plan_cache, matmul, plan_cache_info
+from .gemm.plan import CompressedOperand, PlanConfig, SparseMatmulPlan
 from .errors import (
     ClosedError,
     CuSparseLtError,
@@ -39,6 +39,8 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+_moved.install()  # the old import paths of the modules that moved into the layer folders
 
 __all__ = [
     "__version__",

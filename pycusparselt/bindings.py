@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from . import _library
-from ._ffi import ffi
+from ._native import library as _library
+from ._native.ffi import ffi
 from .enums import (
     ComputeType,
     DataType,
@@ -724,7 +724,7 @@ def matmul(
 
 def _compiled_matmul() -> tuple[Any, str]:
     """(the compiled module's call-through-an-address function or None, a description of the path)."""
-    from . import settings
+    from ._native import settings
 
     if not settings.flag(settings.FAST_CALL, True):
         return None, f"abi ({settings.FAST_CALL} is off)"

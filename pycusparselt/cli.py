@@ -36,9 +36,10 @@ def _cupy_version() -> str:
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
-    from . import __version__, bindings
-    from ._library import load
-    from .devices import cuda_devices
+    from . import __version__
+    from . import bindings
+    from ._native.library import load
+    from ._native.devices import cuda_devices
     from .errors import LibraryNotFoundError
 
     print(f"pycusparselt {__version__} on Python {platform.python_version()} ({platform.machine()})")
@@ -93,7 +94,7 @@ def _demo_gpu(m: int, n: int, k: int) -> np.ndarray:
 
     from . import bindings as b
     from .enums import ComputeType, DataType, MatmulDescAttribute, Operation, Order, PruneAlg
-    from .plan import COMPRESSED_SLACK
+    from .gemm.plan import COMPRESSED_SLACK
 
     a_host, b_host = _demo_inputs(m, n, k, np.float16)
     a_dev, b_dev = cp.asarray(a_host), cp.asarray(b_host)
@@ -157,12 +158,12 @@ def _demo_gpu(m: int, n: int, k: int) -> np.ndarray:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .devices import gpu_unavailable_reason
+    from ._native.devices import gpu_unavailable_reason
 
     m, n, k = args.m, args.n, args.k
     reason = None if args.path == "reference" else gpu_unavailable_reason()
     if args.path == "gpu" and reason:
-        from .devices import WITHOUT_GPU
+        from ._native.devices import WITHOUT_GPU
 
         print(f"demo --path gpu: no usable GPU: {reason}; {WITHOUT_GPU}", file=sys.stderr)
         return 1
@@ -171,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Running the 2:4 sparse GEMM D = A @ B ({m}x{k} @ {k}x{n}) on the NumPy reference ({why}).")
         result = _demo_reference(m, n, k)
     else:
-        from ._library import load
+        from ._native.library import load
 
         version = ".".join(map(str, load().version))
         print(f"Running the 2:4 sparse GEMM D = A @ B ({m}x{k} @ {k}x{n}) on the GPU through cuSPARSELt {version}.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from ._ffi import ffi
+from ._native.ffi import ffi
 
 __all__ = [
     "Status",

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pycusparselt import SparseLinear, masks, reference
-from pycusparselt.linear import calibrate_chain
+from pycusparselt import SparseLinear, reference
+from pycusparselt.nn import masks
+from pycusparselt.nn.linear import calibrate_chain
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIBRATION = 512

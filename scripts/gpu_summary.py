@@ -72,7 +72,7 @@ def main(outdir: str) -> int:
         summary["device"] = f"unavailable: {exc}"
     try:
         import pycusparselt
-        from pycusparselt._library import load
+        from pycusparselt._native.library import load
 
         loaded = load()
         summary["cusparselt"] = ".".join(map(str, loaded.version))

@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 import pycusparselt as psl
-from pycusparselt.timing import time_gpu
+from pycusparselt.tuning.timing import time_gpu
 
 CASES = [("float16", 4096, 4096, 4096), ("float16", 16384, 1024, 4096), ("e4m3", 4096, 4096, 4096),
          ("int8", 2048, 11008, 4096), ("float16", 128, 4096, 4096)]

@@ -18,7 +18,7 @@ settings.load_profile(os.environ.get("PYCUSPARSELT_HYPOTHESIS_PROFILE", "ci"))
 
 @functools.lru_cache(maxsize=1)
 def _gpu_skip_reason() -> str | None:
-    from pycusparselt.devices import gpu_unavailable_reason
+    from pycusparselt._native.devices import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
 

@@ -81,7 +81,7 @@ def test_cli_rejects_bad_options(capsys):
 
 
 def test_cli_without_gpu_says_why(capsys):
-    from pycusparselt.devices import gpu_unavailable_reason
+    from pycusparselt._native.devices import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is None:
@@ -600,7 +600,7 @@ def test_isolated_run_stops_at_the_time_limit(tmp_path, monkeypatch):
 
 
 def test_slow_columns_are_timed_fewer_times(monkeypatch):
-    from pycusparselt import timing
+    from pycusparselt.tuning import timing
 
     asked = []
 
@@ -653,7 +653,7 @@ class _FakeGpu:
 
 
 def test_time_gpu_interleaved_rotates_the_first_column(monkeypatch):
-    from pycusparselt import timing
+    from pycusparselt.tuning import timing
 
     gpu = _FakeGpu()
     monkeypatch.setitem(sys.modules, "cupy", gpu)
@@ -690,7 +690,7 @@ def test_time_gpu_interleaved_rotates_the_first_column(monkeypatch):
 
 
 def test_time_gpu_holds_the_stream_once_before_the_first_sample(monkeypatch):
-    from pycusparselt import timing
+    from pycusparselt.tuning import timing
 
     gpu = _FakeGpu()
     monkeypatch.setitem(sys.modules, "cupy", gpu)
@@ -762,7 +762,7 @@ class _FakePlan:
 
 def _ours_runner(monkeypatch, fail=None, skip=None):
     """A runner on fakes for ``_Runner._ours``: returns (runner, record, data, default plan, log, events)."""
-    from pycusparselt import plan as plan_module
+    from pycusparselt.gemm import plan as plan_module
 
     gpu = _FakeGpu()
     monkeypatch.setitem(sys.modules, "cupy", gpu)

@@ -10,7 +10,7 @@ import pytest
 
 from pycusparselt import bindings as b
 from pycusparselt import enums
-from pycusparselt._ffi import ffi
+from pycusparselt._native.ffi import ffi
 from pycusparselt.errors import ClosedError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +222,7 @@ def test_device_pointer_scalar_is_passed_as_address():
 
 def test_source_checkout_fallback_declares_the_same_api():
     """Run from an unbuilt checkout, the declarations are parsed from build_ffi.py: same types, same values."""
-    from pycusparselt import _ffi
+    from pycusparselt._native import ffi as _ffi
 
     inline = _ffi._from_source_checkout(ROOT / "build_ffi.py")
     for ctype in ENUM_TYPES.values():

@@ -17,7 +17,7 @@ import pytest
 
 import pycusparselt as psl
 from pycusparselt import bindings, reference
-from pycusparselt._handles import Handle, handle_for_device
+from pycusparselt._native.handles import Handle, handle_for_device
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -212,7 +212,7 @@ def _assert_on_1(*arrays):
 
 def test_tuning_and_its_timing_kernel_on_device_1():
     _needs_two()
-    from pycusparselt.timing import hold_stream, time_gpu
+    from pycusparselt.tuning.timing import hold_stream, time_gpu
 
     a_h, b_h, bias_h = _problem(11)
     a1, b1, bias1 = _on(1, a_h, b_h, bias_h)
@@ -239,7 +239,7 @@ def test_only_the_default_configuration_runs_off_device_0():
     there the timed tuner keeps the default, reads and writes no cache, and method='search' is refused; on
     device 0 the search and the other configurations are tried."""
     _needs_two()
-    from pycusparselt.tuning_cache import TuningCache
+    from pycusparselt.tuning.cache import TuningCache
 
     a_h, b_h, _ = _problem(13)
     for device in (0, 1):

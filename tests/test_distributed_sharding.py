@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pycusparselt import SparseLinear, dtypes, reference
+from pycusparselt import SparseLinear, reference
+from pycusparselt.gemm import dtypes
 from pycusparselt import distributed as dist
 from pycusparselt.distributed import sharding
 

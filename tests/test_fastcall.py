@@ -14,7 +14,7 @@ import pytest
 from test_bindings import build_ffi  # build_ffi.py, loaded from the checkout
 
 from pycusparselt import bindings as b
-from pycusparselt._ffi import ffi
+from pycusparselt._native.ffi import ffi
 from pycusparselt.errors import CuSparseLtError
 
 #: Made-up device addresses in these tests are below this; host buffers from ffi.new are above it.

@@ -63,7 +63,7 @@ def test_raw_sequence_fp16(raw):
     from pycusparselt import bindings as b
     from pycusparselt import library_version
     from pycusparselt.enums import MatmulAlgAttribute, MatmulDescAttribute, PruneAlg
-    from pycusparselt.plan import COMPRESSED_SLACK
+    from pycusparselt.gemm.plan import COMPRESSED_SLACK
 
     h, desc, plan = raw["handle"], raw["desc"], raw["plan"]
     major, minor, patch = library_version()

@@ -185,7 +185,7 @@ def test_cuda_types_match_the_cuda_headers():
 
 def test_every_declared_function_is_exported_by_the_library():
     """The loaded library resolves every function we declare (it loads without a GPU)."""
-    from pycusparselt import _library
+    from pycusparselt._native import library as _library
     from pycusparselt.errors import LibraryNotFoundError
 
     try:
@@ -236,7 +236,7 @@ def test_compiled_check_against_the_header(header_dir, tmp_path):
         pytest.fail(f"the cdef does not compile against the real header: {exc}")
     import ctypes
 
-    from pycusparselt import _library
+    from pycusparselt._native import library as _library
 
     # The extension is not linked against libcusparseLt: make its symbols global before importing it.
     ctypes.CDLL(_library.load().path, mode=ctypes.RTLD_GLOBAL)

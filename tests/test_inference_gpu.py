@@ -8,7 +8,7 @@ import pytest
 
 import pycusparselt as psl
 from pycusparselt import SparseLinear, reference
-from pycusparselt.linear import calibrate_chain
+from pycusparselt.nn.linear import calibrate_chain
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")

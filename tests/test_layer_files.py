@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import pycusparselt as psl
-from pycusparselt import SparseLinear, devices, layer_files
+from pycusparselt import SparseLinear
+from pycusparselt._native import devices
+from pycusparselt.nn import layer_files
 from pycusparselt.errors import LayerFileError
 
 

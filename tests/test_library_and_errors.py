@@ -11,7 +11,8 @@ import threading
 import pytest
 
 import pycusparselt
-from pycusparselt import _library, bindings, errors
+from pycusparselt import bindings, errors
+from pycusparselt._native import library as _library
 from pycusparselt.enums import Status
 
 
@@ -150,7 +151,7 @@ def test_load_is_once_and_thread_safe(fresh_loader, monkeypatch):
 
 def test_init_without_gpu_raises_not_initialized_with_hint():
     _library_or_skip()
-    from pycusparselt.devices import cuda_devices
+    from pycusparselt._native.devices import cuda_devices
 
     devices, _ = cuda_devices()
     if devices:
@@ -226,7 +227,7 @@ def test_cli_info():
     assert result.returncode == 0, result.stderr
     assert "pycusparselt" in result.stdout and "cffi" in result.stdout and "NumPy" in result.stdout
     assert "cuSPARSELt" in result.stdout
-    from pycusparselt.devices import cuda_devices
+    from pycusparselt._native.devices import cuda_devices
 
     devices, reason = cuda_devices()
     if devices:
@@ -245,7 +246,7 @@ def test_cli_demo_reference_path():
 def test_cli_demo_auto_says_which_path():
     result = _run_cli("demo", "-m", "64", "-n", "64", "-k", "64")
     assert result.returncode == 0, result.stderr
-    from pycusparselt.devices import gpu_unavailable_reason
+    from pycusparselt._native.devices import gpu_unavailable_reason
 
     if gpu_unavailable_reason() is None:
         assert "on the GPU through cuSPARSELt" in result.stdout

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import pycusparselt as psl
-from pycusparselt import SparseLinear, quantization, reference
-from pycusparselt.linear import _find_config, calibrate_chain
+from pycusparselt import SparseLinear, reference
+from pycusparselt.nn import quantization
+from pycusparselt.nn.linear import _find_config, calibrate_chain
 
 
 def _int_data(rng, shape, lo=-4, hi=4, dtype=np.float16):

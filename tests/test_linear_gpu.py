@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pycusparselt import SparseLinear, SparseMatmulPlan, reference
-from pycusparselt.linear import calibrate_chain
+from pycusparselt.nn.linear import calibrate_chain
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -127,7 +127,7 @@ def test_gelu_on_a_float16_device_layer():
 
 def _gelu_host(z, dtype):
     """The layer's float32 GELU on the host (CuPy's exp may differ from NumPy's by an ulp of float32)."""
-    from pycusparselt.linear import _gelu32
+    from pycusparselt.nn.linear import _gelu32
 
     return _gelu32(z.astype(np.float32), np).astype(dtype)
 

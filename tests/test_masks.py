@@ -1,4 +1,4 @@
-"""Mask tools for the three-step recipe (pycusparselt.masks): the reference's masks on every array
+"""Mask tools for the three-step recipe (pycusparselt.nn.masks): the reference's masks on every array
 family, masks through a permutation, and masks that stay enforced across training updates."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pycusparselt import masks as M
-from pycusparselt import permutation as P
+from pycusparselt.nn import masks as M
+from pycusparselt.nn import permutation as P
 from pycusparselt import reference as ref
 
 

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pycusparselt.operands import COL, ROW, as_operand
+from pycusparselt.gemm.operands import COL, ROW, as_operand
 
 
 class FakeDeviceArray:

@@ -1,4 +1,4 @@
-"""Channel permutation search (pycusparselt.permutation): validity, monotonicity, determinism, the
+"""Channel permutation search (pycusparselt.nn.permutation): validity, monotonicity, determinism, the
 seed's example, and the network-function invariance of the producer/consumer helpers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pycusparselt import permutation as P
+from pycusparselt.nn import permutation as P
 from pycusparselt import reference as ref
 
 # The seed's slide shows the example matrix *after* the permutation that swaps input channels 2 and

@@ -23,7 +23,7 @@ import pycusparselt as psl
 @pytest.fixture(autouse=True)
 def no_device(monkeypatch):
     """Validation must not need CuPy, a GPU or libcusparseLt: make each of them unreachable."""
-    from pycusparselt import _library
+    from pycusparselt._native import library as _library
 
     def no_library(*args, **kwargs):
         raise AssertionError("libcusparseLt was loaded before the arguments were validated")
@@ -320,7 +320,7 @@ def test_valid_arguments_pass_validation_and_only_then_need_the_gpu(name):
 
 def test_the_fixture_blocks_cupy_and_the_library():
     """Guards the guard: with the fixture active, neither CuPy nor the library can be reached."""
-    from pycusparselt import _library
+    from pycusparselt._native import library as _library
 
     with pytest.raises(ImportError):
         import cupy  # noqa: F401

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pycusparselt import SparseMatmulPlan, reference
-from pycusparselt import quantization as q
+from pycusparselt.nn import quantization as q
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from pycusparselt.tuning_cache import FORMAT_VERSION, TuningCache, TuningCacheWarning, default_cache_dir
+from pycusparselt.tuning.cache import FORMAT_VERSION, TuningCache, TuningCacheWarning, default_cache_dir
 
 KEY = {"gpu": "NVIDIA H100 80GB HBM3", "cc": "9.0", "cusparselt": "0.8.0",
        "problem": {"a": [[4096, 4096], "float16", "row"], "b": [[4096, 1024], "float16", "col"], "sparse": "a"}}
@@ -36,7 +36,7 @@ def test_a_new_cache_object_reads_what_another_wrote(tmp_path):
 
 _WRITER = """
 import sys
-from pycusparselt.tuning_cache import TuningCache
+from pycusparselt.tuning.cache import TuningCache
 key, value, directory, worker = eval(sys.argv[1]), eval(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cache = TuningCache(directory, enabled=True)
 for i in range(50):
@@ -151,7 +151,7 @@ def test_an_entry_linked_to_a_fifo_or_a_device_is_not_read(tmp_path):
 
 
 def test_an_oversized_entry_is_not_read(tmp_path):
-    from pycusparselt.tuning_cache import MAX_ENTRY_BYTES
+    from pycusparselt.tuning.cache import MAX_ENTRY_BYTES
 
     cache = TuningCache(tmp_path, enabled=True)
     cache.path_for(KEY).write_bytes(b" " * (MAX_ENTRY_BYTES + 1))
@@ -181,7 +181,7 @@ def test_flag_values(monkeypatch, tmp_path, value, enabled):
 @pytest.mark.parametrize("name, value", [("PYCUSPARSELT_TUNING_CACHE", "disabled"),
                                          ("PYCUSPARSELT_FAST_CALL", "nope")])
 def test_values_that_are_not_flags_are_refused(monkeypatch, tmp_path, name, value):
-    from pycusparselt import settings
+    from pycusparselt._native import settings
 
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"{name}='{value}': expected one of"):

@@ -14,7 +14,7 @@ import pytest
 from test_plan_gpu import F16, I8, I32, RELU, Case, Problem, _ids
 
 import pycusparselt as psl
-from pycusparselt.tuning_cache import TuningCache, TuningCacheWarning
+from pycusparselt.tuning.cache import TuningCache, TuningCacheWarning
 
 pytestmark = pytest.mark.gpu
 
@@ -125,7 +125,7 @@ _SECOND_PROCESS = textwrap.dedent(
     import json, sys
     import cupy as cp
     import pycusparselt as psl
-    from pycusparselt.tuning_cache import TuningCache
+    from pycusparselt.tuning.cache import TuningCache
 
     a = cp.random.standard_normal((128, 256), dtype=cp.float32).astype(cp.float16)
     b = cp.asfortranarray(cp.random.standard_normal((256, 192), dtype=cp.float32).astype(cp.float16))
@@ -197,7 +197,7 @@ def test_compressed_buffers_leave_room_for_the_kernels_reads(cp):
     """cuSPARSELt's SM 9.0 kernels read past the compressed size (compute-sanitizer, padded FP16 33x50x70):
     every compressed buffer, the tuner's copies included, is allocated with COMPRESSED_SLACK bytes more."""
     from pycusparselt import tuning
-    from pycusparselt.plan import COMPRESSED_SLACK
+    from pycusparselt.gemm.plan import COMPRESSED_SLACK
 
     with Problem(cp, Case(F16, F16, m=33, n=50, k=70)) as p:
         assert p.comp._buffer.base.nbytes == p.comp.nbytes + COMPRESSED_SLACK
@@ -215,7 +215,7 @@ def test_held_timing_measures_the_gpu_not_the_host(cp):
     GPU's with it (the tuner's case for small GEMMs)."""
     import time
 
-    from pycusparselt.timing import hold_stream, time_gpu
+    from pycusparselt.tuning.timing import hold_stream, time_gpu
 
     stream = cp.cuda.Stream(non_blocking=True)
     start, stop = cp.cuda.Event(), cp.cuda.Event()

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .. import settings
+from .._native import settings
 
 __all__ = ["Engine", "ENGINES", "choose_engine", "make_engine", "local_rank_from_env"]
 

@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from .. import settings
-from ..streams import on_stream, stream_ptr
+from .._native import settings
+from .._native.streams import on_stream, stream_ptr
 from .engines import Engine, choose_engine, local_rank_from_env, make_engine
 
 __all__ = ["Group", "NcclGroup", "HostGroup", "init_process_group", "load_nccl", "env_config", "as_list"]
@@ -494,7 +494,7 @@ def init_process_group(backend: str = "nccl", *, engine: str = "auto", device: i
         raise ValueError("backend 'host': the cupyx engine runs on GPUs; use the torch or mpi engine")
     nccl = None
     if backend == "nccl":
-        from ..devices import gpu_unavailable_reason
+        from .._native.devices import gpu_unavailable_reason
 
         reason = gpu_unavailable_reason()
         if reason is not None:

@@ -9,7 +9,7 @@
 - :class:`ParallelSparseMLP` chains the two (``fc2(act(fc1(x)))``): the hidden features stay sharded between
   them, so the block needs one all-reduce.
 
-Each shard is a :class:`~pycusparselt.linear.SparseLinear` built from its slice of the full weight with the
+Each shard is a :class:`~pycusparselt.nn.linear.SparseLinear` built from its slice of the full weight with the
 layer's keyword arguments (activation, pruning, autotuning, and whatever modes SparseLinear offers), on its
 rank's device; with a host group it runs on the NumPy reference.
 """
@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from ..linear import SparseLinear
+from ..nn.linear import SparseLinear
 from . import sharding
-from ..streams import on_stream, stream_ptr
+from .._native.streams import on_stream, stream_ptr
 from .groups import Group, as_list
 
 __all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSparseMLP"]
@@ -205,7 +205,7 @@ class ColumnParallelSparseLinear(_ParallelLinear):
         weight's type (``multiple=`` overrides the granularity).
     multiple : int, optional
     **layer_kwargs
-        Passed to every shard's :class:`~pycusparselt.linear.SparseLinear`: ``activation``, ``prune``,
+        Passed to every shard's :class:`~pycusparselt.nn.linear.SparseLinear`: ``activation``, ``prune``,
         ``permutation``, ``autotune``, ``relu_*``, ``mode`` and its options. With a mode, shards fall on
         multiples of :data:`~.sharding.ALIGNED_MULTIPLE` (aligned for 8-bit types too). Per-channel weight
         scales (the INT8 default, ``weight_granularity="channel"`` for FP8) are per output row, so each shard
@@ -216,7 +216,7 @@ class ColumnParallelSparseLinear(_ParallelLinear):
     bounds : tuple of (start, stop)
         Every rank's output features.
     shards : dict
-        The :class:`~pycusparselt.linear.SparseLinear` of each local rank.
+        The :class:`~pycusparselt.nn.linear.SparseLinear` of each local rank.
     """
 
     def __init__(
@@ -302,10 +302,10 @@ class RowParallelSparseLinear(_ParallelLinear):
         split on :func:`~.sharding.aligned_multiple` (``multiple=`` overrides it; a multiple of 4).
     multiple : int, optional
     **layer_kwargs
-        Passed to every shard's :class:`~pycusparselt.linear.SparseLinear` (``prune``, ``autotune``, modes).
+        Passed to every shard's :class:`~pycusparselt.nn.linear.SparseLinear` (``prune``, ``autotune``, modes).
         ``activation`` is refused (it acts on the sum; apply it after the layer), and so is ``permutation``
         (it would move features across shards; fold it into the producing layer with
-        :func:`pycusparselt.permutation.permute_pair`).
+        :func:`pycusparselt.nn.permutation.permute_pair`).
 
     Notes
     -----
@@ -336,7 +336,7 @@ class RowParallelSparseLinear(_ParallelLinear):
         if layer_kwargs.get("permutation") is not None:
             raise ValueError(
                 "permutation: an input-channel permutation moves features across shards; fold it into the producing "
-                "layer with pycusparselt.permutation.permute_pair and pass the permuted weight"
+                "layer with pycusparselt.nn.permutation.permute_pair and pass the permuted weight"
             )
         layer_kwargs = {k: v for k, v in layer_kwargs.items() if k not in ("activation", "permutation")}
         super().__init__(weight, bias, group)
@@ -433,7 +433,7 @@ class ParallelSparseMLP:
             if "activation" in extra or "permutation" in extra:
                 raise ValueError(
                     f"{name}: pass the activation as activation=; an input permutation cannot be applied across the "
-                    f"hidden shards (fold it into the weights with pycusparselt.permutation.permute_pair)"
+                    f"hidden shards (fold it into the weights with pycusparselt.nn.permutation.permute_pair)"
                 )
         kwargs1 = {**layer_kwargs, **(fc1_kwargs or {})}
         kwargs2 = {**layer_kwargs, **(fc2_kwargs or {})}

@@ -4,7 +4,7 @@ A column-parallel layer splits the output features (the rows of the weight ``W``
 row-parallel layer splits the input features, the reduction dimension K along which 2:4 groups run. A K
 boundary inside a group of four would change which two values each group keeps, so K shards start on
 multiples of 4 at least; by default on multiples that also keep every shard's plan free of padding (16 for
-16-bit types, 8 for FP32, 32 for 8-bit types: :mod:`pycusparselt.dtypes`), so no shard copies its operands
+16-bit types, 8 for FP32, 32 for 8-bit types: :mod:`pycusparselt.gemm.dtypes`), so no shard copies its operands
 per call. With boundaries on multiples of 4, pruning commutes with sharding: the shards of the pruned weight
 are the pruned shards, and the concatenated (column) or summed (row) shard products are the full product.
 
@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from .. import dtypes, reference
+from ..gemm import dtypes
+from .. import reference
 
 __all__ = [
     "GROUP",

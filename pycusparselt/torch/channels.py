@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..permutation import PermutationReport, find_permutation
+from ..nn.permutation import PermutationReport, find_permutation
 
 __all__ = ["ChannelSpace", "PermutationPlan", "find_channel_spaces", "permute_network"]
 
@@ -258,7 +258,7 @@ def _consumer_matrix(mod: Any) -> np.ndarray:
 def permute_network(model: Any, *, optimizer: Any = None, time_budget: float | None = 1.0,
                     seed: int = 0) -> PermutationPlan:
     """Find the network's permutable channel spaces, search a permutation for each (on its consumers'
-    weights, with :func:`~pycusparselt.permutation.find_permutation`) and apply it to ``model`` in place.
+    weights, with :func:`~pycusparselt.nn.permutation.find_permutation`) and apply it to ``model`` in place.
 
     ``optimizer``: its per-parameter state (momentum, Adam's moments: every state tensor of a parameter's
     shape) is permuted with the parameter, so training continues as if the channels had always been in the

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .. import _arrays
-from ..linear import MODES, SparseLinear
+from ..nn.linear import MODES, SparseLinear
 from ..reference import is_2to4
 from .pruning import MASK_NAME
 

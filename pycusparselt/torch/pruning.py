@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .. import masks as _masks_module
+from ..nn import masks as _masks_module
 from .channels import PermutationPlan, permute_network
 
 __all__ = ["PruneReport", "prune_trained_model", "remove_masks", "MASK_NAME"]
@@ -84,7 +84,7 @@ def prune_trained_model(
         First permute the channels of the hidden spaces that provably allow it
         (:func:`pycusparselt.torch.permute_network`), so that pruning keeps more magnitude.
     method : {"strip", "tile"}
-        As :func:`pycusparselt.masks.compute_mask`, along the input channels.
+        As :func:`pycusparselt.nn.masks.compute_mask`, along the input channels.
     layers : sequence of module types
         The layer types to prune (default ``(nn.Linear, nn.Conv2d)``).
     permutation_time_budget : float or None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .enums import ComputeType, DataType
+from ..enums import ComputeType, DataType
 
 __all__ = ["TypeRules", "data_type", "rules_for", "SUPPORTED_INPUTS", "combinations_text"]
 

@@ -14,7 +14,7 @@ __all__ = ["ffi"]
 
 
 def _from_source_checkout(build_file: Path | None = None):
-    build_file = build_file or Path(__file__).resolve().parent.parent / "build_ffi.py"
+    build_file = build_file or Path(__file__).resolve().parents[2] / "build_ffi.py"
     if not build_file.is_file():
         raise ImportError(
             "pycusparselt's generated binding module (pycusparselt/_cusparselt_cffi.py) is missing and no "
@@ -27,6 +27,6 @@ def _from_source_checkout(build_file: Path | None = None):
 
 
 try:
-    from ._cusparselt_cffi import ffi
+    from .._cusparselt_cffi import ffi
 except ImportError:  # an unbuilt source checkout
     ffi = _from_source_checkout()

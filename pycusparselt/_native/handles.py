@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 import weakref
 
-from . import bindings
-from .errors import ClosedError
+from .. import bindings
+from ..errors import ClosedError
 
 __all__ = ["Handle", "handle_for_device"]
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LayerFileError
+from ..errors import LayerFileError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MEMBERS", "CONTAINERS", "container_of", "expected_arrays", "read",
            "write"]

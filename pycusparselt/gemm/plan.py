@@ -24,15 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, bindings, dtypes
-from ._handles import Handle, handle_for_device
-from .enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
-from .errors import ClosedError
+from .. import _arrays, bindings
+from . import dtypes
+from .._native.handles import Handle, handle_for_device
+from ..enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
+from ..errors import ClosedError
 from .operands import COL, ROW, Operand, as_operand
-from .streams import on_stream as _on_stream
-from .streams import stream_ptr as _stream_ptr
-from .tuning import PlanConfig, TuningReport
-from .tuning_cache import TuningCache
+from .._native.streams import on_stream as _on_stream
+from .._native.streams import stream_ptr as _stream_ptr
+from ..tuning import PlanConfig, TuningReport
+from ..tuning.cache import TuningCache
 
 __all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport"]
 
@@ -165,7 +166,7 @@ class SparseMatmulPlan:
         Which operand is 2:4 sparse along K (the rows of A, or the columns of B).
     out_dtype : dtype, optional
         D's type: by default C's, else float16/bfloat16/float32 for those inputs, int32 for int8 and
-        float16 for FP8. ``pycusparselt.dtypes.combinations_text()`` lists the valid combinations.
+        float16 for FP8. ``pycusparselt.gemm.dtypes.combinations_text()`` lists the valid combinations.
     compute : {"32F", "16F", "32I"}, optional
         Compute type; "16F" (FP16 inputs only) is faster on Hopper and accumulates in half precision.
     activation : {None, "relu", "gelu"}
@@ -969,7 +970,7 @@ class SparseMatmulPlan:
     ) -> BoundMatmul:
         """Check these operands once and return a callable that runs :meth:`matmul` on them.
 
-        The returned :class:`~pycusparselt.plan.BoundMatmul` does no validation, allocation or conversion per
+        The returned :class:`~pycusparselt.gemm.plan.BoundMatmul` does no validation, allocation or conversion per
         call: it is the leanest way to call a plan from Python, and what to capture in a CUDA graph. It reads
         the arrays at run time (update them in place between calls), including ``bias`` and a vector ``alpha``,
         which each call copies into the plan's buffers with one device-to-device copy. Arguments as :meth:`matmul`;
@@ -1060,13 +1061,13 @@ class SparseMatmulPlan:
             Stop timing further candidates after this many seconds (the default configuration and the
             search's choice are always timed).
         cache : TuningCache, bool or None
-            ``"timed"`` only. None: the default on-disk cache (:class:`~pycusparselt.tuning_cache.TuningCache`;
+            ``"timed"`` only. None: the default on-disk cache (:class:`~pycusparselt.tuning.cache.TuningCache`;
             ``PYCUSPARSELT_TUNING_CACHE=0`` disables it), False: no cache, or a cache object. A stored
             winner for the same GPU, library version and problem is applied without timing anything.
 
         The candidates and their times are in :attr:`tuning_report` afterwards.
         """
-        from . import tuning
+        from .. import tuning
 
         if method not in ("timed", "search"):
             raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")

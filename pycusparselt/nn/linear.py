@@ -2,7 +2,7 @@
 
 The weight is pruned (optionally after an input-channel permutation) when the layer is made, quantized in
 the INT8 and FP8 modes, and compressed once per plan; the layer keeps one tuned
-:class:`~pycusparselt.plan.SparseMatmulPlan` per input shape and runs the product with the scaling, bias and
+:class:`~pycusparselt.gemm.plan.SparseMatmulPlan` per input shape and runs the product with the scaling, bias and
 activation fused where cuSPARSELt can. On CuPy (or any device) arrays it runs through cuSPARSELt; on NumPy
 arrays it runs the same arithmetic on :mod:`pycusparselt.reference`, so a layer can be checked on the CPU.
 
@@ -25,10 +25,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from . import _arrays, dtypes, layer_files, quantization, reference
-from .plan import PlanConfig, SparseMatmulPlan
-from .tuning import tuning_is_safe_on
-from .streams import on_stream, stream_ptr
+from .. import _arrays, reference
+from ..gemm import dtypes
+from . import layer_files, quantization
+from ..gemm.plan import PlanConfig, SparseMatmulPlan
+from ..tuning import tuning_is_safe_on
+from .._native.streams import on_stream, stream_ptr
 
 __all__ = ["SparseLinear", "calibrate_chain", "MODES"]
 
@@ -163,10 +165,10 @@ class SparseLinear:
         of every 4 consecutive inputs; "tile": 4x4 tiles 2:4 along both axes), exactly as
         :func:`pycusparselt.reference.prune_2to4` on every backend; or None when it already is 2:4.
     permutation : array of int, optional
-        Input-channel permutation found by :func:`pycusparselt.permutation.find_permutation`: the weight's
+        Input-channel permutation found by :func:`pycusparselt.nn.permutation.find_permutation`: the weight's
         columns are permuted before pruning and every input's features are gathered in the same order, a copy
         per call. Folding the permutation into the producing layer instead
-        (:func:`pycusparselt.permutation.permute_pair`) avoids that copy.
+        (:func:`pycusparselt.nn.permutation.permute_pair`) avoids that copy.
     activation : {None, "relu", "gelu"}
         ReLU (with ``relu_upper_bound`` and ``relu_threshold``, in the output's real units) is fused.
         GELU (tanh form) runs as a separate float32 step after the product: cuSPARSELt's GELU exists only
@@ -183,9 +185,9 @@ class SparseLinear:
     fp8_format : {"e4m3", "e5m2"}
     allow_zero_channels : bool
         Give all-zero output channels scale 1 instead of raising (see
-        :func:`pycusparselt.quantization.weight_scales`).
+        :func:`pycusparselt.nn.quantization.weight_scales`).
     autotune : bool or mapping
-        Tune each new plan on its first input (:meth:`~pycusparselt.plan.SparseMatmulPlan.autotune`, before
+        Tune each new plan on its first input (:meth:`~pycusparselt.gemm.plan.SparseMatmulPlan.autotune`, before
         compressing the weight for it), unless a configuration stored for this GPU, library version and input
         shape is known (:meth:`load`, :attr:`tuned_configs`). A mapping is passed to ``autotune`` as keyword
         arguments, e.g. ``{"budget_s": 2.0}`` or ``{"method": "search"}``.
@@ -785,7 +787,7 @@ class SparseLinear:
         """This GPU and library, as stored configurations are keyed."""
         import cupy
 
-        from ._library import library_version
+        from .._native.library import library_version
 
         props = cupy.cuda.runtime.getDeviceProperties(device)
         name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
@@ -827,7 +829,7 @@ class SparseLinear:
     @property
     def plan_shapes(self) -> list[tuple[int, int]]:
         """The GEMM input shapes the layer has plans for: ``(rows, in_features)``, rows rounded up to
-        ``pycusparselt.linear.SMALL_BATCH_ROWS`` for small batches and to the dtype's multiple otherwise."""
+        ``pycusparselt.nn.linear.SMALL_BATCH_ROWS`` for small batches and to the dtype's multiple otherwise."""
         return sorted({key[0] for key, plan in self._plans.items() if not plan.closed})
 
     @property
@@ -892,7 +894,7 @@ class SparseLinear:
         batches : iterable of arrays
             Float inputs of shape (batch, in_features), on the layer's backend; consumed once.
         method, percentile, bins
-            As :class:`pycusparselt.quantization.Calibrator`: "max", "percentile" or "mse". The output scale
+            As :class:`pycusparselt.nn.quantization.Calibrator`: "max", "percentile" or "mse". The output scale
             is chosen from the layer's float32 outputs (pruned float weight) the same way.
 
         Returns
@@ -931,7 +933,7 @@ class SparseLinear:
         GPU, compute capability, cuSPARSELt version and input shape). Nothing is pickled.
 
         ``container``: "npz" (NumPy) or "safetensors" (needs the safetensors package); by default
-        "safetensors" for a path ending in ``.safetensors``, else "npz". See :mod:`pycusparselt.layer_files`.
+        "safetensors" for a path ending in ``.safetensors``, else "npz". See :mod:`pycusparselt.nn.layer_files`.
         """
         meta = {
             "mode": self.mode, "dtype": self.dtype.name,
@@ -962,7 +964,7 @@ class SparseLinear:
         library version) tuning again.
 
         The file is untrusted input: its structure is checked before any array is read
-        (:func:`pycusparselt.layer_files.read`) and its content as the constructor checks its arguments (2:4
+        (:func:`pycusparselt.nn.layer_files.read`) and its content as the constructor checks its arguments (2:4
         structure, a valid permutation, finite positive scales, known options). Anything else raises
         :class:`~pycusparselt.errors.LayerFileError` naming the file and the field.
 
@@ -983,7 +985,7 @@ class SparseLinear:
         meta, arrays = layer_files.read(path, container)
         fields = _loaded_fields(meta, arrays, path)
         if on_device is None:
-            from .devices import gpu_unavailable_reason
+            from .._native.devices import gpu_unavailable_reason
 
             reason = gpu_unavailable_reason()
             on_device = reason is None

@@ -47,11 +47,11 @@ class Timing(NamedTuple):
 def hold_stream(stream: Any, microseconds: float) -> None:
     """Enqueue on ``stream`` a kernel that keeps it busy for ``microseconds`` (one thread spinning on the GPU's
     global timer), so that the host can queue the work that follows before the GPU reaches it. ``stream``: a
-    CuPy stream or any stream :func:`pycusparselt.streams.stream_ptr` takes, of the current device."""
+    CuPy stream or any stream :func:`pycusparselt._native.streams.stream_ptr` takes, of the current device."""
     import cupy
     import numpy as np
 
-    from .streams import on_stream, stream_ptr
+    from .._native.streams import on_stream, stream_ptr
 
     device = cupy.cuda.runtime.getDevice()  # the caller makes the stream's device current
     sink = _hold_sinks.get(device)

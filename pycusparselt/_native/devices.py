@@ -68,8 +68,8 @@ def gpu_unavailable_reason() -> str | None:
     if not devices[0].sparse_tensor_cores:
         major, minor = devices[0].compute_capability
         return f"GPU 0 ({devices[0].name}) is SM {major}.{minor}; Sparse Tensor Cores need SM 8.0 or newer"
-    from ._library import load
-    from .errors import LibraryNotFoundError
+    from .library import load
+    from ..errors import LibraryNotFoundError
 
     try:
         load()
@@ -83,7 +83,7 @@ def require_gpu() -> None:
     unless cuSPARSELt can run here; call it before the first CuPy call of a GPU-only program."""
     reason = gpu_unavailable_reason()
     if reason is not None:
-        from .errors import GpuUnavailableError
+        from ..errors import GpuUnavailableError
 
         raise GpuUnavailableError(f"no usable GPU: {reason}; {WITHOUT_GPU}")
 

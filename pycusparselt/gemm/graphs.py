@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from . import _arrays
+from .. import _arrays
 
 __all__ = ["capture", "CapturedGraph"]
 
@@ -74,7 +74,7 @@ class CapturedGraph:
         """Replay the graph on the current stream (PyTorch's for tensors, CuPy's otherwise); returns
         ``outputs``."""
         if self._graph is None:
-            from .errors import ClosedError
+            from ..errors import ClosedError
 
             raise ClosedError("the captured graph was closed")
         if self.framework == _arrays.TORCH:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import bindings
+from .. import bindings
 
 __all__ = ["stream_ptr", "on_stream"]
 

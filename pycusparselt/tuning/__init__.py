@@ -14,15 +14,15 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import bindings
-from ._library import library_version
-from .enums import SplitKMode
-from .errors import CuSparseLtError
+from .. import bindings
+from .._native.library import library_version
+from ..enums import SplitKMode
+from ..errors import CuSparseLtError
 from .timing import time_gpu
-from .tuning_cache import TuningCache, TuningCacheWarning
+from .cache import TuningCache, TuningCacheWarning
 
 if TYPE_CHECKING:
-    from .plan import SparseMatmulPlan
+    from ..gemm.plan import SparseMatmulPlan
 
 __all__ = ["PlanConfig", "Candidate", "TuningReport", "tuning_key", "autotune", "tuning_is_safe_on",
            "TUNING_OFF_DEVICE_0"]
@@ -194,7 +194,7 @@ def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
     """Median GPU milliseconds per call of ``run`` over the rotating operand ``sets``.
 
     Calls are timed eagerly, behind a kernel that holds the stream until every timed call is queued
-    (:func:`~pycusparselt.timing.time_gpu`'s ``hold_us``): a GEMM shorter than the host's launch cost (10-30 us)
+    (:func:`~pycusparselt.tuning.timing.time_gpu`'s ``hold_us``): a GEMM shorter than the host's launch cost (10-30 us)
     is otherwise timed at the host's pace, which hides the differences between configurations. CUDA graphs
     would do the same, but a tuner that captured its candidates ended the process with an illegal
     instruction while tuning FP16 4096^3 on the H100 (cuSPARSELt 0.8.0; the configuration was not isolated).
@@ -223,7 +223,7 @@ def autotune(
     """Tune ``plan`` on the operands of one call (see :meth:`SparseMatmulPlan.autotune`) and keep the winner."""
     import cupy
 
-    from .plan import COMPRESSED_SLACK, CompressedOperand
+    from ..gemm.plan import COMPRESSED_SLACK, CompressedOperand
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")

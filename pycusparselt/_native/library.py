@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import settings
-from ._ffi import ffi
-from .errors import LibraryNotFoundError
+from .ffi import ffi
+from ..errors import LibraryNotFoundError
 
 __all__ = ["ENV_VAR", "MIN_VERSION", "MAX_TESTED", "LoadedLibrary", "load", "library_version", "library_path"]
 

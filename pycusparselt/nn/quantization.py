@@ -21,7 +21,7 @@ Every function takes NumPy arrays (computed on the CPU) or CuPy arrays (computed
 bit-identical results on both: the arithmetic is one float32 multiply by ``1 / scale`` (itself a float32
 division), then round-half-to-even and saturation. On the GPU, FP8 values are returned as their bytes
 (``uint8``): CuPy cannot hold float8 arrays (view them with ``.view(ml_dtypes.float8_e4m3fn)`` or pass
-``input_dtype=`` to :class:`~pycusparselt.plan.SparseMatmulPlan`); on the CPU they are ml_dtypes arrays.
+``input_dtype=`` to :class:`~pycusparselt.gemm.plan.SparseMatmulPlan`); on the CPU they are ml_dtypes arrays.
 Non-finite inputs to :func:`quantize` give unspecified values; the calibration and weight functions refuse
 them.
 """

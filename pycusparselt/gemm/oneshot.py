@@ -1,8 +1,8 @@
 """``matmul``: a one-shot 2:4 sparse GEMM, backed by a bounded cache of plans.
 
 Each call compresses the sparse operand again (pruning it first when asked); for repeated products with
-the same sparse operand, keep a :class:`~pycusparselt.plan.SparseMatmulPlan` and its
-:class:`~pycusparselt.plan.CompressedOperand` instead. Plans are cached per thread (cuSPARSELt handles are
+the same sparse operand, keep a :class:`~pycusparselt.gemm.plan.SparseMatmulPlan` and its
+:class:`~pycusparselt.gemm.plan.CompressedOperand` instead. Plans are cached per thread (cuSPARSELt handles are
 per thread here), keyed by the whole signature: device, shapes, dtypes, layouts, epilogue and compute type.
 """
 
@@ -75,7 +75,7 @@ def matmul(
 ) -> Any:
     """``D = activation(alpha * A @ B + beta * C + bias)`` with A (or B, ``sparse="b"``) 2:4 sparse.
 
-    The arguments are those of :class:`~pycusparselt.plan.SparseMatmulPlan` and its ``matmul``; ``prune``
+    The arguments are those of :class:`~pycusparselt.gemm.plan.SparseMatmulPlan` and its ``matmul``; ``prune``
     ("strip" or "tile") prunes a copy of the sparse operand first, otherwise it must already be 2:4.
     """
     operands = [as_operand(x, name, input_dtype if name != "c" else None)

@@ -4,7 +4,7 @@ NVIDIA's recipe for 2:4 sparse networks (see :doc:`workflow`):
 
 1. train (or obtain) a dense network;
 2. prune each weight to 2:4 along its input channels, by magnitude, once (optionally after a
-   channel permutation, :mod:`pycusparselt.permutation`);
+   channel permutation, :mod:`pycusparselt.nn.permutation`);
 3. repeat the original training with the same hyper-parameters, starting from the pruned weights
    and keeping the zero pattern of step 2 fixed (the mask is not recomputed).
 
@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import reference
+from .. import reference
 from .permutation import check_permutation, invert_permutation
 
 __all__ = [
@@ -178,11 +178,11 @@ def compute_mask(weight: Any, *, method: str = "strip", permutation: Any = None,
         (``CUSPARSELT_PRUNE_SPMMA_TILE``). As :func:`pycusparselt.reference.mask_2to4`.
     permutation : array_like of int, optional
         A channel permutation along ``axis`` (e.g. from
-        :func:`pycusparselt.permutation.find_permutation`). The mask is chosen for the permuted
+        :func:`pycusparselt.nn.permutation.find_permutation`). The mask is chosen for the permuted
         weight ``take(weight, permutation, axis)`` and returned in ``weight``'s own channel
         order: ``compute_mask(w, permutation=p)[..., p] == compute_mask(w[..., p])``. Such a mask
         is 2:4 only in the permuted order; use it to train in the original layout and permute
-        (:func:`pycusparselt.permutation.permute_pair`) before compressing.
+        (:func:`pycusparselt.nn.permutation.permute_pair`) before compressing.
     axis : int
         The reduction axis (input channels, K); groups of four run along it. Default -1.
 

@@ -4,20 +4,20 @@
 [--markdown PATH] [--plot PATH]``
 
 Every case is a linear layer ``y (M, N) = x (M, K) @ W (N, K).T`` with W pruned 2:4 along K, in the form
-:class:`~pycusparselt.linear.SparseLinear` uses (``SparseMatmulPlan(x, W.T, sparse="b")``: TN, valid for every
+:class:`~pycusparselt.nn.linear.SparseLinear` uses (``SparseMatmulPlan(x, W.T, sparse="b")``: TN, valid for every
 type). All columns of a case multiply the same inputs (random, W pruned once by cuSPARSELt): dense baselines
 (``cupy.matmul``, cuBLAS ``gemmEx`` through CuPy, PyTorch's ``mm`` / ``_int_mm`` / ``_scaled_mm``), PyTorch's
 ``_cslt_sparse_mm`` (default and searched), and ours with the default configuration, after
 ``cusparseLtMatmulSearch``, after our timed tuner, and replayed in a CUDA graph. Each column's result is
 compared once with a float64 product of the same inputs, and a column that disagrees is reported and left out
 of every comparison, so a broken path cannot post a fast time. Times are medians of CUDA-event timings
-(:func:`pycusparselt.timing.time_gpu`); eager columns include the host's launch cost wherever it exceeds the
+(:func:`pycusparselt.tuning.timing.time_gpu`); eager columns include the host's launch cost wherever it exceeds the
 GPU's time, which is what the graph column removes.
 
 Our three stages (default, search, timed tuner) are what the tuner's targets compare, so they are measured
 without an order: each stage has its own plan (tuned, then given its own compressed weight) and output, and
 their eager columns are timed in alternation, one sample of each per round with the first rotated
-(:func:`pycusparselt.timing.time_gpu_interleaved`), as are their graph columns. Timed one after another,
+(:func:`pycusparselt.tuning.timing.time_gpu_interleaved`), as are their graph columns. Timed one after another,
 the later stage read slower from clock and thermal drift alone.
 
 The functions that turn results into tables and targets (:func:`markdown_report`, :func:`targets`) need
@@ -239,7 +239,7 @@ def _cuda_version(value: int) -> str:
 
 def environment(torch_module: Any = None) -> dict[str, Any]:
     """What a result depends on: GPU, SM, driver, CUDA runtime, cuSPARSELt, CuPy, PyTorch, date, host."""
-    from . import __version__
+    from .. import __version__
 
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -250,12 +250,12 @@ def environment(torch_module: Any = None) -> dict[str, Any]:
         "driver": _driver_version(),
     }
     try:
-        from ._library import load
+        from .._native.library import load
 
         loaded = load()
         env["cusparselt"] = ".".join(map(str, loaded.version))
         env["cusparselt_path"] = loaded.path
-        from .bindings import matmul_call_path
+        from ..bindings import matmul_call_path
 
         env["matmul_call"] = matmul_call_path()
     except Exception as exc:  # LibraryNotFoundError, or anything a broken install raises
@@ -447,7 +447,7 @@ class _Runner:
 
     def _time(self, fn: Callable[[int], Any], stream: Any = None, per_call: int = 1,
               first_s: float = 0.0) -> dict[str, float]:
-        from .timing import time_gpu
+        from ..tuning.timing import time_gpu
 
         repeats, warmup = self._effort(first_s)
         return self._entry(time_gpu(fn, repeats=repeats, warmup=warmup, stream=stream), per_call, repeats)
@@ -455,7 +455,7 @@ class _Runner:
     def _time_interleaved(self, live: dict[str, tuple]) -> dict[str, dict[str, float]]:
         """Time checked columns (``key -> (fn, per_call, stream, first_s)``) in alternation; one round count
         for all, from the slowest checking call, so every column gets as many samples from the same period."""
-        from .timing import time_gpu_interleaved
+        from ..tuning.timing import time_gpu_interleaved
 
         repeats, warmup = self._effort(max(column[3] for column in live.values()))
         timings = time_gpu_interleaved({key: column[0] for key, column in live.items()}, repeats=repeats,
@@ -500,7 +500,7 @@ class _Runner:
     def _interleaved(self, record: dict, data: _Inputs, builds: dict[str, Callable[[], tuple]],
                      event: str) -> str | None:
         """Columns compared with each other: build and check each (as :meth:`_column`), then time those that
-        ran in alternation (:func:`~pycusparselt.timing.time_gpu_interleaved`). Returns how they were timed.
+        ran in alternation (:func:`~pycusparselt.tuning.timing.time_gpu_interleaved`). Returns how they were timed.
 
         ``event`` names the interleaved timing for the crash locator. Where it broke the CUDA context before
         (it is in :attr:`skip`), the columns are timed one after another instead, each under its own name, so
@@ -772,7 +772,7 @@ class _Runner:
         thermal drift alone. ``plan`` is the fresh plan of the case (the default stage's, closed by the
         caller); ``wt`` the pruned, dense W.T the plans are tuned on and compress.
         """
-        from .plan import SparseMatmulPlan
+        from ..gemm.plan import SparseMatmulPlan
 
         cp = self.cp
         m, n = data.shape.m, data.shape.n
@@ -868,7 +868,7 @@ class _Runner:
     # -- one case ---------------------------------------------------------------------------------------
 
     def _case(self, record: dict, shape: Shape, dtype: str, seed: int) -> None:
-        from .plan import SparseMatmulPlan
+        from ..gemm.plan import SparseMatmulPlan
 
         self.events({"column": "setup"})
         data = _Inputs(self.cp, shape, dtype, seed)
@@ -1145,7 +1145,7 @@ def run_benchmark(
             raise ValueError(f"dtypes: expected names from {', '.join(DTYPES)}; got {dtype!r}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    from .devices import gpu_unavailable_reason
+    from .._native.devices import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason:
