@@ -55,6 +55,7 @@ __all__ = [
     "MATMUL_DESC_ATTRIBUTE_TYPES",
     "MATMUL_ALG_ATTRIBUTE_TYPES",
     "check_status",
+    "stream_handle",
     # one per C function, in the header's order
     "init",
     "destroy",
@@ -303,7 +304,10 @@ def _pointer(value: Any, arg: str) -> Any:
     return ffi.cast("void *", address)
 
 
-def _stream_handle(stream: Any, arg: str = "stream") -> int:
+def stream_handle(stream: Any, arg: str = "stream") -> int:
+    """The ``cudaStream_t`` handle (an integer) of ``stream``: an object with ``__cuda_stream__``, one with a
+    ``ptr`` (a CuPy stream), an integer handle, or None (0, the legacy default stream). ``arg`` names the
+    argument in errors."""
     if stream is None:
         return 0
     if hasattr(stream, "__cuda_stream__"):
@@ -319,7 +323,7 @@ def _stream_handle(stream: Any, arg: str = "stream") -> int:
 
 
 def _stream(stream: Any, arg: str = "stream") -> Any:
-    return ffi.cast("cudaStream_t", _stream_handle(stream, arg))
+    return ffi.cast("cudaStream_t", stream_handle(stream, arg))
 
 
 def _streams(streams: Any) -> tuple[Any, int]:
@@ -328,7 +332,7 @@ def _streams(streams: Any) -> tuple[Any, int]:
         return ffi.NULL, 0
     if isinstance(streams, int) or hasattr(streams, "__cuda_stream__") or hasattr(streams, "ptr"):
         streams = [streams]
-    handles = [_stream_handle(s, "streams") for s in streams]
+    handles = [stream_handle(s, "streams") for s in streams]
     if not handles:
         return ffi.NULL, 0
     return ffi.new("cudaStream_t[]", [ffi.cast("cudaStream_t", h) for h in handles]), len(handles)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pycusparselt import bench
+from pycusparselt.bench import cases, report
+from pycusparselt.bench import runner as bench_runner
 from pycusparselt.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,7 @@ def test_shape_set():
     assert (up.m, up.n, up.k) == (16, 11008, 4096)
     # no shape needs padding for any type: sparse W (N, K) multiples of 32, M of 16
     assert all(s.n % 32 == 0 and s.k % 32 == 0 and s.m % 16 == 0 for s in shapes)
-    assert set(bench.QUICK_SHAPES) < set(shapes) and {s.group for s in bench.QUICK_SHAPES} == set(bench.GROUPS)
+    assert set(bench.QUICK_SHAPES) < set(shapes) and {s.group for s in bench.QUICK_SHAPES} == set(cases.GROUPS)
 
 
 # -- argument parsing ----------------------------------------------------------------------------------
@@ -344,6 +346,7 @@ def test_report_script(tmp_path):
 FAKE_WORKER = r'''
 import json, os, sys
 from pycusparselt import bench
+from pycusparselt.bench import runner as bench_runner
 
 spec = json.load(open(sys.argv[1]))
 skip = {(d, k): r for d, k, r in spec["skip"]}
@@ -367,7 +370,7 @@ for count, (index, dtype, fields, seed) in enumerate(spec["cases"]):
             if how in ("fatal", "always"):
                 emit({"index": index, "fatal": c_key, "reason": "cudaErrorIllegalInstruction"})
             os._exit(3)
-    record = bench._failed(shape, dtype, "")
+    record = bench_runner._failed(shape, dtype, "")
     del record["error"]
     record["seed"] = seed
     for key in ("cslt_search", "ours_default_graph", "ours_timed_graph", "ours_timed"):
@@ -382,7 +385,7 @@ def _isolated(tmp_path, monkeypatch, crash, shapes="square-4096,square-8192,llm-
     monkeypatch.setenv("FAKE_CRASH", crash)
     cases = [(d, s) for s in bench.parse_shapes(shapes) for d in ("fp16", "bf16")]
     got: dict[int, dict] = {}
-    env = bench._run_isolated(cases, {"seed": 10}, lambda i, r: got.__setitem__(i, r),
+    env = bench_runner._run_isolated(cases, {"seed": 10}, lambda i, r: got.__setitem__(i, r),
                               command=lambda spec: [sys.executable, str(script), spec])
     return env, cases, got
 
@@ -421,7 +424,7 @@ def test_isolated_run_moves_past_a_case_that_cannot_run(tmp_path, monkeypatch):
 
 
 def test_isolated_run_gives_up_after_repeated_crashes(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "MAX_RESTARTS", 2)
+    monkeypatch.setattr(bench_runner, "MAX_RESTARTS", 2)
     crash = ",".join(f"fp16:{s}:col{i}:fatal" for i, s in enumerate(["square-4096", "square-8192",
                                                                       "llm-m16-4096to4096"]))
     _, cases, got = _isolated(tmp_path, monkeypatch, crash)
@@ -464,7 +467,7 @@ def test_inputs_and_reference(dtype):
 
     cp = _NumpyAsCupy()
     shape = bench.Shape("t", "custom", 32, 48, 64)
-    data = bench._Inputs(cp, shape, dtype, seed=3)
+    data = bench_runner._Inputs(cp, shape, dtype, seed=3)
     assert data.x_store.shape == (32, 64) and data.w_store.shape == (48, 64)
     typed = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "int8": np.int8, "e4m3": ml_dtypes.float8_e4m3fn}[dtype]
     # the storage decodes to the values of the input type exactly (bf16: the top half of float32; e4m3: its bytes)
@@ -483,15 +486,15 @@ def test_inputs_and_reference(dtype):
     # one (transposed operand, unwritten output) fails
     out = data.reference.astype(data.out_np)
     err = data.rel_err(out)
-    assert err <= bench.TOLERANCE[data.out]
+    assert err <= cases.TOLERANCE[data.out]
     if dtype == "int8":
         assert err == 0.0
     wrong = data.reference.copy()
     wrong[:, :24] = wrong[:, 24:]
     assert data.rel_err(wrong.astype(data.out_np)) > 0.5
     poisoned = np.empty_like(out)
-    bench._poison(cp, poisoned)
-    assert not data.rel_err(poisoned) <= bench.TOLERANCE[data.out]
+    bench_runner._poison(cp, poisoned)
+    assert not data.rel_err(poisoned) <= cases.TOLERANCE[data.out]
     with pytest.raises(ValueError, match="shape"):
         data.rel_err(out.T)
 
@@ -508,12 +511,12 @@ def test_column_failures(monkeypatch):
     cp = _NumpyAsCupy()
     cp.cuda = SimpleNamespace(runtime=SimpleNamespace(deviceSynchronize=device_synchronize),
                               Device=lambda: SimpleNamespace(synchronize=device_synchronize))
-    runner = object.__new__(bench._Runner)
+    runner = object.__new__(bench_runner._Runner)
     runner.cp, runner.skip, events = cp, {("fp16", "cslt_search"): "left out: it crashed"}, []
     runner.events = events.append
     monkeypatch.setattr(runner, "_time", lambda fn, stream=None, per_call=1, first_s=0.0: {
         "median_ms": 2.0 / per_call, "min_ms": 1.0 / per_call}, raising=False)
-    data = bench._Inputs(cp, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
+    data = bench_runner._Inputs(cp, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
     data.build_reference()
     record = {"columns": {}}
     right = data.reference.astype(data.out_np)
@@ -523,7 +526,7 @@ def test_column_failures(monkeypatch):
     runner._column(record, "cslt_search", data, lambda: 1 / 0)
 
     def unavailable():
-        raise bench._NotAvailable("no such thing here")
+        raise bench_runner._NotAvailable("no such thing here")
 
     runner._column(record, "cublas_gemmex", data, unavailable)
     cols = record["columns"]
@@ -540,7 +543,7 @@ def test_column_failures(monkeypatch):
     def crash():
         raise RuntimeError("CUDA error: an illegal instruction was encountered")
 
-    with pytest.raises(bench._Fatal) as info:
+    with pytest.raises(bench_runner._Fatal) as info:
         runner._column(record, "cslt_default", data, crash)
     assert info.value.key == "cslt_default" and "CUDA context lost: RuntimeError: cudaErrorIllegalInstruction" in \
         info.value.reason
@@ -555,8 +558,8 @@ def test_worker_reports_records_and_a_lost_context(tmp_path, monkeypatch):
         def run_case(self, shape, dtype, seed):
             self.events({"column": "cupy_matmul"})
             if shape.name == "square-8192":
-                raise bench._Fatal("cupy_matmul", "cudaErrorIllegalInstruction")
-            record = bench._failed(shape, dtype, "")
+                raise bench_runner._Fatal("cupy_matmul", "cudaErrorIllegalInstruction")
+            record = bench_runner._failed(shape, dtype, "")
             record.pop("error")
             record["seed"], record["skip"] = seed, sorted(map(list, self.skip))
             return record
@@ -564,9 +567,9 @@ def test_worker_reports_records_and_a_lost_context(tmp_path, monkeypatch):
     def fake_exit(code):
         raise SystemExit(code)
 
-    monkeypatch.setattr(bench, "_Runner", FakeRunner)
-    monkeypatch.setattr(bench, "environment", lambda torch=None: {"device": "fake"})
-    monkeypatch.setattr(bench.os, "_exit", fake_exit)
+    monkeypatch.setattr(bench_runner, "_Runner", FakeRunner)
+    monkeypatch.setattr(bench_runner, "environment", lambda torch=None: {"device": "fake"})
+    monkeypatch.setattr(bench_runner.os, "_exit", fake_exit)
     events = tmp_path / "events.jsonl"
     spec = {"repeats": 3, "warmup": 1, "tune_budget_s": None, "use_torch": False, "events": str(events),
             "skip": [["fp16", "cslt_search", "why"]], "deadline": None,
@@ -609,7 +612,7 @@ def test_slow_columns_are_timed_fewer_times(monkeypatch):
         return timing.Timing(3.0, 2.0, (3.0,) * repeats)
 
     monkeypatch.setattr(timing, "time_gpu", fake_time_gpu)
-    runner = object.__new__(bench._Runner)
+    runner = object.__new__(bench_runner._Runner)
     runner.repeats, runner.warmup = 20, 5
     assert runner._time(None, first_s=0.001) == {"median_ms": 3.0, "min_ms": 2.0}
     assert runner._time(None, per_call=4, first_s=0.1) == {"median_ms": 0.75, "min_ms": 0.5, "repeats": 10}
@@ -766,7 +769,7 @@ def _ours_runner(monkeypatch, fail=None, skip=None):
 
     gpu = _FakeGpu()
     monkeypatch.setitem(sys.modules, "cupy", gpu)
-    data = bench._Inputs(gpu, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
+    data = bench_runner._Inputs(gpu, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
     data.build_reference()
     x, wt = data.typed(data.x_store), data.typed(data.w_store).T
     log, events = [], []
@@ -779,7 +782,7 @@ def _ours_runner(monkeypatch, fail=None, skip=None):
         return _FakePlan(x_, w_, log=log, gpu=gpu, result=result, name="new", **kwargs)
 
     monkeypatch.setattr(plan_module, "SparseMatmulPlan", new_plan)
-    runner = object.__new__(bench._Runner)
+    runner = object.__new__(bench_runner._Runner)
     runner.cp, runner.skip, runner.events = gpu, dict(skip or {}), events.append
     runner.repeats, runner.warmup, runner.tune_budget, runner.graph_calls = 3, 1, 2.0, 20
 
@@ -895,10 +898,12 @@ def test_report_says_how_ours_were_timed():
 
 def test_number_formats():
     times = (1.001, 0.18, 0.0203, 18.34, 336.6)
-    assert [bench._fmt_time(v) for v in times] == ["1.00", "0.180", "0.0203", "18.3", "337"]
-    assert [bench._fmt_x(v) for v in (None, 1.456, 17009.6)] == ["n/a", "1.46x", "17010x"]
-    failed = bench.markdown_tables({"cases": [bench._failed(SQ[0], "fp16", "not run: the time limit was reached"),
-                                              bench._failed(SQ[1], "fp16", "OutOfMemoryError")]})
+    assert [report._fmt_time(v) for v in times] == ["1.00", "0.180", "0.0203", "18.3", "337"]
+    assert [report._fmt_x(v) for v in (None, 1.456, 17009.6)] == ["n/a", "1.46x", "17010x"]
+    failed = bench.markdown_tables({"cases": [
+        bench_runner._failed(SQ[0], "fp16", "not run: the time limit was reached"),
+        bench_runner._failed(SQ[1], "fp16", "OutOfMemoryError"),
+    ]})
     assert "| not run: the time limit was reached |" in failed and "| case failed: OutOfMemoryError |" in failed
     assert all(line.count("|") == 12 for line in failed.splitlines() if line.startswith("| square"))
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from pycusparselt import bench
+from pycusparselt.bench import cases
 from pycusparselt.cli import main as cli_main
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +28,7 @@ def _check_case(record: dict, dtype: str) -> None:
             assert column["median_ms"] > 0 and column["min_ms"] <= column["median_ms"] * (1 + 1e-9), key
             assert column["ok"], (key, column)  # every column that ran computed the right product
     ours = record["columns"]["ours_default"]
-    assert "median_ms" in ours and ours["rel_err"] <= bench.TOLERANCE[bench.DTYPES[dtype]]
+    assert "median_ms" in ours and ours["rel_err"] <= cases.TOLERANCE[bench.DTYPES[dtype]]
     assert record["configs"]["default"][0] >= 0
     derived = record["derived"]
     assert derived["ours_ms"] is not None and derived["tflops"] > 0
@@ -49,7 +50,7 @@ def test_tiny_case_is_well_formed(dtype):
     assert record["derived"]["speedup"] > 0
     if dtype == "int8":  # int8 -> int32 is exact: ours equals the float64 reference bit for bit
         assert record["columns"]["ours_default"]["rel_err"] == 0.0
-    assert set(record["columns"]) >= set(bench.DENSE_FOR[dtype]) | {"ours_default", "ours_search", "ours_timed"}
+    assert set(record["columns"]) >= set(cases.DENSE_FOR[dtype]) | {"ours_default", "ours_search", "ours_timed"}
 
 
 def test_cli_writes_json_and_markdown(tmp_path, capsys):

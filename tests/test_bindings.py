@@ -174,10 +174,10 @@ def test_stream_forms():
     class HasPtr:
         ptr = 5678
 
-    assert b._stream_handle(None) == 0
-    assert b._stream_handle(42) == 42
-    assert b._stream_handle(CudaStreamProtocol()) == 1234
-    assert b._stream_handle(HasPtr()) == 5678
+    assert b.stream_handle(None) == 0
+    assert b.stream_handle(42) == 42
+    assert b.stream_handle(CudaStreamProtocol()) == 1234
+    assert b.stream_handle(HasPtr()) == 5678
     array, count = b._streams([1, HasPtr()])
     assert count == 2 and int(ffi.cast("uintptr_t", array[1])) == 5678
     assert b._streams(None) == (ffi.NULL, 0)
@@ -189,14 +189,14 @@ def test_addresses_and_streams_out_of_range_are_refused():
         with pytest.raises(ValueError, match="device address is in 0 .. 2\\*\\*64 - 1"):
             b._pointer(bad, "a")
         with pytest.raises(ValueError, match="cudaStream_t handle is in 0 .. 2\\*\\*64 - 1"):
-            b._stream_handle(bad)
+            b.stream_handle(bad)
 
     class Negative:
         def __cuda_stream__(self):
             return (0, -1)
 
     with pytest.raises(ValueError, match="stream: a cudaStream_t handle"):
-        b._stream_handle(Negative())
+        b.stream_handle(Negative())
     assert int(ffi.cast("uintptr_t", b._pointer((1 << 64) - 1, "a"))) == (1 << 64) - 1
 
 

@@ -15,7 +15,7 @@ def stream_ptr(stream: Any, device: int | None = None) -> int:
     import cupy
 
     if stream is not None:
-        return bindings._stream_handle(stream)
+        return bindings.stream_handle(stream)
     if device is None or cupy.cuda.runtime.getDevice() == device:
         return cupy.cuda.get_current_stream().ptr
     with cupy.cuda.Device(device):

@@ -196,7 +196,8 @@ class Group:
         except ValueError:
             raise ValueError(f"rank {rank} is not held by this process (it holds {self.ranks})") from None
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise :class:`~pycusparselt.errors.ClosedError` once the group is closed."""
         if self._closed:
             from ..errors import ClosedError
 
@@ -217,7 +218,7 @@ class Group:
 
     def barrier(self) -> None:
         """Wait until every rank reaches this point (host-side)."""
-        self._check_open()
+        self.check_open()
         if self._engine is not None:
             self._engine.barrier()
 
@@ -264,7 +265,7 @@ class HostGroup(Group):
         return cls(world_size, range(world_size), (None,) * world_size, None)
 
     def _arrays(self, arrays: Any, what: str) -> list[np.ndarray]:
-        self._check_open()
+        self.check_open()
         items = as_list(arrays, len(self.ranks), what)
         for array in items:
             if not isinstance(array, np.ndarray):
@@ -304,7 +305,7 @@ class HostGroup(Group):
         return result[0] if not isinstance(arrays, (list, tuple)) else result
 
     def replicate(self, array: Any) -> Any:
-        self._check_open()
+        self.check_open()
         array = np.asarray(array)
         return array if len(self.ranks) == 1 else [array] * len(self.ranks)
 
@@ -359,7 +360,7 @@ class NcclGroup(Group):
     def _arrays(self, arrays: Any, what: str) -> list:
         import cupy
 
-        self._check_open()
+        self.check_open()
         items = as_list(arrays, len(self.ranks), what)
         for device, array in zip(self.devices, items, strict=True):
             if not isinstance(array, cupy.ndarray):
@@ -422,7 +423,7 @@ class NcclGroup(Group):
     def replicate(self, array: Any) -> Any:
         import cupy
 
-        self._check_open()
+        self.check_open()
         copies = []
         host = None
         for device in self.devices:

@@ -120,7 +120,7 @@ class _ParallelLinear:
     def __init__(self, weight: Any, bias: Any, group: Group) -> None:
         if not isinstance(group, Group):
             raise TypeError(f"group: expected a pycusparselt.distributed.Group, got {type(group).__name__}")
-        group._check_open()
+        group.check_open()
         weight = _as_array(weight, "weight")
         if len(weight.shape) != 2:
             raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -149,7 +149,7 @@ class _ParallelLinear:
         return sharding.shard_sizes(self.bounds)
 
     def _inputs(self, x: Any, stream: Any) -> list:
-        self.group._check_open()
+        self.group.check_open()
         if stream is not None and len(self.group.ranks) > 1:
             raise ValueError("stream: a group of several local ranks runs on each device's current stream")
         items = as_list(x, len(self.group.ranks), "x")

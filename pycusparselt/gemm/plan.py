@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -35,7 +35,8 @@ from .._native.streams import stream_ptr as _stream_ptr
 from ..tuning import PlanConfig, TuningReport
 from ..tuning.cache import TuningCache
 
-__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport"]
+__all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport",
+           "MatmulArgs", "TuningTarget", "TimedCall"]
 
 _ALIGN_BYTES = 16
 #: Bytes allocated past the end of every compressed buffer. cuSPARSELt 0.8.0's SM 9.0 kernels read up to 256
@@ -1097,11 +1098,25 @@ class SparseMatmulPlan:
                 self.config = self.config
             self.tuning_report = TuningReport("search", "search", self.config, ())
             return self.config
-        self.tuning_report = tuning.autotune(
-            self, (a, b, c, alpha, beta, bias, out, stream), repeats=repeats, warmup=warmup, budget_s=budget_s,
-            cache=cache,
-        )
+        with TuningTarget(self, MatmulArgs(a, b, c, alpha, beta, bias, out, stream)) as target:
+            self.tuning_report = tuning.autotune(target, repeats=repeats, warmup=warmup, budget_s=budget_s,
+                                                 cache=cache)
         return self.config
+
+    def problem_signature(self) -> dict[str, Any]:
+        """The problem as the tuning cache keys it: types, compute type, the matrices' layouts, the epilogue,
+        and which of bias, vector alpha and C the plan takes (see :func:`~pycusparselt.tuning.tuning_key`)."""
+        return {
+            "dtype": str(self.dtype),
+            "out_dtype": str(self.out_dtype),
+            "compute": int(self._compute_type),
+            "sparse": self.sparse,
+            "matrices": [[m.rows, m.cols, m.ld, m.order, m.batch, m.batch_stride] for m in self._mats],
+            "activation": self.activation,
+            "bias": self._has_bias,
+            "alpha_vector": self._has_alpha_vector,
+            "c": self._layouts["c"] is not None,
+        }
 
     def _timing_call(self, a, b, c, alpha, beta, bias, out, stream) -> tuple:
         """For the tuner: check a call once; return ``(run, stream pointer, (S, X, D pointers), out)``, where
@@ -1116,6 +1131,147 @@ class SparseMatmulPlan:
             self._call(alpha_arg, s, x, beta, d if shared_c else c_ptr, d, stream_ptr)
 
         return run, stream_ptr, (s_ptr, x_ptr, d_ptr), out
+
+
+class MatmulArgs(NamedTuple):
+    """The arguments of one product, as :meth:`SparseMatmulPlan.matmul` takes them."""
+
+    a: Any
+    b: Any
+    c: Any = None
+    alpha: Any = 1.0
+    beta: float = 0.0
+    bias: Any = None
+    out: Any = None
+    stream: Any = None
+
+
+class TimedCall(NamedTuple):
+    """One checked product of a :class:`TuningTarget` on raw addresses: ``run(s_ptr, x_ptr, d_ptr)`` enqueues
+    it on ``stream_ptr``; the others are the addresses and sizes of the operands it was checked with, and
+    ``s_slack``, the bytes the library may read past the compressed buffer (a copy must have them)."""
+
+    run: Callable[[int, int, int], None]
+    stream_ptr: int
+    s_ptr: int
+    s_nbytes: int
+    s_slack: int
+    x_ptr: int
+    x_nbytes: int
+    d_ptr: int
+    d_nbytes: int
+
+
+class TuningTarget:
+    """What :func:`pycusparselt.tuning.autotune` tunes: one plan on the operands of one call.
+
+    The tuner sets ``config`` to each candidate, calls :meth:`prepare` (which compresses the sparse
+    operand for that configuration and checks the call once) and times ``run`` on copies of the operands;
+    :meth:`search` runs ``cusparseLtMatmulSearch`` on the default configuration. The sparse operand is the
+    caller's dense one when given, else data with its layout made of the dense operand's values (the
+    compressed form depends on the configuration, so each candidate compresses its own). Close it (or use it
+    as a context manager) to free what it compressed and allocated.
+    """
+
+    def __init__(self, plan: SparseMatmulPlan, args: MatmulArgs) -> None:
+        self.plan = plan
+        self.args = args
+        self._source: Any = None  # what each candidate compresses, found on first use
+        self._compressed: CompressedOperand | None = None
+        self._out = args.out  # one D for every candidate: the caller's, or the one the first check allocates
+
+    device = property(lambda self: self.plan.device, doc="The plan's device.")
+    default_config = property(lambda self: self.plan.default_config, doc="The library's default configuration.")
+    max_alg_id = property(lambda self: self.plan.max_alg_id, doc="Algorithm ids are 0 .. max_alg_id - 1.")
+    padded = property(lambda self: self.plan.padded, doc="Whether the plan pads (and copies) its operands.")
+
+    @property
+    def config(self) -> PlanConfig:
+        """The plan's configuration; setting it re-initialises the plan."""
+        return self.plan.config
+
+    @config.setter
+    def config(self, config: PlanConfig) -> None:
+        self.plan.config = config
+
+    def problem_signature(self) -> dict[str, Any]:
+        """The plan's :meth:`~SparseMatmulPlan.problem_signature`."""
+        return self.plan.problem_signature()
+
+    def _sample_sparse_side(self, dense: Any) -> Any:
+        """Data with the layout of the plan's sparse operand, made of the dense operand's own values (tiled),
+        so that the timed products see realistic magnitudes: power draw, and so clocks, depend on the data."""
+        import cupy
+
+        plan = self.plan
+        _, shape, order, ld, batch_stride = plan._layouts[plan.sparse]
+        rows, cols = shape[-2:]
+        count = shape[0] if len(shape) == 3 and batch_stride else 1
+        base = (count, rows, ld) if order == "row" else (count, cols, ld)
+        values = plan._storage_view(cupy.asarray(dense)).ravel()
+        size = math.prod(base)
+        data = cupy.tile(values, -(-size // values.size))[:size].reshape(base)
+        data = data[:, :, :cols] if order == "row" else data.swapaxes(-1, -2)[:, :rows, :]
+        if len(shape) == 2:
+            return data[0]
+        return data if batch_stride else cupy.broadcast_to(data, shape)
+
+    def _operands(self) -> tuple:
+        """The call's a and b with the compressed operand in the sparse place."""
+        if self.plan.sparse == "a":
+            return self._compressed, self.args.b
+        return self.args.a, self._compressed
+
+    def prepare(self, stream: Any) -> TimedCall:
+        """Compress for the plan's current configuration (freeing the previous candidate's) and check the
+        call once, on ``stream``."""
+        plan, args = self.plan, self.args
+        if self._source is None:
+            sparse_arg = args.a if plan.sparse == "a" else args.b
+            dense_arg = args.b if plan.sparse == "a" else args.a
+            compressed = type(sparse_arg) is CompressedOperand
+            self._source = self._sample_sparse_side(dense_arg) if compressed else sparse_arg
+        if self._compressed is not None:
+            self._compressed.close()
+        self._compressed = plan.compress(self._source, prune="strip", stream=stream)
+        dense_name = "b" if plan.sparse == "a" else "a"
+        run, stream_ptr, (s_ptr, x_ptr, d_ptr), self._out = plan._timing_call(
+            *self._operands(), args.c, args.alpha, args.beta, args.bias, self._out, stream
+        )
+        return TimedCall(run, stream_ptr, s_ptr, self._compressed.nbytes, COMPRESSED_SLACK, x_ptr,
+                         _extent_bytes(plan._layouts[dense_name]), d_ptr, _extent_bytes(plan._d_layout))
+
+    def search(self, stream: Any) -> None:
+        """``cusparseLtMatmulSearch`` on a freshly initialised default configuration; :attr:`config` is then its
+        choice, which the tuner sets again (re-initialising: a plan the search changed in place is never used,
+        see :meth:`pycusparselt.SparseMatmulPlan.autotune`)."""
+        plan, args = self.plan, self.args
+        plan.config = plan.default_config
+        self.prepare(stream)
+        plan._run(bindings.matmul_search, *self._operands(), args.c, args.alpha, args.beta, args.bias, self._out,
+                  stream)
+
+    def close(self) -> None:
+        """Free the compressed operand and the output this target allocated. Harmless when repeated."""
+        if self._compressed is not None:
+            self._compressed.close()
+            self._compressed = None
+        self._out = self._source = None
+
+    def __enter__(self) -> TuningTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _extent_bytes(layout: tuple) -> int:
+    """Bytes spanned by an operand with this layout (dtype, shape, order, ld, batch stride)."""
+    dtype, shape, order, ld, batch_stride = layout
+    rows, cols = shape[-2:]
+    matrix = (rows - 1) * ld + cols if order == "row" else (cols - 1) * ld + rows
+    batch = shape[0] if len(shape) == 3 else 1
+    return ((batch - 1) * batch_stride + matrix) * dtype.itemsize
 
 
 class Launcher:

@@ -536,14 +536,14 @@ class SparseLinear:
         self._epilogue()  # raises without an input scale
         inv = np.float32(1.0) / np.float32(self._input_scale)
         if xp is np:
-            return quantization._quantize_host(x, inv, self.format)
-        return quantization._quantize_device(x, inv, self.format)
+            return quantization.quantize_on_host(x, inv, self.format)
+        return quantization.quantize_on_device(x, inv, self.format)
 
     def _finish(self, y: Any, xp: Any) -> Any:
         """Post-GEMM steps in float32 (GELU, per-channel FP8 scales), then the output type."""
         if not self._post:
             return y
-        z = quantization._float32(y, xp)
+        z = quantization.as_float32(y, xp)
         if self._channel_fp8:
             cache = self._epilogue()
             scale = cache["scale_device"] if xp is not np else self.weight_scale
@@ -556,9 +556,9 @@ class SparseLinear:
             z = _gelu32(z, xp)
         if self.out_dtype == _I8:
             inv = np.float32(1.0) / np.float32(self._output_scale)
-            return quantization._quantize_host(z, inv, "int8") if xp is np else quantization._quantize_device(
+            return quantization.quantize_on_host(z, inv, "int8") if xp is np else quantization.quantize_on_device(
                 z, inv, "int8")
-        return quantization._to_dtype(z, self.out_dtype, xp)
+        return quantization.round_from_float32(z, self.out_dtype, xp)
 
     def _reference_call(self, x: np.ndarray) -> np.ndarray:
         if self.permutation is not None:
@@ -872,12 +872,12 @@ class SparseLinear:
         dt = np.dtype(x.dtype)
         if dt not in _FLOATS:
             raise TypeError(f"batches: calibration takes float activations, got {dt}")
-        x32 = quantization._float32(x, xp)
+        x32 = quantization.as_float32(x, xp)
         if self.permutation is not None:
             x32 = x32[..., xp.asarray(self.permutation)]
-        y = x32 @ quantization._float32(self.weight, xp).T
+        y = x32 @ quantization.as_float32(self.weight, xp).T
         if self._bias_host is not None:
-            y = y + quantization._float32(self.bias, xp)
+            y = y + quantization.as_float32(self.bias, xp)
         if self.activation == "relu":
             y = _relu32(y, self.relu_threshold, self.relu_upper_bound, xp)
         elif self.activation == "gelu":

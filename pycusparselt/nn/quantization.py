@@ -38,6 +38,10 @@ import numpy as np
 
 __all__ = [
     "FORMATS",
+    "as_float32",
+    "round_from_float32",
+    "quantize_on_device",
+    "quantize_on_host",
     "qmax",
     "quantize",
     "dequantize",
@@ -114,8 +118,9 @@ def _namespace(a: Any, what: str) -> tuple[Any, Any]:
     return arr, np
 
 
-def _float32(x: Any, xp: Any) -> Any:
-    """``x`` as float32 (exact for float16, bfloat16 and the 8-bit formats)."""
+def as_float32(x: Any, xp: Any) -> Any:
+    """``x`` as float32 (exact for float16, bfloat16 and the 8-bit formats); ``xp`` is NumPy or CuPy, the
+    array's module (CuPy has no bfloat16 arithmetic: its bits are widened)."""
     if x.dtype == _F32:
         return x
     if xp is not np and x.dtype == _BF16:
@@ -124,7 +129,7 @@ def _float32(x: Any, xp: Any) -> Any:
     return x.astype(np.float32)
 
 
-def _to_dtype(y32: Any, dtype: Any, xp: Any) -> Any:
+def round_from_float32(y32: Any, dtype: Any, xp: Any) -> Any:
     """float32 -> float16, bfloat16 or float32, rounding to nearest even (identical on both families)."""
     dtype = np.dtype(dtype)
     if dtype == _F32:
@@ -222,17 +227,19 @@ def quantize_into(x: Any, inverse_scale: Any, fmt: str, out: Any) -> Any:
     return kernels[fmt](x, inverse_scale, out)
 
 
-def _quantize_device(x: Any, inv: Any, fmt: str) -> Any:
-    """Quantize a CuPy array with a float32 inverse scale (scalar or broadcastable array) in one kernel."""
+def quantize_on_device(x: Any, inv: Any, fmt: str) -> Any:
+    """Quantize a CuPy array with a float32 inverse scale (scalar or broadcastable array) in one kernel;
+    ``fmt`` a key of :data:`FORMATS`. No checks: :func:`quantize` is the checked entry."""
     import cupy
 
     if x.dtype == _BF16:
-        x = _float32(x, cupy)
+        x = as_float32(x, cupy)
     return _device_kernels()[fmt](x, inv)
 
 
-def _quantize_host(x: np.ndarray, inv: Any, fmt: str) -> np.ndarray:
-    v = _float32(x, np) * inv  # one float32 multiply, as on the GPU
+def quantize_on_host(x: np.ndarray, inv: Any, fmt: str) -> np.ndarray:
+    """:func:`quantize_on_device`'s results for a NumPy array, bit for bit."""
+    v = as_float32(x, np) * inv  # one float32 multiply, as on the GPU
     dt, limit = FORMATS[fmt]
     with np.errstate(invalid="ignore"):
         if fmt == "int8":  # int8 has no NaN: it becomes 0 (see quantize)
@@ -280,8 +287,8 @@ def quantize(x: Any, scale: Any, dtype: Any = "int8") -> Any:
         raise TypeError(f"x: expected float16, bfloat16 or float32 values, got {x.dtype}")
     inv = _inverse(scale, xp)
     if xp is np:
-        return _quantize_host(x, inv, fmt)
-    return _quantize_device(x, inv, fmt)
+        return quantize_on_host(x, inv, fmt)
+    return quantize_on_device(x, inv, fmt)
 
 
 def dequantize(q: Any, scale: Any, *, dtype: Any = None) -> Any:
@@ -306,7 +313,7 @@ def dequantize(q: Any, scale: Any, *, dtype: Any = None) -> Any:
         table = np.arange(256, dtype=np.uint8).view(FORMATS[fmt][0]).astype(np.float32)
         values = xp.asarray(table)[q]
     else:
-        values = _float32(q, xp)
+        values = as_float32(q, xp)
     if xp is np or not isinstance(scale, xp.ndarray):
         scale = xp.asarray(np.asarray(scale, dtype=np.float32))
     return values * scale.astype(xp.float32)
@@ -348,7 +355,7 @@ def weight_scales(
     w, xp = _namespace(w, "w")
     if w.ndim != 2:
         raise ValueError(f"w: expected (out_features, in_features), got shape {tuple(w.shape)}")
-    w32 = _float32(w, xp)
+    w32 = as_float32(w, xp)
     if not bool(xp.isfinite(w32).all()):
         raise ValueError("w: the weight has NaN or infinite values; they cannot be quantized")
     limit = np.float32(FORMATS[fmt][1])
@@ -381,7 +388,7 @@ def quantize_weight(
     scales = weight_scales(w, fmt, granularity=granularity, allow_zero_channels=allow_zero_channels)
     w, xp = _namespace(w, "w")
     inv = xp.float32(1.0) / (scales[:, None] if scales.ndim else scales)
-    values = _quantize_host(w, inv, fmt) if xp is np else _quantize_device(w, inv, fmt)
+    values = quantize_on_host(w, inv, fmt) if xp is np else quantize_on_device(w, inv, fmt)
     return values, scales
 
 
@@ -450,7 +457,7 @@ class Calibrator:
         self.batches += 1
         if x.size == 0:
             return
-        a = xp.abs(_float32(x, xp)).ravel()
+        a = xp.abs(as_float32(x, xp)).ravel()
         if not bool(xp.isfinite(a).all()):
             bad = int((~xp.isfinite(a)).sum())
             raise ValueError(f"batch {index}: {bad} NaN or infinite value(s); calibration needs finite activations")

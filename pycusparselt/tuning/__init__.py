@@ -1,5 +1,9 @@
 """The auto-tuner behind :meth:`pycusparselt.SparseMatmulPlan.autotune`: time candidate configurations with
-CUDA events and keep the fastest, remembering the winner on disk.
+CUDA events and keep the fastest, remembering the winner on disk (:mod:`pycusparselt.tuning.cache`; the
+timing itself is ``pycusparselt.tuning.timing``).
+
+This layer sits below the plans: the tuner works on a :class:`Tunable`, which the plan layer provides
+(:class:`~pycusparselt.gemm.plan.TuningTarget`), and imports nothing of it.
 
 Why our own: on the H100 ``cusparseLtMatmulSearch`` sometimes keeps a configuration slower than the default
 one, and the default can be twice as slow as the best (every FP8 case). So every algorithm id is timed, then
@@ -12,19 +16,15 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-from .. import bindings
 from .._native.library import library_version
 from ..enums import SplitKMode
 from ..errors import CuSparseLtError
-from .timing import time_gpu
 from .cache import TuningCache, TuningCacheWarning
+from .timing import time_gpu
 
-if TYPE_CHECKING:
-    from ..gemm.plan import SparseMatmulPlan
-
-__all__ = ["PlanConfig", "Candidate", "TuningReport", "tuning_key", "autotune", "tuning_is_safe_on",
+__all__ = ["PlanConfig", "Candidate", "TuningReport", "Tunable", "tuning_key", "autotune", "tuning_is_safe_on",
            "TUNING_OFF_DEVICE_0"]
 
 # split-K factors and modes tried on the fastest algorithm ids; invalid ones are refused by the library
@@ -89,63 +89,45 @@ class TuningReport(NamedTuple):
         return min(times) if times else None
 
 
-def tuning_key(plan: SparseMatmulPlan) -> dict[str, Any]:
-    """The tuning cache key of ``plan``: GPU, library version and the full problem signature."""
+class Tunable(Protocol):
+    """What the tuner tunes: a plan on the operands of one call. The plan layer's
+    :class:`~pycusparselt.gemm.plan.TuningTarget` is one; the tuner knows nothing else of plans."""
+
+    device: int
+    default_config: PlanConfig
+    max_alg_id: int
+    padded: bool
+    config: PlanConfig  # setting it re-initialises the plan
+
+    def problem_signature(self) -> dict[str, Any]:
+        """What the tuning cache keys the problem by."""
+
+    def prepare(self, stream: Any) -> Any:
+        """Compress for the current configuration and check one call on ``stream``: a
+        :class:`~pycusparselt.gemm.plan.TimedCall`."""
+
+    def search(self, stream: Any) -> None:
+        """Run ``cusparseLtMatmulSearch``; ``config`` is then its choice."""
+
+
+def tuning_key(plan: Any) -> dict[str, Any]:
+    """The tuning cache key of ``plan`` (a :class:`~pycusparselt.SparseMatmulPlan` or its
+    :class:`~pycusparselt.gemm.plan.TuningTarget`): GPU, library version and the full problem signature."""
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(plan.device)
     name = props["name"]
-    problem = {
-        "dtype": str(plan.dtype),
-        "out_dtype": str(plan.out_dtype),
-        "compute": int(plan._compute_type),
-        "sparse": plan.sparse,
-        "matrices": [
-            [m.rows, m.cols, m.ld, m.order, m.batch, m.batch_stride] for m in plan._mats
-        ],
-        "activation": plan.activation,
-        "bias": plan._has_bias,
-        "alpha_vector": plan._has_alpha_vector,
-        "c": plan._layouts["c"] is not None,
-    }
     return {
         "gpu": name.decode() if isinstance(name, bytes) else str(name),
         "compute_capability": f"{props['major']}.{props['minor']}",
         "cusparselt": ".".join(map(str, library_version())),
-        "problem": problem,
+        "problem": plan.problem_signature(),
     }
-
-
-def _extent(layout: tuple) -> int:
-    """Elements spanned by an operand with this layout (dtype, shape, order, ld, batch stride)."""
-    _, shape, order, ld, batch_stride = layout
-    rows, cols = shape[-2:]
-    matrix = (rows - 1) * ld + cols if order == "row" else (cols - 1) * ld + rows
-    batch = shape[0] if len(shape) == 3 else 1
-    return (batch - 1) * batch_stride + matrix
-
-
-def _sample_sparse_side(plan: SparseMatmulPlan, dense: Any) -> Any:
-    """Data with the layout of the plan's sparse operand, made of the dense operand's own values (tiled), so
-    that the timed products see realistic magnitudes: power draw, and so clocks, depend on the data."""
-    import cupy
-
-    _, shape, order, ld, batch_stride = plan._layouts[plan.sparse]
-    rows, cols = shape[-2:]
-    count = shape[0] if len(shape) == 3 and batch_stride else 1
-    base = (count, rows, ld) if order == "row" else (count, cols, ld)
-    values = plan._storage_view(cupy.asarray(dense)).ravel()
-    size = math.prod(base)
-    data = cupy.tile(values, -(-size // values.size))[:size].reshape(base)
-    data = data[:, :, :cols] if order == "row" else data.swapaxes(-1, -2)[:, :rows, :]
-    if len(shape) == 2:
-        return data[0]
-    return data if batch_stride else cupy.broadcast_to(data, shape)
 
 
 def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list, slack: int = 0) -> list[int]:
     """``count`` device copies of ``nbytes`` at ``ptr`` (the first is ``ptr`` itself), each allocated with
-    ``slack`` bytes more (for the library's reads past a compressed buffer: plan.COMPRESSED_SLACK)."""
+    ``slack`` bytes more."""
     import cupy
 
     ptrs = [ptr]
@@ -157,21 +139,15 @@ def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list, slac
     return ptrs
 
 
-def _rotation_count(plan: SparseMatmulPlan, compressed_nbytes: int) -> int:
+def _rotation_count(target: Tunable, call: Any) -> int:
     """How many operand sets to cycle through so that timed calls read from memory as in real use: enough
     to overflow L2 when the whole problem fits in it, else 1."""
     import cupy
 
-    if plan.padded:  # the plan's own padded buffers are the operands
+    if target.padded:  # the plan's own padded buffers are the operands
         return 1
-    dense_name = "b" if plan.sparse == "a" else "a"
-    x_layout = plan._layouts[dense_name]
-    total = (
-        compressed_nbytes
-        + _extent(x_layout) * x_layout[0].itemsize
-        + _extent(plan._d_layout) * plan._d_layout[0].itemsize
-    )
-    l2 = cupy.cuda.Device(plan.device).attributes["L2CacheSize"]
+    total = call.s_nbytes + call.x_nbytes + call.d_nbytes
+    l2 = cupy.cuda.Device(target.device).attributes["L2CacheSize"]
     return 1 if total >= l2 else min(MAX_ROTATION, math.ceil(2 * l2 / total) + 1)
 
 
@@ -212,18 +188,16 @@ def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
 
 
 def autotune(
-    plan: SparseMatmulPlan,
-    call_args: tuple,
+    target: Tunable,
     *,
     repeats: int = 10,
     warmup: int = 3,
     budget_s: float | None = None,
     cache: TuningCache | bool | None = None,
 ) -> TuningReport:
-    """Tune ``plan`` on the operands of one call (see :meth:`SparseMatmulPlan.autotune`) and keep the winner."""
+    """Tune a plan on the operands of one call (``target``, see :meth:`pycusparselt.SparseMatmulPlan.autotune`)
+    and keep the winner as its configuration."""
     import cupy
-
-    from ..gemm.plan import COMPRESSED_SLACK, CompressedOperand
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -233,30 +207,24 @@ def autotune(
         cache = TuningCache()
     elif cache is not False and not isinstance(cache, TuningCache):
         raise TypeError(f"cache: expected a TuningCache, True, False or None, got {type(cache).__name__}")
-    safe = tuning_is_safe_on(plan.device)
+    safe = tuning_is_safe_on(target.device)
     if not safe:  # a winner stored from device 0 of this GPU model is not for this device
         cache = False
     began = time.perf_counter()
-    a, b, c, alpha, beta, bias, out, _ = call_args  # timed on a stream of its own (below)
-    sparse_arg = a if plan.sparse == "a" else b
-    with cupy.cuda.Device(plan.device):
-        key = tuning_key(plan) if cache else None
+    with cupy.cuda.Device(target.device):
+        key = tuning_key(target) if cache else None
         if cache:
             stored = cache.get(key)
             if stored is not None:
                 try:
-                    plan.config = PlanConfig(**stored["config"])
-                    return TuningReport("timed", "cache", plan.config, (), time.perf_counter() - began)
+                    target.config = PlanConfig(**stored["config"])
+                    return TuningReport("timed", "cache", target.config, (), time.perf_counter() - began)
                 except (KeyError, TypeError, ValueError, CuSparseLtError) as exc:
                     warnings.warn(
                         f"tuning cache entry {cache.path_for(key)} could not be applied ({exc}); tuning again",
                         TuningCacheWarning,
                         stacklevel=3,
                     )
-        # The compressed form depends on the configuration (see SparseMatmulPlan.config), so each candidate
-        # gets its own: of the caller's dense sparse-side operand when given, else of random data.
-        dense_arg = b if plan.sparse == "a" else a
-        source = _sample_sparse_side(plan, dense_arg) if type(sparse_arg) is CompressedOperand else sparse_arg
         keep: list = []
         state: dict[str, Any] = {}
         # a stream of our own, after the caller's work is finished
@@ -265,28 +233,17 @@ def autotune(
 
         def prepare() -> tuple:
             """Compress for the plan's current configuration; return (run, operand sets)."""
-            if "compressed" in state:
-                state.pop("compressed").close()
             state.pop("s_keep", None)  # the previous candidate's copies
-            compressed = state["compressed"] = plan.compress(source, prune="strip", stream=tuning_stream)
-            args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-            # one D for every candidate: the caller's, or the one allocated by the first call, kept alive here
-            run, stream_ptr, (s_ptr, x_ptr, d_ptr), state["out"] = plan._timing_call(
-                *args, c, alpha, beta, bias, state.get("out", out), tuning_stream
-            )
-            if "sets" not in state:
-                count = _rotation_count(plan, compressed.nbytes)
-                dense_name = "b" if plan.sparse == "a" else "a"
-                x_layout = plan._layouts[dense_name]
-                xs = _copies(x_ptr, _extent(x_layout) * x_layout[0].itemsize, count, stream_ptr, keep)
-                d_bytes = _extent(plan._d_layout) * plan._d_layout[0].itemsize
-                keep.extend(cupy.empty(d_bytes, dtype=cupy.uint8) for _ in range(count - 1))
-                ds = [d_ptr] + [buf.data.ptr for buf in keep[-(count - 1):]] if count > 1 else [d_ptr]
-                state["xd"], state["stream"] = list(zip(xs, ds, strict=True)), tuning_stream
-            count = len(state["xd"])
-            ss = _copies(s_ptr, compressed.nbytes, count, stream_ptr, state.setdefault("s_keep", []), COMPRESSED_SLACK)
-            sets = [(s, x, d) for s, (x, d) in zip(ss, state["xd"], strict=True)]
-            return run, sets
+            call = target.prepare(tuning_stream)
+            if "xd" not in state:
+                count = _rotation_count(target, call)
+                xs = _copies(call.x_ptr, call.x_nbytes, count, call.stream_ptr, keep)
+                keep.extend(cupy.empty(call.d_nbytes, dtype=cupy.uint8) for _ in range(count - 1))
+                ds = [call.d_ptr] + [buf.data.ptr for buf in keep[-(count - 1):]] if count > 1 else [call.d_ptr]
+                state["xd"] = list(zip(xs, ds, strict=True))
+            ss = _copies(call.s_ptr, call.s_nbytes, len(state["xd"]), call.stream_ptr,
+                         state.setdefault("s_keep", []), call.s_slack)
+            return call.run, [(s, x, d) for s, (x, d) in zip(ss, state["xd"], strict=True)]
 
         results: list[Candidate] = []
         tried: set[tuple] = set()
@@ -298,33 +255,28 @@ def autotune(
             tried.add(tuple(config))
             setup = time.perf_counter()
             try:
-                plan.config = config
+                target.config = config
                 run, sets = prepare()
                 setup = (time.perf_counter() - setup) * 1e3
-                median = _measure(run, sets, state["stream"], repeats, warmup)
+                median = _measure(run, sets, tuning_stream, repeats, warmup)
                 results.append(Candidate(config, source_name, median, None, setup))
             except CuSparseLtError as exc:
                 results.append(Candidate(config, source_name, None, f"{exc.function}: {exc.name}"))
                 return exc
             return None
 
-        default = plan.default_config
+        default = target.default_config
         attempt(default, "default")
         if safe:
-            # the library's search, on a freshly initialised default plan; its choice is then timed like any
-            # other configuration (a plan the search changed in place is never used: see SparseMatmulPlan.autotune)
-            plan.config = default
-            prepare()
-            compressed = state["compressed"]
-            search_args = (compressed, b) if plan.sparse == "a" else (a, compressed)
-            plan._run(bindings.matmul_search, *search_args, c, alpha, beta, bias, state["out"], tuning_stream)
+            # the library's search; its choice is then timed like any other configuration
+            target.search(tuning_stream)
             tried.discard(tuple(default))
-            attempt(plan.config, "search")
+            attempt(target.config, "search")
 
         def in_budget() -> bool:
             return safe and (budget_s is None or time.perf_counter() - began < budget_s)
 
-        for alg in range(plan.max_alg_id):
+        for alg in range(target.max_alg_id):
             if not in_budget():
                 break
             attempt(PlanConfig(alg, default.split_k, default.split_k_mode, default.split_k_buffers), "alg")
@@ -341,9 +293,9 @@ def autotune(
         # the closest few timed again with twice the repeats, so noise in one short measurement decides less
         for cand in sorted((c for c in results if c.median_ms is not None), key=lambda c: c.median_ms)[:RETIMED]:
             try:
-                plan.config = cand.config
+                target.config = cand.config
                 run, sets = prepare()
-                median = _measure(run, sets, state["stream"], 2 * repeats, warmup)
+                median = _measure(run, sets, tuning_stream, 2 * repeats, warmup)
             except CuSparseLtError:
                 continue
             results[results.index(cand)] = cand._replace(median_ms=median)
@@ -351,13 +303,11 @@ def autotune(
         if not settable:
             raise RuntimeError("autotune: the library refused every candidate configuration, the default included")
         best = settable[0]
-        plan.config = best.config
-        if "compressed" in state:
-            state.pop("compressed").close()
+        target.config = best.config
         tuning_stream.synchronize()
         keep.clear()
         state.clear()
-        report = TuningReport("timed", "timed", plan.config, tuple(results), time.perf_counter() - began)
+        report = TuningReport("timed", "timed", target.config, tuple(results), time.perf_counter() - began)
         if cache:
             cache.put(key, {"config": best.config._asdict(), "median_ms": best.median_ms,
                             "default_ms": report.time_of("default")})

@@ -1,0 +1,280 @@
+"""The package's structure, read from its source: layers with one direction of imports, no import circles, no
+module using another's private names, and every module named in the package docstring and the architecture
+page. Parses the source (nothing is imported), so it runs anywhere."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "pycusparselt"
+GENERATED = {"pycusparselt._cusparselt_cffi", "pycusparselt._fastcall"}  # written at build time
+
+#: The layers, lowest first: a module may import from its own layer and the ones below, never above.
+#: (docs/architecture.rst draws the same picture.)
+LAYERS = [
+    ("native", ["pycusparselt._native", "pycusparselt.bindings", "pycusparselt.enums", "pycusparselt.errors",
+                "pycusparselt.reference"]),
+    ("arrays", ["pycusparselt._arrays"]),
+    ("tuning", ["pycusparselt.tuning"]),
+    ("gemm", ["pycusparselt.gemm"]),
+    ("nn", ["pycusparselt.nn"]),
+    ("distributed and PyTorch", ["pycusparselt.distributed", "pycusparselt.torch"]),
+    ("tools", ["pycusparselt.bench", "pycusparselt.cli", "pycusparselt.__main__", "pycusparselt._moved",
+               "pycusparselt"]),
+]
+
+#: Underscore names that are public API of their owners: NamedTuple's methods and fields.
+NAMEDTUPLE_API = {"_asdict", "_replace", "_fields", "_make", "_field_defaults"}
+#: Other libraries, whatever name binds them (``torch = sys.modules.get("torch")``): their names are theirs.
+OTHER_LIBRARIES = {"torch", "cupy", "cupyx", "np", "numpy", "ml_dtypes", "os", "sys", "cffi", "importlib"}
+
+
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(parts)
+        if name not in GENERATED:
+            found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix that names ``module``."""
+    best, rank = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            inside = module == prefix or (prefix != "pycusparselt" and module.startswith(prefix + "."))
+            if inside and len(prefix) > best:
+                best, rank = len(prefix), index
+    if rank is None:
+        raise LookupError(f"{module} is in no layer: add it to LAYERS (and to docs/architecture.rst)")
+    return rank
+
+
+def _package_of(module: str) -> str:
+    return module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def imports_of(module: str, tree: ast.AST) -> list[tuple[str, int, str | None]]:
+    """``(imported module, line, imported name or None)`` for every import of the package's own modules,
+    at module level or inside functions alike."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno, None) for a in node.names if a.name.split(".")[0] == "pycusparselt"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = _package_of(module).split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.split(".")[0] == "pycusparselt":
+                target = node.module
+            else:
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                if sub in MODULES or sub in GENERATED:
+                    found.append((sub, node.lineno, None))
+                else:
+                    found.append((target, node.lineno, alias.name))
+    return found
+
+
+def _trees() -> dict[str, ast.AST]:
+    return {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.items()}
+
+
+TREES = _trees()
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for name, tree in TREES.items():
+        for target, _, _ in imports_of(name, tree):
+            if target in MODULES and target != name:
+                graph[name].add(target)
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (a list of modules, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                circle = visit(nxt)
+                if circle:
+                    return circle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            circle = visit(node)
+            if circle:
+                return circle
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` for every import of a higher layer. The package's own ``__init__`` modules of
+    the layer folders are their layer's; ``pycusparselt`` itself (the public face) is the top."""
+    return [f"{name} ({LAYERS[layer_of(name)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+            for name, targets in sorted(graph.items()) for target in sorted(targets)
+            if layer_of(target) > layer_of(name)]
+
+
+def private_uses(name: str, tree: ast.AST) -> list[str]:
+    """Uses in module ``name`` of private names that belong to other modules: ``from .x import _y``,
+    ``x._y`` for an imported module of the package, and ``obj._y`` where this module defines no ``_y``
+    (attributes of objects from elsewhere). Dunders, NamedTuple's API and other libraries' names are left
+    alone (``torch._C`` is PyTorch's business)."""
+    defined: set[str] = set()
+    external: set[str] = set(OTHER_LIBRARIES)  # names bound to other libraries' modules or objects
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            defined.add(node.attr)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            defined.add(node.value)  # __slots__ entries, getattr names
+        elif isinstance(node, ast.Import):
+            external.update((a.asname or a.name).split(".")[0] for a in node.names
+                            if a.name.split(".")[0] != "pycusparselt")
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            if (node.module or "").split(".")[0] != "pycusparselt":
+                external.update(a.asname or a.name for a in node.names)
+    found = []
+    for target, line, imported in imports_of(name, tree):
+        if imported and imported.startswith("_") and not imported.startswith("__") and target != name:
+            found.append(f"{name}:{line} imports {imported} from {target}")
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        attr = node.attr
+        if not attr.startswith("_") or attr.startswith("__") or attr in NAMEDTUPLE_API or attr in defined:
+            continue
+        root = node.value
+        while isinstance(root, (ast.Attribute, ast.Call, ast.Subscript)):
+            root = root.func if isinstance(root, ast.Call) else root.value
+        if isinstance(root, ast.Name) and root.id in external:
+            continue
+        found.append(f"{name}:{node.lineno} uses {ast.unparse(node)}")
+    return found
+
+
+# -- the package ------------------------------------------------------------------------------------------
+
+
+def test_every_module_is_in_a_layer():
+    for name in MODULES:
+        layer_of(name)
+
+
+def test_no_import_circles():
+    assert find_circle(_graph()) is None, " -> ".join(find_circle(_graph()))
+
+
+def test_imports_go_one_way_between_the_layers():
+    assert upward_imports(_graph()) == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    found = [use for name, tree in TREES.items() for use in private_uses(name, tree)]
+    assert found == []
+
+
+def test_cupy_is_imported_only_where_a_gpu_is_used():
+    """``import cupy`` at module level would make the package need CuPy to import: only function-local
+    imports (lazy) are allowed, so CPU-only use keeps working."""
+    for name, tree in TREES.items():
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] in ("cupy", "cupyx", "torch") for n in names), (name, node.lineno)
+
+
+def test_the_package_docstring_and_the_architecture_page_name_every_module():
+    import pycusparselt
+
+    doc = ast.get_docstring(TREES["pycusparselt"])
+    page = (ROOT / "docs" / "architecture.rst").read_text()
+    for name in MODULES:
+        if name == "pycusparselt":
+            continue
+        assert re.search(rf"\b{re.escape(name)}\b", page), f"docs/architecture.rst does not name {name}"
+        assert re.search(rf"\b{re.escape(name)}\b", doc), f"the package docstring does not name {name}"
+    assert pycusparselt.__doc__  # the docstring read above is the one the package has
+
+
+# -- the checks themselves can fail -------------------------------------------------------------------------
+
+
+def test_a_circle_is_found():
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_an_upward_import_is_found():
+    graph = {"pycusparselt.gemm.plan": {"pycusparselt.nn.linear"}, "pycusparselt.nn.linear": set()}
+    assert upward_imports(graph) == ["pycusparselt.gemm.plan (gemm) -> pycusparselt.nn.linear (nn)"]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from .quantization import _float32\n", "imports _float32 from pycusparselt.nn.quantization"),
+        ("from . import quantization\nquantization._float32(1)\n", "uses quantization._float32"),
+        ("def f(plan):\n    return plan._layouts\n", "uses plan._layouts"),
+        ("import torch\ntorch._C\nclass A:\n    def f(self):\n        self._x = 1\n        return self._x\n", None),
+        ("def f(c):\n    return c._asdict()\n", None),
+    ],
+)
+def test_private_uses_are_found(source, expected):
+    found = private_uses("pycusparselt.nn.linear", ast.parse(source))
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and expected in found[0], found
+
+
+def test_a_module_outside_the_layers_is_refused():
+    with pytest.raises(LookupError, match="in no layer"):
+        layer_of("pycusparselt.somewhere_new")
+
+
+def test_the_old_import_paths_are_the_moved_modules():
+    """``pycusparselt.plan`` and the other moved modules' old paths give the same module objects."""
+    import importlib
+
+    import pycusparselt
+    from pycusparselt import _moved
+
+    for old, new in _moved.MOVED.items():
+        module = importlib.import_module(f"pycusparselt.{old}")
+        assert module is importlib.import_module(f"pycusparselt.{new}")
+        assert module.__spec__.name == f"pycusparselt.{new}"
+        assert getattr(pycusparselt, old) is module
+    assert re.fullmatch(r"pycusparselt\.gemm\.plan", pycusparselt.plan.SparseMatmulPlan.__module__)
