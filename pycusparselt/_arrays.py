@@ -16,8 +16,9 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
-    "NUMPY", "CUPY", "TORCH", "DEVICE",
-    "kind", "is_device", "is_torch", "array_key", "signature", "as_cupy", "to_numpy", "dtype_of", "like",
+    "NUMPY", "CUPY", "TORCH", "DEVICE", "DLPACK_CUDA",
+    "kind", "is_device", "is_torch", "is_cupy", "namespace", "array_key", "signature", "as_cupy", "to_numpy",
+    "dtype_of", "like",
     "as_framework", "host_tensor", "empty", "current_stream", "torch_dtype",
 ]
 
@@ -69,14 +70,46 @@ def _cupy_ndarray_if_loaded() -> Any:
 _RAW_STREAM: Any = None  # PyTorch's current raw stream getter, looked up on first use
 
 
+#: DLPack device types of GPU memory: kDLCUDA, kDLCUDAManaged.
+DLPACK_CUDA = (2, 13)
+
+
+def is_cupy(obj: Any) -> bool:
+    """Whether ``obj`` is a CuPy array (CuPy is not imported to find out)."""
+    cupy_ndarray = _cupy_ndarray_if_loaded()
+    return cupy_ndarray is not None and isinstance(obj, cupy_ndarray)
+
+
 def is_device(obj: Any) -> bool:
-    """Whether ``obj`` lives on a GPU: a CuPy array, a CUDA tensor, or a device array of another framework.
-    A PyTorch CPU tensor is a host array."""
+    """Whether ``obj`` lives on a GPU: a CuPy array, a CUDA tensor, an object with
+    ``__cuda_array_interface__``, or a DLPack array on a CUDA device. A PyTorch CPU tensor, or a CPU DLPack
+    array of another framework, is a host array."""
     if isinstance(obj, np.ndarray):
         return False
     if is_torch(obj):
         return bool(obj.is_cuda)
-    return hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__")
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        return obj.__dlpack_device__()[0] in DLPACK_CUDA
+    return hasattr(obj, "__dlpack__")  # no device to ask: as before, the device side refuses it if need be
+
+
+def namespace(obj: Any) -> tuple[Any, Any]:
+    """``(array, xp)``: ``obj`` as a CuPy array over its GPU memory with ``xp`` CuPy (CuPy arrays, CUDA
+    tensors and other device arrays, without a copy), or as a NumPy array with ``xp`` NumPy (NumPy arrays,
+    PyTorch CPU tensors, host DLPack arrays, lists and scalars)."""
+    if isinstance(obj, np.ndarray):
+        return obj, np
+    if is_device(obj):
+        import cupy
+
+        return as_cupy(obj), cupy
+    if is_torch(obj) or isinstance(obj, (list, tuple)):
+        return to_numpy(obj), np
+    if hasattr(obj, "__dlpack__") and not hasattr(obj, "__array__"):
+        return np.from_dlpack(obj), np
+    return np.asarray(obj), np
 
 
 def array_key(obj: Any) -> tuple | None:

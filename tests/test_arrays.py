@@ -60,3 +60,59 @@ def test_torch_cpu_tensors_are_host_arrays():
 def test_signature_is_none_for_host_arrays():
     assert _arrays.signature(np.zeros(3)) is None
     assert _arrays.signature([1, 2]) is None
+
+
+class _HostDLPack:
+    """A CPU array of another library: DLPack only (NumPy's own capsule, device kDLCPU)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.shape = array.shape
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+class _CudaDLPack:
+    """What a GPU array of another library says about its device (nothing else is read on the CPU)."""
+
+    shape = (2,)
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("not read on the CPU")
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_a_host_dlpack_array_is_a_host_array_and_a_cuda_one_a_device_array():
+    host = _HostDLPack(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert not _arrays.is_device(host) and _arrays.is_device(_CudaDLPack())
+    arr, xp = _arrays.namespace(host)
+    assert xp is np and np.shares_memory(arr, host.array)  # viewed, not copied
+
+
+@pytest.mark.parametrize("value", [np.ones((2, 2), np.float16), [[1.0, 2.0]], (3, 4), 5.0])
+def test_host_values_are_numpy_in_namespace(value):
+    arr, xp = _arrays.namespace(value)
+    assert xp is np and isinstance(arr, np.ndarray)
+    np.testing.assert_array_equal(arr, np.asarray(value))
+    if isinstance(value, np.ndarray):
+        assert arr is value
+    assert not _arrays.is_cupy(value)
+
+
+def test_a_cpu_tensor_is_a_host_array_everywhere():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert not _arrays.is_device(t)
+    arr, xp = _arrays.namespace(t)
+    assert xp is np and np.shares_memory(arr, t.numpy())
+    from pycusparselt.nn import quantization
+
+    q = quantization.quantize(t, 0.5, "int8")  # a host computation, as for NumPy
+    assert isinstance(q, np.ndarray) and q.dtype == np.int8
+    np.testing.assert_array_equal(q, quantization.quantize(t.numpy(), 0.5, "int8"))

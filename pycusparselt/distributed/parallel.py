@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from .. import _arrays
 from ..nn.linear import SparseLinear
 from . import sharding
 from .._native.streams import on_stream, stream_ptr
@@ -38,16 +39,11 @@ _SUMMABLE = frozenset(np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.f
 
 
 def _as_array(array: Any, what: str) -> Any:
-    """NumPy stays NumPy; CuPy stays CuPy; other device arrays become CuPy views (zero-copy)."""
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "__cuda_array_interface__") or hasattr(array, "__dlpack__"):
-        import cupy
-
-        if isinstance(array, cupy.ndarray):
-            return array
-        return cupy.asarray(array) if hasattr(array, "__cuda_array_interface__") else cupy.from_dlpack(array)
-    raise TypeError(f"{what}: expected a NumPy or device array, got {type(array).__name__}")
+    """NumPy stays NumPy; CuPy stays CuPy; other device arrays become CuPy views (zero-copy), other host
+    arrays (PyTorch CPU tensors, DLPack) NumPy arrays (:func:`pycusparselt._arrays.namespace`)."""
+    if not hasattr(array, "shape"):
+        raise TypeError(f"{what}: expected a NumPy or device array, got {type(array).__name__}")
+    return _arrays.namespace(array)[0]
 
 
 def _to_device(array: Any, device: int | None) -> Any:

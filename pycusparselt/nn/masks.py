@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import reference
+from .. import _arrays, reference
 from .permutation import check_permutation, invert_permutation
 
 __all__ = [
@@ -63,19 +63,6 @@ __all__ = [
     "enforce_mask",
     "masked_update",
 ]
-
-_DLPACK_CPU = (1, 3)  # kDLCPU, kDLCUDAHost
-_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
-
-
-def _cupy() -> Any:
-    return sys.modules.get("cupy")
-
-
-def _is_cupy(a: Any) -> bool:
-    cp = _cupy()
-    return cp is not None and isinstance(a, cp.ndarray)
-
 
 def _family_from_dlpack(obj: Any) -> Callable[[Any], Any] | None:
     """The ``from_dlpack`` of ``obj``'s array library, or None."""
@@ -94,26 +81,13 @@ def _family_from_dlpack(obj: Any) -> Callable[[Any], Any] | None:
 def _view(a: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
     """(array sharing ``a``'s memory where possible, its module (numpy or cupy), convert-back).
 
-    convert-back turns a NumPy/CuPy result into ``a``'s array family."""
-    if isinstance(a, np.ndarray):
-        return a, np, lambda r: r
-    if _is_cupy(a):
-        return a, _cupy(), lambda r: r
-    if hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
-        device = a.__dlpack_device__()[0]
-        back = _family_from_dlpack(a)
-        restore = (lambda r: back(r)) if back is not None else (lambda r: r)
-        if device in _DLPACK_CPU:
-            return np.from_dlpack(a), np, restore
-        if device in _DLPACK_CUDA:
-            if _cupy() is None:
-                try:
-                    import cupy  # noqa: F401  (only for a CUDA DLPack object)
-                except ImportError as exc:
-                    raise TypeError("a CUDA DLPack array needs CuPy to be handled here") from exc
-            return _cupy().from_dlpack(a), _cupy(), restore
-        raise TypeError(f"unsupported DLPack device type {device}")
-    return np.asarray(a), np, lambda r: r
+    :func:`pycusparselt._arrays.namespace` decides what ``a`` is; convert-back turns a NumPy/CuPy result into
+    ``a``'s array family (through that family's ``from_dlpack``)."""
+    arr, xp = _arrays.namespace(a)
+    if arr is a or _arrays.is_cupy(a) or not hasattr(a, "__dlpack__"):
+        return arr, xp, lambda r: r
+    back = _family_from_dlpack(a)
+    return arr, xp, (lambda r: back(r)) if back is not None else (lambda r: r)
 
 
 def _to_numpy(x: Any, xp: Any) -> np.ndarray:

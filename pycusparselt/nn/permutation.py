@@ -39,10 +39,9 @@ Sparsity", NeurIPS 2021, as implemented in APEX's ASP):
 The search stops at the time budget, the iteration limit, or when the escape attempts are spent.
 The result is never worse than the identity (checked at the end, with a fallback).
 
-NumPy arrays are searched on the CPU; CuPy arrays (when CuPy is installed) on the GPU with the same
-code (the permutation itself is returned as a NumPy array). CuPy is never imported by this module;
-an array's module is found with ``cupy.get_array_module`` only when ``cupy`` is already imported
-(a CuPy array cannot exist otherwise).
+NumPy arrays (and other host arrays) are searched on the CPU; device arrays (CuPy, CUDA tensors) on the
+GPU with the same code, through CuPy (the permutation itself is returned as a NumPy array). What an array
+is, ``pycusparselt._arrays`` decides (CuPy is not imported for that: a CuPy array cannot exist otherwise).
 """
 
 from __future__ import annotations
@@ -55,6 +54,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .. import _arrays
 
 __all__ = [
     "PermutationReport",
@@ -74,20 +75,12 @@ __all__ = [
 
 
 def _array_module(a: Any) -> Any:
-    """NumPy, or CuPy for a CuPy array (``cupy.get_array_module``, only if cupy is imported)."""
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and not isinstance(a, np.ndarray):
-        return cupy.get_array_module(a)
-    return np
+    """CuPy for a CuPy array, else NumPy (CuPy is not imported to find out)."""
+    return sys.modules["cupy"] if _arrays.is_cupy(a) else np
 
 
 def _to_host(a: Any) -> np.ndarray:
-    if isinstance(a, np.ndarray):
-        return a
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(a, cupy.ndarray):
-        return cupy.asnumpy(a)
-    return np.asarray(a)
+    return _arrays.to_numpy(a)
 
 
 def check_permutation(perm: Any, n: int, what: str = "perm") -> np.ndarray:
@@ -123,14 +116,7 @@ def _take(a: Any, idx: np.ndarray, axis: int) -> Any:
 
 def _magnitudes(weight: Any) -> tuple[Any, Any]:
     """(xp, |weight| as a float64 matrix (M, K)) for NumPy/CuPy or array-likes; 1-D is one row."""
-    xp = _array_module(weight)
-    if xp is not np:
-        w = weight
-    elif not isinstance(weight, np.ndarray) and hasattr(weight, "__dlpack__") and not hasattr(
-            weight, "__array__"):
-        w = np.from_dlpack(weight)  # a CPU array of another library, without a copy
-    else:
-        w = np.asarray(weight)
+    w, xp = _arrays.namespace(weight)  # device arrays on the GPU, host ones (CPU DLPack: no copy) on the host
     if w.ndim == 1:
         w = w.reshape(1, -1)
     if w.ndim != 2:

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from typing import Any, Iterable
 
 import ml_dtypes
 import numpy as np
+
+from .. import _arrays
 
 __all__ = [
     "FORMATS",
@@ -92,27 +93,11 @@ def qmax(dtype: Any) -> float:
 # -- arrays of either family ----------------------------------------------------------------------
 
 
-def _cupy() -> Any:
-    return sys.modules.get("cupy")
-
-
 def _namespace(a: Any, what: str) -> tuple[Any, Any]:
-    """(array, numpy or cupy): CuPy arrays and ``__cuda_array_interface__`` objects on the GPU, the rest
-    through NumPy."""
-    cp = _cupy()
-    if cp is not None and isinstance(a, cp.ndarray):
-        return a, cp
-    if not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__"):
-        import cupy
-
-        return cupy.asarray(a), cupy
-    if not isinstance(a, np.ndarray) and hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
-        if a.__dlpack_device__()[0] in (2, 13):  # CUDA, CUDA managed
-            import cupy
-
-            return cupy.from_dlpack(a), cupy
-        return np.from_dlpack(a), np
-    arr = np.asarray(a)
+    """(array, numpy or cupy) as :func:`pycusparselt._arrays.namespace` sees ``a``, checked to be real."""
+    arr, xp = _arrays.namespace(a)
+    if xp is not np:
+        return arr, xp
     if arr.dtype.kind not in "fiu" and arr.dtype not in (_BF16, _E4M3, _E5M2):
         raise TypeError(f"{what}: expected a real array, got dtype {arr.dtype}")
     return arr, np
