@@ -6,21 +6,21 @@ Importing the package loads nothing native: the library is found and loaded on f
 (docs/architecture.rst draws them; tests/test_structure.py checks it):
 
 - native: :mod:`pycusparselt.bindings` (one checked wrapper per C function), :mod:`pycusparselt.enums` (the
-  header's enumerations), :mod:`pycusparselt.errors` (the exceptions), and in :mod:`pycusparselt._native`
-  what they stand on: :mod:`pycusparselt._native.ffi` (the cffi declarations),
-  :mod:`pycusparselt._native.library` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`
-  (environment variables), :mod:`pycusparselt._native.handles` (library handles per device),
+  header's enumerations), :mod:`pycusparselt.errors` (the exceptions), and in ``pycusparselt._native``
+  what they stand on: ``pycusparselt._native.ffi`` (the cffi declarations),
+  ``pycusparselt._native.library`` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`
+  (environment variables), ``pycusparselt._native.handles`` (library handles per device),
   :mod:`pycusparselt._native.streams` (CUDA streams as arguments), :mod:`pycusparselt._native.devices` (which
   GPUs are usable); and on the ground :mod:`pycusparselt.reference`, the NumPy oracle (pruning, compression,
   GEMM semantics), which needs no GPU.
-- arrays: :mod:`pycusparselt._arrays`, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
+- arrays: ``pycusparselt._arrays``, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
   and answers in the caller's framework.
 - tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),
   ``pycusparselt.tuning.timing`` (CUDA-event timing), :mod:`pycusparselt.tuning.cache` (winners on disk).
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
-  :mod:`pycusparselt.gemm.operands` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
-  combinations), :mod:`pycusparselt.gemm.oneshot` (:func:`matmul` through a cache of plans),
-  :mod:`pycusparselt.gemm.graphs` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one
+  ``pycusparselt.gemm.operands`` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
+  combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
+  ``pycusparselt.gemm.graphs`` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one
   CUDA graph).
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,
   BF16, INT8 or FP8), :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
@@ -29,14 +29,14 @@ Importing the package loads nothing native: the library is found and loaded on f
 - distributed and PyTorch (imported on demand): :mod:`pycusparselt.distributed` with
   :mod:`pycusparselt.distributed.sharding`, :mod:`pycusparselt.distributed.engines`,
   :mod:`pycusparselt.distributed.groups` and :mod:`pycusparselt.distributed.parallel` (tensor-parallel
-  SparseLinear layers over NCCL; ``python -m pycusparselt.distributed``, :mod:`pycusparselt.distributed.__main__`,
-  says how to start a job); :mod:`pycusparselt.torch` with :mod:`pycusparselt.torch.pruning`,
-  :mod:`pycusparselt.torch.channels` and :mod:`pycusparselt.torch.modules` (the 2:4 retraining workflow and
+  SparseLinear layers over NCCL; ``python -m pycusparselt.distributed``, ``pycusparselt.distributed.__main__``,
+  says how to start a job); :mod:`pycusparselt.torch` with ``pycusparselt.torch.pruning``,
+  ``pycusparselt.torch.channels`` and ``pycusparselt.torch.modules`` (the 2:4 retraining workflow and
   sparse modules for PyTorch models).
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,
   ``pycusparselt.bench.runner``, ``pycusparselt.bench.report`` and ``pycusparselt.bench.__main__``
-  (the sparse GEMM benchmark); :mod:`pycusparselt.cli` and :mod:`pycusparselt.__main__` (``python -m
-  pycusparselt info | demo | bench``); :mod:`pycusparselt._moved` (the old import paths, such as
+  (the sparse GEMM benchmark); ``pycusparselt.cli`` and ``pycusparselt.__main__`` (``python -m
+  pycusparselt info | demo | bench``); ``pycusparselt._moved`` (the old import paths, such as
   ``pycusparselt.plan``, of the modules that moved into the layer folders).
 """
 
