@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/mlp_scaling.py --gpus 1 2 4 [--shapes bert-large llm] [--repeat 20] [--json out.json]
-        [--launcher torchrun|mpirun]
+        [--launcher torchrun|mpirun] [--one-gpu-per-process]
 
 For each GPU count the script starts itself under ``torchrun --standalone --nproc_per_node G`` (or
 ``mpirun -np G python -m mpi4py``); every rank
@@ -51,14 +51,32 @@ def _median_ms(cp, fn, repeat: int, warmup: int = 3) -> float:
     return float(statistics.median(times))
 
 
+def pin_local_gpu() -> str:
+    """Make this rank's GPU the process's only visible one (its device 0), before CUDA starts: the
+    ``LOCAL_RANK``-th of the GPUs visible so far. Off device 0 only the default configuration runs (see
+    pycusparselt.tuning.TUNING_OFF_DEVICE_0), so this is how every rank tunes. Returns the GPU it kept."""
+    from pycusparselt.distributed.engines import local_rank_from_env
+
+    local = local_rank_from_env() or 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible else None
+    if gpus is not None and local >= len(gpus):
+        raise SystemExit(f"rank {local} of this node has no GPU: CUDA_VISIBLE_DEVICES={visible}")
+    chosen = gpus[local].strip() if gpus is not None else str(local)
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return chosen
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: time every shape, rank 0 appends JSON lines to ``args.result``."""
+    if args.one_gpu_per_process:
+        pin_local_gpu()  # before CuPy starts CUDA
     import cupy as cp
 
     import pycusparselt as psl
     from pycusparselt import distributed as dist
 
-    group = dist.init_process_group("nccl")
+    group = dist.init_process_group("nccl", device=0 if args.one_gpu_per_process else None)
     rank0 = group.rank == 0
     for name in args.shapes:
         shape = SHAPES[name]
@@ -84,6 +102,7 @@ def worker(args: argparse.Namespace) -> None:
                 y = cp.zeros((tokens, hidden), cp.float16)
                 row["allreduce_ms"] = _median_ms(cp, lambda y=y: group.all_reduce(y), args.repeat)
             row["engine"] = group.engine
+            row["one_gpu_per_process"] = bool(args.one_gpu_per_process)
             if fc1 is not None:
                 row["sparselinear_ms"] = _median_ms(cp, lambda x=x, f=fc1, g=fc2: g(f(x)), args.repeat)
                 row["dense_ms"] = _median_ms(
@@ -145,7 +164,7 @@ def controller(args: argparse.Namespace) -> int:
         else:
             launcher = ["mpirun", "-np", str(gpus), sys.executable, "-m", "mpi4py"]
         command = [*launcher, os.path.abspath(__file__), "--worker", "--result", result, "--repeat", str(args.repeat),
-                   "--shapes", *args.shapes]
+                   "--shapes", *args.shapes] + (["--one-gpu-per-process"] if args.one_gpu_per_process else [])
         status = subprocess.run(command, timeout=args.timeout).returncode
         with open(result) as f:
             rows.extend(json.loads(line) for line in f if line.strip())
@@ -170,8 +189,9 @@ def controller(args: argparse.Namespace) -> int:
               f"{fmt(r.get('sparselinear_ms'), '>15.3f')} {fmt(r.get('dense_ms'), '>8.3f')}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": {**env, "launcher": args.launcher}, "rows": rows, "not_run": not_run}, f,
-                      indent=1)
+            json.dump({"environment": {**env, "launcher": args.launcher,
+                                       "one_gpu_per_process": bool(args.one_gpu_per_process)},
+                       "rows": rows, "not_run": not_run}, f, indent=1)
     return 1 if failed else 0
 
 
@@ -184,6 +204,9 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--launcher", choices=("torchrun", "mpirun"), default="torchrun",
                         help="what starts the ranks (default torchrun: needs PyTorch; mpirun: mpi4py and MPI)")
+    parser.add_argument("--one-gpu-per-process", action="store_true",
+                        help="each rank sees only its own GPU (CUDA_VISIBLE_DEVICES), as its device 0, so every rank "
+                             "tunes (off device 0 only the default configuration runs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -4,6 +4,7 @@ launchers are installed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,36 @@ def test_a_rank_that_dies_aborts_an_mpi_job(tmp_path):
     result = _mpirun(2, str(script), timeout=120)
     assert result.returncode != 0 and "rank 1 fails on purpose" in result.stderr
     assert time.monotonic() - began < 30
+
+
+def _mlp_scaling():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mlp_scaling.py"
+    spec = importlib.util.spec_from_file_location("mlp_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("visible", "local", "kept"),
+    [(None, "1", "1"), ("3,5", "1", "5"), ("GPU-aaa, GPU-bbb", "0", "GPU-aaa"), ("7", None, "7")],
+)
+def test_the_scaling_benchmark_pins_each_rank_to_its_own_gpu(monkeypatch, visible, local, kept):
+    """``--one-gpu-per-process``: the rank keeps the LOCAL_RANK-th visible GPU as its only one (device 0)."""
+    for name in ("CUDA_VISIBLE_DEVICES", *engines._LOCAL_RANK_VARS):
+        monkeypatch.delenv(name, raising=False)
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    if local is not None:
+        monkeypatch.setenv("LOCAL_RANK", local)
+    assert _mlp_scaling().pin_local_gpu() == kept
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == kept
+
+
+def test_the_scaling_benchmark_refuses_a_rank_without_a_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="rank 1 of this node has no GPU"):
+        _mlp_scaling().pin_local_gpu()
