@@ -44,13 +44,16 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         return importlib.util.spec_from_loader(fullname, self)
 
+    def __init__(self) -> None:
+        self._specs: dict[str, object] = {}  # old name -> the moved module's own spec, between the two calls
+
     def create_module(self, spec) -> ModuleType:  # noqa: ANN001
         module = importlib.import_module(f"{_PACKAGE}.{MOVED[spec.name.rpartition('.')[2]]}")
-        self._own_spec = module.__spec__  # the import system sets __spec__ to the old name's; put it back
+        self._specs[spec.name] = module.__spec__  # the import system sets __spec__ to the old name's: put it back
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._own_spec
+        module.__spec__ = self._specs.pop(module.__spec__.name)  # here still the old name's spec
 
 
 FINDER = _MovedModules()
