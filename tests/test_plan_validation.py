@@ -177,6 +177,24 @@ def test_numpy_arrays_are_refused_with_advice(which):
         psl.SparseMatmulPlan(arrays["a"], arrays["b"], arrays["c"])
 
 
+class _HostDLPack:
+    """A CPU array of another framework (a PyTorch CPU tensor, a JAX CPU array): DLPack on device kDLCPU."""
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("a host array must be refused before it is read")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_host_arrays_of_other_frameworks_are_refused_with_advice(which):
+    arrays = {"a": row((M, K)), "b": row((K, N))}
+    arrays[which] = _HostDLPack()
+    with pytest.raises(TypeError, match=rf"{which}: a _HostDLPack \(host\) array was given.*\.cuda\(\)"):
+        psl.SparseMatmulPlan(arrays["a"], arrays["b"])
+
+
 @pytest.mark.parametrize("obj", [[[1.0, 2.0], [3.0, 4.0]], 3.0, None], ids=["list", "float", "None"])
 def test_non_arrays_are_refused(obj):
     with pytest.raises(TypeError):

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _arrays
+
 __all__ = ["Operand", "as_operand", "ROW", "COL"]
 
 ROW, COL = "row", "col"
@@ -71,10 +73,11 @@ class Operand:
 
 
 def _interface(obj: Any, name: str) -> tuple[dict, Any]:
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, np.ndarray) or (hasattr(obj, "__dlpack__") and not _arrays.is_device(obj)):
+        kind = "NumPy" if isinstance(obj, np.ndarray) else type(obj).__name__
         raise TypeError(
-            f"{name}: a NumPy (host) array was given; pycusparselt runs on device arrays: move it with "
-            f"cupy.asarray({name}), or compute on the CPU with pycusparselt.reference"
+            f"{name}: a {kind} (host) array was given; pycusparselt runs on device arrays: move it with "
+            f"cupy.asarray({name}) (a PyTorch tensor: .cuda()), or compute on the CPU with pycusparselt.reference"
         )
     if hasattr(obj, "__cuda_array_interface__"):
         cai = obj.__cuda_array_interface__
