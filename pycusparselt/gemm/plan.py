@@ -947,11 +947,7 @@ class SparseMatmulPlan:
             self._call(alpha_arg, s_ptr, x_ptr, float(beta), c_ptr, d_ptr, stream_ptr)
         else:
             function(h, self._plan, alpha_arg, s_ptr, x_ptr, float(beta), c_ptr, d_ptr, self._workspace.data.ptr,
-                     [stream_ptr])
-            # cusparseLtMatmulSearch can return with another device current (seen with the plan on device 1 of
-            # an H200 x2): the caller's kernels would then launch on this device's streams from the wrong one
-            if cupy.cuda.runtime.getDevice() != self.device:
-                cupy.cuda.runtime.setDevice(self.device)
+                     [stream_ptr])  # device 0 only: see tuning.TUNING_OFF_DEVICE_0
         if y_buf is None:
             return out
         with _on_stream(stream_ptr):
