@@ -18,6 +18,8 @@ Importing the package loads nothing native: the library is found and loaded on f
 - tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),
   ``pycusparselt.tuning.timing`` (CUDA-event timing), :mod:`pycusparselt.tuning.cache` (winners on disk).
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
+  ``pycusparselt.gemm.problem`` (the canonical problem and its layout rules, pure),
+  ``pycusparselt.gemm.options`` (the plan's options as one checked object),
   ``pycusparselt.gemm.operands`` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
   ``pycusparselt.gemm.graphs`` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one
