@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from .._native import gpu
 from .. import _arrays, bindings
 from . import dtypes
 from .._native.handles import Handle, handle_for_device
@@ -59,7 +60,7 @@ def _canonical(arr: Any, transpose: bool) -> Any:
 
 def _empty_like(op: Operand, dtype: Any) -> Any:
     """A new CuPy array with ``op``'s shape, order and leading dimension (compact batches)."""
-    import cupy
+    cupy = gpu.cupy()
 
     major, minor = (op.rows, op.cols) if op.order == ROW else (op.cols, op.rows)
     full = cupy.empty((op.batch, major, op.ld), dtype=dtype)[:, :, :minor]
@@ -73,7 +74,7 @@ def _order(mat: Matrix) -> Order:
 
 def _release(handle: Handle, device: int, objects: list) -> None:
     """Destroy a plan's native objects, once, with its device current (also the finalizer)."""
-    import cupy
+    cupy = gpu.cupy()
 
     with cupy.cuda.Device(device):
         for obj in objects:
@@ -260,7 +261,7 @@ class SparseMatmulPlan:
 
     @staticmethod
     def _check_arch(device: int, rules: dtypes.TypeRules, dtype: np.dtype) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         cc = cupy.cuda.Device(device).compute_capability
         major, minor = int(cc[:-1]), int(cc[-1])
@@ -271,7 +272,7 @@ class SparseMatmulPlan:
             )
 
     def _build(self, compute_type, out_dt, activation, upper, threshold, scaling) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         s_mat, x_mat, y_mat = self._mats
         handle = handle_for_device(self.device)
@@ -317,7 +318,7 @@ class SparseMatmulPlan:
         self.default_config = self.config
 
     def _set_epilogue(self, h, activation, upper, threshold, scaling, out_dt) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         attr = MatmulDescAttribute
         if activation == "relu":
@@ -343,7 +344,7 @@ class SparseMatmulPlan:
             bindings.matmul_desc_set_attribute(h, self._desc, attr.ALPHA_VECTOR_SCALING, 1)
 
     def _allocate_workspace(self) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         size = bindings.matmul_get_workspace(self._handle.raw, self._plan)
         self._workspace = cupy.empty(max(size, 1), dtype=cupy.uint8)
@@ -407,7 +408,7 @@ class SparseMatmulPlan:
         (``cusparseLtSpMMACompressedSize``); a :class:`CompressedOperand` needs at least this many."""
         h = self._live()
         if self._compressed_size is None:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
                 self._compressed_size = bindings.spmma_compressed_size(h, self._plan)[0]
@@ -445,7 +446,7 @@ class SparseMatmulPlan:
 
     @config.setter
     def config(self, config: PlanConfig | int) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         config = PlanConfig(config) if isinstance(config, int) else PlanConfig(*config)
@@ -508,7 +509,7 @@ class SparseMatmulPlan:
 
     def _dense_sparse_copy(self, view: Any, stream_ptr: int) -> Any:
         """A copy of the canonical sparse operand with the structured descriptor's geometry (zero padding)."""
-        import cupy
+        cupy = gpu.cupy()
 
         s_mat = self._mats[0]
         p, kk, _ = self._dims
@@ -522,7 +523,7 @@ class SparseMatmulPlan:
         return buf
 
     def _flag_valid(self, h, src_ptr: int, stream_ptr: int) -> bool:
-        import cupy
+        cupy = gpu.cupy()
 
         flag = cupy.zeros(1, dtype=cupy.int32)  # written only when the matrix is not 2:4
         with _on_stream(stream_ptr) as stream:
@@ -537,7 +538,7 @@ class SparseMatmulPlan:
         ``method`` is "strip" (the 2 largest magnitudes of every 4 along K) or "tile" (4x4 tiles 2:4 along
         both axes). Returns a CuPy array of ``x``'s shape and dtype (C-contiguous for a padded plan).
         """
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         alg = self._prune_alg(method)
@@ -564,7 +565,7 @@ class SparseMatmulPlan:
 
     def is_2to4(self, x: Any, *, stream: Any = None) -> bool:
         """Whether ``x`` (the sparse-side operand) is 2:4 along K, asked of cuSPARSELt (synchronises)."""
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         _, view = self._sparse_operand(x)
@@ -591,7 +592,7 @@ class SparseMatmulPlan:
         stream : optional
             Stream to work on (default: CuPy's current stream).
         """
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         op, view = self._sparse_operand(x)
@@ -733,7 +734,7 @@ class SparseMatmulPlan:
 
     def _copy_vector(self, name: str, value: Any, length: int, stream_ptr: int) -> None:
         """Copy the call's bias or alpha vector into the plan's buffer (its padding stays zero)."""
-        import cupy
+        cupy = gpu.cupy()
 
         buf = self._buffers[name]
         want = np.dtype(np.float32) if name == "alpha" else buf.dtype
@@ -770,7 +771,7 @@ class SparseMatmulPlan:
             buf[:, :length] = arr
 
     def _padded_buffers(self) -> tuple:
-        import cupy
+        cupy = gpu.cupy()
 
         if "x" not in self._buffers:
             s_mat, x_mat, y_mat = self._mats
@@ -836,7 +837,7 @@ class SparseMatmulPlan:
 
     def _run(self, function: Any, args: MatmulArgs) -> Any:
         """One product (``function`` None: ``cusparseLtMatmul``; else ``bindings.matmul_search``), checked."""
-        import cupy
+        cupy = gpu.cupy()
 
         if self._closed:
             raise ClosedError("the plan was closed")
@@ -878,7 +879,7 @@ class SparseMatmulPlan:
         ``out`` is allocated once here when omitted. A padded plan copies the dense operands per call, as
         :meth:`matmul` does.
         """
-        import cupy
+        cupy = gpu.cupy()
 
         self._live()
         with cupy.cuda.Device(self.device):
@@ -896,7 +897,7 @@ class SparseMatmulPlan:
         into the plan's buffers here, once, on ``stream``: a later :meth:`matmul`, :meth:`bind` call or
         launcher of this plan with another bias replaces them. Only plans that pad nothing have launchers.
         """
-        import cupy
+        cupy = gpu.cupy()
 
         self._live()
         if self.padded:
@@ -973,7 +974,7 @@ class SparseMatmulPlan:
         if method not in ("timed", "search"):
             raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")
         if method == "search":
-            import cupy
+            cupy = gpu.cupy()
 
             if not tuning.tuning_is_safe_on(self.device):
                 raise ValueError(
@@ -1101,7 +1102,7 @@ class TuningTarget:
     def _sample_sparse_side(self, dense: Any) -> Any:
         """Data with the layout of the plan's sparse operand, made of the dense operand's own values (tiled),
         so that the timed products see realistic magnitudes: power draw, and so clocks, depend on the data."""
-        import cupy
+        cupy = gpu.cupy()
 
         plan = self.plan
         _, shape, order, ld, batch_stride = plan._layouts[plan.sparse]
@@ -1181,7 +1182,7 @@ class Launcher:
     __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device")
 
     def __init__(self, plan: SparseMatmulPlan, compressed: CompressedOperand, alpha: Any) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         self.plan, self.compressed, self._alpha = plan, compressed, alpha
         self._call = None
@@ -1199,7 +1200,7 @@ class Launcher:
         elif self.compressed._buffer is None:
             raise ClosedError("the compressed operand was closed")
         if self._get_device() != self.plan.device:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.plan.device):
                 call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
@@ -1222,7 +1223,7 @@ class BoundMatmul:
     __slots__ = ("plan", "out", "_args", "_stream", "_format", "_via", "_launch", "_prepared", "_get_device")
 
     def __init__(self, plan: SparseMatmulPlan, args: MatmulArgs, stream_ptr: int) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         self.plan = plan
         self._stream = stream_ptr
@@ -1250,7 +1251,7 @@ class BoundMatmul:
         if plan._call is not self._via:
             return self._rebound()
         if self._get_device() != plan.device:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(plan.device):
                 status = self._launch()
@@ -1264,7 +1265,7 @@ class BoundMatmul:
         plan = self.plan
         if self._launch is not None and not plan._closed and plan._format == self._format:
             # re-initialised with the same compressed form: fix the arguments again for the new workspace
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(plan.device):
                 self._prepare(self._args)
