@@ -137,3 +137,27 @@ def test_alpha_vectors_need_int8_and_no_c():
     with pytest.raises(ValueError, match="cuSPARSELt ignores C under alpha vector scaling"):
         _problem(_Fake((64, 128), "|i1"), _Fake((128, 32), "|i1", col_major=True),
                  _Fake((64, 32), "<i4"), alpha_vector=True)
+
+
+def test_a_calls_operands_are_checked_against_the_examples():
+    a, b, c = _Fake((64, 128)), _Fake((128, 32)), _Fake((64, 32))
+    p = _problem(a, b, c)
+    p.check_sparse(as_operand(_Fake((64, 128)), "a"))
+    p.check_dense(as_operand(_Fake((128, 32)), "b"))
+    p.check_c(as_operand(_Fake((64, 32)), "c"))
+    p.check_out(as_operand(_Fake((64, 32)), "out"))
+    with pytest.raises(ValueError, match=r"a: shape \(64, 256\).*does not match the plan's sparse operand"):
+        p.check_sparse(as_operand(_Fake((64, 256)), "a"))
+    with pytest.raises(ValueError, match=r"b: \(128, 32\) float16 col-major .*does not match the plan's b"):
+        p.check_dense(as_operand(_Fake((128, 32), col_major=True), "b"))
+    with pytest.raises(ValueError, match="out: expected"):
+        p.check_out(as_operand(_Fake((64, 32), "<f4"), "out"))
+    fake = _Fake((128, 32))
+    fake.__cuda_array_interface__["data"] = (fake.__cuda_array_interface__["data"][0] + 8, False)
+    with pytest.raises(ValueError, match="b: device pointer 0x[0-9a-f]+ is not 16-byte aligned"):
+        p.check_dense(as_operand(fake, "b"))
+    with pytest.raises(ValueError, match="c: .* does not match the plan's c None"):
+        _problem(a, b).check_c(as_operand(c, "c"))
+    with pytest.raises(ValueError, match="beta is non-zero but c is None"):
+        p.check_scalars(False, 0.5)
+    p.check_scalars(True, 0.5)

@@ -31,7 +31,7 @@ from ..enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, O
 from ..errors import ClosedError
 from .operands import ROW, Operand, as_operand
 from .options import PlanOptions, plan_options
-from .problem import ALIGN_BYTES, ALPHA_VECTOR_NO_C, Matrix, Problem, plan_problem
+from .problem import ALIGN_BYTES, Matrix, Problem, plan_problem
 from .._native.streams import on_stream as _on_stream
 from .._native.streams import stream_ptr as _stream_ptr
 from ..tuning import PlanConfig, TuningReport
@@ -487,20 +487,10 @@ class SparseMatmulPlan:
 
     def _sparse_operand(self, x: Any) -> tuple[Operand, Any]:
         """The caller's sparse-side array, checked against the plan, as (operand, canonical CuPy view)."""
-        side = self.sparse
-        op = as_operand(x, side, self._input_dtype)
-        if op.layout != self._layouts[side]:
-            raise ValueError(
-                f"{side}: shape {op.shape}, dtype {op.dtype}, {op.order}-major with ld {op.ld} does not match the "
-                f"plan's sparse operand (dtype, shape, order, ld, batch stride) = {self._layouts[side]}"
-            )
+        op = as_operand(x, self.sparse, self._input_dtype)
+        self.problem.check_sparse(op)
         self._check_device(op)
         return op, _canonical(self._storage_view(_cupy_view(op)), self._transpose)
-
-    @staticmethod
-    def _check_aligned(op: Operand) -> None:
-        if op.ptr % ALIGN_BYTES:
-            raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {ALIGN_BYTES}-byte aligned")
 
     def _check_device(self, op: Operand) -> None:
         device = op.device()
@@ -667,28 +657,18 @@ class SparseMatmulPlan:
         dense_name = "b" if self.sparse == "a" else "a"
         self._check_compressed(compressed)
         s_ptr = compressed.ptr
-        if c is None and beta != 0:
-            raise ValueError("beta is non-zero but c is None")
+        problem = self.problem
+        problem.check_scalars(c is not None, beta)
         X = C = None
         if self.padded or not self._known(dense_name, dense):
             X = as_operand(dense, dense_name, self._input_dtype)
-            if X.layout != self._layouts[dense_name]:
-                raise ValueError(
-                    f"{dense_name}: {X.shape} {X.dtype} {X.order}-major (ld {X.ld}) does not match the plan's "
-                    f"{dense_name} (dtype, shape, order, ld, batch stride) = {self._layouts[dense_name]}"
-                )
+            problem.check_dense(X)
             self._check_device(X)
-            self._check_aligned(X)
             self._remember(dense_name, dense)
         if c is not None and (self.padded or not self._known("c", c)):
             C = as_operand(c, "c")
-            if self._layouts["c"] is None or C.layout != self._layouts["c"]:
-                raise ValueError(
-                    f"c: {C.shape} {C.dtype} {C.order}-major does not match the plan's c "
-                    f"{self._layouts['c']}; make the plan with an example c of this layout"
-                )
+            problem.check_c(C)
             self._check_device(C)
-            self._check_aligned(C)
             self._remember("c", c)
         out_dt, d_shape, d_order = self._d_spec
         if out is None:
@@ -700,17 +680,10 @@ class SparseMatmulPlan:
             d_ptr = _arrays.array_key(out)[0]
         else:
             D = as_operand(out, "out")
-            if D.layout != self._d_layout:
-                raise ValueError(
-                    f"out: expected {d_shape} {out_dt} {d_order}-major (dtype, shape, order, ld, batch "
-                    f"stride) = {self._d_layout}, got {D.layout}"
-                )
+            problem.check_out(D)
             self._check_device(D)
-            self._check_aligned(D)
             self._remember("out", out)
             d_ptr = D.ptr
-        if self._has_alpha_vector and (c is not None or beta != 0):
-            raise ValueError(ALPHA_VECTOR_NO_C)
         alpha_arg = self._epilogue_args(alpha, bias, stream_ptr)
         x_ptr = X.ptr if X is not None else _arrays.array_key(dense)[0]
         c_ptr = None if c is None else (C.ptr if C is not None else _arrays.array_key(c)[0])

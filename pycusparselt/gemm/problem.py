@@ -20,7 +20,8 @@ from . import dtypes
 from .operands import COL, ROW, Operand
 from .options import PlanOptions
 
-__all__ = ["Matrix", "Problem", "plan_problem", "round_up", "tn_message", "ALIGN_BYTES", "ALPHA_VECTOR_NO_C"]
+__all__ = ["Matrix", "Problem", "plan_problem", "round_up", "tn_message", "check_aligned", "ALIGN_BYTES",
+           "ALPHA_VECTOR_NO_C"]
 
 #: Every operand's address is a multiple of this many bytes (cuSPARSELt's alignment rule).
 ALIGN_BYTES = 16
@@ -29,6 +30,12 @@ ALPHA_VECTOR_NO_C = (
     "alpha_vector: cuSPARSELt ignores C under alpha vector scaling (D = alpha * A @ B whatever beta is), so "
     "pycusparselt refuses c and beta with it; add C separately"
 )
+
+
+def check_aligned(op: Operand) -> None:
+    """ValueError naming ``op`` unless its address is a multiple of :data:`ALIGN_BYTES`."""
+    if op.ptr % ALIGN_BYTES:
+        raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {ALIGN_BYTES}-byte aligned")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -75,6 +82,53 @@ class Problem:
     @property
     def sparse(self) -> str:
         return self.options.sparse
+
+    # -- a call's operands against the examples (the plan checks each array once, then remembers it) -------
+
+    def check_sparse(self, op: Operand) -> None:
+        """The sparse-side array given to compress: the example's layout."""
+        want = self.layouts[op.name]
+        if op.layout != want:
+            raise ValueError(
+                f"{op.name}: shape {op.shape}, dtype {op.dtype}, {op.order}-major with ld {op.ld} does not match the "
+                f"plan's sparse operand (dtype, shape, order, ld, batch stride) = {want}"
+            )
+
+    def check_dense(self, X: Operand) -> None:
+        """The call's dense operand (``X.name`` "a" or "b"): the example's layout, aligned."""
+        want = self.layouts[X.name]
+        if X.layout != want:
+            raise ValueError(
+                f"{X.name}: {X.shape} {X.dtype} {X.order}-major (ld {X.ld}) does not match the plan's "
+                f"{X.name} (dtype, shape, order, ld, batch stride) = {want}"
+            )
+        check_aligned(X)
+
+    def check_c(self, C: Operand) -> None:
+        """The call's C: the example c's layout (a plan made without one takes none), aligned."""
+        if self.layouts["c"] is None or C.layout != self.layouts["c"]:
+            raise ValueError(
+                f"c: {C.shape} {C.dtype} {C.order}-major does not match the plan's c "
+                f"{self.layouts['c']}; make the plan with an example c of this layout"
+            )
+        check_aligned(C)
+
+    def check_out(self, D: Operand) -> None:
+        """The call's ``out``: D's layout (C's, else compact), aligned."""
+        if D.layout != self.d_layout:
+            out_dt, d_shape, d_order = self.d_spec
+            raise ValueError(
+                f"out: expected {d_shape} {out_dt} {d_order}-major (dtype, shape, order, ld, batch "
+                f"stride) = {self.d_layout}, got {D.layout}"
+            )
+        check_aligned(D)
+
+    def check_scalars(self, has_c: bool, beta: float) -> None:
+        """beta needs C; alpha vectors take neither (:data:`ALPHA_VECTOR_NO_C`)."""
+        if not has_c and beta != 0:
+            raise ValueError("beta is non-zero but c is None")
+        if self.options.alpha_vector and (has_c or beta != 0):
+            raise ValueError(ALPHA_VECTOR_NO_C)
 
 
 def tn_message(dtype: np.dtype, sparse: str) -> str:
@@ -137,8 +191,8 @@ def plan_problem(A: Operand, B: Operand, C: Operand | None, options: PlanOptions
     if options.alpha_vector and C is not None:
         raise ValueError(ALPHA_VECTOR_NO_C)
     for op in (A, B, C):
-        if op is not None and op.ptr % ALIGN_BYTES:
-            raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {ALIGN_BYTES}-byte aligned")
+        if op is not None:
+            check_aligned(op)
 
     # The canonical problem Y = S @ X (see the module docstring).
     transpose = sparse == "b"
