@@ -124,7 +124,7 @@ class Problem:
         check_aligned(D)
 
     def check_scalars(self, has_c: bool, beta: float) -> None:
-        """beta needs C; alpha vectors take neither (:data:`ALPHA_VECTOR_NO_C`)."""
+        """beta needs C; alpha vectors take neither (``ALPHA_VECTOR_NO_C``)."""
         if not has_c and beta != 0:
             raise ValueError("beta is non-zero but c is None")
         if self.options.alpha_vector and (has_c or beta != 0):
