@@ -1196,8 +1196,8 @@ def _json_float(v: float) -> Any:
 
 
 def _config_key(ident: tuple) -> tuple:
-    gpu, cc, version, shape, dtype = ident
-    return (gpu, cc, version, tuple(int(s) for s in shape), dtype)
+    device_name, cc, version, shape, dtype = ident
+    return (device_name, cc, version, tuple(int(s) for s in shape), dtype)
 
 
 def _entry_ident(entry: dict) -> tuple:
