@@ -9,7 +9,8 @@ Importing the package loads nothing native: the library is found and loaded on f
   header's enumerations), :mod:`pycusparselt.errors` (the exceptions), and in ``pycusparselt._native``
   what they stand on: ``pycusparselt._native.ffi`` (the cffi declarations),
   ``pycusparselt._native.library`` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`
-  (environment variables), ``pycusparselt._native.handles`` (library handles per device),
+  (environment variables), ``pycusparselt._native.gpu`` (CuPy, imported there only, on first use),
+  ``pycusparselt._native.handles`` (library handles per device),
   :mod:`pycusparselt._native.streams` (CUDA streams as arguments), :mod:`pycusparselt._native.devices` (which
   GPUs are usable); and on the ground :mod:`pycusparselt.reference`, the NumPy oracle (pruning, compression,
   GEMM semantics), which needs no GPU.
@@ -18,6 +19,8 @@ Importing the package loads nothing native: the library is found and loaded on f
 - tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),
   ``pycusparselt.tuning.timing`` (CUDA-event timing), :mod:`pycusparselt.tuning.cache` (winners on disk).
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
+  ``pycusparselt.gemm.problem`` (the canonical problem and its layout rules, pure),
+  ``pycusparselt.gemm.options`` (the plan's options as one checked object),
   ``pycusparselt.gemm.operands`` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
   ``pycusparselt.gemm.graphs`` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one

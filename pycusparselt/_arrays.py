@@ -15,6 +15,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ._native import gpu
+
 __all__ = [
     "NUMPY", "CUPY", "TORCH", "DEVICE", "DLPACK_CUDA",
     "kind", "is_device", "is_torch", "is_cupy", "namespace", "array_key", "signature", "as_cupy", "to_numpy",
@@ -30,7 +32,7 @@ _CUPY_NDARRAY: Any = None  # cupy.ndarray, looked up on first use
 def _cupy_ndarray() -> Any:
     global _CUPY_NDARRAY
     if _CUPY_NDARRAY is None:
-        import cupy
+        cupy = gpu.cupy()
 
         _CUPY_NDARRAY = cupy.ndarray
     return _CUPY_NDARRAY
@@ -102,7 +104,7 @@ def namespace(obj: Any) -> tuple[Any, Any]:
     if isinstance(obj, np.ndarray):
         return obj, np
     if is_device(obj):
-        import cupy
+        cupy = gpu.cupy()
 
         return as_cupy(obj), cupy
     if is_torch(obj) or isinstance(obj, (list, tuple)):
@@ -140,7 +142,7 @@ def signature(obj: Any) -> tuple | None:
 
 def as_cupy(obj: Any) -> Any:
     """A CuPy array over ``obj``'s device memory, without copying."""
-    import cupy
+    cupy = gpu.cupy()
 
     if type(obj) is cupy.ndarray:
         return obj
@@ -155,7 +157,7 @@ def _torch_as_cupy(t: Any) -> Any:
     """A CUDA tensor's memory as a CuPy array that keeps the tensor alive. Built from its address rather than
     through DLPack, whose stream handshake makes the legacy stream wait on the tensor's stream: an error
     inside ``torch.cuda.graph`` capture. The caller runs on PyTorch's stream, so no wait is needed."""
-    import cupy
+    cupy = gpu.cupy()
 
     if not t.is_cuda:
         raise TypeError("expected a CUDA tensor, got a CPU tensor: move it with .cuda()")
@@ -182,7 +184,7 @@ def to_numpy(obj: Any) -> np.ndarray:
             return t.view(_torch().int16).cpu().numpy().view(ml_dtypes.bfloat16)
         return t.cpu().numpy()
     if hasattr(obj, "__cuda_array_interface__") or type(obj) is _cupy_ndarray_if_loaded():
-        import cupy
+        cupy = gpu.cupy()
 
         return cupy.asnumpy(cupy.asarray(obj))
     return np.from_dlpack(obj)
@@ -263,7 +265,7 @@ def empty(template: Any, shape: tuple, dtype: Any, device: int, *, order: str = 
     if is_torch(template):
         return _torch().empty(shape, dtype=torch_dtype(dtype), device=template.device if template.is_cuda
                               else f"cuda:{device}")
-    import cupy
+    cupy = gpu.cupy()
 
     storage = np.dtype(np.uint8) if dtype.name.startswith("float8") else dtype
     with cupy.cuda.Device(device):
@@ -282,7 +284,7 @@ def current_stream(template: Any, device: int) -> int:
             _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
                 lambda d: torch.cuda.current_stream(d).cuda_stream)
         return int(_RAW_STREAM(device))
-    import cupy
+    cupy = gpu.cupy()
 
     if cupy.cuda.runtime.getDevice() == device:
         return cupy.cuda.get_current_stream().ptr

@@ -17,6 +17,8 @@ from importlib import metadata
 
 import numpy as np
 
+from ._native import gpu
+
 __all__ = ["main"]
 
 
@@ -90,7 +92,7 @@ def _demo_reference(m: int, n: int, k: int) -> np.ndarray:
 
 def _demo_gpu(m: int, n: int, k: int) -> np.ndarray:
     """The raw call sequence through the thin bindings, on CuPy device memory."""
-    import cupy as cp
+    cp = gpu.cupy()
 
     from . import bindings as b
     from .enums import ComputeType, DataType, MatmulDescAttribute, Operation, Order, PruneAlg

@@ -5,7 +5,7 @@
 #
 # 1. installs the carried wheels in .whl/ (cffi, pycparser) and this checkout (no index, no build isolation);
 # 2. prints `python -m pycusparselt info` and runs the GPU demo;
-# 3. runs `pytest -m gpu` (on four pytest-xdist workers where installed, the leak test alone after), then the
+# 3. runs `pytest -m gpu` (on four pytest-xdist workers where installed, the tests marked `alone` alone after), then the
 #    CPU tests (`-m "not gpu"`), so nothing runs twice;
 # 4. runs the semantics experiments (scripts/probe_semantics.py), the benchmarks in benchmarks/, the sparse GEMM
 #    benchmark's quick set and the host-overhead measurement (benchmarks/host_overhead.py, needs nvcc);
@@ -42,7 +42,7 @@ TIMEOUT=""
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout=120"
 
 # pytest-xdist, where installed: four workers, one test file each (the whole GPU suite in about 5 minutes on
-# an H200 x2 instead of 7); the leak test reads the whole GPU's memory, so it runs alone afterwards
+# an H200 x2 instead of 7); tests marked `alone` (timings, whole-GPU memory readings) run alone afterwards
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4 --dist loadfile"
 
@@ -50,8 +50,9 @@ if [ "$PART" != bench ]; then
 step "pytest -m gpu ${XDIST:+(pytest-xdist: $XDIST)}"
 timeout 480 $PY -P -m pytest -m gpu -q $XDIST $TIMEOUT -W ignore::DeprecationWarning --junitxml="$OUTDIR/junit_gpu.xml" 2>&1 | tee "$OUTDIR/pytest.log" || failed=1
 if [ -n "$XDIST" ]; then
-  step "the leak test, alone"
-  timeout 300 $PY -P -m pytest -m gpu -q $TIMEOUT "tests/test_plan_gpu.py::test_no_leak_over_many_plans" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1
+  step "the tests that need the GPU alone"
+  timeout 300 $PY -P -m pytest -m "gpu and alone" -q $TIMEOUT --junitxml="$OUTDIR/junit_gpu_alone.xml" 2>&1 \
+    | tee -a "$OUTDIR/pytest.log" || failed=1
 fi
 step "pytest -m 'not gpu'"
 timeout 300 $PY -P -m pytest -m "not gpu" -q $TIMEOUT -W ignore::DeprecationWarning --junitxml="$OUTDIR/junit_cpu.xml" 2>&1 | tee -a "$OUTDIR/pytest.log" || failed=1

@@ -81,6 +81,8 @@ def main(outdir: str) -> int:
     except Exception as exc:
         summary["cusparselt"] = f"unavailable: {exc}"
     summary["pytest_gpu"] = junit_counts(out / "junit_gpu.xml")
+    if (out / "junit_gpu_alone.xml").exists():  # the tests marked `alone`, run after the pytest-xdist run
+        summary["pytest_gpu_alone"] = junit_counts(out / "junit_gpu_alone.xml")
     summary["pytest_cpu"] = junit_counts(out / "junit_cpu.xml")
     summary["combinations"] = combinations(out / "junit_gpu.xml")
     probe = out / "probe_summary.json"

@@ -1,4 +1,4 @@
-"""Shared test setup: the ``gpu`` marker's skip logic and the hypothesis profiles."""
+"""Shared test setup: the ``gpu`` and ``alone`` markers' skip logic and the hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # other workers share the GPU: its timings and whole-GPU memory readings are theirs too
+        alone = pytest.mark.skip(reason="needs the GPU to itself: run it without pytest-xdist "
+                                        "(pytest -m 'gpu and alone')")
+        for item in items:
+            if "alone" in item.keywords:
+                item.add_marker(alone)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

@@ -116,3 +116,13 @@ def test_a_cpu_tensor_is_a_host_array_everywhere():
     q = quantization.quantize(t, 0.5, "int8")  # a host computation, as for NumPy
     assert isinstance(q, np.ndarray) and q.dtype == np.int8
     np.testing.assert_array_equal(q, quantization.quantize(t.numpy(), 0.5, "int8"))
+
+
+def test_without_cupy_the_gpu_path_says_what_to_install(monkeypatch):
+    import sys
+
+    from pycusparselt._native import gpu
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as where CuPy is not installed
+    with pytest.raises(ImportError, match=r"needs CuPy and a GPU: pip install 'pycusparselt\[cu13\]'"):
+        gpu.cupy()

@@ -216,6 +216,15 @@ def test_cupy_is_imported_only_where_a_gpu_is_used():
                 assert not any(n.split(".")[0] in ("cupy", "cupyx", "torch") for n in names), (name, node.lineno)
 
 
+def test_cupy_itself_is_imported_in_one_module():
+    """``import cupy`` happens in ``pycusparselt._native.gpu`` only (on first use, with an install hint where
+    CuPy is missing); everything else asks it for the module. CuPy's submodules (``cupy.cuda.nccl``,
+    ``cupyx.distributed``) are imported where they are used, after it."""
+    found = [f"{name}:{node.lineno}" for name, tree in TREES.items() if name != "pycusparselt._native.gpu"
+             for node in ast.walk(tree) if isinstance(node, ast.Import) and any(a.name == "cupy" for a in node.names)]
+    assert found == []
+
+
 def test_the_package_docstring_and_the_architecture_page_name_every_module():
     import pycusparselt
 

@@ -210,6 +210,7 @@ def test_compressed_buffers_leave_room_for_the_kernels_reads(cp):
             np.testing.assert_array_equal(buf[: p.comp.nbytes].get(), p.comp._buffer.get())
 
 
+@pytest.mark.alone
 def test_held_timing_measures_the_gpu_not_the_host(cp):
     """A call whose host side is slower than its GPU work: timed at the host's pace without the hold, at the
     GPU's with it (the tuner's case for small GEMMs)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import gpu
+
 __all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "require_gpu", "exit_without_gpu", "SPARSE_MIN_CC",
            "WITHOUT_GPU"]
 
@@ -35,7 +37,7 @@ class DeviceInfo:
 def cuda_devices() -> tuple[list[DeviceInfo], str | None]:
     """Return ``(devices, reason)``: the visible CUDA devices, and why there are none if so."""
     try:
-        import cupy
+        cupy = gpu.cupy()
     except ImportError:
         return [], "CuPy is not installed (pip install 'pycusparselt[cu13]' or '[cu12]')"
     try:

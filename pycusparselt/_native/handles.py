@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 
+from . import gpu
 from .. import bindings
 from ..errors import ClosedError
 
@@ -19,7 +20,7 @@ __all__ = ["Handle", "handle_for_device"]
 def _destroy(raw: bindings.RawHandle, device: int) -> None:
     if not raw.initialized:
         return
-    import cupy
+    cupy = gpu.cupy()
 
     with cupy.cuda.Device(device):
         bindings.destroy(raw)
@@ -29,7 +30,7 @@ class Handle:
     """An initialised ``cusparseLtHandle_t`` on one device."""
 
     def __init__(self, device: int) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         self.device = int(device)
         self.raw = bindings.RawHandle()

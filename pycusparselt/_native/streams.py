@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import gpu
 from .. import bindings
 
 __all__ = ["stream_ptr", "on_stream"]
@@ -12,7 +13,7 @@ __all__ = ["stream_ptr", "on_stream"]
 
 def stream_ptr(stream: Any, device: int | None = None) -> int:
     """The stream's handle; for None, CuPy's current stream of ``device`` (default: the current device)."""
-    import cupy
+    cupy = gpu.cupy()
 
     if stream is not None:
         return bindings.stream_handle(stream)
@@ -34,7 +35,7 @@ class _StreamHandle:
 
 def on_stream(ptr: int) -> Any:
     """A CuPy stream object for a raw handle, usable as a context manager (work is enqueued on it)."""
-    import cupy
+    cupy = gpu.cupy()
 
     from_external = getattr(cupy.cuda.Stream, "from_external", None)
     if from_external is not None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .._native import gpu
+
 
 # -- environment -----------------------------------------------------------------------------------
 
@@ -63,7 +65,7 @@ def environment(torch_module: Any = None) -> dict[str, Any]:
     except Exception as exc:  # LibraryNotFoundError, or anything a broken install raises
         env["cusparselt"] = f"not available: {exc}"
     try:
-        import cupy
+        cupy = gpu.cupy()
 
         props = cupy.cuda.runtime.getDeviceProperties(0)
         name = props["name"]

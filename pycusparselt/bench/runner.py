@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 import numpy as np
+from .._native import gpu
 from .cases import (
     DENSE_FOR,
     DTYPES,
@@ -147,7 +148,7 @@ class _Runner:
 
     def __init__(self, *, repeats: int, warmup: int, tune_budget: float | None, use_torch: bool,
                  graph_calls: int = 20) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         self.cp = cupy
         self.repeats, self.warmup, self.tune_budget = repeats, warmup, tune_budget

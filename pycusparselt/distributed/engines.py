@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .._native import gpu
 from .._native import settings
 
 __all__ = ["Engine", "ENGINES", "choose_engine", "make_engine", "local_rank_from_env"]
@@ -230,7 +231,7 @@ class CupyxEngine(Engine):
     name = "cupyx"
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: int, host: str, port: int) -> None:
-        import cupy
+        cupy = gpu.cupy()
         import cupyx.distributed
 
         super().__init__(rank, world_size, local_rank)
@@ -239,14 +240,14 @@ class CupyxEngine(Engine):
             self.comm = cupyx.distributed.init_process_group(world_size, rank, host=host, port=port)
 
     def _bytes_on_gpu(self, data: bytes, size: int) -> Any:
-        import cupy
+        cupy = gpu.cupy()
 
         buf = np.zeros(size, np.uint8)
         buf[: len(data)] = np.frombuffer(data, np.uint8)
         return cupy.asarray(buf)
 
     def broadcast(self, obj: Any, root: int = 0) -> Any:
-        import cupy
+        cupy = gpu.cupy()
 
         with cupy.cuda.Device(self._device):
             data = pickle.dumps(obj) if self.rank == root else b""
@@ -257,7 +258,7 @@ class CupyxEngine(Engine):
             return obj if self.rank == root else pickle.loads(buf.get().tobytes())
 
     def all_gather(self, obj: Any) -> list:
-        import cupy
+        cupy = gpu.cupy()
 
         with cupy.cuda.Device(self._device):
             data = pickle.dumps(obj)

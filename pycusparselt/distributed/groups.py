@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from .._native import gpu
 from .._native import settings
 from .._native.streams import on_stream, stream_ptr
 from .engines import Engine, choose_engine, local_rank_from_env, make_engine
@@ -73,10 +74,7 @@ def load_nccl() -> Any:
     the ``nvidia-nccl-cu13`` / ``-cu12`` pip wheels (what PyTorch installs) is preloaded here first when
     needed. Raises ImportError, saying what to install, when no NCCL can be loaded.
     """
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        raise ImportError("the nccl backend needs CuPy: pip install 'pycusparselt[cu13]' (or [cu12])") from None
+    gpu.cupy()  # ImportError, saying what to install, without CuPy
     import importlib
 
     import warnings
@@ -341,7 +339,7 @@ class NcclGroup(Group):
     @classmethod
     def local(cls, devices: Sequence[int]) -> NcclGroup:
         """One process driving ``devices`` (rank ``i`` on ``devices[i]``) with ``ncclCommInitAll``."""
-        import cupy
+        cupy = gpu.cupy()
 
         devices = [int(d) for d in devices]
         count = cupy.cuda.runtime.getDeviceCount()
@@ -358,7 +356,7 @@ class NcclGroup(Group):
         return int(self._nccl.get_version())
 
     def _arrays(self, arrays: Any, what: str) -> list:
-        import cupy
+        cupy = gpu.cupy()
 
         self.check_open()
         items = as_list(arrays, len(self.ranks), what)
@@ -377,7 +375,7 @@ class NcclGroup(Group):
         return [stream_ptr(stream, device) for device in self.devices]
 
     def _grouped(self, calls: list) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         several = len(calls) > 1
         if several:  # one thread, several communicators: NCCL needs the calls in one group
@@ -405,7 +403,7 @@ class NcclGroup(Group):
         ])
 
     def all_gather(self, arrays: Any, *, stream: Any = None) -> Any:
-        import cupy
+        cupy = gpu.cupy()
 
         items = self._arrays(arrays, "all_gather")
         streams = self._streams(stream)
@@ -421,7 +419,7 @@ class NcclGroup(Group):
         return results if isinstance(arrays, (list, tuple)) else results[0]
 
     def replicate(self, array: Any) -> Any:
-        import cupy
+        cupy = gpu.cupy()
 
         self.check_open()
         copies = []
@@ -511,7 +509,7 @@ def init_process_group(backend: str = "nccl", *, engine: str = "auto", device: i
         device = int(os.environ.get("RANK") or 0) if local is None else local
     joined = make_engine(chosen, device=device, timeout=timeout)
     if backend == "nccl":
-        import cupy
+        cupy = gpu.cupy()
 
         device = joined.local_rank if device is None else int(device)
         count = cupy.cuda.runtime.getDeviceCount()
@@ -526,7 +524,7 @@ def init_process_group(backend: str = "nccl", *, engine: str = "auto", device: i
         rank, world = joined.rank, joined.world_size
         if backend == "host":
             return HostGroup(world, (rank,), (None,), joined)
-        import cupy
+        cupy = gpu.cupy()
 
         uid = joined.broadcast(_uid_bytes(nccl.get_unique_id()) if rank == 0 else None)
         with cupy.cuda.Device(device):

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from .._native import gpu
 from .. import _arrays
 from ..nn.linear import SparseLinear
 from . import sharding
@@ -53,10 +54,10 @@ def _to_device(array: Any, device: int | None) -> Any:
     if device is None:
         if isinstance(array, np.ndarray):
             return array
-        import cupy
+        cupy = gpu.cupy()
 
         return cupy.asnumpy(array)
-    import cupy
+    cupy = gpu.cupy()
 
     if isinstance(array, cupy.ndarray) and array.device.id == device:
         return array
@@ -68,7 +69,7 @@ def _to_device(array: Any, device: int | None) -> Any:
 def _on_device(device: int | None) -> Any:
     if device is None:
         return contextlib.nullcontext()
-    import cupy
+    cupy = gpu.cupy()
 
     return cupy.cuda.Device(device)
 
@@ -379,7 +380,7 @@ class RowParallelSparseLinear(_ParallelLinear):
 def _namespace(array: Any) -> Any:
     if isinstance(array, np.ndarray):
         return np
-    import cupy
+    cupy = gpu.cupy()
 
     return cupy
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from .._native import gpu
 from .. import _arrays
 
 __all__ = ["capture", "CapturedGraph"]
@@ -63,7 +64,7 @@ class CapturedGraph:
             for given, static in zip(inputs, self.inputs, strict=True):
                 static.copy_(given)
         else:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
                 for given, static in zip(inputs, self.inputs, strict=True):
@@ -80,7 +81,7 @@ class CapturedGraph:
         if self.framework == _arrays.TORCH:
             self._graph.replay()
         else:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
                 self._graph.launch(cupy.cuda.get_current_stream())
@@ -146,7 +147,7 @@ def _capture_torch(fn: Callable[..., Any], example_inputs: Sequence[Any], warmup
 
     if not all(x.is_cuda for x in example_inputs):
         raise TypeError("example_inputs: expected CUDA tensors, got a CPU tensor")
-    import cupy
+    cupy = gpu.cupy()
 
     device = _device_of(example_inputs)
     # what the function allocates through CuPy (post-processing steps of some layers) comes from a pool of the
@@ -169,7 +170,7 @@ def _capture_torch(fn: Callable[..., Any], example_inputs: Sequence[Any], warmup
 
 
 def _capture_cupy(fn: Callable[..., Any], example_inputs: Sequence[Any], warmup: int) -> CapturedGraph:
-    import cupy
+    cupy = gpu.cupy()
 
     device = _device_of(example_inputs)
     with cupy.cuda.Device(device):

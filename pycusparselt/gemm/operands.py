@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import _arrays
+from .._native import gpu
 
 __all__ = ["Operand", "as_operand", "ROW", "COL"]
 
@@ -67,7 +68,7 @@ class Operand:
 
     def device(self) -> int:
         """The CUDA device the memory lives on (asks the driver; needs a GPU)."""
-        import cupy
+        cupy = gpu.cupy()
 
         return int(cupy.cuda.runtime.pointerGetAttributes(self.ptr).device)
 
@@ -87,7 +88,7 @@ def _interface(obj: Any, name: str) -> tuple[dict, Any]:
         if named or np.dtype(cai["typestr"]).kind != "V" or not hasattr(obj, "__dlpack__"):
             return cai, obj
     if hasattr(obj, "__dlpack__"):
-        import cupy
+        cupy = gpu.cupy()
 
         arr = cupy.from_dlpack(obj)  # zero-copy
         return arr.__cuda_array_interface__, arr

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from .._native import gpu
 from .. import _arrays, bindings
 from . import dtypes
 from .._native.handles import Handle, handle_for_device
 from ..enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
 from ..errors import ClosedError
-from .operands import COL, ROW, Operand, as_operand
+from .operands import ROW, Operand, as_operand
+from .options import PlanOptions, plan_options
+from .problem import ALIGN_BYTES, Matrix, Problem, plan_problem
 from .._native.streams import on_stream as _on_stream
 from .._native.streams import stream_ptr as _stream_ptr
 from ..tuning import PlanConfig, TuningReport
@@ -38,7 +40,6 @@ from ..tuning.cache import TuningCache
 __all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport",
            "MatmulArgs", "TuningTarget", "TimedCall"]
 
-_ALIGN_BYTES = 16
 #: Bytes allocated past the end of every compressed buffer. cuSPARSELt 0.8.0's SM 9.0 kernels read up to 256
 #: bytes past the size cusparseLtSpMMACompressedSize reports (compute-sanitizer, FP16 33x50x70 on the H100), an
 #: illegal address whenever the buffer ends a mapped region; the margin keeps those reads inside our
@@ -46,15 +47,6 @@ _ALIGN_BYTES = 16
 COMPRESSED_SLACK = 64 * 1024
 _N = Operation.NON_TRANSPOSE
 _PRUNE = {"strip": PruneAlg.SPMMA_STRIP, "tile": PruneAlg.SPMMA_TILE}
-# Measured on the H100 with 0.8.0: with alpha vector scaling the library leaves beta * C out of D.
-_ALPHA_VECTOR_NO_C = (
-    "alpha_vector: cuSPARSELt ignores C under alpha vector scaling (D = alpha * A @ B whatever beta is), so "
-    "pycusparselt refuses c and beta with it; add C separately"
-)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def _cupy_view(op: Operand) -> Any:
@@ -68,7 +60,7 @@ def _canonical(arr: Any, transpose: bool) -> Any:
 
 def _empty_like(op: Operand, dtype: Any) -> Any:
     """A new CuPy array with ``op``'s shape, order and leading dimension (compact batches)."""
-    import cupy
+    cupy = gpu.cupy()
 
     major, minor = (op.rows, op.cols) if op.order == ROW else (op.cols, op.rows)
     full = cupy.empty((op.batch, major, op.ld), dtype=dtype)[:, :, :minor]
@@ -76,24 +68,13 @@ def _empty_like(op: Operand, dtype: Any) -> Any:
     return arr if op.ndim == 3 else arr[0]
 
 
-@dataclass(frozen=True)
-class _Matrix:
-    """One matrix of the canonical problem as its descriptor sees it."""
-
-    rows: int
-    cols: int
-    ld: int
-    order: str
-    batch: int
-    batch_stride: int
-
-    def order_enum(self) -> Order:
-        return Order.ROW if self.order == ROW else Order.COL
+def _order(mat: Matrix) -> Order:
+    return Order.ROW if mat.order == ROW else Order.COL
 
 
 def _release(handle: Handle, device: int, objects: list) -> None:
     """Destroy a plan's native objects, once, with its device current (also the finalizer)."""
-    import cupy
+    cupy = gpu.cupy()
 
     with cupy.cuda.Device(device):
         for obj in objects:
@@ -157,6 +138,11 @@ class SparseMatmulPlan:
 
     Parameters
     ----------
+    options : PlanOptions or dict, optional
+        The options below as one object (:class:`~pycusparselt.gemm.options.PlanOptions`, or a dict of its
+        fields), instead of keyword arguments; a plan made with either has them as :attr:`options`, and the
+        problem worked out from them and the examples as :attr:`problem`
+        (:class:`~pycusparselt.gemm.problem.Problem`).
     a, b : device arrays
         Example operands, ``(M, K)`` and ``(K, N)``, or batches ``(batch, M, K)`` / ``(batch, K, N)`` (a
         batch of one broadcasts). CuPy arrays or any object with ``__cuda_array_interface__`` or
@@ -198,6 +184,7 @@ class SparseMatmulPlan:
         b: Any,
         c: Any = None,
         *,
+        options: PlanOptions | Mapping[str, Any] | None = None,
         sparse: str = "a",
         out_dtype: Any = None,
         compute: str | None = None,
@@ -210,106 +197,39 @@ class SparseMatmulPlan:
         input_dtype: Any = None,
     ) -> None:
         self._closed = True  # until built
-        if sparse not in ("a", "b"):
-            raise ValueError(f"sparse: expected 'a' or 'b', got {sparse!r}")
-        self._input_dtype = None if input_dtype is None else np.dtype(input_dtype)
+        opts = plan_options(
+            options, sparse=sparse, out_dtype=out_dtype, compute=compute, activation=activation,
+            relu_upper_bound=relu_upper_bound, relu_threshold=relu_threshold, gelu_scaling=gelu_scaling,
+            bias=bias, alpha_vector=alpha_vector, input_dtype=input_dtype,
+        )
+        self.options = opts
+        self._input_dtype = opts.input_dtype
         A, B = as_operand(a, "a", self._input_dtype), as_operand(b, "b", self._input_dtype)
         C = None if c is None else as_operand(c, "c")
-        if A.dtype != B.dtype:
-            raise TypeError(f"a and b must have the same dtype, got {A.dtype} and {B.dtype}")
-        rules = dtypes.rules_for(A.dtype, "a")
-        out_dt = dtypes.resolve_out_dtype(A.dtype, out_dtype, None if C is None else C.dtype)
-        compute_type = dtypes.resolve_compute(A.dtype, compute)
-        m, k = A.rows, A.cols
-        if B.rows != k:
-            raise ValueError(f"a is (..., M, K) = {A.shape} but b is (..., K, N) = {B.shape}: K differs")
-        n = B.cols
-        if C is not None and (C.rows, C.cols) != (m, n):
-            raise ValueError(f"c: expected (..., M, N) = (..., {m}, {n}), got {C.shape}")
-        batches = {op.batch for op in (A, B, C) if op is not None and op.batch > 1}
-        if len(batches) > 1:
-            raise ValueError(f"batch sizes differ: a {A.shape}, b {B.shape}" + (f", c {C.shape}" if C else ""))
-        batch = batches.pop() if batches else 1
-        if C is not None and C.batch != batch:
-            raise ValueError(f"c: C and D share one layout, so c needs the full batch ({batch}), got {C.shape}")
-        if C is not None and batch > 1 and C.batch_stride == 0:
-            raise ValueError(
-                "c: a broadcast batch (batch stride 0) cannot be C: C and D share one layout, so every batch of D "
-                "would be written to one matrix; pass cupy.ascontiguousarray(c)"
-            )
-        for op in (A, B, C):
-            compact = op.ld * (op.rows if op.order == ROW else op.cols) if op is not None else 0
-            if op is not None and op.batch_stride not in (0, compact):
-                raise ValueError(
-                    f"{op.name}: batch stride {op.batch_stride} elements; batches must be stacked "
-                    f"contiguously (stride {compact}) or broadcast (stride 0)"
-                )
-        self._check_activation(activation, A.dtype, out_dt, relu_upper_bound, relu_threshold, gelu_scaling)
-        if alpha_vector and A.dtype != dtypes.I8:
-            raise ValueError(f"alpha_vector: only int8 inputs support alpha vector scaling, got {A.dtype}")
-        if alpha_vector and C is not None:
-            raise ValueError(_ALPHA_VECTOR_NO_C)
-        for op in (A, B, C):
-            if op is not None and op.ptr % _ALIGN_BYTES:
-                raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {_ALIGN_BYTES}-byte aligned")
-
-        # The canonical problem Y = S @ X (see the module docstring).
-        transpose = sparse == "b"
-        S = B.transposed() if transpose else A
-        X = A.transposed() if transpose else B
-        d_order = C.order if C is not None else ROW
-        y_order = (COL if d_order == ROW else ROW) if transpose else d_order
-        if rules.needs_tn and not (S.fits(ROW) and X.fits(COL)):
-            raise ValueError(self._tn_message(A.dtype, sparse))
-        p, kk, q = S.rows, S.cols, X.cols
-        sm, dm = rules.sparse_multiple, rules.dense_multiple
-        pp, kp, qp = _round_up(p, sm), _round_up(kk, sm), _round_up(q, dm)
-        y_ld = C.ld if C is not None else (q if y_order == ROW else p)
-        aligned = (
-            (pp, kp, qp) == (p, kk, q)
-            and S.ld % sm == 0
-            and X.ld % dm == 0
-            and y_ld % dm == 0
-            and all(op.batch_stride % dm == 0 for op in (S, X, C) if op is not None)
-        )
-        if aligned:
-            s_mat = _Matrix(p, kk, S.ld, S.order, batch, S.batch_stride)
-            x_mat = _Matrix(kk, q, X.ld, X.order, batch, X.batch_stride)
-            y_stride = C.batch_stride if C is not None else (p * q if batch > 1 else 0)
-            y_mat = _Matrix(p, q, y_ld, y_order, batch, y_stride)
-        else:  # internal buffers: S row-major, X column-major (valid for every type), Y row-major
-            s_mat = _Matrix(pp, kp, kp, ROW, batch, pp * kp if S.batch > 1 else 0)
-            x_mat = _Matrix(kp, qp, kp, COL, batch, kp * qp if batch > 1 else 0)
-            y_mat = _Matrix(pp, qp, qp, ROW, batch, pp * qp if batch > 1 else 0)
-
+        problem = plan_problem(A, B, C, opts)
         devices = {op.device() for op in (A, B, C) if op is not None}
         if len(devices) > 1:
             raise ValueError(f"a, b{', c' if C is not None else ''} are on different devices: {sorted(devices)}")
         device = devices.pop()
-        self._check_arch(device, rules, A.dtype)
+        self._check_arch(device, problem.rules, problem.dtype)
 
-        self.sparse = sparse
-        self.dtype = A.dtype
-        # CuPy cannot allocate float8: the plan's own buffers hold their bytes
-        self._storage = np.dtype(np.uint8) if A.dtype in (dtypes.E4M3, dtypes.E5M2) else A.dtype
-        self.out_dtype = out_dt
-        self.shape = (batch, m, k, n) if batch > 1 or A.ndim == 3 else (m, k, n)
-        self.activation = activation
+        self.problem = problem
+        self.sparse = opts.sparse
+        self.dtype = problem.dtype
+        self._storage = problem.storage
+        self.out_dtype = problem.out_dtype
+        self.shape = problem.shape
+        self.activation = opts.activation
         self.device = device
-        self.padded = not aligned
-        self._transpose = transpose
-        self._dims = (p, kk, q)
-        self._batch = batch
-        self._layouts = {"a": A.layout, "b": B.layout, "c": None if C is None else C.layout}
-        d_shape = (batch, m, n) if max(A.ndim, B.ndim, C.ndim if C else 2) == 3 else (m, n)
-        self._d_spec = (out_dt, d_shape, d_order)
-        # D's full layout: C's, else compact
-        self._d_layout = (
-            C.layout
-            if C is not None
-            else (out_dt, d_shape, d_order, n if d_order == ROW else m, m * n if len(d_shape) == 3 and batch > 1 else 0)
-        )
-        self._mats = (s_mat, x_mat, y_mat)
+        self.padded = problem.padded
+        self._transpose = problem.transpose
+        self._dims = problem.dims
+        self._batch = problem.batch
+        self._layouts = problem.layouts
+        self._d_spec = problem.d_spec
+        self._d_layout = problem.d_layout
+        self._mats = problem.mats
+        s_mat, x_mat, y_mat = problem.mats
         # cuSPARSELt's compressed form depends on the whole problem, not only on the sparse operand: on the
         # H100 a plan whose dense operand had another shape hit an illegal instruction reading it, and so did
         # plans reading the output of the descriptor-only cusparseLtSpMMACompress2 (which also compresses only
@@ -326,45 +246,22 @@ class SparseMatmulPlan:
         # type, dense and output geometry and configuration: only the epilogue may differ. See compressed_key.
         self._format = 0  # the config id the plan was initialised with
         self._problem_key = (x_mat, y_mat)
-        self.sparse_key = (device, (A if sparse == "a" else B).layout, s_mat, A.dtype, out_dt, int(compute_type))
+        self.sparse_key = (device, problem.sparse_layout, s_mat, problem.dtype, problem.out_dtype,
+                           int(problem.compute_type))
         self._compressed_size = None  # bytes, for the current configuration
-        self._has_bias, self._has_alpha_vector = bool(bias), bool(alpha_vector)
-        self._compute_type = compute_type
+        self._has_bias, self._has_alpha_vector = opts.bias, opts.alpha_vector
+        self._compute_type = problem.compute_type
         self._buffers: dict[str, Any] = {}
         self._checked: set[tuple] = set()  # (role, _cupy_key) of arrays already validated against the plan
         self.tuning_report: TuningReport | None = None
-        self._build(compute_type, out_dt, activation, relu_upper_bound, relu_threshold, gelu_scaling)
+        self._build(problem.compute_type, problem.out_dtype, opts.activation, opts.relu_upper_bound,
+                    opts.relu_threshold, opts.gelu_scaling)
 
     # -- construction ------------------------------------------------------------------------------
 
     @staticmethod
-    def _check_activation(activation, in_dt, out_dt, upper, threshold, scaling) -> None:
-        if activation not in (None, "relu", "gelu"):
-            raise ValueError(f"activation: expected None, 'relu' or 'gelu', got {activation!r}")
-        if activation != "relu" and (upper != math.inf or threshold != 0.0):
-            raise ValueError("relu_upper_bound and relu_threshold need activation='relu'")
-        if activation != "gelu" and scaling != 1.0:
-            raise ValueError("gelu_scaling needs activation='gelu'")
-        if activation == "gelu" and not (in_dt == dtypes.I8 and out_dt == dtypes.I8):
-            raise ValueError(
-                f"activation='gelu': cuSPARSELt supports GELU only for int8 inputs with int8 output, "
-                f"got {in_dt} -> {out_dt}"
-            )
-
-    @staticmethod
-    def _tn_message(dtype: np.dtype, sparse: str) -> str:
-        if sparse == "a":
-            want = "a C-contiguous (M, K) and b F-contiguous (K, N), e.g. b = bt.T with bt C-contiguous (N, K)"
-        else:
-            want = "b F-contiguous (K, N) and a C-contiguous (M, K), e.g. b = bt.T with bt C-contiguous (N, K)"
-        return (
-            f"{dtype} inputs need the 'TN' layout: the sparse operand row-major along K and the dense one "
-            f"column-major along K; pass {want}"
-        )
-
-    @staticmethod
     def _check_arch(device: int, rules: dtypes.TypeRules, dtype: np.dtype) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         cc = cupy.cuda.Device(device).compute_capability
         major, minor = int(cc[:-1]), int(cc[-1])
@@ -375,7 +272,7 @@ class SparseMatmulPlan:
             )
 
     def _build(self, compute_type, out_dt, activation, upper, threshold, scaling) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         s_mat, x_mat, y_mat = self._mats
         handle = handle_for_device(self.device)
@@ -394,13 +291,13 @@ class SparseMatmulPlan:
         with cupy.cuda.Device(self.device):
             try:
                 bindings.structured_descriptor_init(
-                    h, self._s_desc, s_mat.rows, s_mat.cols, s_mat.ld, _ALIGN_BYTES, in_type, s_mat.order_enum()
+                    h, self._s_desc, s_mat.rows, s_mat.cols, s_mat.ld, ALIGN_BYTES, in_type, _order(s_mat)
                 )
                 bindings.dense_descriptor_init(
-                    h, self._x_desc, x_mat.rows, x_mat.cols, x_mat.ld, _ALIGN_BYTES, in_type, x_mat.order_enum()
+                    h, self._x_desc, x_mat.rows, x_mat.cols, x_mat.ld, ALIGN_BYTES, in_type, _order(x_mat)
                 )
                 bindings.dense_descriptor_init(
-                    h, self._y_desc, y_mat.rows, y_mat.cols, y_mat.ld, _ALIGN_BYTES, out_type, y_mat.order_enum()
+                    h, self._y_desc, y_mat.rows, y_mat.cols, y_mat.ld, ALIGN_BYTES, out_type, _order(y_mat)
                 )
                 if self._batch > 1:
                     for raw, mat in ((self._s_desc, s_mat), (self._x_desc, x_mat), (self._y_desc, y_mat)):
@@ -421,7 +318,7 @@ class SparseMatmulPlan:
         self.default_config = self.config
 
     def _set_epilogue(self, h, activation, upper, threshold, scaling, out_dt) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         attr = MatmulDescAttribute
         if activation == "relu":
@@ -447,7 +344,7 @@ class SparseMatmulPlan:
             bindings.matmul_desc_set_attribute(h, self._desc, attr.ALPHA_VECTOR_SCALING, 1)
 
     def _allocate_workspace(self) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         size = bindings.matmul_get_workspace(self._handle.raw, self._plan)
         self._workspace = cupy.empty(max(size, 1), dtype=cupy.uint8)
@@ -493,6 +390,11 @@ class SparseMatmulPlan:
     #: The sparse matrix's identity for compression (set at construction): the device, the sparse operand's
     #: layout and its descriptor's geometry, the input and output types and the compute type.
     sparse_key: tuple
+    #: The plan's options, checked (:class:`~pycusparselt.gemm.options.PlanOptions`), however they were given.
+    options: PlanOptions
+    #: The problem worked out from the examples and the options (:class:`~pycusparselt.gemm.problem.Problem`):
+    #: the canonical ``Y = S @ X``, its matrices, whether the plan pads, and D's layout.
+    problem: Problem
 
     @property
     def compressed_key(self) -> tuple:
@@ -506,7 +408,7 @@ class SparseMatmulPlan:
         (``cusparseLtSpMMACompressedSize``); a :class:`CompressedOperand` needs at least this many."""
         h = self._live()
         if self._compressed_size is None:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
                 self._compressed_size = bindings.spmma_compressed_size(h, self._plan)[0]
@@ -544,7 +446,7 @@ class SparseMatmulPlan:
 
     @config.setter
     def config(self, config: PlanConfig | int) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         config = PlanConfig(config) if isinstance(config, int) else PlanConfig(*config)
@@ -585,20 +487,10 @@ class SparseMatmulPlan:
 
     def _sparse_operand(self, x: Any) -> tuple[Operand, Any]:
         """The caller's sparse-side array, checked against the plan, as (operand, canonical CuPy view)."""
-        side = self.sparse
-        op = as_operand(x, side, self._input_dtype)
-        if op.layout != self._layouts[side]:
-            raise ValueError(
-                f"{side}: shape {op.shape}, dtype {op.dtype}, {op.order}-major with ld {op.ld} does not match the "
-                f"plan's sparse operand (dtype, shape, order, ld, batch stride) = {self._layouts[side]}"
-            )
+        op = as_operand(x, self.sparse, self._input_dtype)
+        self.problem.check_sparse(op)
         self._check_device(op)
         return op, _canonical(self._storage_view(_cupy_view(op)), self._transpose)
-
-    @staticmethod
-    def _check_aligned(op: Operand) -> None:
-        if op.ptr % _ALIGN_BYTES:
-            raise ValueError(f"{op.name}: device pointer 0x{op.ptr:x} is not {_ALIGN_BYTES}-byte aligned")
 
     def _check_device(self, op: Operand) -> None:
         device = op.device()
@@ -607,7 +499,7 @@ class SparseMatmulPlan:
 
     def _dense_sparse_copy(self, view: Any, stream_ptr: int) -> Any:
         """A copy of the canonical sparse operand with the structured descriptor's geometry (zero padding)."""
-        import cupy
+        cupy = gpu.cupy()
 
         s_mat = self._mats[0]
         p, kk, _ = self._dims
@@ -621,7 +513,7 @@ class SparseMatmulPlan:
         return buf
 
     def _flag_valid(self, h, src_ptr: int, stream_ptr: int) -> bool:
-        import cupy
+        cupy = gpu.cupy()
 
         flag = cupy.zeros(1, dtype=cupy.int32)  # written only when the matrix is not 2:4
         with _on_stream(stream_ptr) as stream:
@@ -636,7 +528,7 @@ class SparseMatmulPlan:
         ``method`` is "strip" (the 2 largest magnitudes of every 4 along K) or "tile" (4x4 tiles 2:4 along
         both axes). Returns a CuPy array of ``x``'s shape and dtype (C-contiguous for a padded plan).
         """
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         alg = self._prune_alg(method)
@@ -663,7 +555,7 @@ class SparseMatmulPlan:
 
     def is_2to4(self, x: Any, *, stream: Any = None) -> bool:
         """Whether ``x`` (the sparse-side operand) is 2:4 along K, asked of cuSPARSELt (synchronises)."""
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         _, view = self._sparse_operand(x)
@@ -690,7 +582,7 @@ class SparseMatmulPlan:
         stream : optional
             Stream to work on (default: CuPy's current stream).
         """
-        import cupy
+        cupy = gpu.cupy()
 
         h = self._live()
         op, view = self._sparse_operand(x)
@@ -754,38 +646,29 @@ class SparseMatmulPlan:
                 self._checked.clear()
             self._checked.add((role, key))
 
-    def _pointers(self, a, b, c, alpha, beta, bias, out, stream_ptr) -> tuple:
+    def _pointers(self, args: MatmulArgs, stream_ptr: int) -> tuple:
         """Check the call's operands against the plan; return what cusparseLtMatmul needs and the output.
 
         Arrays seen before (same pointer, shape, strides and dtype; CuPy arrays and CUDA tensors) skip the
         checks; the padded path always reads the operands in full, since it copies them.
         """
+        a, b, c, alpha, beta, bias, out, _ = args
         compressed, dense = (a, b) if self.sparse == "a" else (b, a)
         dense_name = "b" if self.sparse == "a" else "a"
         self._check_compressed(compressed)
         s_ptr = compressed.ptr
-        if c is None and beta != 0:
-            raise ValueError("beta is non-zero but c is None")
+        problem = self.problem
+        problem.check_scalars(c is not None, beta)
         X = C = None
         if self.padded or not self._known(dense_name, dense):
             X = as_operand(dense, dense_name, self._input_dtype)
-            if X.layout != self._layouts[dense_name]:
-                raise ValueError(
-                    f"{dense_name}: {X.shape} {X.dtype} {X.order}-major (ld {X.ld}) does not match the plan's "
-                    f"{dense_name} (dtype, shape, order, ld, batch stride) = {self._layouts[dense_name]}"
-                )
+            problem.check_dense(X)
             self._check_device(X)
-            self._check_aligned(X)
             self._remember(dense_name, dense)
         if c is not None and (self.padded or not self._known("c", c)):
             C = as_operand(c, "c")
-            if self._layouts["c"] is None or C.layout != self._layouts["c"]:
-                raise ValueError(
-                    f"c: {C.shape} {C.dtype} {C.order}-major does not match the plan's c "
-                    f"{self._layouts['c']}; make the plan with an example c of this layout"
-                )
+            problem.check_c(C)
             self._check_device(C)
-            self._check_aligned(C)
             self._remember("c", c)
         out_dt, d_shape, d_order = self._d_spec
         if out is None:
@@ -797,17 +680,10 @@ class SparseMatmulPlan:
             d_ptr = _arrays.array_key(out)[0]
         else:
             D = as_operand(out, "out")
-            if D.layout != self._d_layout:
-                raise ValueError(
-                    f"out: expected {d_shape} {out_dt} {d_order}-major (dtype, shape, order, ld, batch "
-                    f"stride) = {self._d_layout}, got {D.layout}"
-                )
+            problem.check_out(D)
             self._check_device(D)
-            self._check_aligned(D)
             self._remember("out", out)
             d_ptr = D.ptr
-        if self._has_alpha_vector and (c is not None or beta != 0):
-            raise ValueError(_ALPHA_VECTOR_NO_C)
         alpha_arg = self._epilogue_args(alpha, bias, stream_ptr)
         x_ptr = X.ptr if X is not None else _arrays.array_key(dense)[0]
         c_ptr = None if c is None else (C.ptr if C is not None else _arrays.array_key(c)[0])
@@ -831,7 +707,7 @@ class SparseMatmulPlan:
 
     def _copy_vector(self, name: str, value: Any, length: int, stream_ptr: int) -> None:
         """Copy the call's bias or alpha vector into the plan's buffer (its padding stays zero)."""
-        import cupy
+        cupy = gpu.cupy()
 
         buf = self._buffers[name]
         want = np.dtype(np.float32) if name == "alpha" else buf.dtype
@@ -868,7 +744,7 @@ class SparseMatmulPlan:
             buf[:, :length] = arr
 
     def _padded_buffers(self) -> tuple:
-        import cupy
+        cupy = gpu.cupy()
 
         if "x" not in self._buffers:
             s_mat, x_mat, y_mat = self._mats
@@ -923,7 +799,7 @@ class SparseMatmulPlan:
         -------
         The D array (``out`` when given).
         """
-        return self._run(None, a, b, c, alpha, beta, bias, out, stream)
+        return self._run(None, MatmulArgs(a, b, c, alpha, beta, bias, out, stream))
 
     def _stream_for(self, stream: Any, a: Any, b: Any) -> int:
         """The call's stream: the one named, else the current stream of the dense operand's framework
@@ -932,21 +808,23 @@ class SparseMatmulPlan:
             return _stream_ptr(stream)
         return _arrays.current_stream(b if self.sparse == "a" else a, self.device)
 
-    def _run(self, function, a, b, c, alpha, beta, bias, out, stream) -> Any:
-        import cupy
+    def _run(self, function: Any, args: MatmulArgs) -> Any:
+        """One product (``function`` None: ``cusparseLtMatmul``; else ``bindings.matmul_search``), checked."""
+        cupy = gpu.cupy()
 
         if self._closed:
             raise ClosedError("the plan was closed")
         if cupy.cuda.runtime.getDevice() != self.device:
             with cupy.cuda.Device(self.device):
-                return self._run(function, a, b, c, alpha, beta, bias, out, stream)
-        stream_ptr = self._stream_for(stream, a, b)
+                return self._run(function, args)
+        stream_ptr = self._stream_for(args.stream, args.a, args.b)
         h = self._live()
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(args, stream_ptr)
+        beta = float(args.beta)
         if function is None:
-            self._call(alpha_arg, s_ptr, x_ptr, float(beta), c_ptr, d_ptr, stream_ptr)
+            self._call(alpha_arg, s_ptr, x_ptr, beta, c_ptr, d_ptr, stream_ptr)
         else:
-            function(h, self._plan, alpha_arg, s_ptr, x_ptr, float(beta), c_ptr, d_ptr, self._workspace.data.ptr,
+            function(h, self._plan, alpha_arg, s_ptr, x_ptr, beta, c_ptr, d_ptr, self._workspace.data.ptr,
                      [stream_ptr])  # device 0 only: see tuning.TUNING_OFF_DEVICE_0
         if y_buf is None:
             return out
@@ -974,11 +852,11 @@ class SparseMatmulPlan:
         ``out`` is allocated once here when omitted. A padded plan copies the dense operands per call, as
         :meth:`matmul` does.
         """
-        import cupy
+        cupy = gpu.cupy()
 
         self._live()
         with cupy.cuda.Device(self.device):
-            return BoundMatmul(self, (a, b, c, alpha, beta, bias, out), self._stream_for(stream, a, b))
+            return BoundMatmul(self, MatmulArgs(a, b, c, alpha, beta, bias, out), self._stream_for(stream, a, b))
 
     def launcher(self, compressed: CompressedOperand, *, alpha: Any = 1.0, bias: Any = None,
                  stream: Any = None) -> Launcher:
@@ -992,7 +870,7 @@ class SparseMatmulPlan:
         into the plan's buffers here, once, on ``stream``: a later :meth:`matmul`, :meth:`bind` call or
         launcher of this plan with another bias replaces them. Only plans that pad nothing have launchers.
         """
-        import cupy
+        cupy = gpu.cupy()
 
         self._live()
         if self.padded:
@@ -1069,7 +947,7 @@ class SparseMatmulPlan:
         if method not in ("timed", "search"):
             raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")
         if method == "search":
-            import cupy
+            cupy = gpu.cupy()
 
             if not tuning.tuning_is_safe_on(self.device):
                 raise ValueError(
@@ -1084,7 +962,7 @@ class SparseMatmulPlan:
                     temporary = sparse_arg = self.compress(sparse_arg, prune="strip", stream=stream)
                 args = (sparse_arg, b) if self.sparse == "a" else (a, sparse_arg)
                 try:
-                    self._run(bindings.matmul_search, *args, c, alpha, beta, bias, out, stream)
+                    self._run(bindings.matmul_search, MatmulArgs(*args, c, alpha, beta, bias, out, stream))
                 finally:
                     if temporary is not None:
                         temporary.close()
@@ -1114,14 +992,14 @@ class SparseMatmulPlan:
             "c": self._layouts["c"] is not None,
         }
 
-    def _timing_call(self, a, b, c, alpha, beta, bias, out, stream) -> tuple:
+    def _timing_call(self, args: MatmulArgs) -> tuple:
         """For the tuner: check a call once; return ``(run, stream pointer, (S, X, D pointers), out)``, where
         ``run(s, x, d)`` enqueues one product with the plan's current configuration on those device pointers
         (the caller keeps ``out`` alive while it uses D's pointer)."""
-        stream_ptr = _stream_ptr(stream, self.device)
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = self._pointers(a, b, c, alpha, beta, bias, out, stream_ptr)
-        beta = float(beta)
-        shared_c = c is None
+        stream_ptr = _stream_ptr(args.stream, self.device)
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = self._pointers(args, stream_ptr)
+        beta = float(args.beta)
+        shared_c = args.c is None
 
         def run(s: int, x: int, d: int) -> None:
             self._call(alpha_arg, s, x, beta, d if shared_c else c_ptr, d, stream_ptr)
@@ -1197,7 +1075,7 @@ class TuningTarget:
     def _sample_sparse_side(self, dense: Any) -> Any:
         """Data with the layout of the plan's sparse operand, made of the dense operand's own values (tiled),
         so that the timed products see realistic magnitudes: power draw, and so clocks, depend on the data."""
-        import cupy
+        cupy = gpu.cupy()
 
         plan = self.plan
         _, shape, order, ld, batch_stride = plan._layouts[plan.sparse]
@@ -1212,11 +1090,12 @@ class TuningTarget:
             return data[0]
         return data if batch_stride else cupy.broadcast_to(data, shape)
 
-    def _operands(self) -> tuple:
-        """The call's a and b with the compressed operand in the sparse place."""
+    def _call_args(self, stream: Any) -> MatmulArgs:
+        """The call's arguments with the compressed operand in the sparse place, this target's D and
+        ``stream``."""
         if self.plan.sparse == "a":
-            return self._compressed, self.args.b
-        return self.args.a, self._compressed
+            return self.args._replace(a=self._compressed, out=self._out, stream=stream)
+        return self.args._replace(b=self._compressed, out=self._out, stream=stream)
 
     def prepare(self, stream: Any) -> TimedCall:
         """Compress for the plan's current configuration (freeing the previous candidate's) and check the
@@ -1231,9 +1110,7 @@ class TuningTarget:
             self._compressed.close()
         self._compressed = plan.compress(self._source, prune="strip", stream=stream)
         dense_name = "b" if plan.sparse == "a" else "a"
-        run, stream_ptr, (s_ptr, x_ptr, d_ptr), self._out = plan._timing_call(
-            *self._operands(), args.c, args.alpha, args.beta, args.bias, self._out, stream
-        )
+        run, stream_ptr, (s_ptr, x_ptr, d_ptr), self._out = plan._timing_call(self._call_args(stream))
         return TimedCall(run, stream_ptr, s_ptr, self._compressed.nbytes, COMPRESSED_SLACK, x_ptr,
                          _extent_bytes(plan._layouts[dense_name]), d_ptr, _extent_bytes(plan._d_layout))
 
@@ -1241,11 +1118,10 @@ class TuningTarget:
         """``cusparseLtMatmulSearch`` on a freshly initialised default configuration; :attr:`config` is then its
         choice, which the tuner sets again (re-initialising: a plan the search changed in place is never used,
         see :meth:`pycusparselt.SparseMatmulPlan.autotune`)."""
-        plan, args = self.plan, self.args
+        plan = self.plan
         plan.config = plan.default_config
         self.prepare(stream)
-        plan._run(bindings.matmul_search, *self._operands(), args.c, args.alpha, args.beta, args.bias, self._out,
-                  stream)
+        plan._run(bindings.matmul_search, self._call_args(stream))
 
     def close(self) -> None:
         """Free the compressed operand and the output this target allocated. Harmless when repeated."""
@@ -1279,7 +1155,7 @@ class Launcher:
     __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device")
 
     def __init__(self, plan: SparseMatmulPlan, compressed: CompressedOperand, alpha: Any) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         self.plan, self.compressed, self._alpha = plan, compressed, alpha
         self._call = None
@@ -1297,7 +1173,7 @@ class Launcher:
         elif self.compressed._buffer is None:
             raise ClosedError("the compressed operand was closed")
         if self._get_device() != self.plan.device:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.plan.device):
                 call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
@@ -1317,27 +1193,27 @@ class BoundMatmul:
     """A plan's product on fixed operands, checked once: ``call()`` runs it (see
     :meth:`SparseMatmulPlan.bind`). Holds references to the operands; returns ``out``."""
 
-    __slots__ = ("plan", "out", "_operands", "_stream", "_format", "_via", "_launch", "_prepared", "_get_device")
+    __slots__ = ("plan", "out", "_args", "_stream", "_format", "_via", "_launch", "_prepared", "_get_device")
 
-    def __init__(self, plan: SparseMatmulPlan, operands: tuple, stream_ptr: int) -> None:
-        import cupy
+    def __init__(self, plan: SparseMatmulPlan, args: MatmulArgs, stream_ptr: int) -> None:
+        cupy = gpu.cupy()
 
         self.plan = plan
         self._stream = stream_ptr
         self._format = plan._format
         self._get_device = cupy.cuda.runtime.getDevice
         self._via, self._launch, self._prepared = _NO_CALL, None, None
-        self._prepare(operands)
+        self._prepare(args)
 
-    def _prepare(self, operands: tuple) -> None:
+    def _prepare(self, args: MatmulArgs) -> None:
         """Check the operands and fix every argument of the C call (the direct path) where nothing needs
         copying per call; ``_via`` is the plan's call object they were fixed for."""
         plan = self.plan
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = plan._pointers(*operands, self._stream)
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = plan._pointers(args, self._stream)
         self.out = out
-        self._operands = operands[:-1] + (out,)
+        self._args = args._replace(out=out, stream=self._stream)
         if not (plan.padded or plan._has_bias or plan._has_alpha_vector):
-            self._prepared = plan._call.prepare(alpha_arg, s_ptr, x_ptr, float(operands[4]), c_ptr, d_ptr,
+            self._prepared = plan._call.prepare(alpha_arg, s_ptr, x_ptr, float(args.beta), c_ptr, d_ptr,
                                                 self._stream)
             self._launch, self._via = self._prepared.launch, plan._call
 
@@ -1348,7 +1224,7 @@ class BoundMatmul:
         if plan._call is not self._via:
             return self._rebound()
         if self._get_device() != plan.device:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(plan.device):
                 status = self._launch()
@@ -1362,12 +1238,12 @@ class BoundMatmul:
         plan = self.plan
         if self._launch is not None and not plan._closed and plan._format == self._format:
             # re-initialised with the same compressed form: fix the arguments again for the new workspace
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(plan.device):
-                self._prepare(self._operands)
+                self._prepare(self._args)
             return self()
-        return plan._run(None, *self._operands, self._stream)  # checks everything (and refuses stale data)
+        return plan._run(None, self._args)  # checks everything (and refuses stale data)
 
     def __repr__(self) -> str:
         return f"<BoundMatmul of {self.plan!r}>"

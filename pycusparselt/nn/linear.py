@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
 from . import layer_files, quantization
@@ -60,7 +61,7 @@ MAX_ROUTES = 64
 
 def _xp(on_device: bool) -> Any:
     if on_device:
-        import cupy
+        cupy = gpu.cupy()
 
         return cupy
     return np
@@ -135,7 +136,7 @@ def _stream_context(stream: Any) -> Any:
     """A context making ``stream`` CuPy's current stream (None: leave the current one)."""
     if stream is None:
         return contextlib.nullcontext()
-    import cupy
+    cupy = gpu.cupy()
 
     if isinstance(stream, cupy.cuda.Stream):
         return stream
@@ -349,7 +350,7 @@ class SparseLinear:
         xp = _xp(on_device)
         ctx = contextlib.nullcontext()
         if on_device:
-            import cupy
+            cupy = gpu.cupy()
 
             ctx = cupy.cuda.Device(device)
         with ctx:
@@ -450,7 +451,7 @@ class SparseLinear:
                 bias = bias.astype(np.float32).astype(self._gemm_out) if self._gemm_out != _I8 else bias
         cache: dict[str, Any] = {"alpha": alpha, "bias": bias if self._fused_bias else None, "relu": relu}
         if self.on_device:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self._device):
                 cache["alpha_device"] = cupy.asarray(alpha) if np.ndim(alpha) else alpha
@@ -576,7 +577,7 @@ class SparseLinear:
     def _device_call(self, x: Any, out: Any, stream: Any) -> Any:
         """A device call: through the input signature's route (made here on its first call), or, for layers
         whose weight cuSPARSELt cannot take unpadded, through the plan's checked path."""
-        import cupy
+        cupy = gpu.cupy()
 
         with cupy.cuda.Device(self._device):
             sp = stream_ptr(stream) if stream is not None else _arrays.current_stream(x, self._device)
@@ -612,7 +613,7 @@ class SparseLinear:
 
     def _make_route(self, x: Any, sp: int) -> _Route | None:
         """Check ``x`` once and prepare everything its calls need; None where the weight needs padding."""
-        import cupy
+        cupy = gpu.cupy()
 
         vector = len(x.shape) == 1
         view = _to_cupy(x)  # zero-copy
@@ -671,7 +672,7 @@ class SparseLinear:
     def _filler(self, view: Any, stage: Any, rows: int, quantize: bool, cstream: Any, sp: int) -> Any:
         """The per-call step that writes the input into the GEMM's staging buffer (rows ``:rows``): one
         quantization kernel, a gather for the permutation, or a plain copy; on the call's stream."""
-        import cupy
+        cupy = gpu.cupy()
 
         src = _unowned(view)  # the input's memory, without holding the array: valid while the caller's is
         target = stage[:rows]
@@ -698,7 +699,7 @@ class SparseLinear:
 
     def _permutation_device(self) -> Any:
         """The input permutation on the layer's device, copied there once."""
-        import cupy
+        cupy = gpu.cupy()
 
         if self._perm_device is None:
             with cupy.cuda.Device(self._device):
@@ -708,7 +709,7 @@ class SparseLinear:
     def _shape_state(self, example: Any, sp: int) -> tuple | None:
         """(plan, launcher) for inputs of ``example``'s shape: made, tuned and given the compressed weight on
         the first call with that shape. None where the plan must pad (the weight's sizes)."""
-        import cupy
+        cupy = gpu.cupy()
 
         key = (tuple(example.shape), self._gemm_dtype().str, self._device)
         if key in self._shapes:
@@ -745,7 +746,7 @@ class SparseLinear:
 
     def _general_call(self, x: Any, out: Any, stream: Any) -> Any:
         """The plan's checked path (padding copies per call), for weights whose sizes cuSPARSELt cannot take."""
-        import cupy
+        cupy = gpu.cupy()
 
         template = x
         x = _to_cupy(x)
@@ -785,7 +786,7 @@ class SparseLinear:
 
     def _identity(self, device: int) -> tuple:
         """This GPU and library, as stored configurations are keyed."""
-        import cupy
+        cupy = gpu.cupy()
 
         from .._native.library import library_version
 
@@ -993,7 +994,7 @@ class SparseLinear:
                 warnings.warn(f"SparseLinear.load: no usable GPU ({reason}); the layer runs on the NumPy reference",
                               RuntimeWarning, stacklevel=2)
         if device is None and on_device:
-            import cupy
+            cupy = gpu.cupy()
 
             device = cupy.cuda.Device().id
         layer = cls.__new__(cls)
@@ -1043,7 +1044,7 @@ class SparseLinear:
 def _unowned(view: Any) -> Any:
     """A CuPy array over ``view``'s memory that does not keep it alive (a route must not hold its caller's
     array: it is used only while a caller's array of the same address, shape and strides is passed in)."""
-    import cupy
+    cupy = gpu.cupy()
 
     span = sum((n - 1) * st for n, st in zip(view.shape, view.strides, strict=True)) + view.itemsize if view.size else 0
     memory = cupy.cuda.UnownedMemory(view.data.ptr, span, None, view.device.id)
@@ -1072,7 +1073,7 @@ class _Route:
     def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
                  plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any,
                  quantize: bool) -> None:
-        import cupy
+        cupy = gpu.cupy()
 
         self.layer, self.fill, self.launch, self.plan = layer, fill, launch, plan
         self.stage, self.quantize = stage, quantize
@@ -1118,7 +1119,7 @@ class _Route:
 
     def __call__(self, x: Any, out: Any) -> Any:
         if self.get_device() != self.device:
-            import cupy
+            cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
                 return self._run(out)
@@ -1141,7 +1142,7 @@ class _Route:
                 self._check_out(out, key)
             self.launch(self.x_ptr, key[0], self.sp)
             return out
-        import cupy
+        cupy = gpu.cupy()
 
         with self.cstream:
             scratch = self.scratch[0]
@@ -1195,8 +1196,8 @@ def _json_float(v: float) -> Any:
 
 
 def _config_key(ident: tuple) -> tuple:
-    gpu, cc, version, shape, dtype = ident
-    return (gpu, cc, version, tuple(int(s) for s in shape), dtype)
+    device_name, cc, version, shape, dtype = ident
+    return (device_name, cc, version, tuple(int(s) for s in shape), dtype)
 
 
 def _entry_ident(entry: dict) -> tuple:

@@ -35,6 +35,7 @@ from typing import Any, Iterable
 import ml_dtypes
 import numpy as np
 
+from .._native import gpu
 from .. import _arrays
 
 __all__ = [
@@ -161,7 +162,7 @@ __device__ __forceinline__ unsigned char pycusparselt_to_fp8(float v, int mant, 
 
 @functools.lru_cache(maxsize=None)
 def _device_kernels() -> dict[str, Any]:
-    import cupy
+    cupy = gpu.cupy()
 
     kernels = {
         "int8": cupy.ElementwiseKernel(
@@ -215,7 +216,7 @@ def quantize_into(x: Any, inverse_scale: Any, fmt: str, out: Any) -> Any:
 def quantize_on_device(x: Any, inv: Any, fmt: str) -> Any:
     """Quantize a CuPy array with a float32 inverse scale (scalar or broadcastable array) in one kernel;
     ``fmt`` a key of :data:`FORMATS`. No checks: :func:`quantize` is the checked entry."""
-    import cupy
+    cupy = gpu.cupy()
 
     if x.dtype == _BF16:
         x = as_float32(x, cupy)

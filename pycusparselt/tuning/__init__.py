@@ -18,6 +18,7 @@ import time
 import warnings
 from typing import Any, NamedTuple, Protocol
 
+from .._native import gpu
 from .._native.library import library_version
 from ..enums import SplitKMode
 from ..errors import CuSparseLtError
@@ -113,7 +114,7 @@ class Tunable(Protocol):
 def tuning_key(plan: Any) -> dict[str, Any]:
     """The tuning cache key of ``plan`` (a :class:`~pycusparselt.SparseMatmulPlan` or its
     :class:`~pycusparselt.gemm.plan.TuningTarget`): GPU, library version and the full problem signature."""
-    import cupy
+    cupy = gpu.cupy()
 
     props = cupy.cuda.runtime.getDeviceProperties(plan.device)
     name = props["name"]
@@ -128,7 +129,7 @@ def tuning_key(plan: Any) -> dict[str, Any]:
 def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list, slack: int = 0) -> list[int]:
     """``count`` device copies of ``nbytes`` at ``ptr`` (the first is ``ptr`` itself), each allocated with
     ``slack`` bytes more."""
-    import cupy
+    cupy = gpu.cupy()
 
     ptrs = [ptr]
     for _ in range(count - 1):
@@ -142,7 +143,7 @@ def _copies(ptr: int, nbytes: int, count: int, stream_ptr: int, keep: list, slac
 def _rotation_count(target: Tunable, call: Any) -> int:
     """How many operand sets to cycle through so that timed calls read from memory as in real use: enough
     to overflow L2 when the whole problem fits in it, else 1."""
-    import cupy
+    cupy = gpu.cupy()
 
     if target.padded:  # the plan's own padded buffers are the operands
         return 1
@@ -197,7 +198,7 @@ def autotune(
 ) -> TuningReport:
     """Tune a plan on the operands of one call (``target``, see :meth:`pycusparselt.SparseMatmulPlan.autotune`)
     and keep the winner as its configuration."""
-    import cupy
+    cupy = gpu.cupy()
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")

@@ -11,6 +11,8 @@ import functools
 import statistics
 from typing import Any, Callable, Mapping, NamedTuple
 
+from .._native import gpu
+
 __all__ = ["Timing", "hold_stream", "time_gpu", "time_gpu_interleaved"]
 
 #: One thread spins until ``ns`` nanoseconds of the GPU's global timer have passed (an elementwise kernel of one
@@ -31,7 +33,7 @@ _hold_sinks: dict[int, Any] = {}  # per device: the kernel's one-element output
 
 @functools.lru_cache(maxsize=1)
 def _hold_kernel() -> Any:
-    import cupy
+    cupy = gpu.cupy()
 
     return cupy.ElementwiseKernel("uint64 ns", "raw uint64 sink", _HOLD_BODY, "pycusparselt_hold")
 
@@ -48,7 +50,7 @@ def hold_stream(stream: Any, microseconds: float) -> None:
     """Enqueue on ``stream`` a kernel that keeps it busy for ``microseconds`` (one thread spinning on the GPU's
     global timer), so that the host can queue the work that follows before the GPU reaches it. ``stream``: a
     CuPy stream or any stream :func:`pycusparselt._native.streams.stream_ptr` takes, of the current device."""
-    import cupy
+    cupy = gpu.cupy()
     import numpy as np
 
     from .._native.streams import on_stream, stream_ptr
@@ -93,7 +95,7 @@ def time_gpu(
     -------
     Timing
     """
-    import cupy
+    cupy = gpu.cupy()
 
     if repeats < 1 or inner < 1 or warmup < 0:
         raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got {repeats}, {inner}, {warmup}")
@@ -153,7 +155,7 @@ def time_gpu_interleaved(
     dict of str to Timing
         In the order of ``fns``.
     """
-    import cupy
+    cupy = gpu.cupy()
 
     if repeats < 1 or warmup < 0 or lead < 0:
         raise ValueError(f"repeats must be >= 1, warmup and lead >= 0, got {repeats}, {warmup}, {lead}")
