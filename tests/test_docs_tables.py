@@ -1,0 +1,89 @@
+"""The documented result tables are the committed JSON results, formatted: a table edited by hand or a result
+file replaced without its table fails here."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv_table(page: str, caption_start: str, root: Path = ROOT) -> tuple[str, list[list[str]]]:
+    """The caption and rows of the csv-table whose caption starts with ``caption_start``."""
+    text = (root / "docs" / page).read_text()
+    match = re.search(r"^\.\. csv-table:: (" + re.escape(caption_start) + r".*)\n((?:   .*\n|\n)+)", text, re.M)
+    assert match, f"{page}: no csv-table captioned {caption_start!r}"
+    body = [line.strip() for line in match.group(2).splitlines() if line.strip() and not line.strip().startswith(":")]
+    return match.group(1), [[cell.strip() for cell in row] for row in csv.reader(body)]
+
+
+def test_the_sparsify_speed_table_is_the_committed_result():
+    bench = _module(ROOT / "benchmarks" / "bench_torch_sparsify.py")
+    results = json.loads((RESULTS / "torch_sparsify_h200_2026-11-30.json").read_text())
+    caption, rows = _csv_table("pytorch.rst", "NVIDIA H200, PyTorch")
+    env = results["environment"]
+    assert caption.startswith(f"{env['device']}, PyTorch {env['torch']}, cuSPARSELt {env['cusparselt']}; "
+                              f"medians of {results['repeat']} samples")
+    expected = [[cell.strip() for cell in bench.markdown_row(row).strip("|").split("|")] for row in results["rows"]]
+    assert rows == expected
+
+
+def test_the_scaling_table_is_the_committed_result():
+    results = json.loads((RESULTS / "mlp_scaling_2xh200_2026-11-30.json").read_text())
+    assert results["environment"]["one_gpu_per_process"] and not results["not_run"]
+    _, rows = _csv_table("distributed.rst", "FP16 block")
+    names = {"bert-large": "BERT-large", "llm": "LLM"}
+    by_case = {(r["shape"], r["tokens"], r["gpus"]): r for r in results["rows"]}
+    expected = []
+    for (shape, tokens, gpus), one in sorted(by_case.items(), key=lambda item: (item[0][0], item[0][1])):
+        if gpus != 1:
+            continue
+        two = by_case[(shape, tokens, 2)]
+        expected.append([names[shape], str(tokens), f"{one['parallel_ms']:.3f}", f"{two['parallel_ms']:.3f}",
+                         f"{two['speedup_vs_1gpu']:.2f}x", f"{two['allreduce_ms']:.3f}", f"{one['dense_ms']:.3f}"])
+    assert rows == expected
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"  # as examples/torch_recipe.py --markdown writes it
+
+
+def test_the_recipe_accuracy_table_is_the_committed_result():
+    results = json.loads((RESULTS / "torch_recipe_cpu_2026-11-29.json").read_text())
+    text = (ROOT / "docs" / "pytorch.rst").read_text()
+    for row in results["rows"]:
+        match = re.search(r"^   \* - " + re.escape(row["model"]) + r" \(.*\n((?:     - .*\n)+)", text, re.M)
+        assert match, f"pytorch.rst: no accuracy row for {row['model']}"
+        cells = [line.strip()[2:] for line in match.group(1).splitlines()]
+        expected = [_percent(row[key]) for key in ("dense_fp32", "dense_fp16", "naive_retrained_fp32",
+                                                   "permuted_retrained_fp32", "sparse_fp16", "sparse_int8")]
+        expected.append(f"{row['naive_kept_magnitude']:.3f} / {row['permuted_kept_magnitude']:.3f}")
+        assert cells == expected, row["model"]
+        assert f"({row['params']:,} parameters)" in match.group(0)
+
+
+@pytest.mark.parametrize("page, caption", [("pytorch.rst", "NVIDIA H200, PyTorch"), ("distributed.rst", "FP16 block")])
+def test_a_changed_cell_is_caught(page, caption, tmp_path):
+    """The checks above can fail: one digit changed in a copy of the page changes the parsed rows."""
+    _, rows = _csv_table(page, caption)
+    text = (ROOT / "docs" / page).read_text()
+    first = ", ".join(rows[0])
+    changed = first[:-2] + ("0" if first[-2] != "0" else "1") + first[-1]
+    copy = tmp_path / "docs" / page
+    copy.parent.mkdir()
+    copy.write_text(text.replace(first, changed, 1))
+    assert _csv_table(page, caption, tmp_path)[1][0] != rows[0]
