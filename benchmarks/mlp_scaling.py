@@ -51,25 +51,11 @@ def _median_ms(cp, fn, repeat: int, warmup: int = 3) -> float:
     return float(statistics.median(times))
 
 
-def pin_local_gpu() -> str:
-    """Make this rank's GPU the process's only visible one (its device 0), before CUDA starts: the
-    ``LOCAL_RANK``-th of the GPUs visible so far. Off device 0 only the default configuration runs (see
-    pycusparselt.tuning.TUNING_OFF_DEVICE_0), so this is how every rank tunes. Returns the GPU it kept."""
-    from pycusparselt.distributed.engines import local_rank_from_env
-
-    local = local_rank_from_env() or 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [g for g in visible.split(",") if g.strip()] if visible else None
-    if gpus is not None and local >= len(gpus):
-        raise SystemExit(f"rank {local} of this node has no GPU: CUDA_VISIBLE_DEVICES={visible}")
-    chosen = gpus[local].strip() if gpus is not None else str(local)
-    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
-    return chosen
-
-
 def worker(args: argparse.Namespace) -> None:
     """One rank: time every shape, rank 0 appends JSON lines to ``args.result``."""
     if args.one_gpu_per_process:
+        from pycusparselt.distributed import pin_local_gpu
+
         pin_local_gpu()  # before CuPy starts CUDA
     import cupy as cp
 

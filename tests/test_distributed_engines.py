@@ -293,34 +293,25 @@ def test_a_rank_that_dies_aborts_an_mpi_job(tmp_path):
     assert time.monotonic() - began < 30
 
 
-def _mlp_scaling():
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mlp_scaling.py"
-    spec = importlib.util.spec_from_file_location("mlp_scaling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("visible", "local", "kept"),
     [(None, "1", "1"), ("3,5", "1", "5"), ("GPU-aaa, GPU-bbb", "0", "GPU-aaa"), ("7", None, "7")],
 )
-def test_the_scaling_benchmark_pins_each_rank_to_its_own_gpu(monkeypatch, visible, local, kept):
-    """``--one-gpu-per-process``: the rank keeps the LOCAL_RANK-th visible GPU as its only one (device 0)."""
+def test_pin_local_gpu_keeps_the_ranks_own_gpu(monkeypatch, visible, local, kept):
+    """The rank keeps the LOCAL_RANK-th visible GPU as its only one (device 0)."""
     for name in ("CUDA_VISIBLE_DEVICES", *engines._LOCAL_RANK_VARS):
         monkeypatch.delenv(name, raising=False)
     if visible is not None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     if local is not None:
         monkeypatch.setenv("LOCAL_RANK", local)
-    assert _mlp_scaling().pin_local_gpu() == kept
+    assert dist.pin_local_gpu() == kept
     assert os.environ["CUDA_VISIBLE_DEVICES"] == kept
 
 
-def test_the_scaling_benchmark_refuses_a_rank_without_a_gpu(monkeypatch):
+def test_pin_local_gpu_refuses_a_rank_without_a_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(SystemExit, match="rank 1 of this node has no GPU"):
-        _mlp_scaling().pin_local_gpu()
+    with pytest.raises(ValueError, match=r"local rank 1 has no GPU: CUDA_VISIBLE_DEVICES='0' names 1"):
+        dist.pin_local_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # left as it was

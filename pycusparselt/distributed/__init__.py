@@ -23,7 +23,7 @@ NumPy reference, without a GPU. Importing this package loads neither CuPy, NCCL,
 from __future__ import annotations
 
 from . import engines, sharding
-from .engines import choose_engine
+from .engines import choose_engine, pin_local_gpu
 from .groups import Group, HostGroup, NcclGroup, env_config, init_process_group, load_nccl
 from .parallel import ColumnParallelSparseLinear, ParallelSparseMLP, RowParallelSparseLinear
 from .sharding import aligned_multiple, row_parallel_bounds, shard_bounds
@@ -32,6 +32,7 @@ __all__ = [
     "sharding",
     "engines",
     "choose_engine",
+    "pin_local_gpu",
     "Group",
     "NcclGroup",
     "HostGroup",

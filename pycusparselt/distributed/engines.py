@@ -26,7 +26,7 @@ import numpy as np
 from .._native import gpu
 from .._native import settings
 
-__all__ = ["Engine", "ENGINES", "choose_engine", "make_engine", "local_rank_from_env"]
+__all__ = ["Engine", "ENGINES", "choose_engine", "make_engine", "local_rank_from_env", "pin_local_gpu"]
 
 #: The engines, in the order ``engine="auto"`` considers them.
 ENGINES = ("torch", "mpi", "cupyx", "single")
@@ -103,6 +103,40 @@ def local_rank_from_env(env: Mapping[str, str] | None = None) -> int | None:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value}")
             return value
     return None
+
+
+def pin_local_gpu() -> str:
+    """Make this rank's GPU the process's only visible one, its device 0, so that the rank tunes.
+
+    Keeps the ``LOCAL_RANK``-th (:func:`local_rank_from_env`; 0 where no launcher says) of the GPUs visible so
+    far in ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs; all of the machine's where it is unset). Off device 0
+    only the default configuration runs (:data:`pycusparselt.tuning.TUNING_OFF_DEVICE_0`), so this is how
+    every rank of a job gets tuned products. Call it before anything starts CUDA in the process (the first
+    CuPy or PyTorch GPU operation): CUDA reads the variable once. Then join the job on that device::
+
+        dist.pin_local_gpu()
+        group = dist.init_process_group("nccl", device=0)
+
+    Returns
+    -------
+    str
+        The GPU kept (as ``CUDA_VISIBLE_DEVICES`` now names it).
+
+    Raises
+    ------
+    ValueError
+        The local rank has no GPU among those visible.
+    """
+    local = local_rank_from_env() or 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible is not None else None
+    if gpus is not None and local >= len(gpus):
+        raise ValueError(
+            f"pin_local_gpu: local rank {local} has no GPU: CUDA_VISIBLE_DEVICES={visible!r} names {len(gpus)}"
+        )
+    chosen = gpus[local] if gpus is not None else str(local)
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return chosen
 
 
 class Engine:
