@@ -5,8 +5,8 @@
 #
 # 1. installs the carried wheels in .whl/ (cffi, pycparser) and this checkout (no index, no build isolation);
 # 2. prints `python -m pycusparselt info` and runs the GPU demo;
-# 3. runs `pytest -m gpu` (on four pytest-xdist workers where installed, the tests marked `alone` alone after), then the
-#    CPU tests (`-m "not gpu"`), so nothing runs twice;
+# 3. runs `pytest -m gpu` (on four pytest-xdist workers where installed, the tests marked `alone` alone
+#    after), then the CPU tests (`-m "not gpu"`), so nothing runs twice;
 # 4. runs the semantics experiments (scripts/probe_semantics.py), the benchmarks in benchmarks/, the sparse GEMM
 #    benchmark's quick set and the host-overhead measurement (benchmarks/host_overhead.py, needs nvcc);
 # 5. writes OUTDIR/gpu_check.json (device, driver, library and CuPy versions, test counts) and the logs.
