@@ -222,6 +222,7 @@ def _host_row(rng: Any, m: int, out_f: int, in_f: int, tune_budget: float) -> di
     import torch
 
     import pycusparselt as psl
+    from pycusparselt.nn.linear import SMALL_BATCH_ROWS
 
     w = _two_four(rng, (out_f, in_f), in_f ** -0.5)
     b = (0.1 * rng.standard_normal(out_f, dtype=cp.float32)).astype(cp.float16)
@@ -232,7 +233,7 @@ def _host_row(rng: Any, m: int, out_f: int, in_f: int, tune_budget: float) -> di
     layer(x)
     cfg = layer.tuned_configs[0]["config"]
     # the bound call of a plan with the layer's configuration (padded to 16 rows as the layer pads)
-    rows = max(m, psl.linear.SMALL_BATCH_ROWS)
+    rows = max(m, SMALL_BATCH_ROWS)
     xp = cp.zeros((rows, in_f), cp.float16)
     xp[:m] = x
     plan = psl.SparseMatmulPlan(xp, w.T, sparse="b", bias=True, activation="relu")
@@ -286,8 +287,10 @@ def _isolated(args: argparse.Namespace, argv: list[str]) -> int:
             rc = subprocess.run(cmd).returncode
             got = json.load(open(path)) if os.path.exists(path) else {"rows": []}
             if not merged:
-                merged = {k: v for k, v in got.items() if k not in ("rows", "host", "bert", "llm", "seconds")}
                 merged.update(rows=[], host=[], isolated=True)
+            for k, v in got.items():  # the machine's description, from the first run that wrote one
+                if k not in ("rows", "host", "bert", "llm", "seconds"):
+                    merged.setdefault(k, v)
             merged["rows"] += got.get("rows", [])
             merged["host"] += got.get("host", [])
             for name in ("bert", "llm"):

@@ -87,3 +87,36 @@ def test_a_changed_cell_is_caught(page, caption, tmp_path):
     copy.parent.mkdir()
     copy.write_text(text.replace(first, changed, 1))
     assert _csv_table(page, caption, tmp_path)[1][0] != rows[0]
+
+
+def _markdown_tables(text: str) -> list[list[str]]:
+    """Every Markdown table of a page, as its lines."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_the_inference_tables_are_the_committed_result():
+    tables = _module(ROOT / "benchmarks" / "inference_tables.py")
+    text = (ROOT / "docs" / "inference.md").read_text()
+    path = re.search(r"Results: `benchmarks/results/(inference_[^`]+\.json)`", text).group(1)
+    expected = tables.tables(json.loads((RESULTS / path).read_text()))
+    on_page = _markdown_tables(text)
+    for table in expected:
+        assert table in on_page, f"docs/inference.md lacks the table headed {table[0]!r} of {path}"
+
+
+def test_a_changed_inference_cell_is_caught():
+    """A table with one number changed is not the one the JSON gives."""
+    tables = _module(ROOT / "benchmarks" / "inference_tables.py")
+    result = json.loads((RESULTS / "inference_h200_2026-11-30.json").read_text())
+    table = tables.llm_table(result)
+    result["rows"][0]["ms"] *= 1.01
+    assert tables.llm_table(result) != table
+    page = "\n".join(table).replace(table[2], table[2].replace("|", "| 9", 1))
+    assert table not in _markdown_tables(page)

@@ -83,6 +83,44 @@ def test_out_of_the_wrong_shape_is_refused_on_the_prepared_path():
         gpu(x, out=cp.empty((64, 256), cp.float32))
 
 
+@pytest.mark.parametrize("rows", [3, 64])
+def test_strided_inputs_and_out_give_the_contiguous_product(rows):
+    """A strided input is staged by a copy kernel, a contiguous one by one cudaMemcpyAsync (3 rows: padded to
+    16) or not at all (64); a padded batch's `out` receives its rows by one copy: all give the same product."""
+    rng = np.random.default_rng(6)
+    gpu, cpu = _layer_pair(rng, 256, 512, activation="relu")
+    wide = cp.asarray(rng.standard_normal((rows, 1024)).astype(np.float16))
+    strided = wide[:, 256:768]
+    contiguous = cp.ascontiguousarray(strided)
+    want = cp.asnumpy(gpu(contiguous))
+    _close_to_twin(want, cpu, cp.asnumpy(contiguous), gpu)
+    out = cp.full((rows, 256), np.nan, cp.float16)
+    assert gpu(strided, out=out) is out
+    np.testing.assert_array_equal(cp.asnumpy(out), want)
+    np.testing.assert_array_equal(cp.asnumpy(gpu(strided)), want)
+    out[...] = np.nan
+    assert gpu(contiguous, out=out) is out
+    np.testing.assert_array_equal(cp.asnumpy(out), want)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        gpu(contiguous, out=cp.empty((rows, 512), cp.float16)[:, :256])
+
+
+def test_one_byte_results_land_in_out_at_small_batches():
+    """An int8-output layer at a padded batch: `out` (int8, or uint8 bytes) receives what the call returns."""
+    rng = np.random.default_rng(8)
+    w = cp.asarray(rng.standard_normal((256, 512)).astype(np.float32))
+    layer = SparseLinear(w, input_scale=0.05, mode="int8", out_dtype=np.int8, output_scale=0.1, autotune=False)
+    x = cp.asarray(rng.standard_normal((5, 512)).astype(np.float16))
+    want = cp.asnumpy(layer(x))
+    assert want.dtype == np.int8 and np.abs(want.astype(int)).max() > 0
+    for dtype in (cp.int8, cp.uint8):
+        out = cp.zeros((5, 256), dtype)
+        assert layer(x, out=out) is out
+        np.testing.assert_array_equal(cp.asnumpy(out).view(np.int8), want)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        layer(x, out=cp.zeros((5, 256), cp.float16))
+
+
 def test_small_batches_share_one_compressed_weight_and_other_shapes_have_their_own():
     """Inputs of 1-16 rows run on one plan and one compressed weight; each other batch size has its own plan and
     compressed weight (sharing one across dense shapes ended long runs with an illegal instruction)."""
@@ -154,6 +192,9 @@ def test_torch_tensors_in_torch_tensors_out(torch, dtype):
             y2 = layer(x)
         s.synchronize()
         assert torch.equal(y2, y)
+        out = torch.empty(rows, 256, device="cuda", dtype=tdt)  # padded (3 rows) and direct (64)
+        assert layer(x, out=out) is out
+        assert torch.equal(out, y)
     # the plan, the one-shot product and pruning answer in PyTorch too
     x = torch.randn(64, 512, device="cuda", dtype=tdt)
     wt = torch.from_dlpack(layer.weight).t()

@@ -219,6 +219,8 @@ def test_held_timing_measures_the_gpu_not_the_host(cp):
     from pycusparselt.tuning.timing import hold_stream, time_gpu
 
     stream = cp.cuda.Stream(non_blocking=True)
+    hold_stream(stream, 1)  # the kernel's first launch compiles or loads it: not part of the hold
+    stream.synchronize()
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     start.record(stream)
     hold_stream(stream, 300)
@@ -283,6 +285,9 @@ def test_graph_capture_replays_the_product(cp):
     with Problem(cp, case) as p:
         stream = cp.cuda.Stream(non_blocking=True)
         out = cp.empty(case.d_shape, dtype=np.float16)
+        # the operands were written (and compressed) on the default stream, which a non-blocking stream does
+        # not wait for: without this, the eager call could read them half written while the GPU is shared
+        cp.cuda.Device().synchronize()
         with stream:
             call = p.plan.bind(*p.args(), **p.call_kwargs(), out=out, stream=stream)
             call()  # eager, before capture (the library initialises lazily)

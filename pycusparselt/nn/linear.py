@@ -482,9 +482,10 @@ class SparseLinear:
 
         ``x`` is of the layer's dtype for the float modes; float16, bfloat16 or float32 (quantized here with
         ``input_scale``) or already quantized (int8; FP8 bytes on the GPU, ml_dtypes FP8 on the CPU) for the
-        quantized modes. ``out`` (device layers) receives the result. Device layers return the result in the
-        input's framework (a PyTorch tensor for a tensor) and run on ``stream``, by default the input
-        framework's current stream.
+        quantized modes. ``out`` (device layers) receives the result: a C-contiguous, 16-byte aligned array of
+        the result's shape and type (uint8 bytes also for one-byte results) on the layer's device. Device
+        layers return the result in the input's framework (a PyTorch tensor for a tensor) and run on
+        ``stream``, by default the input framework's current stream.
 
         After the first call with an input of a given address, shape, strides and dtype, a call with the same
         checks nothing again and, with ``out`` given, allocates nothing: it launches the product (and the
@@ -686,9 +687,13 @@ class SparseLinear:
             inv = np.float32(np.float32(1.0) / np.float32(self._input_scale))
             steps.append(functools.partial(quantization.quantize_into, src, inv, self.format, target))
         elif self.permutation is None:
-            # cupy.copyto: one cudaMemcpyAsync for a contiguous input (most of a small batch's ~30 us of host
-            # time per call goes here and to the launch), one copy kernel for a strided one
-            steps.append(functools.partial(cupy.copyto, target, src.view(target.dtype)))
+            if src.flags.c_contiguous:
+                # one cudaMemcpyAsync on the call's stream, called directly: CuPy's copyto dispatch and the
+                # stream context cost 8 us a call more (measured at 1 x 4096 x 11008), more than the copy
+                runtime = cupy.cuda.runtime
+                return functools.partial(runtime.memcpyAsync, target.data.ptr, src.data.ptr, src.nbytes,
+                                         runtime.memcpyDeviceToDevice, sp)
+            steps.append(functools.partial(cupy.copyto, target, src.view(target.dtype)))  # a copy kernel
 
         def fill() -> None:
             with cstream:
@@ -1068,7 +1073,7 @@ class _Route:
 
     __slots__ = ("layer", "fill", "launch", "plan", "rows", "padded_rows", "vector", "sp", "cstream", "x_ptr",
                  "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device", "stage",
-                 "quantize")
+                 "quantize", "out_nbytes")
 
     def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
                  plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any,
@@ -1082,6 +1087,7 @@ class _Route:
         self.device = layer._device
         self.get_device = cupy.cuda.runtime.getDevice
         shape, gemm_out = (padded_rows, layer.out_features), layer._gemm_out
+        self.out_nbytes = rows * layer.out_features * np.dtype(gemm_out).itemsize  # of `out`, where it is given
         # nothing here refers to x: a route must not keep its caller's array alive
         self.alloc_ctx = None
         if _arrays.is_torch(x):
@@ -1135,19 +1141,23 @@ class _Route:
             if self.vector:
                 return y[0]
             return y if self.rows == self.padded_rows else y[: self.rows]
-        direct = out is not None and not layer._post and self.rows == self.padded_rows and not self.vector
-        if direct:
+        if out is not None and not layer._post and not self.vector:
             key = _arrays.array_key(out)
             if key is None or key not in self.outs:
                 self._check_out(out, key)
-            self.launch(self.x_ptr, key[0], self.sp)
+            if self.rows == self.padded_rows:
+                self.launch(self.x_ptr, key[0], self.sp)
+                return out
+            # a padded batch: the product's first rows, one cudaMemcpyAsync into `out` (C-contiguous, checked)
+            scratch = self._scratch()
+            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
+            runtime = gpu.cupy().cuda.runtime
+            runtime.memcpyAsync(key[0], scratch.data.ptr, self.out_nbytes, runtime.memcpyDeviceToDevice, self.sp)
             return out
         cupy = gpu.cupy()
 
         with self.cstream:
-            scratch = self.scratch[0]
-            if scratch is None:
-                scratch = self.scratch[0] = cupy.empty((self.padded_rows, layer.out_features), layer._gemm_out)
+            scratch = self._scratch()
             self.launch(self.x_ptr, scratch.data.ptr, self.sp)
             y = scratch[: self.rows]
             if layer._post:
@@ -1159,6 +1169,17 @@ class _Route:
                 return out
             return _arrays.as_framework(y, self.framework, layer.out_dtype)  # post-processing made a new array
 
+    def _scratch(self) -> Any:
+        """The (padded_rows, out_features) buffer of results that are copied or post-processed, made once."""
+        scratch = self.scratch[0]
+        if scratch is None:
+            cupy = gpu.cupy()
+
+            with self.cstream:
+                scratch = self.scratch[0] = cupy.empty((self.padded_rows, self.layer.out_features),
+                                                       self.layer._gemm_out)
+        return scratch
+
     def _alloc_on_stream(self) -> Any:
         with self.alloc_ctx:
             return self.alloc()
@@ -1168,12 +1189,14 @@ class _Route:
         if key is None:
             raise TypeError(f"out: expected a CuPy array or a CUDA tensor, got {type(out).__name__}")
         view = _to_cupy(out)
-        want = (self.rows, layer.out_features)
-        if (tuple(view.shape) != want or np.dtype(view.dtype) != layer.out_dtype or not view.flags.c_contiguous
+        want, given = (self.rows, layer.out_features), _arrays.dtype_of(out)
+        # one-byte results (int8, FP8) may also land in a uint8 array (how CuPy holds FP8)
+        dtypes_ok = (layer.out_dtype, _U8) if layer.out_dtype.itemsize == 1 else (layer.out_dtype,)
+        if (tuple(view.shape) != want or given not in dtypes_ok or not view.flags.c_contiguous
                 or view.device.id != self.device or view.data.ptr % 16):
             raise ValueError(
                 f"out: expected a C-contiguous {want} {layer.out_dtype} array on device {self.device}, 16-byte "
-                f"aligned; got {tuple(view.shape)} {view.dtype} on device {view.device.id}"
+                f"aligned; got {tuple(view.shape)} {given} on device {view.device.id}"
             )
         if len(self.outs) >= MAX_ROUTES:
             self.outs.clear()
