@@ -28,14 +28,15 @@ Importing the package loads nothing native: the library is found and loaded on f
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,
   BF16, INT8 or FP8), :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
   :mod:`pycusparselt.nn.masks` (2:4 masks), :mod:`pycusparselt.nn.permutation` (channel permutations that keep
-  more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files).
+  more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files), ``pycusparselt.nn.shared_plans`` (one
+  plan per problem, shared by the layers that have it).
 - distributed and PyTorch (imported on demand): :mod:`pycusparselt.distributed` with
   :mod:`pycusparselt.distributed.sharding`, :mod:`pycusparselt.distributed.engines`,
   :mod:`pycusparselt.distributed.groups` and :mod:`pycusparselt.distributed.parallel` (tensor-parallel
   SparseLinear layers over NCCL; ``python -m pycusparselt.distributed``, ``pycusparselt.distributed.__main__``,
   says how to start a job); :mod:`pycusparselt.torch` with ``pycusparselt.torch.pruning``,
-  ``pycusparselt.torch.channels`` and ``pycusparselt.torch.modules`` (the 2:4 retraining workflow and
-  sparse modules for PyTorch models).
+  ``pycusparselt.torch.channels``, ``pycusparselt.torch.modules`` and ``pycusparselt.torch.compact`` (the 2:4
+  retraining workflow and the sparse ``nn.Module`` for PyTorch models, its state in a compact form).
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,
   ``pycusparselt.bench.runner``, ``pycusparselt.bench.report`` and ``pycusparselt.bench.__main__``
   (the sparse GEMM benchmark); ``pycusparselt.cli`` and ``pycusparselt.__main__`` (``python -m

@@ -27,7 +27,7 @@ def test_sparsified_layers_match_the_pruned_dense_product(rows):
     model = _mlp(0)
     w, b = model[0].weight.detach().float().cpu().numpy(), model[0].bias.detach().float().cpu().numpy()
     x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
-    report = pst.sparsify(model, "fp16", autotune=False)
+    report = pst.sparsify(model, "fp16", autotune=False, fuse=False)  # model[0] alone: the product
     assert report.replaced == ["0", "2"]
     with torch.no_grad():
         h = model[0](x)
@@ -69,3 +69,62 @@ def test_int8_sparsified_model_on_the_gpu():
     with torch.no_grad():
         got = model(x).float()
     assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max())
+
+
+def _sparse_mlp(seed: int) -> nn.Module:
+    model = _mlp(seed)
+    pst.sparsify(model, "fp16", autotune=False)
+    return model
+
+
+def test_state_round_trips_give_bit_identical_outputs_on_the_gpu(tmp_path):
+    import copy
+    import io
+
+    model = _sparse_mlp(3)
+    x = torch.randn(40, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        want = model(x)
+        fresh = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).cuda().half()
+        pst.sparsify(fresh, "fp16", state_dict=model.state_dict(), autotune=False)
+        assert torch.equal(fresh(x), want)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), want)
+        twin = copy.deepcopy(model)
+        del model
+        assert torch.equal(twin(x), want)  # runs its own product, not the deleted original's
+        moved = twin.cpu().cuda()
+        assert torch.equal(moved(x), want)
+
+
+def test_eager_calls_skip_the_operator_and_compiled_calls_use_it(monkeypatch):
+    from pycusparselt.torch import modules
+
+    model = _sparse_mlp(4)
+    x = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    calls = []
+    real = modules._linear_op
+
+    def counted(rows, layer_id):
+        calls.append(layer_id)
+        return real(rows, layer_id)
+
+    monkeypatch.setattr(modules, "_linear_op", counted)
+    with torch.no_grad():
+        eager = model(x)
+    assert calls == []
+    traced = torch.fx.symbolic_trace(model)
+    assert any(n.op == "call_function" for n in traced.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(traced(x), eager)
+    assert len(calls) == 2
+
+
+def test_compact_state_is_0_5625_of_the_dense_fp16_weight():
+    model = _sparse_mlp(5)
+    layer = model[0]
+    dense_bytes = layer.in_features * layer.out_features * 2
+    state = layer.values.numel() * layer.values.element_size() + layer.indices.numel()
+    assert state == dense_bytes * 9 // 16

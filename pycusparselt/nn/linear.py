@@ -28,7 +28,7 @@ import numpy as np
 from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
-from . import layer_files, quantization
+from . import layer_files, quantization, shared_plans
 from ..gemm.plan import PlanConfig, SparseMatmulPlan
 from ..tuning import tuning_is_safe_on
 from .._native.streams import on_stream, stream_ptr
@@ -475,6 +475,69 @@ class SparseLinear:
             bias = None if bias is None else bias.numpy()
         return cls(weight, bias, **kwargs)
 
+    @classmethod
+    def from_quantized(
+        cls,
+        weight_q: Any,
+        weight_scale: Any,
+        bias: Any = None,
+        *,
+        mode: str,
+        fp8_format: str = "e4m3",
+        activation: str | None = None,
+        relu_upper_bound: float = math.inf,
+        relu_threshold: float = 0.0,
+        out_dtype: Any = None,
+        input_scale: float | None = None,
+        output_scale: float | None = None,
+        on_device: bool = False,
+        device: int | None = None,
+        autotune: bool | Mapping[str, Any] = True,
+    ) -> SparseLinear:
+        """A quantized layer from its parts, as a quantized layer holds them (:attr:`weight_q`,
+        :attr:`weight_scale`): nothing is quantized again, so the layer computes exactly what the one they came
+        from did.
+
+        ``weight_q`` is 2:4 along ``in_features``: int8 for ``mode="int8"``; for ``"fp8"`` ml_dtypes FP8 values or
+        their bytes (uint8, read as ``fp8_format``). ``weight_scale``: float32, one per output feature or one for
+        the tensor. ``bias``: float. ``on_device`` / ``device``: where the layer runs (the GPU through CuPy, or
+        the NumPy reference). The other arguments are the constructor's.
+        """
+        if mode not in ("int8", "fp8"):
+            raise ValueError(f"mode: expected 'int8' or 'fp8', got {mode!r}")
+        if fp8_format not in ("e4m3", "e5m2"):
+            raise ValueError(f"fp8_format: expected 'e4m3' or 'e5m2', got {fp8_format!r}")
+        fmt = "int8" if mode == "int8" else fp8_format
+        wq = np.ascontiguousarray(_to_numpy(weight_q))
+        want = quantization.FORMATS[fmt][0]
+        if wq.dtype == _U8 and mode == "fp8":
+            wq = wq.view(want)
+        if wq.ndim != 2 or wq.dtype != want:
+            raise TypeError(f"weight_q: expected a 2-D {want} array, got {wq.dtype} of shape {wq.shape}")
+        scale = np.asarray(_to_numpy(weight_scale), dtype=np.float32)
+        if scale.shape not in ((), (wq.shape[0],)):
+            raise ValueError(f"weight_scale: expected shape () or ({wq.shape[0]},), got {scale.shape}")
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("weight_scale: expected finite positive scales")
+        weight = quantization.dequantize(wq, scale[:, None] if scale.ndim else scale)
+        if not _is_sparse_host(weight, False):
+            raise ValueError("weight_q: not 2:4 along in_features")
+        b_host = None if bias is None else np.asarray(_to_numpy(bias), dtype=np.float32)
+        if b_host is not None and b_host.shape != (wq.shape[0],):
+            raise ValueError(f"bias: expected shape ({wq.shape[0]},), got {b_host.shape}")
+        if on_device and device is None:
+            device = gpu.cupy().cuda.Device().id
+        layer = cls.__new__(cls)
+        layer._setup(
+            mode=mode, dtype=_F16, fmt=fmt, granularity="channel" if scale.ndim else "tensor", weight=weight,
+            weight_q=wq, weight_scale=scale, bias=b_host, permutation=None, activation=activation,
+            relu_upper_bound=relu_upper_bound, relu_threshold=relu_threshold, out_dtype=out_dtype,
+            input_scale=input_scale, output_scale=output_scale, on_device=on_device,
+            device=device if on_device else None, autotune=autotune, configs={},
+        )
+        layer._prune = None
+        return layer
+
     # -- execution -----------------------------------------------------------------------------------
 
     def __call__(self, x: Any, *, out: Any = None, stream: Any = None) -> Any:
@@ -498,6 +561,11 @@ class SparseLinear:
                 route = self._routes.get((key, sp))
                 if route is not None:
                     return route(x, out)
+                # an array like one seen before at a new address (an eager loop's fresh activations), read in
+                # place or by one copy: only the address changes
+                prototype = self._prototypes.get((_arrays.signature(x), sp))
+                if prototype is not None and prototype.movable:
+                    return prototype.at(key[0], out)
         if isinstance(x, (list, tuple)):
             x = np.asarray(x)
         shape = tuple(getattr(x, "shape", ()))
@@ -655,7 +723,10 @@ class SparseLinear:
             fill = None if direct else self._filler(view, stage_c, rows, needs_quant, cstream, sp)
             if fill is not None:
                 fill()  # compiles its kernels now, outside any graph capture
-        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream, needs_quant)
+        copied = None if direct or needs_quant or self.permutation is not None or not view.flags.c_contiguous \
+            else view.nbytes
+        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream, needs_quant,
+                      copied)
 
     def _stage(self, x: Any, rows: int, storage: np.dtype, sp: int) -> Any:
         """The staging buffer (``rows`` x in_features) of the GEMM's dense operand, one per shape, type, stream
@@ -731,22 +802,35 @@ class SparseLinear:
         args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=sp)
         plan = self._plans.get(key)
         if plan is None or plan.closed:
-            plan = SparseMatmulPlan(
-                example, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
-                activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
-                **e["relu"],
-            )
+            # layers of the same problem on the same stream share one plan, tuned once (see shared_plans)
+            problem = (tuple(example.shape), example.strides, example.dtype.str, wt.shape, wt.strides, wt.dtype.str,
+                       self._gemm_out.str, self._fused_bias, self._fused_activation, tuple(sorted(e["relu"].items())),
+                       self.mode, self._device, sp, repr(self._autotune))
+
+            def make() -> SparseMatmulPlan:
+                return SparseMatmulPlan(
+                    example, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
+                    activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
+                    **e["relu"],
+                )
+
+            plan, made = shared_plans.acquire(problem, self, make)
             if plan.padded:
-                plan.close()
+                shared_plans.release(plan, self)
                 self._shapes[key] = None
                 return None
             self._plans[key] = plan
             self._tuned.discard(key)
+            if not made:  # tuned by the layer that made it
+                self._tuned.add(key)
+                if tuning_is_safe_on(plan.device):
+                    ident = self._identity(key[2]) + (list(key[0]), key[1])
+                    self._configs[_config_key(ident)] = dict(plan.config._asdict())
         if key not in self._tuned:
             self._tune(plan, key, example, wt, args)
         compressed = self._compressed_for(plan, wt, sp)
-        state = self._shapes[key] = (plan, plan.launcher(compressed, alpha=e["alpha_device"], bias=e["bias_device"],
-                                                         stream=sp))
+        launcher = plan.launcher(compressed, alpha=e["alpha_device"], bias=e["bias_device"], stream=sp, refresh=True)
+        state = self._shapes[key] = (plan, launcher)
         return state
 
     def _general_call(self, x: Any, out: Any, stream: Any) -> Any:
@@ -1020,7 +1104,7 @@ class SparseLinear:
         self._stages.clear()
         self._perm_device = None
         for plan in self._plans.values():
-            plan.close()
+            shared_plans.release(plan, self)
         for compressed in self._compressed.values():
             compressed.close()
         self._plans.clear()
@@ -1073,13 +1157,17 @@ class _Route:
 
     __slots__ = ("layer", "fill", "launch", "plan", "rows", "padded_rows", "vector", "sp", "cstream", "x_ptr",
                  "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device", "stage",
-                 "quantize", "out_nbytes")
+                 "quantize", "out_nbytes", "copied", "movable", "memcpy")
 
     def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
                  plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any,
-                 quantize: bool) -> None:
+                 quantize: bool, copied: int | None = None) -> None:
         cupy = gpu.cupy()
 
+        # inputs read in place, or staged by one plain copy of `copied` bytes, move to new addresses by
+        # :meth:`at` alone
+        self.copied, self.movable = copied, stage is None or copied is not None
+        self.memcpy = cupy.cuda.runtime.memcpyAsync
         self.layer, self.fill, self.launch, self.plan = layer, fill, launch, plan
         self.stage, self.quantize = stage, quantize
         self.rows, self.padded_rows, self.vector, self.sp, self.cstream = rows, padded_rows, vector, sp, cstream
@@ -1131,13 +1219,27 @@ class _Route:
                 return self._run(out)
         return self._run(out)
 
-    def _run(self, out: Any) -> Any:
-        if self.fill is not None:
-            self.fill()
+    def at(self, ptr: int, out: Any) -> Any:
+        """This route's call on an input of its signature at address ``ptr`` (a :attr:`movable` route)."""
+        if self.get_device() != self.device:
+            cupy = gpu.cupy()
+
+            with cupy.cuda.Device(self.device):
+                return self.at(ptr, out)
+        if self.stage is None:
+            return self._run(out, ptr)
+        self.memcpy(self.x_ptr, ptr, self.copied, 3, self.sp)  # 3: cudaMemcpyDeviceToDevice
+        return self._run(out, self.x_ptr)
+
+    def _run(self, out: Any, x_ptr: int | None = None) -> Any:
+        if x_ptr is None:
+            if self.fill is not None:
+                self.fill()
+            x_ptr = self.x_ptr
         layer = self.layer
         if out is None and not layer._post:
             y = self.alloc() if self.alloc_ctx is None else self._alloc_on_stream()
-            self.launch(self.x_ptr, self.ptr_of(y), self.sp)
+            self.launch(x_ptr, self.ptr_of(y), self.sp)
             if self.vector:
                 return y[0]
             return y if self.rows == self.padded_rows else y[: self.rows]
@@ -1146,11 +1248,11 @@ class _Route:
             if key is None or key not in self.outs:
                 self._check_out(out, key)
             if self.rows == self.padded_rows:
-                self.launch(self.x_ptr, key[0], self.sp)
+                self.launch(x_ptr, key[0], self.sp)
                 return out
             # a padded batch: the product's first rows, one cudaMemcpyAsync into `out` (C-contiguous, checked)
             scratch = self._scratch()
-            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
+            self.launch(x_ptr, scratch.data.ptr, self.sp)
             runtime = gpu.cupy().cuda.runtime
             runtime.memcpyAsync(key[0], scratch.data.ptr, self.out_nbytes, runtime.memcpyDeviceToDevice, self.sp)
             return out
@@ -1158,7 +1260,7 @@ class _Route:
 
         with self.cstream:
             scratch = self._scratch()
-            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
+            self.launch(x_ptr, scratch.data.ptr, self.sp)
             y = scratch[: self.rows]
             if layer._post:
                 y = layer._finish(y, cupy)

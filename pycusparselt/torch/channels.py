@@ -8,8 +8,8 @@ such spaces on the graph :func:`torch.fx.symbolic_trace` gives:
 - a space starts at the outputs of ``nn.Linear`` / ``nn.Conv2d`` layers (its *producers*);
 - it flows through channel-wise operations: elementwise activations and dropout (modules, functions or tensor
   methods), ``nn.BatchNorm1d/2d``, ``nn.LayerNorm`` over the channel dimension, additions and
-  multiplications with scalars, and additions of two tensors (a residual add joins the two spaces: both get
-  one permutation);
+  multiplications with scalars, and additions and products of two tensors (a residual add, or the gate of a
+  gated MLP, joins the two spaces: both get one permutation);
 - it ends at the inputs of ``nn.Linear`` / ``nn.Conv2d`` layers (its *consumers*: weights pruned 2:4 along
   these channels, so the permutation is searched on them).
 
@@ -51,9 +51,12 @@ class ChannelSpace:
 
 @dataclass
 class PermutationPlan:
-    """What :func:`permute_network` found and did: every channel space, permuted or skipped."""
+    """What :func:`permute_network` found and did: every channel space, permuted or skipped, and the parts of
+    the model torch.fx could not trace (``untraced``: name -> the tracer's error; "" is the whole model), whose
+    spaces were looked for in their submodules instead."""
 
     spaces: list
+    untraced: dict = field(default_factory=dict)
 
     @property
     def permuted(self) -> list:
@@ -64,7 +67,7 @@ class PermutationPlan:
         return [s for s in self.spaces if s.skipped is not None]
 
     def __str__(self) -> str:
-        lines = []
+        lines = [f"not traced: {name or '<model>'} ({why})" for name, why in self.untraced.items()]
         for s in self.spaces:
             if s.skipped is not None:
                 lines.append(f"skipped {s.name} -> {', '.join(s.consumers) or '?'}: {s.skipped}")
@@ -111,8 +114,27 @@ class _Union:
         self.parent[self.find(a)] = self.find(b)
 
 
+def _sharing(model: Any) -> tuple[dict, dict]:
+    """How often each module of ``model`` is registered (by id), and which modules use each parameter."""
+    registered: dict = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        registered[id(mod)] = registered.get(id(mod), 0) + 1
+    users: dict = {}
+    for name, mod in model.named_modules():
+        for _, param in mod.named_parameters(recurse=False):
+            if param is not None:
+                users.setdefault(id(param), []).append(name)
+    return registered, users
+
+
 def find_channel_spaces(model: Any) -> tuple[Any, list[ChannelSpace]]:
     """The traced graph module and the hidden channel spaces of ``model`` (see the module docstring)."""
+    return _find(model, "", *_sharing(model))
+
+
+def _find(model: Any, prefix: str, registered: dict, users: dict) -> tuple[Any, list[ChannelSpace]]:
+    """:func:`find_channel_spaces` of a part of a larger model (``prefix``: its name there), whose module
+    registrations and parameter users (:func:`_sharing`) count the whole model's."""
     torch = _torch()
     from torch import fx
 
@@ -178,10 +200,6 @@ def find_channel_spaces(model: Any) -> tuple[Any, list[ChannelSpace]]:
                                                                 operator.sub, torch.sub)
         if binary:
             tensors = [a for a in node.args if hasattr(a, "op")]
-            if node.target in (operator.mul, torch.mul) and len(tensors) > 1:
-                for a in tensors:
-                    if a in info:
-                        spoil(info[a][0], f"{node.name}: a product of two tensors")
             for a in tensors:
                 if a not in info:  # the network's input, or something not a channel space
                     for b in tensors:
@@ -238,13 +256,48 @@ def find_channel_spaces(model: Any) -> tuple[Any, list[ChannelSpace]]:
             mod = modules[name]
             if calls.get(name, 0) > 1 and space.skipped is None:
                 space.skipped = f"{name} is used in more than one place"
+            if registered.get(id(mod), 1) > 1 and space.skipped is None:
+                space.skipped = f"{prefix}{name} is registered under more than one name"
+            for _, param in mod.named_parameters(recurse=False):
+                shared = [] if param is None else [u for u in users.get(id(param), []) if u != prefix + name]
+                if shared and space.skipped is None:
+                    space.skipped = f"{prefix}{name} shares a parameter with {', '.join(shared)} (tied weights)"
             if isinstance(mod, nn.Conv2d) and mod.groups != 1 and space.skipped is None:
                 space.skipped = f"{name}: a grouped convolution"
         if space.skipped is None and not space.consumers:
             space.skipped = "no layer reads it"
         if space.skipped is None and space.channels % 4:
             space.skipped = f"{space.channels} channels: not a multiple of 4"
+        if prefix:
+            for role in ("producers", "consumers", "norms"):
+                setattr(space, role, [prefix + n for n in getattr(space, role)])
     return traced, list(spaces.values())
+
+
+def _spaces(model: Any) -> tuple[list[ChannelSpace], dict]:
+    """The channel spaces of ``model``; where torch.fx cannot trace a module (a Hugging Face model's control
+    flow, say), those of each of its children instead, recursively. Returns (spaces, {untraced name: error})."""
+    torch = _torch()
+    registered, users = _sharing(model)
+    spaces: list = []
+    untraced: dict = {}
+    pending = [("", model)]
+    while pending:
+        name, mod = pending.pop(0)
+        try:
+            spaces.extend(_find(mod, f"{name}." if name else "", registered, users)[1])
+        except Exception as exc:  # noqa: BLE001 - any tracing failure: look inside instead
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            untraced[name] = f"{type(exc).__name__}: {message[:120]}"
+            children = list(mod.named_children())
+            while children:  # containers have no forward of their own: their members are traced
+                child, sub = children.pop(0)
+                full = f"{name}.{child}" if name else child
+                if isinstance(sub, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                    children[:0] = [(f"{child}.{c}", m) for c, m in sub.named_children()]
+                else:
+                    pending.append((full, sub))
+    return spaces, untraced
 
 
 def _consumer_matrix(mod: Any) -> np.ndarray:
@@ -269,7 +322,7 @@ def permute_network(model: Any, *, optimizer: Any = None, time_budget: float | N
     rounding of reordered sums).
     """
     torch = _torch()
-    _, spaces = find_channel_spaces(model)
+    spaces, untraced = _spaces(model)
     named = dict(model.named_modules())
     state = optimizer.state if optimizer is not None else {}
 
@@ -304,4 +357,4 @@ def permute_network(model: Any, *, optimizer: Any = None, time_budget: float | N
                         permute(tensor, index, 0)
             for name in space.consumers:
                 permute(named[name].weight, index, 1)
-    return PermutationPlan(spaces)
+    return PermutationPlan(spaces, untraced)

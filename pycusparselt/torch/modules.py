@@ -1,113 +1,389 @@
-"""A PyTorch model run sparse: ``nn.Linear`` (and 1x1 ``nn.Conv2d``) layers replaced by modules backed by
-:class:`pycusparselt.SparseLinear`, callable from eager code, ``torch.cuda.graph`` capture and
-``torch.compile(fullgraph=True)`` (the product is the custom operator ``torch.ops.pycusparselt.linear``)."""
+"""A PyTorch model run sparse: :class:`SparseLinear`, an ``nn.Module`` whose 2:4 weight lives in buffers PyTorch
+knows, and :func:`sparsify`, which puts it in place of a model's ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers.
+
+The module's state is its compact weight (:mod:`pycusparselt.torch.compact`: the kept values and their positions),
+its bias and, for INT8 and FP8, its scales: ``state_dict``, ``load_state_dict``, ``torch.save`` of the model,
+``copy.deepcopy``, ``.to()`` / ``.cuda()`` / ``.cpu()`` and ``safetensors.torch.save_model`` all work on it. The
+product runs through a :class:`pycusparselt.SparseLinear` (cuSPARSELt on the GPU, the NumPy reference on the
+CPU) made from that state on the first call and again after the state moves or changes; it is a cache, never
+saved. Eager calls go straight to it; under ``torch.compile``, ``torch.export`` and ``torch.fx`` tracing the
+product is the custom operator ``torch.ops.pycusparselt.linear``.
+"""
 
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
 
 from .. import _arrays
-from ..nn.linear import MODES, SparseLinear
+from ..nn.linear import MODES
+from ..nn.linear import SparseLinear as NativeLinear
 from ..reference import is_2to4
-from .pruning import MASK_NAME
+from . import compact
+from .pruning import MASK_NAME, shared_weights
 
-__all__ = ["SparsifyReport", "sparsify"]  # and SparseLinearModule, made on first use (see __getattr__)
+__all__ = ["SparseLinear", "SparseLinearModule", "SparsifyReport", "sparsify"]
 
-_layers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> SparseLinear, for the operator
+_live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # layer_id -> SparseLinear, for the operator
 _ids = itertools.count(1)
-_operator: list = []  # [the registered custom operator], made on first use
+
+#: The dtype each mode keeps its values in (FP8 as its bytes: ``.half()`` must not convert them).
+_VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.uint8}
+_QUANTIZED = ("int8", "fp8")
 
 
-def _op() -> Any:
-    """``torch.ops.pycusparselt.linear(x, layer_id)``: registered once, with a shape-only (fake) version for
-    ``torch.compile``."""
-    if _operator:
-        return _operator[0]
-    import torch
+def _module_for(layer_id: int) -> SparseLinear:
+    module = _live.get(layer_id)
+    if module is None:
+        raise ValueError(f"layer_id: no live pycusparselt.torch.SparseLinear has id {layer_id} (ids come from "
+                         f"SparseLinear.layer_id; the module may have been deleted)")
+    return module
 
-    # the schema is spelled out: annotations are strings here (from __future__ import annotations)
-    @torch.library.custom_op("pycusparselt::linear", mutates_args=(), schema="(Tensor x, int layer_id) -> Tensor")
-    def linear(x: torch.Tensor, layer_id: int) -> torch.Tensor:
-        layer = _layers[layer_id]
+
+@torch.library.custom_op("pycusparselt::linear", mutates_args=(), schema="(Tensor x, int layer_id) -> Tensor")
+def _linear_op(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return _module_for(layer_id).product(x)
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    module = _module_for(layer_id)
+    return x.new_empty((x.shape[0], module.out_features), dtype=module.output_dtype)
+
+
+def _tracing(x: Any) -> bool:
+    return torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+
+
+class SparseLinear(torch.nn.Module):
+    """``y = activation(x @ W.T + b)`` with a 2:4 sparse weight ``W`` of shape (out_features, in_features), for
+    inputs of shape (..., in_features); with ``conv=True`` a 1x1 convolution on (N, C, H, W).
+
+    Made empty (zero weight) like ``nn.Linear``, to be filled by :meth:`load_state_dict`; or from a dense layer
+    with :meth:`from_dense`, as :func:`sparsify` does.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        ``in_features`` a positive multiple of 4.
+    bias : bool
+    mode : {"fp16", "bf16", "int8", "fp8"}
+        The type the product reads (:class:`pycusparselt.SparseLinear`'s ``mode``). The float modes take
+        inputs of their type; "int8" and "fp8" quantize float inputs with ``input_scale``.
+    activation : {None, "relu", "gelu"}
+        Applied to the product (ReLU fused into cuSPARSELt's epilogue; GELU, tanh form, after it).
+    relu_upper_bound, relu_threshold, out_dtype, fp8_format, autotune
+        As :class:`pycusparselt.SparseLinear`.
+    conv : bool
+        The layer is a 1x1 convolution (stride 1, no padding, ungrouped).
+    device : torch.device, optional
+        Where the buffers are made.
+
+    Notes
+    -----
+    Buffers (the whole state): ``values`` and ``indices`` (the compact weight, see
+    :mod:`pycusparselt.torch.compact`; FP8 values as their bytes), ``bias`` (the mode's float type; float32 for
+    "int8" and "fp8"), and for "int8" / "fp8" ``weight_scale`` (float32, per output feature for "int8", one for
+    "fp8"), ``input_scale`` and ``output_scale`` (float32 scalars, 0 where unset). The buffers keep their dtypes
+    under ``.half()`` / ``.to(dtype)`` (a sparse layer computes in its mode); ``.to(device)``, ``.cuda()`` and
+    ``.cpu()`` move them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        mode: str = "fp16",
+        activation: str | None = None,
+        relu_upper_bound: float = math.inf,
+        relu_threshold: float = 0.0,
+        out_dtype: Any = None,
+        fp8_format: str = "e4m3",
+        conv: bool = False,
+        autotune: bool | Mapping[str, Any] = True,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if in_features % 4:
+            raise ValueError(f"in_features: 2:4 sparsity needs a multiple of 4, got {in_features}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if activation not in (None, "relu", "gelu"):
+            raise ValueError(f"activation: expected None, 'relu' or 'gelu', got {activation!r}")
+        if fp8_format not in ("e4m3", "e5m2"):
+            raise ValueError(f"fp8_format: expected 'e4m3' or 'e5m2', got {fp8_format!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.mode, self.activation, self.fp8_format, self.conv = mode, activation, fp8_format, bool(conv)
+        self.relu_upper_bound, self.relu_threshold = float(relu_upper_bound), float(relu_threshold)
+        if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+            out_dtype = _arrays.torch_dtype(np.dtype(out_dtype))
+        self.out_dtype = out_dtype
+        self.autotune = autotune
+        quantized = mode in _QUANTIZED
+        self.register_buffer("values", torch.zeros((out_features, in_features // 2), dtype=_VALUE_DTYPES[mode],
+                                                   device=device))
+        # all-zero groups keep positions 0 and 1 (nibble 0x4); a last odd group leaves its byte's high nibble 0
+        indices = torch.full((out_features, -(-in_features // 8)), 0x44, dtype=torch.uint8, device=device)
+        if in_features % 8:
+            indices[:, -1] = 0x04
+        self.register_buffer("indices", indices)
+        bias_dtype = torch.float32 if quantized else _VALUE_DTYPES[mode]
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        if quantized:
+            scales = (out_features,) if mode == "int8" else ()
+            self.register_buffer("weight_scale", torch.ones(scales, dtype=torch.float32, device=device))
+            self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=device))
+            self.register_buffer("output_scale", torch.zeros((), dtype=torch.float32, device=device))
+        self._native: NativeLinear | None = None
+        self._register()
+        # the output dtype, known without building the product (the fake operator needs it)
+        self.output_dtype = self._output_dtype()
+
+    # -- making --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        mode: str = "fp16",
+        prune: str | None = "strip",
+        calibration: Iterable[torch.Tensor] | None = None,
+        **options: Any,
+    ) -> SparseLinear:
+        """A layer from a dense weight (out_features, in_features) and bias, on the weight's device.
+
+        ``prune``: "strip" or "tile" (magnitude, as :func:`pycusparselt.reference.prune_2to4`), or None for a
+        weight already 2:4. "int8" and "fp8" quantize the pruned weight and need ``calibration`` (float inputs
+        of shape (..., in_features)) for the input scale. ``options``: the constructor's keywords.
+        """
+        weight = weight.detach()
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, mode=mode, device=weight.device, **options)
+        if mode in _QUANTIZED and calibration is None:
+            raise ValueError(f"calibration: a {mode} layer needs example inputs to choose its input scale")
+        native = NativeLinear(_arrays.to_numpy(weight), None if bias is None else _arrays.to_numpy(bias.detach()),
+                              mode=mode, prune=prune, autotune=False, activation=module.activation,
+                              relu_upper_bound=module.relu_upper_bound, relu_threshold=module.relu_threshold,
+                              out_dtype=module._numpy_out_dtype(), fp8_format=module.fp8_format)
+        if calibration is not None and mode in _QUANTIZED:
+            native.calibrate([_arrays.to_numpy(x.detach().reshape(-1, in_features).float()) for x in calibration])
+        module._fill_from(native)
+        return module
+
+    def _fill_from(self, native: NativeLinear) -> None:
+        """The state of a host (reference) layer's pruned, or quantized, weight."""
+        with torch.no_grad():
+            if self.mode in _QUANTIZED:
+                wq = np.ascontiguousarray(native.weight_q)
+                wq = torch.from_numpy(wq if wq.dtype == np.int8 else wq.view(np.uint8))
+                self.weight_scale.copy_(torch.from_numpy(np.asarray(native.weight_scale, np.float32)))
+                self.input_scale.fill_(native.input_scale or 0.0)
+                self.output_scale.fill_(native.output_scale or 0.0)
+                dense = wq
+            else:
+                dense = _arrays.host_tensor(np.ascontiguousarray(native.weight))
+            values, indices = compact.pack(dense)
+            self.values.copy_(values)
+            self.indices.copy_(indices)
+            if self.bias is not None:
+                self.bias.copy_(_arrays.host_tensor(np.asarray(native.bias)).to(self.bias.dtype))
+        self._native = None
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        self.layer_id = next(_ids)
+        _live[self.layer_id] = self
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_native"] = None  # a cache of the GPU's plans: never copied or pickled
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._native = None
+        self._register()  # a copy is a module of its own
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
+        # a sparse layer computes in its mode: dtype conversions of the model (.half(), .to(dtype)) leave its
+        # buffers' dtypes as they were; device moves apply
+        before = dict(self.named_buffers(recurse=False))
+        result = super()._apply(fn, recurse)
+        for name, new in self.named_buffers(recurse=False):
+            old = before[name]
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        self._native = None
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        try:
+            compact.check_pair(self.values, self.indices, self.out_features, self.in_features, prefix.rstrip("."))
+            if self.mode in _QUANTIZED:
+                _check_scales(self, prefix.rstrip("."))
+        except ValueError as exc:
+            error_msgs.append(str(exc))
+        self._native = None
+
+    def _numpy_out_dtype(self) -> Any:
+        return None if self.out_dtype is None else _arrays.dtype_of(torch.empty(0, dtype=self.out_dtype))
+
+    def _output_dtype(self) -> torch.dtype:
+        if self.out_dtype is not None:
+            return self.out_dtype
+        return torch.float16 if self.mode in _QUANTIZED else _VALUE_DTYPES[self.mode]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense 2:4 weight (out_features, in_features), made from the compact state (a new tensor; the
+        quantized modes give their quantized values, FP8 as bytes)."""
+        return compact.unpack(self.values, self.indices, self.in_features)
+
+    # -- running -------------------------------------------------------------------------------------
+
+    def native(self) -> NativeLinear:
+        """The :class:`pycusparselt.SparseLinear` that runs the product on the buffers' device, made on first use
+        (and again after ``.to()`` or ``load_state_dict``)."""
+        if self._native is None:
+            self._native = self._build_native()
+        return self._native
+
+    def _build_native(self) -> NativeLinear:
+        on_device = self.values.is_cuda
+        dense = compact.unpack(self.values, self.indices, self.in_features)
+        options = dict(activation=self.activation, relu_upper_bound=self.relu_upper_bound,
+                       relu_threshold=self.relu_threshold, autotune=self.autotune, out_dtype=self._numpy_out_dtype())
+        if self.mode in _QUANTIZED:
+            scale = lambda t: float(t) or None  # noqa: E731 - 0 means unset
+            return NativeLinear.from_quantized(
+                dense, self.weight_scale, self.bias, mode=self.mode, fp8_format=self.fp8_format,
+                input_scale=scale(self.input_scale), output_scale=scale(self.output_scale), on_device=on_device,
+                device=self.values.device.index if on_device else None, **options)
+        weight, bias = dense, self.bias
+        if not on_device:
+            weight, bias = _arrays.to_numpy(weight), None if bias is None else _arrays.to_numpy(bias)
+        elif weight.device.index is not None:
+            with torch.cuda.device(weight.device):
+                return NativeLinear(weight, bias, prune=None, **options)
+        return NativeLinear(weight, bias, prune=None, **options)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product on a 2-D input (rows, in_features), eagerly: what the custom operator runs."""
+        native = self._native if self._native is not None else self.native()
         if x.is_cuda:
-            return layer(x.contiguous())  # a tensor allocated by PyTorch on its current stream
-        return _arrays.host_tensor(layer(_arrays.to_numpy(x.contiguous())))
+            return native(x if x.is_contiguous() else x.contiguous())
+        return _arrays.host_tensor(native(_arrays.to_numpy(x)))
 
-    @linear.register_fake
-    def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
-        layer = _layers[layer_id]
-        return x.new_empty((x.shape[0], layer.out_features), dtype=_arrays.torch_dtype(layer.out_dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:  # (N, C, H, W) -> (N*H*W, C): the GEMM of a 1x1 convolution
+            n, _, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_features)
+        else:
+            rows = x.reshape(-1, self.in_features)
+        # eager calls go straight to the product: the operator's dispatch costs more than the product's launch
+        y = _linear_op(rows, self.layer_id) if _tracing(x) else self.product(rows)
+        if self.conv:
+            return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-    _operator.append(linear)
-    return linear
+    def warm_up(self, rows: Iterable[int]) -> None:
+        """Prepare (and tune, where ``autotune``) the product for inputs of these numbers of rows, so that the
+        first call with them costs what any call does. Rows of 1 to 16 share one prepared product."""
+        device = self.values.device
+        dtype = torch.float16 if self.mode in _QUANTIZED else _VALUE_DTYPES[self.mode]
+        for n in dict.fromkeys(int(r) for r in rows):
+            if n <= 0:
+                raise ValueError(f"rows: expected positive numbers of rows, got {n}")
+            self.product(torch.zeros((n, self.in_features), dtype=dtype, device=device))
 
-
-def _module_class() -> type:
-    import torch
-
-    class _SparseLinearModule(torch.nn.Module):
-        """``y = activation(x @ W.T + b)`` through a :class:`~pycusparselt.SparseLinear` (2:4 weight) on inputs
-        of shape (..., in_features); for a 1x1 convolution (``conv=True``) on (N, C, H, W)."""
-
-        def __init__(self, layer: SparseLinear, conv: bool = False) -> None:
-            super().__init__()
-            self.layer = layer
-            self.in_features, self.out_features, self.conv = layer.in_features, layer.out_features, conv
-            self.layer_id = next(_ids)
-            _layers[self.layer_id] = layer
-            _op()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.conv:  # (N, C, H, W) -> (N*H*W, C): the GEMM of a 1x1 convolution
-                n, _, h, w = x.shape
-                y = torch.ops.pycusparselt.linear(x.permute(0, 2, 3, 1).reshape(-1, self.in_features),
-                                                  self.layer_id)
-                return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
-            lead = x.shape[:-1]
-            y = torch.ops.pycusparselt.linear(x.reshape(-1, self.in_features), self.layer_id)
-            return y.reshape(*lead, self.out_features)
-
-        def extra_repr(self) -> str:
-            return f"{self.layer!r}{', conv 1x1' if self.conv else ''}"
-
-    return _SparseLinearModule
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation!r}" if self.activation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode!r}{act}{', conv 1x1' if self.conv else ''}")
 
 
-_classes: list = []
+#: The name this class had before it was public.
+SparseLinearModule = SparseLinear
 
 
-def _cls() -> type:
-    if not _classes:
-        _classes.append(_module_class())
-    return _classes[0]
+def _check_scales(module: SparseLinear, where: str) -> None:
+    """Scales read from a state dict: float32, finite, and positive (input/output: 0 means unset)."""
+    if not bool(torch.isfinite(module.weight_scale).all() and (module.weight_scale > 0).all()):
+        raise ValueError(f"{where}.weight_scale: expected finite positive float32 scales")
+    for name in ("input_scale", "output_scale"):
+        value = getattr(module, name)
+        if not (bool(torch.isfinite(value)) and float(value) >= 0):
+            raise ValueError(f"{where}.{name}: expected a finite positive float32 scale (0: unset), got "
+                             f"{float(value)}")
 
 
 @dataclass
 class SparsifyReport:
-    """What :func:`sparsify` replaced, and what it left dense (with the reason)."""
+    """What :func:`sparsify` replaced, what it fused, and what it left dense (each with the reason)."""
 
     replaced: list = field(default_factory=list)
     dense: dict = field(default_factory=dict)
+    fused: list = field(default_factory=list)  # "linear + activation" names
+    not_fused: dict = field(default_factory=dict)  # activation name -> why it runs on its own
 
     def __str__(self) -> str:
         lines = [f"sparse: {', '.join(self.replaced) or 'nothing'}"]
+        lines += [f"fused: {pair}" for pair in self.fused]
+        lines += [f"not fused: {name} ({why})" for name, why in self.not_fused.items()]
         return "\n".join(lines + [f"dense: {name} ({why})" for name, why in self.dense.items()])
 
 
 def _why_dense(mod: Any) -> str | None:
-    import torch
-
     if isinstance(mod, torch.nn.Conv2d):
         if mod.kernel_size != (1, 1) or mod.stride != (1, 1) or mod.padding not in ((0, 0), "valid") \
                 or mod.dilation != (1, 1) or mod.groups != 1:
             return "a convolution other than 1x1 (stride 1, no padding, ungrouped) is not a single GEMM"
-    inputs = mod.weight.shape[1]
+    out_features, inputs = mod.weight.shape[:2]
+    if inputs == 0 or out_features == 0:
+        return f"an empty layer ({out_features} x {inputs}): nothing to multiply"
     if inputs % 4:
         return f"{inputs} input features: not a multiple of 4"
     return None
+
+
+def _activations(model: Any, targets: dict, names: dict) -> dict:
+    """Which targets can take the activation that follows them into their product: in an ``nn.Sequential``, a
+    Linear followed by ``nn.ReLU``, both registered once. Returns {linear name: (activation name, kind)}."""
+    found: dict = {}
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, torch.nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, mod), (act_name, act) in zip(children, children[1:]):
+            full = f"{parent_name}.{name}" if parent_name else name
+            act_full = f"{parent_name}.{act_name}" if parent_name else act_name
+            if id(mod) not in targets or isinstance(mod, torch.nn.Conv2d):
+                continue
+            if isinstance(act, torch.nn.ReLU):
+                if len(names[id(mod)]) == 1 and len(names.get(id(act), [])) == 1:
+                    found[full] = (act_full, "relu")
+            elif isinstance(act, torch.nn.GELU):
+                found[full] = (act_full, None)
+    return found
 
 
 def sparsify(
@@ -117,51 +393,89 @@ def sparsify(
     calibration: Iterable[Any] | None = None,
     prune: str = "strip",
     autotune: bool | dict = True,
+    fuse: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    warm_up: Sequence[int] = (),
     **layer_options: Any,
 ) -> SparsifyReport:
-    """Replace ``model``'s ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers by ``SparseLinearModule`` in place.
+    """Replace ``model``'s ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers by :class:`SparseLinear` in place.
 
     Parameters
     ----------
     model : torch.nn.Module
         On the GPU for cuSPARSELt (CPU models run the NumPy reference: for checking, not speed).
     mode : {"fp16", "bf16", "int8", "fp8"}
-        The type the products read (:class:`~pycusparselt.SparseLinear`'s ``mode``). "fp16"/"bf16" layers take
-        inputs of that type (convert the model first, e.g. ``model.half()``); "int8"/"fp8" layers quantize float
-        inputs with the scales calibrated on ``calibration``.
+        The type the products read. "fp16"/"bf16" layers take inputs of that type (convert the model first,
+        e.g. ``model.half()``); "int8"/"fp8" layers quantize float inputs with the scales calibrated on
+        ``calibration``.
     calibration : iterable of inputs, optional
-        Example inputs of ``model`` (each passed as ``model(x)``), needed by "int8" and "fp8": every replaced
-        layer's scales come from what it receives on them.
+        Example inputs of ``model`` (each passed as ``model(x)``), needed by "int8" and "fp8" (unless
+        ``state_dict`` gives the scales): every replaced layer's scales come from what it receives on them.
     prune : {"strip", "tile"}
         How to prune weights that are not already 2:4 along their inputs (layers pruned by
         :func:`prune_trained_model` are used as they are).
-    autotune, **layer_options
-        Passed to every :class:`~pycusparselt.SparseLinear`.
+    autotune : bool or dict
+        Passed to every layer (:class:`pycusparselt.SparseLinear`). Layers with the same problem share one
+        tuning: the tuner's cache remembers the winner, on disk and across processes.
+    fuse : bool
+        Fuse an ``nn.ReLU`` that follows a Linear in an ``nn.Sequential`` (and only there) into the product's
+        epilogue; the ReLU becomes ``nn.Identity``. The report lists each fusion and each refusal.
+    state_dict : mapping, optional
+        The state of a model sparsified before (``model.state_dict()`` after ``sparsify``, or a file of it):
+        ``model`` is a freshly built dense model of the same class; its layers are made from the state (no
+        pruning, quantization or calibration), after which the rest of the state is loaded too
+        (``load_state_dict(strict=True)``). Use the same ``mode`` and ``fuse`` as the first time.
+    warm_up : sequence of int
+        Numbers of input rows (batch x tokens) to prepare and tune every layer for now, on the GPU, so that
+        the first forward with them costs what any forward does.
+    **layer_options
+        Passed to every :class:`SparseLinear` (``relu_upper_bound``, ``out_dtype``, ``fp8_format``, ...).
 
     Returns
     -------
     SparsifyReport
-    """
-    import torch
 
+    Notes
+    -----
+    A module registered under several names is replaced under all of them by one sparse module. A layer whose
+    weight is also used by a module that is not replaced (a weight tied to an embedding, say) stays dense:
+    pruning it would change that module too, or untie the two. Empty layers and layers whose inputs are not
+    a multiple of 4 stay dense. The report says why for each.
+    """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    quantized = mode in ("int8", "fp8")
-    if quantized and calibration is None:
+    quantized = mode in _QUANTIZED
+    if quantized and calibration is None and state_dict is None:
         raise ValueError(f"calibration: a {mode} model needs example inputs to choose its scales")
     report = SparsifyReport()
-    targets = []
+    names: dict = {}  # id(module) -> every name it is registered under
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    candidates = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(mod, SparseLinear):
             why = _why_dense(mod)
             if why is None:
-                targets.append((name, mod))
+                candidates[id(mod)] = (name, mod)
             else:
                 report.dense[name] = why
-    inputs: dict = {name: [] for name, _ in targets}
-    if quantized:
-        hooks = [mod.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
-                 for name, mod in targets]
+    # weights shared with modules that stay dense
+    for weight_id, users in shared_weights(model).items():
+        outside = [n for n, m in users if id(m) not in candidates]
+        if outside:
+            for n, m in users:
+                if id(m) in candidates:
+                    del candidates[id(m)]
+                    report.dense[n] = f"its weight is also used by {', '.join(outside)}, which stays dense"
+    fusions = _activations(model, candidates, names) if fuse else {}
+    for linear, (act_name, kind) in fusions.items():
+        if kind is None:
+            report.not_fused[act_name] = ("GELU runs as a separate float32 step after the product here, slower than "
+                                          "PyTorch's own GELU kernel: left to PyTorch")
+    inputs: dict = {key: [] for key in candidates}
+    if quantized and state_dict is None:
+        hooks = [mod.register_forward_pre_hook(lambda m, args, key=key: inputs[key].append(args[0].detach()))
+                 for key, (_, mod) in candidates.items()]
         try:
             with torch.no_grad():
                 for x in calibration:
@@ -169,32 +483,57 @@ def sparsify(
         finally:
             for hook in hooks:
                 hook.remove()
-    for name, mod in targets:
+    for key, (name, mod) in candidates.items():
         conv = isinstance(mod, torch.nn.Conv2d)
-        weight = mod.weight.detach()
-        weight = weight.reshape(weight.shape[0], weight.shape[1]) if conv else weight
-        bias = None if mod.bias is None else mod.bias.detach()
-        host = weight.to("cpu", torch.float32).numpy()
-        already = hasattr(mod, MASK_NAME) or is_2to4(host, axis=-1)
-        if not weight.is_cuda:
-            weight, bias = _arrays.to_numpy(weight), None if bias is None else _arrays.to_numpy(bias)
-        layer = SparseLinear(weight, bias, mode=mode, prune=None if already else prune, autotune=autotune,
-                             **layer_options)
-        if quantized:
-            batches = [x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
-                       for x in inputs.pop(name)]
-            layer.calibrate([b if b.is_cuda else _arrays.to_numpy(b) for b in batches])
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _cls()(layer, conv=conv))
+        activation = None
+        fused = fusions.get(name)
+        if fused is not None and fused[1] is not None:
+            activation = fused[1]
+        options = dict(layer_options, activation=activation, conv=conv, autotune=autotune)
+        if state_dict is not None:
+            new = _from_state(mod, name, mode, state_dict, options)
+        else:
+            weight = mod.weight.detach()
+            weight = weight.reshape(weight.shape[0], weight.shape[1]) if conv else weight
+            already = hasattr(mod, MASK_NAME) or is_2to4(_arrays.to_numpy(weight.float()), axis=-1)
+            batches = None
+            if quantized:
+                batches = [x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
+                           for x in inputs.pop(key)]
+                if not batches:
+                    report.dense[name] = "not called on the calibration inputs: no scale for its input"
+                    continue
+            new = SparseLinear.from_dense(weight, mod.bias, mode=mode, prune=None if already else prune,
+                                          calibration=batches, **options)
+        for full in names[key]:
+            parent_name, _, child = full.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+        if activation is not None:
+            act_name = fused[0]
+            parent_name, _, child = act_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, torch.nn.Identity())
+            report.fused.append(f"{name} + {act_name}")
         report.replaced.append(name)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    if warm_up:
+        for mod in {id(m): m for m in model.modules() if isinstance(m, SparseLinear)}.values():
+            mod.warm_up(warm_up)
     return report
 
 
-def __getattr__(name: str) -> Any:
-    """``SparseLinearModule``: a ``torch.nn.Module`` subclass, so it is made when first asked for (this module
-    imports PyTorch only then)."""
-    if name == "SparseLinearModule":
-        return _cls()
-    raise AttributeError(name)
-
+def _from_state(mod: Any, name: str, mode: str, state_dict: Mapping[str, torch.Tensor], options: dict) -> SparseLinear:
+    """An empty sparse layer shaped as ``mod`` (filled by the final ``load_state_dict``), checked against the
+    state's entries for ``name``."""
+    out_features, in_features = mod.weight.shape[:2]
+    prefix = f"{name}." if name else ""
+    if prefix + "values" not in state_dict:
+        raise KeyError(f"state_dict: no '{prefix}values' for layer {name!r} (a state dict saved after sparsify "
+                       f"holds values and indices for every sparse layer)")
+    values = state_dict[prefix + "values"]
+    if values.dtype != _VALUE_DTYPES[mode]:
+        raise ValueError(f"state_dict: '{prefix}values' is {values.dtype}, a {mode!r} layer keeps "
+                         f"{_VALUE_DTYPES[mode]}: sparsify with the mode the state was saved with")
+    has_bias = prefix + "bias" in state_dict
+    return SparseLinear(in_features, out_features, has_bias, mode=mode, device=mod.weight.device, **options)

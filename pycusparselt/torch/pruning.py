@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from ..nn import masks as _masks_module
 from .channels import PermutationPlan, permute_network
 
-__all__ = ["PruneReport", "prune_trained_model", "remove_masks", "MASK_NAME"]
+__all__ = ["PruneReport", "prune_trained_model", "remove_masks", "load_pruned", "shared_weights", "MASK_NAME"]
 
 #: The buffer each pruned layer gets (saved in ``state_dict``): True where the weight is kept.
 MASK_NAME = "weight_mask_2to4"
@@ -45,11 +45,24 @@ def _eligible(name: str, mod: Any, layers: tuple, method: str) -> str | None:
     if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
         return f"{type(mod).__name__} is not supported (Linear and Conv2d are)"
     inputs = mod.weight.shape[1]
+    if mod.weight.numel() == 0:
+        return f"an empty layer (weight of shape {tuple(mod.weight.shape)})"
     if inputs % 4:
         return f"{inputs} input channels: not a multiple of 4"
     if method == "tile" and mod.weight.shape[0] % 4:
         return f"{mod.weight.shape[0]} outputs: tile pruning needs a multiple of 4"
     return None
+
+
+def shared_weights(model: Any) -> dict:
+    """Parameters used by more than one module of ``model`` (tied weights): ``{id(parameter): [(name, module),
+    ...]}``, each module once, under the first name it is registered by."""
+    users: dict = {}
+    for name, mod in model.named_modules():
+        for _, param in mod.named_parameters(recurse=False):
+            if param is not None:
+                users.setdefault(id(param), []).append((name, mod))
+    return {key: mods for key, mods in users.items() if len(mods) > 1}
 
 
 def _mask_for(weight: Any, method: str) -> Any:
@@ -112,10 +125,19 @@ def prune_trained_model(
     report = PruneReport()
     if permute:
         report.permutations = permute_network(model, optimizer=optimizer, time_budget=permutation_time_budget)
+    tied = {}  # id(module) -> the modules that also use its weight and are not pruned
+    for key, users in shared_weights(model).items():
+        eligible = {id(m) for n, m in users if _eligible(n, m, layers, method) is None and id(m.weight) == key}
+        others = [n for n, m in users if id(m) not in eligible]
+        for _, mod in users:
+            if id(mod) in eligible and others:
+                tied[id(mod)] = others
     for name, mod in model.named_modules():
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(mod, layers):
             continue
         why = _eligible(name, mod, layers, method)
+        if why is None and id(mod) in tied:
+            why = f"its weight is also used by {', '.join(tied[id(mod)])}, which is not pruned 2:4"
         if why is not None:
             report.skipped[name] = why
             continue
@@ -160,6 +182,33 @@ def _mask_optimizer(model: Any, optimizer: Any) -> None:
 
     masked_step.__wrapped__ = step  # type: ignore[attr-defined]
     optimizer.step = masked_step
+
+
+def load_pruned(model: Any, state_dict: Any, *, strict: bool = True) -> Any:
+    """Load the ``state_dict`` of a model pruned by :func:`prune_trained_model` into a freshly built ``model`` of
+    the same class: every layer with a ``weight_mask_2to4`` entry gets the mask buffer first, then the whole
+    state is loaded (``load_state_dict(strict=strict)``). Masked optimizer steps need
+    :func:`prune_trained_model`'s ``optimizer`` argument, or the masks only. Returns ``model``.
+    """
+    import torch
+
+    suffix = "." + MASK_NAME
+    for key, mask in state_dict.items():
+        if not key.endswith(suffix) and key != MASK_NAME:
+            continue
+        name = key[: -len(suffix)] if key.endswith(suffix) else ""
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            if strict:
+                raise KeyError(f"state_dict: {key!r} names no module of the model") from None
+            continue
+        if not hasattr(mod, "weight") or tuple(mask.shape) != tuple(mod.weight.shape) or mask.dtype != torch.bool:
+            raise ValueError(f"state_dict: {key!r} is not a bool mask of {name!r}'s weight shape")
+        if not hasattr(mod, MASK_NAME):
+            mod.register_buffer(MASK_NAME, torch.ones_like(mask, device=mod.weight.device))
+    model.load_state_dict(state_dict, strict=strict)
+    return model
 
 
 def remove_masks(model: Any, optimizer: Any = None) -> Any:

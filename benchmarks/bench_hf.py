@@ -1,0 +1,263 @@
+"""Hugging Face ``transformers`` models sparsified with ``pycusparselt.torch.sparsify``, against the same pruned
+models dense, on the GPU (random weights from configs: nothing is downloaded).
+
+Usage::
+
+    python benchmarks/bench_hf.py --json out.json [--models bert llama] [--modes eager graph compile generate
+                                  generate-compiled] [--repeat 20]
+    python benchmarks/bench_hf.py --report results.json      # the docs table again, no GPU needed
+
+Models (FP16): ``bert`` is BERT-large (24 layers, hidden 1024, FFN 4096, 16 heads) at sequence 384 and batch 1, 8
+and 32; ``llama`` a Llama-shaped causal LM (hidden 4096, MLP 11008, 32 heads, 4 layers, vocabulary 32000) at 1,
+16, 128 and 2048 tokens. Every ``nn.Linear`` is pruned 2:4 (``prune_trained_model(permute=False)``): the dense
+model is that pruned model, the sparse one a deep copy after ``sparsify(copy, "fp16")`` (tuned).
+
+Modes: ``eager`` (one forward per sample, CUDA events around it: the host's cost included), ``compile``
+(``torch.compile``, default mode), ``graph`` (the forward captured in ``torch.cuda.graph`` and replayed),
+``generate`` (``model.generate`` with the default cache, greedy, 32 new tokens after 16 prompt tokens, at
+batch 1 and 8: tokens per second) and ``generate-compiled`` (the same with a static cache, which
+``transformers`` compiles). Dense and sparse samples alternate; times are medians. ``rel_err`` is
+``||sparse - dense|| / ||dense||`` of the last hidden state (BERT) or the logits (Llama).
+
+The JSON also records ``first_forward``: seconds of the first forward at a new batch size (BERT-large, batch 8),
+dense and sparse, after ``sparsify`` (the sparse one prepares and tunes its layers then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+
+BERT = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+LLAMA = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 4, "num_attention_heads": 32,
+         "num_key_value_heads": 32, "vocab_size": 32000}
+SEQUENCE = 384
+BERT_BATCHES = (1, 8, 32)
+LLAMA_TOKENS = (1, 16, 128, 2048)
+GENERATE_BATCHES = (1, 8)
+PROMPT, NEW_TOKENS = 16, 32
+MODES = ("eager", "compile", "graph", "generate", "generate-compiled")
+
+
+def _models(torch, transformers, name: str):
+    """(dense, sparse, sparsify seconds): the pruned model and its sparsified deep copy."""
+    import pycusparselt.torch as pst
+
+    torch.manual_seed(0)
+    if name == "bert":
+        model = transformers.BertModel(transformers.BertConfig(**BERT))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    model = model.cuda().half().eval()
+    pst.prune_trained_model(model, permute=False)
+    pst.remove_masks(model)
+    sparse = copy.deepcopy(model)
+    began = time.perf_counter()
+    pst.sparsify(sparse, "fp16")
+    return model, sparse, time.perf_counter() - began
+
+
+def _output(result):
+    return result.last_hidden_state if hasattr(result, "last_hidden_state") else result.logits
+
+
+def _median_ms(torch, fns: dict, repeat: int, warmup: int = 3) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times[name].append(start.elapsed_time(stop))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _graphed(torch, model, ids):
+    """A replay of ``model(ids)`` captured in a CUDA graph (after the shape's first calls outside it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(ids)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(ids)
+    return graph.replay, out
+
+
+def _rel(torch, got, want) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def _inputs(torch, name: str, size: int):
+    if name == "bert":
+        return torch.randint(0, 30000, (size, SEQUENCE), device="cuda")
+    return torch.randint(0, LLAMA["vocab_size"], (1, size), device="cuda")
+
+
+def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int) -> list:
+    rows = []
+    key = "batch" if name == "bert" else "tokens"
+    sizes = BERT_BATCHES if name == "bert" else LLAMA_TOKENS
+    model_name = "bert-large" if name == "bert" else "llama-4x4096"
+    compiled = {}
+    for size in sizes:
+        ids = _inputs(torch, name, size)
+        for mode in [m for m in modes if m in ("eager", "compile", "graph")]:
+            row = {"model": model_name, key: size, "mode": mode}
+            try:
+                with torch.no_grad():
+                    if mode == "eager":
+                        fns = {"dense": lambda: dense(ids), "sparse": lambda: sparse(ids)}
+                        want, got = _output(dense(ids)), _output(sparse(ids))
+                    elif mode == "compile":
+                        if not compiled:
+                            compiled.update(dense=torch.compile(dense), sparse=torch.compile(sparse))
+                        fns = {k: (lambda m=m: m(ids)) for k, m in compiled.items()}
+                        want, got = _output(compiled["dense"](ids)), _output(compiled["sparse"](ids))
+                    else:
+                        replay_d, out_d = _graphed(torch, dense, ids)
+                        replay_s, out_s = _graphed(torch, sparse, ids)
+                        fns = {"dense": replay_d, "sparse": replay_s}
+                        replay_d(), replay_s()
+                        want, got = _output(out_d), _output(out_s)
+                    times = _median_ms(torch, fns, repeat)
+                row.update(dense_ms=round(times["dense"], 4), sparse_ms=round(times["sparse"], 4),
+                           speedup=round(times["dense"] / times["sparse"], 3), rel_err=_rel(torch, got, want))
+            except Exception as exc:  # noqa: BLE001 - a mode that fails is a row that says why
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _generate_rows(torch, dense, sparse, modes: list) -> list:
+    rows = []
+    for mode in [m for m in modes if m.startswith("generate")]:
+        for batch in GENERATE_BATCHES:
+            row = {"model": "llama-4x4096", "batch": batch, "mode": mode}
+            ids = torch.randint(0, LLAMA["vocab_size"], (batch, PROMPT), device="cuda")
+            options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                           attention_mask=torch.ones_like(ids), pad_token_id=0)
+            if mode == "generate-compiled":
+                options["cache_implementation"] = "static"
+            try:
+                samples: dict = {"dense": [], "sparse": []}
+                outs = {}
+                with torch.no_grad():
+                    for m in (dense, sparse):  # warm-up: tuning and compilation
+                        m.generate(ids, **options)
+                    for _ in range(3):
+                        for name, m in (("dense", dense), ("sparse", sparse)):
+                            torch.cuda.synchronize()
+                            began = time.perf_counter()
+                            outs[name] = m.generate(ids, **options)
+                            torch.cuda.synchronize()
+                            samples[name].append(time.perf_counter() - began)
+                tok = {k: batch * NEW_TOKENS / statistics.median(v) for k, v in samples.items()}
+                row.update(dense_tok_s=round(tok["dense"], 1), sparse_tok_s=round(tok["sparse"], 1),
+                           speedup=round(tok["sparse"] / tok["dense"], 3),
+                           same_tokens=float((outs["dense"] == outs["sparse"]).float().mean()))
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _first_forward(torch, dense, sparse, batch: int = 8) -> dict:
+    """Seconds of the first forward at a batch size neither model has seen."""
+    ids = _inputs(torch, "bert", batch)
+    result = {}
+    with torch.no_grad():
+        for name, model in (("dense", dense), ("sparse", sparse)):
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            model(ids)
+            torch.cuda.synchronize()
+            result[f"{name}_s"] = round(time.perf_counter() - began, 3)
+    print(json.dumps({"first_forward": result}), flush=True)
+    return result
+
+
+def run(models: list, modes: list, repeat: int) -> dict:
+    import torch
+    import transformers
+
+    from pycusparselt._native.library import library_version
+
+    results = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "cusparselt": ".".join(map(str, library_version())), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"), "repeat": repeat, "rows": [], "sparsify_s": {},
+    }
+    for name in models:
+        dense, sparse, seconds = _models(torch, transformers, name)
+        results["sparsify_s"][name] = round(seconds, 2)
+        if name == "bert":
+            results["first_forward"] = _first_forward(torch, dense, sparse)
+        results["rows"] += _forward_rows(torch, name, dense, sparse, modes, repeat)
+        if name == "llama":
+            results["rows"] += _generate_rows(torch, dense, sparse, modes)
+        del dense, sparse
+        torch.cuda.empty_cache()
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The docs table of a results JSON."""
+    lines = [f"Measured on {results['device']} (PyTorch {results['torch']}, transformers {results['transformers']}, "
+             f"cuSPARSELt {results['cusparselt']}), {results['date']}; `benchmarks/bench_hf.py`.", "",
+             "| model | batch / tokens | mode | dense | sparse | speedup | rel. error |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        size = f"batch {row['batch']}" if "batch" in row else f"{row['tokens']} tokens"
+        if "error" in row:
+            lines.append(f"| {row['model']} | {size} | {row['mode']} | — | — | failed | — |")
+        elif "dense_tok_s" in row:
+            lines.append(f"| {row['model']} | {size} | {row['mode']} | {row['dense_tok_s']} tok/s | "
+                         f"{row['sparse_tok_s']} tok/s | {row['speedup']:.2f}x | — |")
+        else:
+            lines.append(f"| {row['model']} | {size} | {row['mode']} | {row['dense_ms']:.3f} ms | "
+                         f"{row['sparse_ms']:.3f} ms | {row['speedup']:.2f}x | {row['rel_err']:.1e} |")
+    first = results.get("first_forward")
+    if first:
+        lines += ["", f"First forward of BERT-large at a new batch size (8): dense {first['dense_s']} s, sparse "
+                      f"{first['sparse_s']} s."]
+    return "\n".join(lines)
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--report", help="print the docs table of this results JSON and exit")
+    parser.add_argument("--models", nargs="+", default=["bert", "llama"], choices=["bert", "llama"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            print(markdown(json.load(f)))
+        return 0
+    results = run(args.models, args.modes, args.repeat)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
