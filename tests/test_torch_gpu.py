@@ -128,3 +128,20 @@ def test_compact_state_is_0_5625_of_the_dense_fp16_weight():
     dense_bytes = layer.in_features * layer.out_features * 2
     state = layer.values.numel() * layer.values.element_size() + layer.indices.numel()
     assert state == dense_bytes * 9 // 16
+
+
+def test_the_gpu_keeps_no_dense_copy_and_new_shapes_compress_from_the_state():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(256, 512)).cuda().half()
+    pst.prune_trained_model(model, permute=False)
+    w, b = model[0].weight.detach().float(), model[0].bias.detach().float()
+    pst.sparsify(model, "fp16", autotune=False)
+    for rows in (3, 64, 384, 3):
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            got = model(x).float()
+        want = x.float() @ w.T + b
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-2), rows
+    native = model[0].native()
+    assert native._weight is None and native._weight_q is None
+    assert native.compressed_nbytes > 0

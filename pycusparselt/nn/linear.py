@@ -353,15 +353,16 @@ class SparseLinear:
             cupy = gpu.cupy()
 
             ctx = cupy.cuda.Device(device)
+        self._weight_source = None
         with ctx:
-            self.weight = xp.asarray(weight)
+            self._weight = xp.asarray(weight)
             self.bias = None if bias is None else xp.asarray(bias)
             if weight_q is None:
-                self.weight_q = None
+                self._weight_q = None
             elif on_device and fmt != "int8":
-                self.weight_q = xp.asarray(np.ascontiguousarray(weight_q).view(np.uint8))  # FP8 bytes
+                self._weight_q = xp.asarray(np.ascontiguousarray(weight_q).view(np.uint8))  # FP8 bytes
             else:
-                self.weight_q = xp.asarray(weight_q)
+                self._weight_q = xp.asarray(weight_q)
         self._device = device
         self._configs: dict[tuple, dict] = dict(configs)
         self._plans: dict[tuple, SparseMatmulPlan] = {}
@@ -376,6 +377,36 @@ class SparseLinear:
         self._tuned: set[tuple] = set()
         self._epilogue_cache: dict[str, Any] | None = None
         self._perm_device: Any = None
+
+    # -- the weight ------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> Any:
+        """The pruned (and permuted) weight on the layer's device (quantized modes: dequantized, float32)."""
+        return self._weight if self._weight_source is None else self._weight_source()[0]
+
+    @property
+    def weight_q(self) -> Any:
+        """The quantized weight (quantized modes; int8, or FP8 as ml_dtypes values on the CPU and bytes on the
+        GPU), else None."""
+        return self._weight_q if self._weight_source is None else self._weight_source()[1]
+
+    def drop_weight(self, source: Any) -> None:
+        """Keep no copy of the dense weight on the GPU: ``source()`` gives ``(weight, weight_q)`` as
+        :attr:`weight` and :attr:`weight_q` would (device arrays of any framework; ``weight_q`` None for the
+        float modes), made anew when asked, which happens when an input shape needs a new plan (its
+        compression), for calibration and for :meth:`save`.
+
+        A layer then holds on the GPU only its compressed weights (one per plan, see :attr:`compressed_nbytes`):
+        for a weight that its owner keeps in a compact form anyway (as :class:`pycusparselt.torch.SparseLinear`
+        does), the dense copy would be memory spent twice.
+        """
+        if not self.on_device:
+            raise ValueError("drop_weight: a layer on the NumPy reference keeps its weight on the host")
+        if not callable(source):
+            raise TypeError(f"source: expected a callable returning (weight, weight_q), got {type(source).__name__}")
+        self._weight_source = source
+        self._weight = self._weight_q = None
 
     # -- scales ----------------------------------------------------------------------------------------
 
@@ -635,7 +666,7 @@ class SparseLinear:
             x = x[..., self.permutation]
         xq = self._gemm_input(np.asarray(x), np)
         e = self._epilogue()
-        w = self.weight if self.weight_q is None else self.weight_q
+        w = self.weight_q if self.quantized else self.weight
         # y^T = W @ x^T: the reference's bias and alpha vector are one value per row of D, here per output
         y_t = reference.matmul(
             w, np.swapaxes(xq, -1, -2), alpha=e["alpha"], bias=e["bias"], activation=self._fused_activation,
@@ -796,7 +827,7 @@ class SparseLinear:
                 f"during CUDA graph capture; call the layer once with such an input before capturing"
             )
         e = self._epilogue()
-        w = self.weight if self.weight_q is None else self.weight_q
+        w = self.weight_q if self.quantized else self.weight
         wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
         input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
         args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=sp)
@@ -846,7 +877,7 @@ class SparseLinear:
             e = self._epilogue()
             key = (xq.shape, xq.dtype.str, int(xq.device.id), "padded")
             plan = self._plans.get(key)
-            w = self.weight if self.weight_q is None else self.weight_q
+            w = self.weight_q if self.quantized else self.weight
             wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
             input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
             if plan is None:

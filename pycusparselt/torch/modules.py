@@ -12,6 +12,7 @@ product is the custom operator ``torch.ops.pycusparselt.linear``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -274,17 +275,21 @@ class SparseLinear(torch.nn.Module):
                        relu_threshold=self.relu_threshold, autotune=self.autotune, out_dtype=self._numpy_out_dtype())
         if self.mode in _QUANTIZED:
             scale = lambda t: float(t) or None  # noqa: E731 - 0 means unset
-            return NativeLinear.from_quantized(
+            native = NativeLinear.from_quantized(
                 dense, self.weight_scale, self.bias, mode=self.mode, fp8_format=self.fp8_format,
                 input_scale=scale(self.input_scale), output_scale=scale(self.output_scale), on_device=on_device,
                 device=self.values.device.index if on_device else None, **options)
-        weight, bias = dense, self.bias
-        if not on_device:
-            weight, bias = _arrays.to_numpy(weight), None if bias is None else _arrays.to_numpy(bias)
-        elif weight.device.index is not None:
-            with torch.cuda.device(weight.device):
-                return NativeLinear(weight, bias, prune=None, **options)
-        return NativeLinear(weight, bias, prune=None, **options)
+        elif not on_device:
+            bias = None if self.bias is None else _arrays.to_numpy(self.bias)
+            return NativeLinear(_arrays.to_numpy(dense), bias, prune=None, **options)
+        else:
+            with torch.cuda.device(dense.device):
+                native = NativeLinear(dense, self.bias, prune=None, **options)
+        if on_device:
+            # the dense weight is made from the compact state when a new input shape needs compressing: the
+            # GPU keeps the state and the compressed weights only
+            native.drop_weight(functools.partial(_dense_of, weakref.ref(self)))
+        return native
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The product on a 2-D input (rows, in_features), eagerly: what the custom operator runs."""
@@ -323,6 +328,20 @@ class SparseLinear(torch.nn.Module):
 
 #: The name this class had before it was public.
 SparseLinearModule = SparseLinear
+
+
+def _dense_of(ref: Any) -> tuple:
+    """``(weight, weight_q)`` of a live module, as :meth:`pycusparselt.SparseLinear.drop_weight` asks."""
+    module = ref()
+    if module is None:
+        raise RuntimeError("the pycusparselt.torch.SparseLinear of this layer was deleted")
+    dense = compact.unpack(module.values, module.indices, module.in_features)
+    if module.mode not in _QUANTIZED:
+        return dense, None
+    values = dense.view(torch.float8_e4m3fn if module.fp8_format == "e4m3" else torch.float8_e5m2) \
+        if module.mode == "fp8" else dense
+    scale = module.weight_scale[:, None] if module.weight_scale.dim() else module.weight_scale
+    return values.float() * scale, dense
 
 
 def _check_scales(module: SparseLinear, where: str) -> None:
