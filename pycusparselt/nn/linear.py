@@ -383,13 +383,20 @@ class SparseLinear:
     @property
     def weight(self) -> Any:
         """The pruned (and permuted) weight on the layer's device (quantized modes: dequantized, float32)."""
-        return self._weight if self._weight_source is None else self._weight_source()[0]
+        return self._weight if self._weight_source is None else self._from_source(0)
 
     @property
     def weight_q(self) -> Any:
         """The quantized weight (quantized modes; int8, or FP8 as ml_dtypes values on the CPU and bytes on the
         GPU), else None."""
-        return self._weight_q if self._weight_source is None else self._weight_source()[1]
+        return self._weight_q if self._weight_source is None else self._from_source(1)
+
+    def _from_source(self, which: int) -> Any:
+        value = self._weight_source()[which]
+        if value is None:
+            return None
+        view = _to_cupy(value)  # zero-copy; keeps the source's array alive
+        return view.view(np.uint8) if which == 1 and self.mode == "fp8" else view
 
     def drop_weight(self, source: Any) -> None:
         """Keep no copy of the dense weight on the GPU: ``source()`` gives ``(weight, weight_q)`` as
@@ -836,7 +843,7 @@ class SparseLinear:
             # layers of the same problem on the same stream share one plan, tuned once (see shared_plans)
             problem = (tuple(example.shape), example.strides, example.dtype.str, wt.shape, wt.strides, wt.dtype.str,
                        self._gemm_out.str, self._fused_bias, self._fused_activation, tuple(sorted(e["relu"].items())),
-                       self.mode, self._device, sp, repr(self._autotune))
+                       self.mode, self.format, self._device, sp, repr(self._autotune))
 
             def make() -> SparseMatmulPlan:
                 return SparseMatmulPlan(
