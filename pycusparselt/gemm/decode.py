@@ -243,7 +243,8 @@ decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ld
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
                             const int n = nt * 16 + g + 8 * h;
-                            const float2 v = __ldcg(reinterpret_cast<const float2*>(ws + ((long long)ss * Np + n) * 16 + m));
+                            const float2* src = reinterpret_cast<const float2*>(ws + ((long long)ss * Np + n) * 16 + m);
+                            const float2 v = __ldcg(src);
                             acc[mb][2 * h] += v.x;
                             acc[mb][2 * h + 1] += v.y;
                         }
@@ -316,6 +317,19 @@ def _view(a: Any, what: str) -> tuple[int, tuple[int, ...], tuple[int, ...], np.
             int(c.device.id))
 
 
+def _bits_on_device(a: Any, dtype: np.dtype) -> Any:
+    """A 16-bit weight's bit patterns as a uint16 CuPy array on the current device (packing runs there)."""
+    cupy = gpu.cupy()
+
+    if _arrays.is_torch(a):
+        import torch
+
+        return _arrays.as_cupy(a.detach().contiguous().view(torch.int16)).view(cupy.uint16)
+    if _arrays.is_device(a):
+        return cupy.ascontiguousarray(_arrays.as_cupy(a)).view(cupy.uint16)
+    return cupy.asarray(np.ascontiguousarray(np.asarray(a, dtype=dtype)).view(np.uint16))
+
+
 def _default_splits(nt: int, kb: int, sms: int) -> int:
     """Slices of K that give about 4 blocks (16 warps) per multiprocessor."""
     groups = -(-nt // WARPS)
@@ -371,19 +385,19 @@ class DecodeGemm:
         if device is None:
             device = _view(weight, "weight")[4] if _arrays.is_device(weight) else cupy.cuda.runtime.getDevice()
         self.device = int(device)
-        w = _arrays.to_numpy(weight)
-        if w.dtype not in layout.DTYPES:
-            raise TypeError(f"weight: expected float16 or bfloat16, got {w.dtype}")
-        if w.ndim != 2:
-            raise ValueError(f"weight: expected an (N, K) matrix, got shape {w.shape}")
-        self.dtype = w.dtype
-        self.out_features, self.in_features = w.shape
+        wdt = _arrays.dtype_of(weight) if hasattr(weight, "dtype") else np.asarray(weight).dtype
+        if wdt not in layout.DTYPES:
+            raise TypeError(f"weight: expected float16 or bfloat16, got {wdt}")
+        wshape = tuple(weight.shape) if hasattr(weight, "shape") else np.shape(weight)
+        if len(wshape) != 2 or 0 in wshape:
+            raise ValueError(f"weight: expected a non-empty (N, K) matrix, got shape {wshape}")
+        self.dtype = np.dtype(wdt)
+        self.out_features, self.in_features = wshape
         self.activation = activation
         self.relu_threshold = float(np.float32(relu_threshold))
         self.relu_upper_bound = float(np.float32(relu_upper_bound))
         self.gelu_scaling = float(np.float32(gelu_scaling))
-        packed = layout.pack_weight(w)
-        self.tiles, self.k_blocks = packed.shape[:2]
+        self.tiles, self.k_blocks = layout.packed_shape(*wshape)[:2]
         props = cupy.cuda.runtime.getDeviceProperties(self.device)
         self._sms = int(props["multiProcessorCount"])
         if splits is None:
@@ -396,7 +410,7 @@ class DecodeGemm:
             self.blocks_per_split = _MAX_SMEM // (8 * 2 * 512)
         self.splits = -(-self.k_blocks // self.blocks_per_split)
         with cupy.cuda.Device(self.device):
-            self.packed = cupy.asarray(packed)
+            self.packed = layout.pack_bits(_bits_on_device(weight, self.dtype), cupy)
             self.bias = None
             if bias is not None:
                 b = _arrays.to_numpy(bias)

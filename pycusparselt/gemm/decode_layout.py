@@ -46,6 +46,7 @@ __all__ = [
     "packed_shape",
     "packed_nbytes",
     "pack_weight",
+    "pack_bits",
     "unpack_weight",
     "emulate",
 ]
@@ -113,39 +114,45 @@ def pack_weight(w: Any) -> np.ndarray:
         Another dtype.
     """
     w = _check_weight(w)
-    n, k = w.shape
+    return pack_bits(np.ascontiguousarray(w).view(np.uint16), np)
+
+
+def pack_bits(bits: Any, xp: Any = np) -> Any:
+    """:func:`pack_weight` on the weight's 16-bit patterns (uint16, shape (N, K)), with the array module
+    ``xp`` (NumPy, or CuPy to pack on the GPU: the same operations, the same bytes)."""
+    n, k = bits.shape
     np_, kp = padded_shape(n, k)
-    bits = np.zeros((np_, kp), dtype=np.uint16)
-    bits[:n, :k] = w.view(np.uint16)
-    groups = bits.reshape(np_, kp // 4, 4)
+    padded = xp.zeros((np_, kp), dtype=xp.uint16)
+    padded[:n, :k] = bits
+    groups = padded.reshape(np_, kp // 4, 4)
     nonzero = (groups & 0x7FFF) != 0
     count = nonzero.sum(axis=-1)
-    if (count > 2).any():
-        r, gi = np.argwhere(count > 2)[0]
+    if bool((count > 2).any()):
+        r, gi = (int(v) for v in xp.argwhere(count > 2)[0])
         raise ValueError(f"weight: not 2:4 along K: row {r}, columns {4 * gi}..{4 * gi + 3} hold "
-                         f"{count[r, gi]} non-zeros")
+                         f"{int(count[r, gi])} non-zeros")
     # keep the non-zeros, then the lowest free positions, until each group keeps exactly two
     free = ~nonzero
-    keep = nonzero | (free & (np.cumsum(free, axis=-1) <= (2 - count)[..., None]))
-    i0 = np.argmax(keep, axis=-1)
-    i1 = 3 - np.argmax(keep[..., ::-1], axis=-1)
-    v0 = np.take_along_axis(groups, i0[..., None], axis=-1)[..., 0]
-    v1 = np.take_along_axis(groups, i1[..., None], axis=-1)[..., 0]
-    nibble = (i0 | (i1 << 2)).astype(np.uint32)
+    keep = nonzero | (free & (xp.cumsum(free, axis=-1) <= (2 - count)[..., None]))
+    i0 = xp.argmax(keep, axis=-1)
+    i1 = 3 - xp.argmax(keep[..., ::-1], axis=-1)
+    v0 = xp.take_along_axis(groups, i0[..., None], axis=-1)[..., 0]
+    v1 = xp.take_along_axis(groups, i1[..., None], axis=-1)[..., 0]
+    nibble = (i0 | (i1 << 2)).astype(xp.uint32)
 
     nt, kb = np_ // ROWS_PER_TILE, kp // COLS_PER_BLOCK
     # values: (nt, rh, g, kb, step, qh, t, 2) -> (nt, kb, step, g, t, qh, rh, 2); row = 8 rh + g, group = 4 qh + t
-    vals = np.stack([v0, v1], axis=-1).reshape(nt, 2, 8, kb, _STEPS, 2, 4, 2)
+    vals = xp.stack([v0, v1], axis=-1).reshape(nt, 2, 8, kb, _STEPS, 2, 4, 2)
     vals = vals.transpose(0, 3, 4, 2, 6, 5, 1, 7).reshape(nt, kb, _STEPS * 32 * 8)
     # metadata: (nt, rh, g, kb, j, sel, h, q) with step = 2 j + sel, group = 4 h + q
     nib = nibble.reshape(nt, 2, 8, kb, _STEPS // 2, 2, 2, 4)
-    shifts = (16 * np.arange(2, dtype=np.uint32))[:, None] + 4 * np.arange(4, dtype=np.uint32)[None, :]
-    words = (nib << shifts.reshape(1, 2, 1, 1, 1, 1, 1, 4)).sum(axis=(1, 7), dtype=np.uint32)
+    shifts = (16 * xp.arange(2, dtype=xp.uint32))[:, None] + 4 * xp.arange(4, dtype=xp.uint32)[None, :]
+    words = (nib << shifts.reshape(1, 2, 1, 1, 1, 1, 1, 4)).sum(axis=(1, 7), dtype=xp.uint32)
     # words: (nt, g, kb, j, sel, h) -> (nt, kb, g, sel, h, j): lane = 4 g + 2 sel + h
     words = words.transpose(0, 2, 1, 4, 5, 3).reshape(nt, kb, 32 * 4)
-    out = np.empty((nt, kb, CHUNK_BYTES), dtype=np.uint8)
-    out[..., :META_BYTES] = np.ascontiguousarray(words).view(np.uint8).reshape(nt, kb, META_BYTES)
-    out[..., META_BYTES:] = np.ascontiguousarray(vals).view(np.uint8).reshape(nt, kb, -1)
+    out = xp.empty((nt, kb, CHUNK_BYTES), dtype=xp.uint8)
+    out[..., :META_BYTES] = xp.ascontiguousarray(words).view(xp.uint8).reshape(nt, kb, META_BYTES)
+    out[..., META_BYTES:] = xp.ascontiguousarray(vals).view(xp.uint8).reshape(nt, kb, -1)
     return out
 
 
