@@ -23,6 +23,8 @@ Importing the package loads nothing native: the library is found and loaded on f
   ``pycusparselt.gemm.options`` (the plan's options as one checked object),
   ``pycusparselt.gemm.operands`` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
+  ``pycusparselt.gemm.decode`` (a 2:4 decode kernel of our own for 1-16 rows) with
+  ``pycusparselt.gemm.decode_layout`` (its weight layout, NumPy),
   ``pycusparselt.gemm.graphs`` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one
   CUDA graph).
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,

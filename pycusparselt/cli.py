@@ -65,6 +65,11 @@ def cmd_info(_args: argparse.Namespace) -> int:
             f"GPU {dev.index}        {dev.name}, SM {major}.{minor}, {dev.total_memory / 2**30:.1f} GiB, "
             f"Sparse Tensor Cores: {sparse}"
         )
+    from .gemm import decode
+
+    reason = decode.unavailable_reason() if devices else reason
+    print(f"decode       {'available' if reason is None else f'not available: {reason}'} "
+          f"(2:4 kernel for 1-16 rows, pycusparselt.gemm.decode)")
     return 0
 
 

@@ -1,3 +1,4 @@
 """Sparse GEMMs on device arrays: :mod:`~pycusparselt.gemm.plan` (SparseMatmulPlan, the stateful object),
 ``pycusparselt.gemm.operands`` (operand layouts), :mod:`~pycusparselt.gemm.dtypes` (type combinations),
-``pycusparselt.gemm.oneshot`` (one-shot products) and ``pycusparselt.gemm.graphs`` (CUDA graphs)."""
+``pycusparselt.gemm.oneshot`` (one-shot products), ``pycusparselt.gemm.graphs`` (CUDA graphs) and
+``pycusparselt.gemm.decode`` with ``pycusparselt.gemm.decode_layout`` (the 2:4 decode kernel for 1-16 rows)."""
