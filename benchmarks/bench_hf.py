@@ -120,12 +120,12 @@ def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int) -> 
             try:
                 with torch.no_grad():
                     if mode == "eager":
-                        fns = {"dense": lambda: dense(ids), "sparse": lambda: sparse(ids)}
+                        fns = {"dense": lambda ids=ids: dense(ids), "sparse": lambda ids=ids: sparse(ids)}
                         want, got = _output(dense(ids)), _output(sparse(ids))
                     elif mode == "compile":
                         if not compiled:
                             compiled.update(dense=torch.compile(dense), sparse=torch.compile(sparse))
-                        fns = {k: (lambda m=m: m(ids)) for k, m in compiled.items()}
+                        fns = {k: (lambda m=m, ids=ids: m(ids)) for k, m in compiled.items()}
                         want, got = _output(compiled["dense"](ids)), _output(compiled["sparse"](ids))
                     else:
                         replay_d, out_d = _graphed(torch, dense, ids)
@@ -216,26 +216,37 @@ def run(models: list, modes: list, repeat: int) -> dict:
     return results
 
 
-def markdown(results: dict) -> str:
-    """The docs table of a results JSON."""
-    lines = [f"Measured on {results['device']} (PyTorch {results['torch']}, transformers {results['transformers']}, "
-             f"cuSPARSELt {results['cusparselt']}), {results['date']}; `benchmarks/bench_hf.py`.", "",
-             "| model | batch / tokens | mode | dense | sparse | speedup | rel. error |",
-             "|---|---|---|---:|---:|---:|---:|"]
+def caption(results: dict) -> str:
+    """The docs table's caption."""
+    return (f"Hugging Face models on {results['device']}, PyTorch {results['torch']}, transformers "
+            f"{results['transformers']}, cuSPARSELt {results['cusparselt']}; medians of {results['repeat']} samples")
+
+
+def table_rows(results: dict) -> list:
+    """The docs table's rows: model, batch or tokens, mode, dense, sparse, speed-up, relative difference."""
+    rows = []
     for row in results["rows"]:
         size = f"batch {row['batch']}" if "batch" in row else f"{row['tokens']} tokens"
         if "error" in row:
-            lines.append(f"| {row['model']} | {size} | {row['mode']} | — | — | failed | — |")
+            rows.append([row["model"], size, row["mode"], "", "", f"failed: {row['error'].split(':')[0]}", ""])
         elif "dense_tok_s" in row:
-            lines.append(f"| {row['model']} | {size} | {row['mode']} | {row['dense_tok_s']} tok/s | "
-                         f"{row['sparse_tok_s']} tok/s | {row['speedup']:.2f}x | — |")
+            rows.append([row["model"], size, row["mode"], f"{row['dense_tok_s']:.1f} tok/s",
+                         f"{row['sparse_tok_s']:.1f} tok/s", f"{row['speedup']:.2f}x", ""])
         else:
-            lines.append(f"| {row['model']} | {size} | {row['mode']} | {row['dense_ms']:.3f} ms | "
-                         f"{row['sparse_ms']:.3f} ms | {row['speedup']:.2f}x | {row['rel_err']:.1e} |")
+            rows.append([row["model"], size, row["mode"], f"{row['dense_ms']:.3f} ms", f"{row['sparse_ms']:.3f} ms",
+                         f"{row['speedup']:.2f}x", f"{row['rel_err']:.1e}"])
+    return rows
+
+
+def report(results: dict) -> str:
+    """The docs table (an RST csv-table) of a results JSON."""
+    lines = [f".. csv-table:: {caption(results)}",
+             "   :header: model, size, mode, dense, sparse, speed-up, rel. difference", ""]
+    lines += ["   " + ", ".join(row) for row in table_rows(results)]
     first = results.get("first_forward")
     if first:
-        lines += ["", f"First forward of BERT-large at a new batch size (8): dense {first['dense_s']} s, sparse "
-                      f"{first['sparse_s']} s."]
+        lines += ["", f"First forward of BERT-large at a new batch size (8), after ``sparsify``: dense "
+                      f"{first['dense_s']} s, sparse {first['sparse_s']} s."]
     return "\n".join(lines)
 
 
@@ -249,13 +260,13 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report:
         with open(args.report) as f:
-            print(markdown(json.load(f)))
+            print(report(json.load(f)))
         return 0
     results = run(args.models, args.modes, args.repeat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(markdown(results))
+    print(report(results))
     return 0
 
 

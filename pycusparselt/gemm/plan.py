@@ -893,9 +893,12 @@ class SparseMatmulPlan:
                     continue
                 key = _arrays.array_key(value)
                 view = None if key is None else _arrays.as_cupy(value)
-                if view is None or self._batch != 1 or not view.flags.c_contiguous:
-                    raise ValueError(f"{name}: refresh=True needs a C-contiguous device array (and no batch)")
-                copies.append((self._buffers[name].data.ptr, key[0], view.nbytes))
+                buf = self._buffers[name]
+                if (view is None or self._batch != 1 or not view.flags.c_contiguous or view.dtype != buf.dtype
+                        or view.size != self._dims[0]):
+                    raise ValueError(f"{name}: refresh=True needs a C-contiguous device array of {self._dims[0]} "
+                                     f"{buf.dtype} (and no batch)")
+                copies.append((buf.data.ptr, key[0], view.nbytes))
         return Launcher(self, compressed, alpha_arg, tuple(copies))
 
     def _epilogue_args(self, alpha: Any, bias: Any, stream_ptr: int) -> Any:

@@ -840,10 +840,14 @@ class SparseLinear:
         args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=sp)
         plan = self._plans.get(key)
         if plan is None or plan.closed:
-            # layers of the same problem on the same stream share one plan, tuned once (see shared_plans)
+            # layers of the same problem on the same stream share one plan, tuned once (see shared_plans); a
+            # layer with a stored configuration shares only with layers storing the same
+            ident = self._identity(key[2]) + (list(key[0]), key[1])
+            stored = _find_config(self._configs, ident) if tuning_is_safe_on(self._device) else None
             problem = (tuple(example.shape), example.strides, example.dtype.str, wt.shape, wt.strides, wt.dtype.str,
                        self._gemm_out.str, self._fused_bias, self._fused_activation, tuple(sorted(e["relu"].items())),
-                       self.mode, self.format, self._device, sp, repr(self._autotune))
+                       self.mode, self.format, self._device, sp, repr(self._autotune),
+                       None if stored is None else tuple(sorted(stored.items())))
 
             def make() -> SparseMatmulPlan:
                 return SparseMatmulPlan(
@@ -862,7 +866,6 @@ class SparseLinear:
             if not made:  # tuned by the layer that made it
                 self._tuned.add(key)
                 if tuning_is_safe_on(plan.device):
-                    ident = self._identity(key[2]) + (list(key[0]), key[1])
                     self._configs[_config_key(ident)] = dict(plan.config._asdict())
         if key not in self._tuned:
             self._tune(plan, key, example, wt, args)
@@ -982,12 +985,10 @@ class SparseLinear:
             configs = {_config_key(_entry_ident(e)): dict(e["config"]) for e in entries}
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"tuned_configs: expected entries as tuned_configs returns them ({exc!r})") from None
+        # prepared calls and plans (shared with other layers) run the old configurations: the next call of each
+        # shape takes the new one, on a plan of its own configuration
+        self.close()
         self._configs = configs
-        self._tuned.clear()
-        # prepared calls run the old configurations: the next call of each shape takes the new one
-        self._routes.clear()
-        self._prototypes.clear()
-        self._shapes.clear()
 
     # -- calibration ---------------------------------------------------------------------------------
 

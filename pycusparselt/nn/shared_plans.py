@@ -25,8 +25,11 @@ _plans: dict[Hashable, tuple[Any, weakref.WeakSet]] = {}
 def acquire(key: Hashable, user: Any, make: Callable[[], Any]) -> tuple[Any, bool]:
     """The open plan shared under ``key`` (made by ``make()`` if there is none), now used by ``user``; and
     whether it was made now (then ``user`` tunes it)."""
+    for stale in [k for k, (plan, users) in _plans.items() if plan.closed or not users]:
+        plan, _ = _plans.pop(stale)  # every layer that used it is gone
+        plan.close()
     entry = _plans.get(key)
-    if entry is not None and not entry[0].closed:
+    if entry is not None:
         entry[1].add(user)
         return entry[0], False
     plan = make()

@@ -392,7 +392,7 @@ def _activations(model: Any, targets: dict, names: dict) -> dict:
         if not isinstance(parent, torch.nn.Sequential):
             continue
         children = list(parent.named_children())
-        for (name, mod), (act_name, act) in zip(children, children[1:]):
+        for (name, mod), (act_name, act) in zip(children, children[1:], strict=False):
             full = f"{parent_name}.{name}" if parent_name else name
             act_full = f"{parent_name}.{act_name}" if parent_name else act_name
             if id(mod) not in targets or isinstance(mod, torch.nn.Conv2d):
@@ -479,7 +479,7 @@ def sparsify(
             else:
                 report.dense[name] = why
     # weights shared with modules that stay dense
-    for weight_id, users in shared_weights(model).items():
+    for users in shared_weights(model).values():
         outside = [n for n, m in users if id(m) not in candidates]
         if outside:
             for n, m in users:
@@ -487,7 +487,7 @@ def sparsify(
                     del candidates[id(m)]
                     report.dense[n] = f"its weight is also used by {', '.join(outside)}, which stays dense"
     fusions = _activations(model, candidates, names) if fuse else {}
-    for linear, (act_name, kind) in fusions.items():
+    for act_name, kind in fusions.values():
         if kind is None:
             report.not_fused[act_name] = ("GELU runs as a separate float32 step after the product here, slower than "
                                           "PyTorch's own GELU kernel: left to PyTorch")
