@@ -114,16 +114,26 @@ def test_without_a_usable_gpu_one_line_says_so(command):
         assert "the NumPy reference runs" in result.stderr
 
 
-def test_torch_recipe_example_quick():
+def test_torch_recipe_example_quick(tmp_path):
+    """A smoke run prints the page's table, and runs again bit for bit: the same seed, the same numbers."""
     pytest.importorskip("torch", reason="the example needs PyTorch")
     pytest.importorskip("sklearn", reason="the example needs scikit-learn")
-    result = _run("torch_recipe.py", "--quick", "--markdown")
-    assert result.returncode == 0, result.stderr
-    assert "| CNN (" in result.stdout and "| transformer (" in result.stdout
-    for line in result.stdout.splitlines():
-        if line.startswith("CNN:") or line.startswith("transformer:"):
-            kept = [float(v.split()[0]) for v in line.split("kept magnitude ")[1].split(", ")]
-            assert kept[1] >= kept[0]  # permuted keeps at least what naive keeps
+    import json
+
+    runs, outputs = [], []
+    for i, seeds in enumerate((["0", "1"], ["1"])):
+        run = _run("torch_recipe.py", "--quick", "--seeds", *seeds, "--rst", "--json", str(tmp_path / f"{i}.json"))
+        assert run.returncode == 0, run.stderr
+        runs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+        outputs.append(run.stdout)
+    result = outputs[0]
+    assert "   * - CNN (" in result and "   * - transformer (" in result and " ± " in result
+    assert len(runs[0]["rows"]) == 4 and runs[0]["rows"][2:] == runs[1]["rows"]  # seed 1, run twice
+    for row in runs[0]["rows"]:
+        assert row["permuted_kept_magnitude"] >= row["naive_kept_magnitude"]
+    again = _run("torch_recipe.py", "--from-json", str(tmp_path / "0.json"), "--rst")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == result[result.index(".. list-table::"):].strip()
 
 
 def test_every_example_is_listed_in_the_docs():
