@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from . import _moved, enums, errors
 from ._native.library import ENV_VAR, MIN_VERSION, library_path, library_version
-from ._native.devices import require_gpu
+from ._native.devices import gpu_unavailable_reason, require_gpu
 from .gemm.graphs import CapturedGraph, capture
 from .nn.linear import SparseLinear
 from .gemm.oneshot import clear_plan_cache, matmul, plan_cache_info
@@ -85,6 +85,7 @@ __all__ = [
     "LayerFileError",
     "GpuUnavailableError",
     "require_gpu",
+    "gpu_unavailable_reason",
     "SparseMatmulPlan",
     "SparseLinear",
     "CompressedOperand",

@@ -89,6 +89,8 @@ def test_every_example_is_tested():
     ["examples/raw_bindings_fp16.py"],
     ["examples/bert_ffn.py"],
     ["examples/tuned_graph.py"],
+    ["examples/torch_linear.py"],
+    ["examples/tensor_parallel_mlp.py", "--backend", "nccl"],
     ["-m", "pycusparselt", "demo", "--path", "gpu"],
     ["-c", "import pycusparselt as psl; psl.require_gpu()"],
     ["-c", "from pycusparselt import distributed as d; d.init_process_group('nccl')"],
@@ -99,7 +101,9 @@ def test_without_a_usable_gpu_one_line_says_so(command):
     import os
 
     root = EXAMPLES.parent
-    argv = [str(root / command[0])] if command[0].endswith(".py") else command
+    if command[0] == "examples/torch_linear.py":
+        pytest.importorskip("torch", reason="the example needs PyTorch")
+    argv = [str(root / command[0]), *command[1:]] if command[0].endswith(".py") else command
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-P", *argv], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
@@ -112,6 +116,28 @@ def test_without_a_usable_gpu_one_line_says_so(command):
         assert "init_process_group('host')" in result.stderr
     else:
         assert "the NumPy reference runs" in result.stderr
+
+
+@pytest.mark.parametrize("cuda_visible", ["", None])
+def test_require_gpu_for_scripts_prints_one_line_and_exits_non_zero(cuda_visible):
+    """``psl.require_gpu(exit=True)``: where no GPU is usable, one line on stderr (no traceback) and status 1;
+    where one is, nothing."""
+    import os
+
+    env = dict(os.environ)
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    code = "import pycusparselt as psl; psl.require_gpu(exit=True); print('a GPU is usable')"
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    import pycusparselt as psl
+
+    if cuda_visible is None and psl.gpu_unavailable_reason() is None:
+        assert result.returncode == 0 and result.stdout == "a GPU is usable\n" and result.stderr == ""
+        return
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python: no usable GPU: "), result.stderr
+    assert "the NumPy reference runs" in lines[0] and "Traceback" not in result.stderr
 
 
 def test_torch_recipe_example_quick(tmp_path):

@@ -253,3 +253,38 @@ def test_cli_demo_auto_says_which_path():
         assert "relative error" in result.stdout
     else:
         assert "on the NumPy reference (no GPU path:" in result.stdout
+
+
+def test_a_machine_without_an_nvidia_driver_is_named_as_such(monkeypatch):
+    """The CUDA runtime reports a missing driver as 'insufficient'; the reason says there is no driver."""
+    from types import SimpleNamespace
+
+    from pycusparselt._native import devices
+
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+
+    fake = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(getDeviceCount=no_driver)))
+    monkeypatch.setattr(devices.gpu, "cupy", lambda: fake)
+    monkeypatch.setattr(devices, "nvidia_driver_found", lambda: False)
+    assert devices.gpu_unavailable_reason().startswith("no NVIDIA driver found")
+    monkeypatch.setattr(devices, "nvidia_driver_found", lambda: True)  # a driver too old: CUDA's own words
+    assert "CUDA driver version is insufficient" in devices.gpu_unavailable_reason()
+
+
+def test_pytest_reports_one_line_per_gpu_skip_reason():
+    """``pytest -ra`` without a usable GPU: the GPU tests' reason once, with their count, not once per test."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider",
+                             str(tests / "test_linear_gpu.py"), str(tests / "test_tuning_gpu.py")],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tests.parent)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED") and "GPU test: " in line]
+    assert len(lines) == 1, result.stdout[-3000:]
+    count = int(lines[0].split("[")[1].split("]")[0])
+    assert count > 20 and f"{count} skipped" in result.stdout
