@@ -176,3 +176,44 @@ def test_the_base_install_brings_nothing_cuda():
     base = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
     names = [re.match(r"[A-Za-z0-9_.-]+", req).group(0) for req in re.findall(r'^\s*"([^"]+)"', base, re.M)]
     assert "cffi" in names and not [n for n in names if n.startswith(("cupy", "nvidia", "torch"))]
+
+
+def _code_block_after(page: str, heading: str) -> str:
+    import re
+    import textwrap
+
+    text = (EXAMPLES.parent / "docs" / page).read_text()
+    section = text[text.index(heading):]
+    block = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", section).group(1)
+    return textwrap.dedent(block)
+
+
+def test_the_quick_starts_cpu_step_runs_on_a_cpu_only_install(tmp_path):
+    """The CPU snippet stands alone (it makes the layer it loads) and needs no GPU; the GPU snippet calls
+    require_gpu before importing CuPy."""
+    import os
+
+    code = _code_block_after("quickstart.rst", "The same on the CPU")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-P", "-W", "ignore::RuntimeWarning", "-c", code + "\nprint(y.shape)"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(2, 4096)"
+    gpu = _code_block_after("quickstart.rst", "A layer on the GPU")
+    assert gpu.index("psl.require_gpu(exit=True)") < gpu.index("import cupy")
+
+
+def test_the_installation_page_lists_every_extra():
+    import re
+
+    extras = re.findall(r"^([a-z0-9]+) = \[", (EXAMPLES.parent / "pyproject.toml").read_text().split(
+        "[project.optional-dependencies]")[1].split("\n[")[0], re.M)
+    page = (EXAMPLES.parent / "docs" / "installation.rst").read_text()
+    paragraph = page[page.index("Extras (as ``pyproject.toml`` lists them)"):].split("\n\n")[0]
+    assert len(extras) >= 8 and [e for e in extras if f"``{e}``" not in paragraph] == []
+
+
+def test_the_api_page_documents_public_modules_only():
+    page = (EXAMPLES.parent / "docs" / "api.rst").read_text()
+    assert "pycusparselt._native" not in page
+    assert page.count("autofunction:: pycusparselt.require_gpu") == 1

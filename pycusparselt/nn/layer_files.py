@@ -67,7 +67,7 @@ MAX_ARCHIVE_MEMBERS = 1 + len(MEMBERS)
 _MAX_DIRECTORY_BYTES = 64 << 10
 #: deflate expands at most about 1032-fold: a member declaring more than this per compressed byte is a lie.
 _MAX_DEFLATE_RATIO = 1100
-#: The fields every layer file's meta holds (:meth:`SparseLinear.save` writes them all).
+#: The fields every layer file's meta holds (:meth:`pycusparselt.SparseLinear.save` writes them all).
 META_FIELDS = ("mode", "dtype", "quant_format", "weight_granularity", "activation", "relu_upper_bound",
                "relu_threshold", "out_dtype", "input_scale", "output_scale", "in_features", "out_features",
                "configs")
