@@ -17,6 +17,7 @@ import argparse
 
 import numpy as np
 
+import pycusparselt as psl
 from pycusparselt import SparseLinear
 from pycusparselt.nn.linear import calibrate_chain
 
@@ -24,9 +25,7 @@ from pycusparselt.nn.linear import calibrate_chain
 def array_module(cpu: bool):
     """CuPy where a GPU of SM 8.9+ is usable (and not --cpu), else NumPy."""
     if not cpu:
-        from pycusparselt._native.devices import gpu_unavailable_reason
-
-        reason = gpu_unavailable_reason()
+        reason = psl.gpu_unavailable_reason()
         if reason is None:
             import cupy
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+import pycusparselt as psl
 from pycusparselt import SparseLinear, reference
 from pycusparselt.nn.linear import calibrate_chain
 
@@ -25,9 +26,7 @@ from pycusparselt.nn.linear import calibrate_chain
 def array_module(cpu: bool):
     """CuPy where a GPU is usable (and not --cpu), else NumPy."""
     if not cpu:
-        from pycusparselt._native.devices import gpu_unavailable_reason
-
-        reason = gpu_unavailable_reason()
+        reason = psl.gpu_unavailable_reason()
         if reason is None:
             import cupy
 

@@ -3,9 +3,9 @@
 Needs a GPU of SM 8.0+, CuPy and cuSPARSELt: ``python examples/raw_bindings_fp16.py``.
 """
 
-from pycusparselt._native.devices import exit_without_gpu
+import pycusparselt as psl
 
-exit_without_gpu("examples/raw_bindings_fp16.py")  # one line instead of a CUDA traceback where no GPU is usable
+psl.require_gpu(exit=True)  # one line instead of a CUDA traceback where no GPU is usable
 
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402

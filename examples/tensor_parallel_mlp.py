@@ -23,7 +23,6 @@ import numpy as np
 
 import pycusparselt as psl
 from pycusparselt import distributed as dist
-from pycusparselt._native.devices import gpu_unavailable_reason
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -39,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     backend = args.backend
     if backend == "auto":
-        backend = "nccl" if gpu_unavailable_reason() is None else "host"
+        backend = "nccl" if psl.gpu_unavailable_reason() is None else "host"
+    elif backend == "nccl":
+        psl.require_gpu(exit=True)  # one line, not a traceback, where no GPU is usable
 
     group = dist.init_process_group(backend)
     dtype = DTYPES[args.dtype]

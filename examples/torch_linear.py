@@ -6,10 +6,17 @@ takes its weight and bias without copying them (DLPack) and runs the product thr
 Needs PyTorch with a GPU: ``python examples/torch_linear.py``.
 """
 
+import sys
+
 import torch
 
 import pycusparselt as psl
 from pycusparselt.nn import masks
+
+psl.require_gpu(exit=True)  # one line instead of a CUDA traceback where no GPU is usable
+if not torch.cuda.is_available():
+    sys.exit(f"torch_linear.py: PyTorch {torch.__version__} cannot use the GPU (a CPU-only build, or no CUDA "
+             f"device visible to it); install a CUDA build of PyTorch")
 
 torch.manual_seed(0)
 linear = torch.nn.Linear(1024, 4096).cuda().half()

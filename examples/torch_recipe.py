@@ -10,8 +10,13 @@ nothing downloaded), on the CPU:
 4. run the permuted, retrained model through :func:`pycusparselt.torch.sparsify` in FP16 and in INT8
    (calibrated on training batches): on the CPU that is the NumPy reference of what the GPU computes.
 
-``python examples/torch_recipe.py [--epochs 30] [--json out.json] [--markdown]`` (``--quick``: a few epochs).
-Needs PyTorch and scikit-learn.
+Every run is deterministic: seeded (PyTorch, NumPy, ``random``), deterministic PyTorch algorithms, a fixed
+number of CPU threads, and a permutation search bounded by its own convergence rather than by a clock. With
+several seeds the table gives each column's mean and standard deviation over the seeds.
+
+``python examples/torch_recipe.py [--epochs 30] [--seeds 0 1 2 3 4] [--json out.json] [--rst]``
+(``--quick``: a few epochs; ``--from-json out.json --rst``: the table of a saved run). Needs PyTorch and
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ import argparse
 import copy
 import json
 import platform
+import random
+import statistics
+import sys
 import time
 
+import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -100,8 +109,20 @@ def _magnitude(model) -> float:
         return sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def run(make, name: str, epochs: int, seed: int) -> dict:
+THREADS = 1  # CPU reductions split over threads add in another order: one thread gives the same bits anywhere
+
+
+def deterministic(seed: int, threads: int = THREADS) -> None:
+    """Seed every generator the run draws from and make PyTorch's CPU arithmetic repeatable."""
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+
+
+def run(make, name: str, epochs: int, seed: int) -> dict:
+    deterministic(seed)
     train, test = _data(seed)
     dense = make()
     _train(dense, torch.optim.Adam(dense.parameters(), lr=3e-3), train, epochs, seed)
@@ -111,7 +132,8 @@ def run(make, name: str, epochs: int, seed: int) -> dict:
         model = copy.deepcopy(dense)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         before = _magnitude(model)
-        report = pst.prune_trained_model(model, optimizer, permute=permute, permutation_time_budget=2.0)
+        report = pst.prune_trained_model(model, optimizer, permute=permute,
+                                          permutation_time_budget=None)  # to convergence: no clock
         kept = _magnitude(model)
         key = "permuted" if permute else "naive"
         row[f"{key}_kept_magnitude"] = kept / before
@@ -135,44 +157,92 @@ def run(make, name: str, epochs: int, seed: int) -> dict:
     return row
 
 
-def markdown(result: dict) -> str:
-    lines = ["| model | dense FP32 | dense FP16 | naive 2:4, retrained | permuted 2:4, retrained | sparse FP16 | "
-             "sparse INT8 | magnitude kept: naive / permuted |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} ({r['params']:,} parameters) | {r['dense_fp32']:.1%} | {r['dense_fp16']:.1%} | "
-            f"{r['naive_retrained_fp32']:.1%} | {r['permuted_retrained_fp32']:.1%} | {r['sparse_fp16']:.1%} | "
-            f"{r['sparse_int8']:.1%} | {r['naive_kept_magnitude']:.3f} / {r['permuted_kept_magnitude']:.3f} |")
+COLUMNS = ("dense_fp32", "dense_fp16", "naive_retrained_fp32", "permuted_retrained_fp32", "sparse_fp16",
+           "sparse_int8")
+HEADERS = ("dense FP32", "dense FP16", "naive 2:4, retrained", "permuted 2:4, retrained", "sparse FP16",
+           "sparse INT8", "magnitude kept, naive / permuted")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per model: mean, sample standard deviation, min and max over the seeds of every measured number, and of
+    the permuted-minus-naive difference of the retrained accuracy (with the seeds where it is positive)."""
+    summary = {}
+    for model in dict.fromkeys(r["model"] for r in runs):
+        rows = [r for r in runs if r["model"] == model]
+        keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+        entry = {"params": rows[0]["params"], "seeds": [r["seed"] for r in rows]}
+        entry.update({k: _spread([r[k] for r in rows]) for k in keys})
+        gain = [r["permuted_retrained_fp32"] - r["naive_retrained_fp32"] for r in rows]
+        entry["permutation_gain"] = {**_spread(gain), "seeds_positive": sum(g > 0 for g in gain),
+                                     "seeds_negative": sum(g < 0 for g in gain)}
+        summary[model] = entry
+    return summary
+
+
+def _cell(spread: dict, n: int) -> str:
+    return f"{spread['mean']:.1%} ± {spread['std']:.1%}" if n > 1 else f"{spread['mean']:.1%}"
+
+
+def rst_table(result: dict) -> str:
+    """The accuracy table of docs/pytorch.rst, from a result of :func:`main` (mean ± standard deviation)."""
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    lines += [("   * - " if i == 0 else "     - ") + "model" * (i == 0) + h * (i > 0)
+              for i, h in enumerate(("",) + HEADERS)]
+    for model, s in result["summary"].items():
+        n = len(s["seeds"])
+        lines.append(f"   * - {model} ({s['params']:,} parameters)")
+        lines += [f"     - {_cell(s[k], n)}" for k in COLUMNS]
+        lines.append(f"     - {s['naive_kept_magnitude']['mean']:.3f} / {s['permuted_kept_magnitude']['mean']:.3f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--quick", action="store_true", help="3 epochs (a smoke run)")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--from-json", default=None, help="read a saved result instead of running")
+    parser.add_argument("--rst", action="store_true", help="print the table as on the PyTorch page")
     args = parser.parse_args(argv)
-    epochs = 3 if args.quick else args.epochs
-    torch.set_num_threads(min(8, torch.get_num_threads()))
-    t0 = time.perf_counter()
-    result = {"example": "torch_recipe", "epochs": epochs, "seed": args.seed, "torch": torch.__version__,
-              "pycusparselt": psl.__version__, "python": platform.python_version(), "rows": []}
-    for make, name in ((CNN, "CNN"), (Transformer, "transformer")):
-        row = run(make, name, epochs, args.seed)
-        result["rows"].append(row)
-        print(f"{name}: dense {row['dense_fp32']:.1%} (fp16 {row['dense_fp16']:.1%}); naive 2:4 retrained "
-              f"{row['naive_retrained_fp32']:.1%}, permuted {row['permuted_retrained_fp32']:.1%}; sparse fp16 "
-              f"{row['sparse_fp16']:.1%}, int8 {row['sparse_int8']:.1%}; kept magnitude "
-              f"{row['naive_kept_magnitude']:.3f} naive, {row['permuted_kept_magnitude']:.3f} permuted", flush=True)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    if args.markdown:
-        print(markdown(result))
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        result = measure(args.seeds, 3 if args.quick else args.epochs, " ".join(["python", *sys.argv]))
+    if args.rst:
+        print(rst_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+            f.write("\n")
     return 0
+
+
+def measure(seeds: list[int], epochs: int, command: str) -> dict:
+    """Both models for every seed, printed as they finish, and their summary over the seeds."""
+    t0 = time.perf_counter()
+    result = {"example": "torch_recipe", "command": command, "epochs": epochs, "seeds": seeds,
+              "threads": THREADS, "deterministic_algorithms": True, "torch": torch.__version__,
+              "pycusparselt": psl.__version__, "python": platform.python_version(), "rows": []}
+    for seed in seeds:
+        for make, name in ((CNN, "CNN"), (Transformer, "transformer")):
+            t1 = time.perf_counter()
+            row = {"seed": seed, **run(make, name, epochs, seed)}
+            result["rows"].append(row)
+            print(f"seed {seed} {name}: dense {row['dense_fp32']:.1%} (fp16 {row['dense_fp16']:.1%}); naive 2:4 "
+                  f"retrained {row['naive_retrained_fp32']:.1%}, permuted {row['permuted_retrained_fp32']:.1%}; "
+                  f"sparse fp16 {row['sparse_fp16']:.1%}, int8 {row['sparse_int8']:.1%}; kept magnitude "
+                  f"{row['naive_kept_magnitude']:.3f} naive, {row['permuted_kept_magnitude']:.3f} permuted "
+                  f"({time.perf_counter() - t1:.0f} s)", flush=True)
+    result["summary"] = summarize(result["rows"])
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from pycusparselt._native.devices import exit_without_gpu
+import pycusparselt as psl
 
-exit_without_gpu("examples/tuned_graph.py")  # one line instead of a CUDA traceback where no GPU is usable
+psl.require_gpu(exit=True)  # one line instead of a CUDA traceback where no GPU is usable
 
 import cupy as cp  # noqa: E402
 
-import pycusparselt as psl  # noqa: E402
 from pycusparselt.tuning.timing import time_gpu  # noqa: E402
 
 

@@ -30,8 +30,9 @@ Importing the package loads nothing native: the library is found and loaded on f
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,
   BF16, INT8 or FP8), :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
   :mod:`pycusparselt.nn.masks` (2:4 masks), :mod:`pycusparselt.nn.permutation` (channel permutations that keep
-  more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files), ``pycusparselt.nn.shared_plans`` (one
-  plan per problem, shared by the layers that have it).
+  more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files), :mod:`pycusparselt.nn.layer_values`
+  (a layer's scales and ReLU bounds, checked as float32), ``pycusparselt.nn.shared_plans`` (one plan per
+  problem, shared by the layers that have it).
 - distributed and PyTorch (imported on demand): :mod:`pycusparselt.distributed` with
   :mod:`pycusparselt.distributed.sharding`, :mod:`pycusparselt.distributed.engines`,
   :mod:`pycusparselt.distributed.groups` and :mod:`pycusparselt.distributed.parallel` (tensor-parallel
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 from . import _moved, enums, errors
 from ._native.library import ENV_VAR, MIN_VERSION, library_path, library_version
-from ._native.devices import require_gpu
+from ._native.devices import gpu_unavailable_reason, require_gpu
 from .gemm.graphs import CapturedGraph, capture
 from .nn.linear import SparseLinear
 from .gemm.oneshot import clear_plan_cache, matmul, plan_cache_info
@@ -87,6 +88,7 @@ __all__ = [
     "LayerFileError",
     "GpuUnavailableError",
     "require_gpu",
+    "gpu_unavailable_reason",
     "SparseMatmulPlan",
     "SparseLinear",
     "CompressedOperand",

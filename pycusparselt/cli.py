@@ -37,6 +37,25 @@ def _cupy_version() -> str:
     return "not installed"
 
 
+def source_checkout_note(package_dir: str | None = None) -> str | None:
+    """A line for ``info`` where the package runs from a source checkout (a ``pyproject.toml`` beside it)
+    without its build-time modules; None otherwise."""
+    from pathlib import Path
+
+    package = Path(package_dir or Path(__file__).resolve().parent)
+    if not (package.parent / "pyproject.toml").is_file() or not (package.parent / "build_ffi.py").is_file():
+        return None
+    missing = [name for name in ("_cusparselt_cffi", "_fastcall")
+               if not any(package.glob(f"{name}.py")) and not any(package.glob(f"{name}*.so"))
+               and not any(package.glob(f"{name}*.pyd"))]
+    if not missing:
+        return None
+    return (f"the source checkout at {package.parent} (it comes first on sys.path from that directory), without "
+            f"its build-time module(s) {', '.join('pycusparselt.' + m for m in missing)}: run "
+            f"`pip install -e .` there, or run from another directory (or with python -P) to use the installed "
+            f"package")
+
+
 def cmd_info(_args: argparse.Namespace) -> int:
     from . import __version__
     from . import bindings
@@ -45,6 +64,9 @@ def cmd_info(_args: argparse.Namespace) -> int:
     from .errors import LibraryNotFoundError
 
     print(f"pycusparselt {__version__} on Python {platform.python_version()} ({platform.machine()})")
+    checkout = source_checkout_note()
+    if checkout:
+        print(f"source       {checkout}")
     try:
         loaded = load()
         print(f"cuSPARSELt   {'.'.join(map(str, loaded.version))} at {loaded.path} (found via {loaded.found_via})")

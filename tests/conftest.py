@@ -43,9 +43,24 @@ def pytest_collection_modifyitems(config, items):
     reason = _gpu_skip_reason()
     if reason is None:
         return
-    marker = pytest.mark.skip(reason=f"GPU test: {reason}")
+    marker = pytest.mark.skip(reason=f"{_GPU_SKIP_PREFIX}{reason}")
     for item in gpu_items:
         item.add_marker(marker)
+
+
+_GPU_SKIP_PREFIX = "GPU test: "
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Every GPU test skipped for the same reason reports one location, this file's, so that ``pytest -ra``
+    prints the reason once with the count instead of once per test function."""
+    outcome = yield
+    report = outcome.get_result()
+    longrepr = report.longrepr
+    reason = str(longrepr[2]).removeprefix("Skipped: ") if isinstance(longrepr, tuple) else ""
+    if report.skipped and reason.startswith(_GPU_SKIP_PREFIX):
+        report.longrepr = (__file__, None, longrepr[2])
 
 
 def pytest_report_header(config):

@@ -157,13 +157,18 @@ def test_the_module_starts_nothing_and_says_which_launcher_to_use():
     assert "torchrun --nproc_per_node N" in result.stderr and "mpirun -np N" in result.stderr
 
 
-def test_no_module_of_the_package_listens_on_a_socket():
+def test_only_the_torch_engine_opens_a_socket_and_binds_it_to_master_addr():
+    """One listening socket in the package: the store of a torch group made without a launcher, bound to the
+    address given (tested in test_a_job_without_a_launcher_hosts_its_store_on_master_addr_only)."""
     import pycusparselt
 
     root = Path(pycusparselt.__file__).parent
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if any(word in p.read_text() for word in ("import socket", "socketserver", ".listen("))]
-    assert offenders == []
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if any(word in p.read_text() for word in ("import socket", "socketserver", ".listen("))]
+    assert users == [str(Path("distributed") / "engines.py")]
+    text = (root / "distributed" / "engines.py").read_text()
+    assert text.count("socket.create_server(") == 1 and "socket.create_server((addr, port)" in text
+    assert 'addr = env.get("MASTER_ADDR") or "127.0.0.1"' in text
 
 
 def test_the_example_in_one_process_on_the_host_backend(monkeypatch):
@@ -315,3 +320,49 @@ def test_pin_local_gpu_refuses_a_rank_without_a_gpu(monkeypatch):
     with pytest.raises(ValueError, match=r"local rank 1 has no GPU: CUDA_VISIBLE_DEVICES='0' names 1"):
         dist.pin_local_gpu()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # left as it was
+
+
+#: Each rank joins a host group from hand-set RANK / WORLD_SIZE / MASTER_*; rank 0 prints its listening sockets.
+_LISTENING_JOB = (
+    "import os\n"
+    "from pycusparselt import distributed as dist\n"
+    "def listening():\n"
+    "    links = [f'/proc/self/fd/{fd}' for fd in os.listdir('/proc/self/fd')]\n"
+    "    targets = [os.readlink(link) for link in links if os.path.islink(link)]\n"
+    "    mine = {t[8:-1] for t in targets if t.startswith('socket:[')}\n"
+    "    found = []\n"
+    "    for table in ('/proc/net/tcp', '/proc/net/tcp6'):\n"
+    "        for line in open(table).read().splitlines()[1:]:\n"
+    "            cells = line.split()\n"
+    "            if cells[3] == '0A' and cells[9] in mine:\n"
+    "                found.append(cells[1])\n"
+    "    return found\n"
+    "with dist.init_process_group('host') as group:\n"
+    "    group.barrier()\n"
+    "    if group.rank == 0:\n"
+    "        print('listening', ' '.join(listening()), flush=True)\n"
+    "    group.barrier()\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads listening sockets from /proc/net")
+def test_a_job_without_a_launcher_hosts_its_store_on_master_addr_only(tmp_path):
+    """MASTER_ADDR=127.0.0.1 set by hand: rank 0's store listens on 127.0.0.1:MASTER_PORT, on no other address."""
+    import socket
+
+    pytest.importorskip("torch", reason="the torch engine needs PyTorch")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "job.py"
+    script.write_text(_LISTENING_JOB)
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_job_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                           MASTER_PORT=str(port)))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    line = next(x for x in outputs[0][0].splitlines() if x.startswith("listening"))
+    endpoints = line.split()[1:]
+    on_port = [e for e in endpoints if int(e.rsplit(":", 1)[1], 16) == port]
+    assert on_port == ["0100007F:%04X" % port], endpoints  # 127.0.0.1 alone, not 0.0.0.0 or [::]

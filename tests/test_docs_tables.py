@@ -58,22 +58,29 @@ def test_the_scaling_table_is_the_committed_result():
     assert rows == expected
 
 
-def _percent(value: float) -> str:
-    return f"{value:.1%}"  # as examples/torch_recipe.py --markdown writes it
+def _spread(spread: dict) -> str:
+    return f"{spread['mean']:.1%} ± {spread['std']:.1%}"  # as examples/torch_recipe.py --rst writes it
 
 
 def test_the_recipe_accuracy_table_is_the_committed_result():
-    results = json.loads((RESULTS / "torch_recipe_cpu_2026-11-29.json").read_text())
+    results = json.loads((RESULTS / "torch_recipe_cpu_10seeds.json").read_text())
     text = (ROOT / "docs" / "pytorch.rst").read_text()
-    for row in results["rows"]:
-        match = re.search(r"^   \* - " + re.escape(row["model"]) + r" \(.*\n((?:     - .*\n)+)", text, re.M)
-        assert match, f"pytorch.rst: no accuracy row for {row['model']}"
+    assert results["command"] in " ".join(text.replace("``", "").split())  # the command the page names
+    assert len(results["seeds"]) >= 5 and results["threads"] == 1 and results["deterministic_algorithms"]
+    for model, summary in results["summary"].items():
+        match = re.search(r"^   \* - " + re.escape(model) + r" \(.*\n((?:     - .*\n)+)", text, re.M)
+        assert match, f"pytorch.rst: no accuracy row for {model}"
         cells = [line.strip()[2:] for line in match.group(1).splitlines()]
-        expected = [_percent(row[key]) for key in ("dense_fp32", "dense_fp16", "naive_retrained_fp32",
-                                                   "permuted_retrained_fp32", "sparse_fp16", "sparse_int8")]
-        expected.append(f"{row['naive_kept_magnitude']:.3f} / {row['permuted_kept_magnitude']:.3f}")
-        assert cells == expected, row["model"]
-        assert f"({row['params']:,} parameters)" in match.group(0)
+        expected = [_spread(summary[key]) for key in ("dense_fp32", "dense_fp16", "naive_retrained_fp32",
+                                                      "permuted_retrained_fp32", "sparse_fp16", "sparse_int8")]
+        expected.append(f"{summary['naive_kept_magnitude']['mean']:.3f} / "
+                        f"{summary['permuted_kept_magnitude']['mean']:.3f}")
+        assert cells == expected, model
+        assert f"({summary['params']:,} parameters)" in match.group(0)
+        rows = [r for r in results["rows"] if r["model"] == model]
+        assert [r["seed"] for r in rows] == results["seeds"] == summary["seeds"]
+        for key in ("permuted_retrained_fp32", "naive_retrained_fp32"):  # the summary is of these rows
+            assert summary[key]["mean"] == pytest.approx(sum(r[key] for r in rows) / len(rows), rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("page, caption", [("pytorch.rst", "NVIDIA H200, PyTorch"), ("distributed.rst", "FP16 block")])

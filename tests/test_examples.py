@@ -89,6 +89,8 @@ def test_every_example_is_tested():
     ["examples/raw_bindings_fp16.py"],
     ["examples/bert_ffn.py"],
     ["examples/tuned_graph.py"],
+    ["examples/torch_linear.py"],
+    ["examples/tensor_parallel_mlp.py", "--backend", "nccl"],
     ["-m", "pycusparselt", "demo", "--path", "gpu"],
     ["-c", "import pycusparselt as psl; psl.require_gpu()"],
     ["-c", "from pycusparselt import distributed as d; d.init_process_group('nccl')"],
@@ -99,7 +101,9 @@ def test_without_a_usable_gpu_one_line_says_so(command):
     import os
 
     root = EXAMPLES.parent
-    argv = [str(root / command[0])] if command[0].endswith(".py") else command
+    if command[0] == "examples/torch_linear.py":
+        pytest.importorskip("torch", reason="the example needs PyTorch")
+    argv = [str(root / command[0]), *command[1:]] if command[0].endswith(".py") else command
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-P", *argv], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
@@ -114,16 +118,48 @@ def test_without_a_usable_gpu_one_line_says_so(command):
         assert "the NumPy reference runs" in result.stderr
 
 
-def test_torch_recipe_example_quick():
+@pytest.mark.parametrize("cuda_visible", ["", None])
+def test_require_gpu_for_scripts_prints_one_line_and_exits_non_zero(cuda_visible):
+    """``psl.require_gpu(exit=True)``: where no GPU is usable, one line on stderr (no traceback) and status 1;
+    where one is, nothing."""
+    import os
+
+    env = dict(os.environ)
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    code = "import pycusparselt as psl; psl.require_gpu(exit=True); print('a GPU is usable')"
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    import pycusparselt as psl
+
+    if cuda_visible is None and psl.gpu_unavailable_reason() is None:
+        assert result.returncode == 0 and result.stdout == "a GPU is usable\n" and result.stderr == ""
+        return
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python: no usable GPU: "), result.stderr
+    assert "the NumPy reference runs" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_torch_recipe_example_quick(tmp_path):
+    """A smoke run prints the page's table, and runs again bit for bit: the same seed, the same numbers."""
     pytest.importorskip("torch", reason="the example needs PyTorch")
     pytest.importorskip("sklearn", reason="the example needs scikit-learn")
-    result = _run("torch_recipe.py", "--quick", "--markdown")
-    assert result.returncode == 0, result.stderr
-    assert "| CNN (" in result.stdout and "| transformer (" in result.stdout
-    for line in result.stdout.splitlines():
-        if line.startswith("CNN:") or line.startswith("transformer:"):
-            kept = [float(v.split()[0]) for v in line.split("kept magnitude ")[1].split(", ")]
-            assert kept[1] >= kept[0]  # permuted keeps at least what naive keeps
+    import json
+
+    runs, outputs = [], []
+    for i, seeds in enumerate((["0", "1"], ["1"])):
+        run = _run("torch_recipe.py", "--quick", "--seeds", *seeds, "--rst", "--json", str(tmp_path / f"{i}.json"))
+        assert run.returncode == 0, run.stderr
+        runs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+        outputs.append(run.stdout)
+    result = outputs[0]
+    assert "   * - CNN (" in result and "   * - transformer (" in result and " ± " in result
+    assert len(runs[0]["rows"]) == 4 and runs[0]["rows"][2:] == runs[1]["rows"]  # seed 1, run twice
+    for row in runs[0]["rows"]:
+        assert row["permuted_kept_magnitude"] >= row["naive_kept_magnitude"]
+    again = _run("torch_recipe.py", "--from-json", str(tmp_path / "0.json"), "--rst")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == result[result.index(".. list-table::"):].strip()
 
 
 def test_every_example_is_listed_in_the_docs():
@@ -140,3 +176,44 @@ def test_the_base_install_brings_nothing_cuda():
     base = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
     names = [re.match(r"[A-Za-z0-9_.-]+", req).group(0) for req in re.findall(r'^\s*"([^"]+)"', base, re.M)]
     assert "cffi" in names and not [n for n in names if n.startswith(("cupy", "nvidia", "torch"))]
+
+
+def _code_block_after(page: str, heading: str) -> str:
+    import re
+    import textwrap
+
+    text = (EXAMPLES.parent / "docs" / page).read_text()
+    section = text[text.index(heading):]
+    block = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", section).group(1)
+    return textwrap.dedent(block)
+
+
+def test_the_quick_starts_cpu_step_runs_on_a_cpu_only_install(tmp_path):
+    """The CPU snippet stands alone (it makes the layer it loads) and needs no GPU; the GPU snippet calls
+    require_gpu before importing CuPy."""
+    import os
+
+    code = _code_block_after("quickstart.rst", "The same on the CPU")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-P", "-W", "ignore::RuntimeWarning", "-c", code + "\nprint(y.shape)"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(2, 4096)"
+    gpu = _code_block_after("quickstart.rst", "A layer on the GPU")
+    assert gpu.index("psl.require_gpu(exit=True)") < gpu.index("import cupy")
+
+
+def test_the_installation_page_lists_every_extra():
+    import re
+
+    extras = re.findall(r"^([a-z0-9]+) = \[", (EXAMPLES.parent / "pyproject.toml").read_text().split(
+        "[project.optional-dependencies]")[1].split("\n[")[0], re.M)
+    page = (EXAMPLES.parent / "docs" / "installation.rst").read_text()
+    paragraph = page[page.index("Extras (as ``pyproject.toml`` lists them)"):].split("\n\n")[0]
+    assert len(extras) >= 8 and [e for e in extras if f"``{e}``" not in paragraph] == []
+
+
+def test_the_api_page_documents_public_modules_only():
+    page = (EXAMPLES.parent / "docs" / "api.rst").read_text()
+    assert "pycusparselt._native" not in page
+    assert page.count("autofunction:: pycusparselt.require_gpu") == 1

@@ -253,3 +253,85 @@ def test_cli_demo_auto_says_which_path():
         assert "relative error" in result.stdout
     else:
         assert "on the NumPy reference (no GPU path:" in result.stdout
+
+
+def test_a_machine_without_an_nvidia_driver_is_named_as_such(monkeypatch):
+    """The CUDA runtime reports a missing driver as 'insufficient'; the reason says there is no driver."""
+    from types import SimpleNamespace
+
+    from pycusparselt._native import devices
+
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+
+    fake = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(getDeviceCount=no_driver)))
+    monkeypatch.setattr(devices.gpu, "cupy", lambda: fake)
+    monkeypatch.setattr(devices, "nvidia_driver_found", lambda: False)
+    assert devices.gpu_unavailable_reason().startswith("no NVIDIA driver found")
+    monkeypatch.setattr(devices, "nvidia_driver_found", lambda: True)  # a driver too old: CUDA's own words
+    assert "CUDA driver version is insufficient" in devices.gpu_unavailable_reason()
+
+
+def test_pytest_reports_one_line_per_gpu_skip_reason():
+    """``pytest -ra`` without a usable GPU: the GPU tests' reason once, with their count, not once per test."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider",
+                             str(tests / "test_linear_gpu.py"), str(tests / "test_tuning_gpu.py")],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tests.parent)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED") and "GPU test: " in line]
+    assert len(lines) == 1, result.stdout[-3000:]
+    count = int(lines[0].split("[")[1].split("]")[0])
+    assert count > 20 and f"{count} skipped" in result.stdout
+
+
+def test_info_says_when_it_runs_from_a_checkout_without_its_built_modules(tmp_path):
+    from pycusparselt.cli import source_checkout_note
+
+    package = tmp_path / "pycusparselt"
+    package.mkdir()
+    assert source_checkout_note(str(package)) is None  # not a checkout
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'pycusparselt'\n")
+    (tmp_path / "build_ffi.py").write_text("")
+    note = source_checkout_note(str(package))
+    assert note.startswith(f"the source checkout at {tmp_path} ") and "pycusparselt._fastcall" in note
+    assert "pycusparselt._cusparselt_cffi" in note and "pip install -e ." in note and "\n" not in note
+    (package / "_cusparselt_cffi.py").write_text("")
+    (package / "_fastcall.abi3.so").write_bytes(b"")
+    assert source_checkout_note(str(package)) is None  # built in place (pip install -e .)
+
+
+def test_info_prints_one_line_per_item():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-P", "-m", "pycusparselt", "info"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    labels = ("pycusparselt ", "source ", "cuSPARSELt ", "cffi ", "matmul call ", "NumPy ", "ml_dtypes ", "CuPy ",
+              "GPU")
+    assert all(line.startswith(labels) for line in result.stdout.splitlines()), result.stdout
+
+
+def test_a_library_not_found_message_is_one_line(monkeypatch):
+    from pycusparselt._native import library
+
+    class Finder:
+        @staticmethod
+        def load_nvidia_dynamic_lib(name):
+            raise RuntimeError('Failure finding "libcusparseLt.so.0": No such file,\nNo such file\n')
+
+    pytest.importorskip("cuda.pathfinder")
+    monkeypatch.setattr(sys.modules["cuda"], "pathfinder", Finder)
+    monkeypatch.delenv(library.ENV_VAR, raising=False)
+    try:
+        library._locate()
+    except library.LibraryNotFoundError as exc:
+        assert "\n" not in str(exc) and "No such file, No such file)" in str(exc)
+    else:
+        pytest.fail("no LibraryNotFoundError")

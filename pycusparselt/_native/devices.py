@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass
 
 from . import gpu
 
-__all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "require_gpu", "exit_without_gpu", "SPARSE_MIN_CC",
-           "WITHOUT_GPU"]
+__all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "require_gpu", "nvidia_driver_found",
+           "SPARSE_MIN_CC", "WITHOUT_GPU"]
 
 #: What runs where no GPU is usable.
 WITHOUT_GPU = (
@@ -43,6 +46,8 @@ def cuda_devices() -> tuple[list[DeviceInfo], str | None]:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, insufficient driver, ...
+        if not nvidia_driver_found():  # the runtime calls a missing driver "insufficient"
+            return [], "no NVIDIA driver found (the CUDA driver library, libcuda, cannot be loaded)"
         return [], f"no CUDA GPU is usable ({type(exc).__name__}: {exc})"
     if count == 0:
         return [], "no CUDA GPU is present"
@@ -59,6 +64,18 @@ def cuda_devices() -> tuple[list[DeviceInfo], str | None]:
             )
         )
     return devices, None
+
+
+def nvidia_driver_found() -> bool:
+    """Whether the NVIDIA driver's CUDA library (``libcuda.so.1``; ``nvcuda.dll`` on Windows) can be loaded."""
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def gpu_unavailable_reason() -> str | None:
@@ -80,18 +97,30 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
-def require_gpu() -> None:
-    """Raise :class:`~pycusparselt.errors.GpuUnavailableError` (one line: why, and what runs without a GPU)
-    unless cuSPARSELt can run here; call it before the first CuPy call of a GPU-only program."""
+def require_gpu(*, exit: bool = False) -> None:
+    """Stop unless cuSPARSELt can run here; call it before the first CuPy call (or ``import cupy``) of a
+    GPU-only program.
+
+    Parameters
+    ----------
+    exit : bool
+        False (for libraries): raise :class:`~pycusparselt.errors.GpuUnavailableError`, whose message is one
+        line: why, and what runs without a GPU. True (for scripts): print that line, prefixed with the
+        script's name, to stderr and exit with status 1, without a traceback.
+
+    Examples
+    --------
+    >>> import pycusparselt as psl
+    >>> psl.require_gpu(exit=True)  # doctest: +SKIP
+    >>> import cupy  # only where a GPU is usable
+    """
     reason = gpu_unavailable_reason()
-    if reason is not None:
-        from ..errors import GpuUnavailableError
+    if reason is None:
+        return
+    message = f"no usable GPU: {reason}; {WITHOUT_GPU}"
+    if exit:
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else "python"
+        raise SystemExit(f"{program}: {message}")
+    from ..errors import GpuUnavailableError
 
-        raise GpuUnavailableError(f"no usable GPU: {reason}; {WITHOUT_GPU}")
-
-
-def exit_without_gpu(program: str) -> None:
-    """For scripts: exit with status 1 and one line on stderr (no traceback) unless cuSPARSELt can run here."""
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        raise SystemExit(f"{program}: no usable GPU: {reason}; {WITHOUT_GPU}")
+    raise GpuUnavailableError(message)

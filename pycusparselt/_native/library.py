@@ -91,7 +91,7 @@ def _locate() -> tuple[str, str]:
         found = pathfinder.load_nvidia_dynamic_lib("cusparseLt")
     except Exception as exc:  # DynamicLibNotFoundError and friends
         raise LibraryNotFoundError(
-            f"libcusparseLt was not found ({exc}). Install it with {pip_package_hint()}, "
+            f"libcusparseLt was not found ({' '.join(str(exc).split())}). Install it with {pip_package_hint()}, "
             f"or set {ENV_VAR} to the path of libcusparseLt.so.0"
         ) from exc
     # abs_path is None only when the library was loaded by someone else from an unknown place;

@@ -5,20 +5,26 @@ the host backend's arrays) goes through an engine the job already has, chosen fr
 
 - ``"torch"``: ``torch.distributed``: a process group the program already initialised (any backend), or one
   made here with the ``gloo`` backend from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-  ``MASTER_PORT``), destroyed again when the group closes;
+  ``MASTER_PORT``) or the same variables set by hand, destroyed again when the group closes;
 - ``"mpi"``: mpi4py's ``COMM_WORLD``, under ``mpirun``/``mpiexec``/``srun``;
 - ``"cupyx"``: ``cupyx.distributed`` (CuPy's own NCCL backend and store, on ``MASTER_ADDR`` and
   ``CUPYX_DISTRIBUTED_PORT``, default 13333) for CuPy-only jobs: the NCCL
   communicator is CuPy's, and host-side messages go through NCCL;
 - ``"single"``: a job of one process, which needs none.
 
-Nothing here listens on a socket: the engines own their transport.
+What listens where: under a launcher (torchrun, mpirun) and with the cupyx engine, the launcher's or CuPy's
+store, where they put it. A ``torch`` group made here without a launcher (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` set by hand) has rank 0 host its store on a socket bound to ``MASTER_ADDR``
+and ``MASTER_PORT`` only (PyTorch's own ``env://`` store would listen on every interface); gloo's
+connections between ranks listen on the interface ``GLOO_SOCKET_IFNAME`` names (by default the one the host
+name resolves to): set ``GLOO_SOCKET_IFNAME=lo`` to keep a one-machine job on loopback.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import socket
 from typing import Any, Mapping
 
 import numpy as np
@@ -208,7 +214,12 @@ class TorchEngine(Engine):
         self._owned = False
         if not dist.is_initialized():
             # gloo: host-side messages only; NCCL itself is driven by pycusparselt
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+            delta = datetime.timedelta(seconds=timeout)
+            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun's agent hosts the store
+                dist.init_process_group("gloo", timeout=delta)
+            else:
+                rank, world, store = _bound_store(dist, delta)
+                dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=delta)
             self._owned = True
         local = local_rank_from_env()
         super().__init__(dist.get_rank(), dist.get_world_size(), dist.get_rank() if local is None else local)
@@ -230,6 +241,32 @@ class TorchEngine(Engine):
         if self._owned and self._dist.is_initialized():
             self._dist.destroy_process_group()
         self._owned = False
+
+
+def _bound_store(dist: Any, timeout: Any) -> tuple[int, int, Any]:
+    """``(rank, world size, store)`` from ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; rank 0
+    hosts the store on a socket bound to that address alone (PyTorch's ``env://`` store binds every interface)."""
+    env = os.environ
+    rank, world = settings.integer("RANK", env=env), settings.integer("WORLD_SIZE", env=env)
+    port = settings.integer("MASTER_PORT", env=env)
+    if rank is None or world is None or port is None:
+        missing = [v for v, x in (("RANK", rank), ("WORLD_SIZE", world), ("MASTER_PORT", port)) if x is None]
+        raise ValueError(f"engine 'torch' without a launcher: set {', '.join(missing)} (and MASTER_ADDR) for each "
+                         f"process, or start the job with torchrun")
+    if not 0 < port < 65536:
+        raise ValueError(f"MASTER_PORT: expected a port number, got {port}")
+    addr = env.get("MASTER_ADDR") or "127.0.0.1"
+    listen_fd = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        try:
+            server = socket.create_server((addr, port), family=family, backlog=max(world, 16))
+        except OSError as exc:
+            raise OSError(exc.errno, f"rank 0 cannot host the job's store on MASTER_ADDR={addr} "
+                                     f"MASTER_PORT={port}: {exc.strerror}") from None
+        listen_fd = server.detach()  # the store owns the socket from here
+    store = dist.TCPStore(addr, port, world, rank == 0, timeout=timeout, master_listen_fd=listen_fd)
+    return rank, world, store
 
 
 class MpiEngine(Engine):

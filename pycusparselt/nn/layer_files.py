@@ -16,25 +16,39 @@ bias           (out_features,)                               the weight's type (
 permutation    (in_features,)                                int64
 ============== ============================================ ================================================
 
-:func:`read` checks the container before it reads an array: only these members, each member's declared size
-against what the meta says it holds, then each array's shape and dtype; nothing is unpickled. What the arrays
-*mean* (2:4 structure, valid permutation, finite positive scales) is checked by the layer that loads them.
-Every failure is a :class:`~pycusparselt.errors.LayerFileError` naming the file and the field.
+:func:`read` reads regular files only (never waits on a FIFO or a device) and checks the container before
+it reads an array: the number of members and the size of the zip directory (from the archive's end record,
+before the directory is parsed), only these members, stored or deflated and not encrypted, each member's
+declared size against what the meta says it holds, then each ``.npy`` header's shape and dtype before its
+data; nothing is unpickled, and nothing larger than the meta's arrays is allocated. What the arrays *mean*
+(2:4 structure, valid permutation, finite positive scales) is checked by the layer that loads them. Every
+failure is a :class:`~pycusparselt.errors.LayerFileError` naming the file and the field, or an
+:class:`OSError` from the file system itself.
+
+:func:`write` is atomic: it writes a temporary file in the target's directory, flushes it to the disk and
+renames it over the target, so a failed save (disk full, a file size limit) leaves an existing file as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import lzma
 import os
+import stat
+import struct
+import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 
 from ..errors import LayerFileError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MEMBERS", "CONTAINERS", "container_of", "expected_arrays", "read",
-           "write"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MEMBERS", "CONTAINERS", "META_FIELDS", "MAX_ARCHIVE_MEMBERS",
+           "container_of", "expected_arrays", "read", "write"]
 
 #: The meta's ``format`` and ``version``: what :func:`read` accepts.
 FORMAT_NAME = "pycusparselt.SparseLinear"
@@ -48,6 +62,15 @@ CONTAINERS = ("npz", "safetensors")
 META_LIMIT = 16 << 20
 _NPY_HEADER_ROOM = 4096
 _MAX_FEATURES = 1 << 31
+#: Most members an .npz layer file holds (the meta and the arrays), and the largest zip directory read.
+MAX_ARCHIVE_MEMBERS = 1 + len(MEMBERS)
+_MAX_DIRECTORY_BYTES = 64 << 10
+#: deflate expands at most about 1032-fold: a member declaring more than this per compressed byte is a lie.
+_MAX_DEFLATE_RATIO = 1100
+#: The fields every layer file's meta holds (:meth:`pycusparselt.SparseLinear.save` writes them all).
+META_FIELDS = ("mode", "dtype", "quant_format", "weight_granularity", "activation", "relu_upper_bound",
+               "relu_threshold", "out_dtype", "input_scale", "output_scale", "in_features", "out_features",
+               "configs")
 
 _STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}
 _SAFETENSORS_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "U16": np.dtype("<u2"),
@@ -109,6 +132,9 @@ def _parse_meta(text: str, path: Any) -> dict:
         raise _fail(path, f"not a pycusparselt layer file (format {meta.get('format')!r})")
     if meta.get("version") != FORMAT_VERSION:
         raise _fail(path, f"layer file version {meta.get('version')!r}; this pycusparselt reads {FORMAT_VERSION}")
+    missing = [name for name in META_FIELDS if name not in meta]
+    if missing:
+        raise _fail(path, f"meta field(s) {missing} missing")
     return meta
 
 
@@ -128,18 +154,65 @@ def _check_members(names: list[str], allowed: dict, required: set, path: Any) ->
         raise _fail(path, f"member(s) {missing} missing")
 
 
-def _read_npz(path: Any) -> tuple[dict, dict[str, np.ndarray]]:
+_EOCD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+
+
+def _directory_size(f: Any, path: Any) -> tuple[int, int]:
+    """``(members, directory bytes)`` from a zip's end record (zip64 too), read before the directory is."""
+    size = f.seek(0, os.SEEK_END)
+    tail_start = max(0, size - _EOCD.size - 0xFFFF)  # the record, then a comment of at most 64 KiB
+    f.seek(tail_start)
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise _fail(path, "not a pycusparselt layer file (not an .npz archive: no zip end record)")
+    _, _, _, _, members, directory, _, _ = _EOCD.unpack_from(tail, at)
+    if (members == 0xFFFF or directory == 0xFFFFFFFF) and at >= _ZIP64_LOCATOR.size:
+        sig, _, offset, _ = _ZIP64_LOCATOR.unpack_from(tail, at - _ZIP64_LOCATOR.size)
+        if sig == b"PK\x06\x07" and offset + _ZIP64_EOCD.size <= size:
+            f.seek(offset)
+            record = f.read(_ZIP64_EOCD.size)
+            if record[:4] == b"PK\x06\x06":
+                members, directory = _ZIP64_EOCD.unpack(record)[7:9]
+    return members, directory
+
+
+def _open_archive(f: Any, path: Any) -> zipfile.ZipFile:
+    members, directory = _directory_size(f, path)
+    if members > MAX_ARCHIVE_MEMBERS or directory > _MAX_DIRECTORY_BYTES:
+        raise _fail(path, f"the archive declares {members} members in a {directory}-byte directory; a layer file "
+                          f"holds at most {MAX_ARCHIVE_MEMBERS} members")
+    f.seek(0)
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        archive = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, struct.error) as exc:
         raise _fail(path, f"not a pycusparselt layer file (not an .npz archive: {exc})") from None
-    with archive:
+    size = f.seek(0, os.SEEK_END)
+    for info in archive.infolist():
+        name = info.filename
+        if info.flag_bits & 0x1:
+            raise _fail(path, f"member {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _fail(path, f"member {name!r}: compression method {info.compress_type}; layer files are stored "
+                              f"or deflated")
+        if info.header_offset + info.compress_size > size:
+            raise _fail(path, f"member {name!r} declares {info.compress_size} bytes past the end of the file")
+        limit = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO)
+        if info.file_size > limit + _NPY_HEADER_ROOM:
+            raise _fail(path, f"member {name!r} declares {info.file_size} bytes from {info.compress_size} stored")
+    return archive
+
+
+def _read_npz(path: Any) -> tuple[dict, dict[str, np.ndarray]]:
+    with _open_regular(path) as f, _open_archive(f, path) as archive:
         entries = {info.filename: info for info in archive.infolist()}
         if "meta.npy" not in entries:
             raise _fail(path, "not a pycusparselt layer file (no 'meta' member)")
         if entries["meta.npy"].file_size > META_LIMIT:
             raise _fail(path, f"member 'meta' declares {entries['meta.npy'].file_size} bytes (at most {META_LIMIT})")
-        meta_array = _read_npy(archive, "meta.npy", path)
+        meta_array = _read_npy(archive, "meta.npy", path, None, None)
         if meta_array.ndim != 0 or meta_array.dtype.kind != "U":
             raise _fail(path, f"member 'meta': expected a JSON string, got {meta_array.shape} {meta_array.dtype}")
         meta = _parse_meta(str(meta_array), path)
@@ -156,22 +229,69 @@ def _read_npz(path: Any) -> tuple[dict, dict[str, np.ndarray]]:
             shape, dtype = allowed[name]
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             declared = entries[name + ".npy"].file_size
-            if declared > nbytes + _NPY_HEADER_ROOM:
+            if not nbytes < declared <= nbytes + _NPY_HEADER_ROOM:
                 raise _fail(path, f"member {name!r} declares {declared} bytes; the meta says it holds {shape} {dtype} "
-                                  f"({nbytes} bytes)")
-            arrays[name] = _check_array(_read_npy(archive, name + ".npy", path), name, shape, dtype, path)
+                                  f"({nbytes} bytes and a header)")
+            arrays[name] = _read_npy(archive, name + ".npy", path, shape, dtype)
     return meta, arrays
 
 
-def _read_npy(archive: zipfile.ZipFile, member: str, path: Any) -> np.ndarray:
+def _read_npy(archive: zipfile.ZipFile, member: str, path: Any, shape: tuple | None,
+              dtype: np.dtype | None) -> np.ndarray:
+    """One .npy member: its header checked against ``shape`` and ``dtype`` (None: the meta's, a string within
+    the member's declared size) before any data is read, then exactly that many bytes."""
+    name = member[: -len(".npy")]
     try:
         with archive.open(member) as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
-        name = member[: -len(".npy")]
-        if "pickle" in str(exc):  # NumPy's hint would suggest unsafe loading
-            raise _fail(path, f"member {name!r} is corrupt: it holds Python objects, which are never loaded") from None
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f"unknown .npy version {version}")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            held_shape, fortran, held_dtype = read_header(f, max_header_size=_NPY_HEADER_ROOM)
+            if held_dtype.hasobject:
+                raise _fail(path, f"member {name!r} is corrupt: it holds Python objects, which are never loaded")
+            if shape is None:  # the meta: a unicode scalar no larger than the member
+                size = archive.getinfo(member).file_size
+                if held_shape != () or held_dtype.kind != "U" or held_dtype.itemsize > size:
+                    raise _fail(path, f"member 'meta': expected a JSON string, got {held_shape} {held_dtype}")
+                shape, dtype = held_shape, held_dtype
+            elif tuple(held_shape) != shape or held_dtype != dtype or (fortran and len(shape) > 1):
+                raise _fail(path, f"member {name!r}: expected shape {shape} {dtype}, the file holds "
+                                  f"{tuple(held_shape)} {held_dtype}{' (Fortran order)' if fortran else ''}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise EOFError(f"{len(data)} of {nbytes} data bytes")
+            return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    except LayerFileError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, zlib.error, lzma.LZMAError,
+            RuntimeError, NotImplementedError, OverflowError, struct.error) as exc:
         raise _fail(path, f"member {name!r} is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def _open_regular(path: Any) -> Any:
+    """``path`` opened for reading if it is a regular file: never waits on a FIFO or a device."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise _fail(path, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: Any) -> None:
+    mode = os.stat(path).st_mode  # the usual OSError for a missing file
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    if not stat.S_ISREG(mode):
+        raise _fail(path, "not a regular file")
 
 
 def _read_safetensors(path: Any) -> tuple[dict, dict[str, np.ndarray]]:
@@ -179,6 +299,7 @@ def _read_safetensors(path: Any) -> tuple[dict, dict[str, np.ndarray]]:
         from safetensors import safe_open
     except ImportError:
         raise ImportError("reading .safetensors layer files needs safetensors: pip install safetensors") from None
+    _check_regular(path)
     try:
         with safe_open(os.fspath(path), framework="numpy") as f:
             text = (f.metadata() or {}).get("pycusparselt")
@@ -219,9 +340,6 @@ def read(path: str | os.PathLike, container: str | None = None) -> tuple[dict, d
     """
     if container_of(path, container) == "safetensors":
         return _read_safetensors(path)
-    if not os.path.isfile(path):
-        open(path, "rb").close()  # raises the usual OSError for a missing file or a directory
-        raise _fail(path, "not a regular file")
     return _read_npz(path)
 
 
@@ -240,8 +358,39 @@ def write(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray], co
             from safetensors.numpy import save_file
         except ImportError:
             raise ImportError("writing .safetensors layer files needs safetensors: pip install safetensors") from None
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.fspath(path),
-                  metadata={"pycusparselt": text})
-        return
-    with open(path, "wb") as f:
-        np.savez(f, meta=np.array(text), **arrays)
+
+        def fill(f: Any, name: str) -> None:
+            f.close()  # safetensors writes by name
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, name, metadata={"pycusparselt": text})
+    else:
+        def fill(f: Any, name: str) -> None:
+            with f:
+                np.savez(f, meta=np.array(text), **arrays)
+    _replace_atomically(path, fill)
+
+
+def _replace_atomically(path: str | os.PathLike, fill: Any) -> None:
+    """``fill(file, name)`` writes a temporary file beside ``path``, which is then flushed to the disk and
+    renamed over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    path = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask) if hasattr(os, "fchmod") else None  # as open() would create it
+        fill(os.fdopen(fd, "wb"), temporary)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a crash once the directory is synced
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)

@@ -28,7 +28,7 @@ import numpy as np
 from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
-from . import layer_files, quantization, shared_plans
+from . import layer_files, layer_values, quantization, shared_plans
 from ..gemm.plan import PlanConfig, SparseMatmulPlan
 from ..tuning import tuning_is_safe_on
 from .._native.streams import on_stream, stream_ptr
@@ -118,18 +118,6 @@ def _bits(a: np.ndarray) -> np.ndarray:
     if a.dtype in (_BF16, np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
         return a.view(np.dtype(f"u{a.dtype.itemsize}"))
     return a
-
-
-def _positive_scale(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a positive float, got {value!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name}: expected a positive finite scale, got {value!r}")
-    return float(np.float32(v))
 
 
 def _stream_context(stream: Any) -> Any:
@@ -304,6 +292,8 @@ class SparseLinear:
         """Everything but pruning and quantizing (shared with :meth:`load`); host arrays in, device copies made."""
         if activation not in (None, "relu", "gelu"):
             raise ValueError(f"activation: expected None, 'relu' or 'gelu', got {activation!r}")
+        relu_upper_bound = layer_values.relu_upper_bound(relu_upper_bound)
+        relu_threshold = layer_values.relu_threshold(relu_threshold)
         if activation != "relu" and (relu_upper_bound != math.inf or relu_threshold != 0.0):
             raise ValueError("relu_upper_bound and relu_threshold need activation='relu'")
         self.mode = mode
@@ -312,8 +302,8 @@ class SparseLinear:
         self.weight_granularity = granularity
         self.out_features, self.in_features = weight.shape if weight_q is None else weight_q.shape
         self.activation = activation
-        self.relu_upper_bound = float(relu_upper_bound)
-        self.relu_threshold = float(relu_threshold)
+        self.relu_upper_bound = relu_upper_bound
+        self.relu_threshold = relu_threshold
         self.permutation = permutation
         self.on_device = on_device
         self._autotune = autotune
@@ -331,8 +321,8 @@ class SparseLinear:
                     f"out_dtype: a {self.dtype.name} layer outputs {self.dtype.name}, got {np.dtype(out_dtype)}"
                 )
         self.out_dtype = out
-        self._input_scale = _positive_scale(input_scale, "input_scale")
-        self._output_scale = _positive_scale(output_scale, "output_scale")
+        self._input_scale = layer_values.activation_scale(input_scale, "input_scale")
+        self._output_scale = layer_values.activation_scale(output_scale, "output_scale")
         # what the GEMM does, and what runs after it (GELU; per-channel FP8 scales)
         self._channel_fp8 = mode == "fp8" and granularity == "channel"
         self._fused_activation = activation if activation == "relu" and not self._channel_fp8 else None
@@ -345,7 +335,7 @@ class SparseLinear:
         self._fused_bias = bias is not None and not self._channel_fp8
         self._post = self._channel_fp8 or activation == "gelu"
 
-        self.weight_scale = None if weight_scale is None else np.asarray(weight_scale, dtype=np.float32)
+        self.weight_scale = None if weight_scale is None else layer_values.weight_scales(weight_scale)
         self._bias_host = bias
         xp = _xp(on_device)
         ctx = contextlib.nullcontext()
@@ -424,7 +414,7 @@ class SparseLinear:
 
     @input_scale.setter
     def input_scale(self, value: float | None) -> None:
-        self._input_scale = _positive_scale(value, "input_scale")
+        self._input_scale = layer_values.activation_scale(value, "input_scale")
         self._invalidate()
 
     @property
@@ -434,7 +424,7 @@ class SparseLinear:
 
     @output_scale.setter
     def output_scale(self, value: float | None) -> None:
-        self._output_scale = _positive_scale(value, "output_scale")
+        self._output_scale = layer_values.activation_scale(value, "output_scale")
         self._invalidate()
 
     @property
@@ -1064,12 +1054,16 @@ class SparseLinear:
         ``container``: "npz" (NumPy) or "safetensors" (needs the safetensors package); by default
         "safetensors" for a path ending in ``.safetensors``, else "npz". See :mod:`pycusparselt.nn.layer_files`.
         """
+        # the attributes are public: what load would refuse is refused here, before anything is written
+        relu_upper_bound = layer_values.relu_upper_bound(self.relu_upper_bound)
+        relu_threshold = layer_values.relu_threshold(self.relu_threshold)
         meta = {
             "mode": self.mode, "dtype": self.dtype.name,
             "quant_format": self.format, "weight_granularity": self.weight_granularity,
-            "activation": self.activation, "relu_upper_bound": _json_float(self.relu_upper_bound),
-            "relu_threshold": self.relu_threshold, "out_dtype": self.out_dtype.name,
-            "input_scale": self._input_scale, "output_scale": self._output_scale,
+            "activation": self.activation, "relu_upper_bound": _json_float(relu_upper_bound),
+            "relu_threshold": relu_threshold, "out_dtype": self.out_dtype.name,
+            "input_scale": layer_values.activation_scale(self._input_scale, "input_scale"),
+            "output_scale": layer_values.activation_scale(self._output_scale, "output_scale"),
             "in_features": self.in_features, "out_features": self.out_features,
             "weight_dtype": self.dtype.name, "configs": self.tuned_configs,
         }
@@ -1077,7 +1071,7 @@ class SparseLinear:
         if self.quantized:
             wq = _to_numpy(self.weight_q)
             arrays["weight_q"] = wq if wq.dtype == _I8 else wq.view(np.uint8)
-            arrays["weight_scale"] = np.asarray(self.weight_scale, np.float32)
+            arrays["weight_scale"] = layer_values.weight_scales(self.weight_scale)
         else:
             arrays["weight"] = _bits(_to_numpy(self.weight))
         if self._bias_host is not None:
@@ -1375,7 +1369,7 @@ def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict
     def fail(message: str) -> Exception:
         return layer_files.LayerFileError(f"{os.fspath(path)!r}: {message}")
 
-    mode, fmt = meta.get("mode"), meta["quant_format"]
+    mode, fmt = meta.get("mode"), meta.get("quant_format")
     if mode is not None and mode not in MODES:
         raise fail(f"meta field 'mode': expected None or one of {', '.join(MODES)}, got {mode!r}")
     wanted_fmt = {"int8": ("int8",), "fp8": ("e4m3", "e5m2")}.get(mode, (None,))
@@ -1385,21 +1379,14 @@ def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict
     if mode in _MODE_DTYPE and dtype != _MODE_DTYPE[mode]:
         raise fail(f"meta field 'dtype': a {mode} layer is {_MODE_DTYPE[mode].name}, got {dtype.name}")
     numbers = {}
-    for name in ("relu_upper_bound", "relu_threshold"):
-        value = meta.get(name)
+    checks = {"relu_upper_bound": layer_values.relu_upper_bound, "relu_threshold": layer_values.relu_threshold,
+              "input_scale": functools.partial(layer_values.activation_scale, name="input_scale"),
+              "output_scale": functools.partial(layer_values.activation_scale, name="output_scale")}
+    for name, check in checks.items():
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise fail(f"meta field {name!r}: expected a number, got {value!r}") from None
-        if math.isnan(number) or (name == "relu_threshold" and not math.isfinite(number)):
-            raise fail(f"meta field {name!r}: expected a {'finite ' if name == 'relu_threshold' else ''}number, "
-                       f"got {value!r}")
-        numbers[name] = number
-    for name in ("input_scale", "output_scale"):
-        try:
-            _positive_scale(meta.get(name), name)
+            numbers[name] = check(meta.get(name))
         except (TypeError, ValueError) as exc:
-            raise fail(f"meta field {exc}") from None
+            raise fail(f"meta field {name!r}: {str(exc).removeprefix(name + ': ')}") from None
     out_dtype = meta.get("out_dtype")
     if fmt is not None and out_dtype not in {d.name for d in _OUT_DTYPES[mode]}:
         raise fail(f"meta field 'out_dtype': a {mode} layer outputs {[d.name for d in _OUT_DTYPES[mode]]}, "
@@ -1413,9 +1400,10 @@ def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict
         weight_q = arrays["weight_q"]
         if fmt != "int8":
             weight_q = weight_q.view(quantization.FORMATS[fmt][0])
-        weight_scale = arrays["weight_scale"]
-        if not (np.isfinite(weight_scale).all() and (weight_scale > 0).all()):
-            raise fail("member 'weight_scale': expected finite positive scales")
+        try:
+            weight_scale = layer_values.weight_scales(arrays["weight_scale"])
+        except (TypeError, ValueError) as exc:
+            raise fail(f"member 'weight_scale': {str(exc).removeprefix('weight_scale: ')}") from None
         weight = quantization.dequantize(weight_q, weight_scale[:, None] if weight_scale.ndim else weight_scale)
     else:
         weight = arrays["weight"].view(dtype)
@@ -1433,14 +1421,14 @@ def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict
                                                    for k, v in dict(e["config"]).items()} for e in configs}
         if any(not set(c) <= set(PlanConfig._fields) or "alg_id" not in c for c in configs.values()):
             raise ValueError
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
         raise fail("meta field 'configs': expected the entries tuned_configs returns") from None
     return dict(
         mode=mode, dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"] if fmt else None, weight=weight,
         weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=permutation,
         activation=meta.get("activation"), relu_upper_bound=numbers["relu_upper_bound"],
         relu_threshold=numbers["relu_threshold"], out_dtype=out_dtype if fmt else None,
-        input_scale=meta.get("input_scale"), output_scale=meta.get("output_scale"), configs=configs,
+        input_scale=numbers["input_scale"], output_scale=numbers["output_scale"], configs=configs,
     )
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from .._native import gpu
 from .. import _arrays
+from . import layer_values
 
 __all__ = [
     "FORMATS",
@@ -460,8 +461,10 @@ class Calibrator:
             merged = self._hist.reshape(-1, 2).sum(axis=1)
             self._hist = np.concatenate([merged, np.zeros(self.bins - merged.size, np.int64)])
             self._range *= 2
-        per_bin = np.float32(self.bins / self._range)
-        idx = xp.minimum(xp.floor(a * per_bin), self.bins - 1).astype(xp.int32)
+        # a / R is exact (R is a power of two), so this is a * (bins / R) rounded once, without bins / R
+        # overflowing float32 for tiny activations (R below 2**-117)
+        unit = xp.ldexp(a, np.int32(-math.frexp(self._range)[1] + 1))
+        idx = xp.minimum(xp.floor(unit * np.float32(self.bins)), self.bins - 1).astype(xp.int32)
         counts = _host(xp.bincount(idx, minlength=self.bins), xp).astype(np.int64)
         counts[0] -= zeros  # exact zeros are counted apart
         self._hist += counts
@@ -509,10 +512,18 @@ class Calibrator:
         Raises
         ------
         ValueError
-            No values observed, or every value zero.
+            No values observed, every value zero, or values so small that the scale is not a normal float32
+            number (see :func:`pycusparselt.nn.layer_values.activation_scale`).
         """
         clip = self.clip_value(method, percentile=percentile)
-        return float(np.float32(clip) / np.float32(FORMATS[self.format][1]))
+        with np.errstate(under="ignore"):
+            scale = float(np.float32(clip) / np.float32(FORMATS[self.format][1]))
+        try:
+            return layer_values.activation_scale(scale, "scale")
+        except ValueError:
+            raise ValueError(f"calibration: the activations' clipping magnitude {clip:.4g} gives the scale {scale!r},"
+                             f" below float32's smallest normal number {layer_values.SCALE_RANGE[0]:.4g}; scale the "
+                             f"activations up (they are too small for {self.format})") from None
 
     def __repr__(self) -> str:
         return (f"Calibrator({self.format!r}, method={self.method!r}, batches={self.batches}, count={self.count}, "

@@ -10,7 +10,7 @@ a warning, never an exception.
 
 Location: ``$PYCUSPARSELT_CACHE_DIR`` (``~`` expanded), else the user cache directory of this OS
 (platformdirs: ``~/.cache/pycusparselt`` on Linux, honouring ``XDG_CACHE_HOME``).
-``PYCUSPARSELT_TUNING_CACHE=0`` disables reading and writing (see :mod:`pycusparselt._native.settings`).
+``PYCUSPARSELT_TUNING_CACHE=0`` disables reading and writing (see ``pycusparselt._native.settings``).
 """
 
 from __future__ import annotations

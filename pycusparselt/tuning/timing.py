@@ -49,7 +49,7 @@ class Timing(NamedTuple):
 def hold_stream(stream: Any, microseconds: float) -> None:
     """Enqueue on ``stream`` a kernel that keeps it busy for ``microseconds`` (one thread spinning on the GPU's
     global timer), so that the host can queue the work that follows before the GPU reaches it. ``stream``: a
-    CuPy stream or any stream :func:`pycusparselt._native.streams.stream_ptr` takes, of the current device."""
+    CuPy stream or any stream ``pycusparselt._native.streams.stream_ptr`` takes, of the current device."""
     cupy = gpu.cupy()
     import numpy as np
 
