@@ -192,7 +192,15 @@ def _first_forward(torch, dense, sparse, batch: int = 8) -> dict:
     return result
 
 
-def run(models: list, modes: list, repeat: int) -> dict:
+def _save(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run(models: list, modes: list, repeat: int, path: str | None = None) -> dict:
+    """The benchmark; with ``path``, the results so far are written there after each model's rows (a run cut
+    short keeps what it measured)."""
     import torch
     import transformers
 
@@ -209,8 +217,10 @@ def run(models: list, modes: list, repeat: int) -> dict:
         if name == "bert":
             results["first_forward"] = _first_forward(torch, dense, sparse)
         results["rows"] += _forward_rows(torch, name, dense, sparse, modes, repeat)
+        _save(results, path)
         if name == "llama":
             results["rows"] += _generate_rows(torch, dense, sparse, modes)
+            _save(results, path)
         del dense, sparse
         torch.cuda.empty_cache()
     return results
@@ -262,10 +272,7 @@ def main(argv: list | None = None) -> int:
         with open(args.report) as f:
             print(report(json.load(f)))
         return 0
-    results = run(args.models, args.modes, args.repeat)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results = run(args.models, args.modes, args.repeat, args.json)
     print(report(results))
     return 0
 

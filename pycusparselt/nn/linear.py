@@ -522,8 +522,8 @@ class SparseLinear:
         device: int | None = None,
         autotune: bool | Mapping[str, Any] = True,
     ) -> SparseLinear:
-        """A quantized layer from its parts, as a quantized layer holds them (:attr:`weight_q`,
-        :attr:`weight_scale`): nothing is quantized again, so the layer computes exactly what the one they came
+        """A quantized layer from its parts, as a quantized layer holds them (``weight_q``,
+        ``weight_scale``): nothing is quantized again, so the layer computes exactly what the one they came
         from did.
 
         ``weight_q`` is 2:4 along ``in_features``: int8 for ``mode="int8"``; for ``"fp8"`` ml_dtypes FP8 values or

@@ -66,7 +66,7 @@ class SparseLinear(torch.nn.Module):
     """``y = activation(x @ W.T + b)`` with a 2:4 sparse weight ``W`` of shape (out_features, in_features), for
     inputs of shape (..., in_features); with ``conv=True`` a 1x1 convolution on (N, C, H, W).
 
-    Made empty (zero weight) like ``nn.Linear``, to be filled by :meth:`load_state_dict`; or from a dense layer
+    Made empty (zero weight) like ``nn.Linear``, to be filled by ``load_state_dict``; or from a dense layer
     with :meth:`from_dense`, as :func:`sparsify` does.
 
     Parameters
@@ -89,7 +89,7 @@ class SparseLinear(torch.nn.Module):
     Notes
     -----
     Buffers (the whole state): ``values`` and ``indices`` (the compact weight, see
-    :mod:`pycusparselt.torch.compact`; FP8 values as their bytes), ``bias`` (the mode's float type; float32 for
+    ``pycusparselt.torch.compact``; FP8 values as their bytes), ``bias`` (the mode's float type; float32 for
     "int8" and "fp8"), and for "int8" / "fp8" ``weight_scale`` (float32, per output feature for "int8", one for
     "fp8"), ``input_scale`` and ``output_scale`` (float32 scalars, 0 where unset). The buffers keep their dtypes
     under ``.half()`` / ``.to(dtype)`` (a sparse layer computes in its mode); ``.to(device)``, ``.cuda()`` and
@@ -299,6 +299,7 @@ class SparseLinear(torch.nn.Module):
         return _arrays.host_tensor(native(_arrays.to_numpy(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``activation(x @ W.T + b)`` over the last dimension of ``x`` (a 1x1 convolution: over dimension 1)."""
         if self.conv:  # (N, C, H, W) -> (N*H*W, C): the GEMM of a 1x1 convolution
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_features)
