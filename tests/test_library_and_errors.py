@@ -314,7 +314,7 @@ def test_info_prints_one_line_per_item():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     labels = ("pycusparselt ", "source ", "cuSPARSELt ", "cffi ", "matmul call ", "NumPy ", "ml_dtypes ", "CuPy ",
-              "GPU")
+              "GPU", "decode ")
     assert all(line.startswith(labels) for line in result.stdout.splitlines()), result.stdout
 
 
