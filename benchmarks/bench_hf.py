@@ -232,8 +232,11 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
 
 def caption(results: dict) -> str:
     """The docs table's caption."""
+    budget = results.get("tune_budget_s")
+    tuning = "tuned in full" if budget is None else f"tuned {budget:g} s per problem"
     return (f"Hugging Face models on {results['device']}, PyTorch {results['torch']}, transformers "
-            f"{results['transformers']}, cuSPARSELt {results['cusparselt']}; medians of {results['repeat']} samples")
+            f"{results['transformers']}, cuSPARSELt {results['cusparselt']}; {tuning}; medians of "
+            f"{results['repeat']} samples")
 
 
 def table_rows(results: dict) -> list:
