@@ -306,3 +306,55 @@ def test_the_report_names_what_was_replaced_fused_and_left_dense():
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 6), nn.Linear(6, 4)).to(torch.bfloat16)
     text = str(pst.sparsify(model, "bf16", autotune=False))
     assert "sparse: 0, 2" in text and "fused: 0 + 1" in text and "dense: 3 (6 input features" in text
+
+
+def test_fp8_modules_of_masked_weights_keep_their_pattern():
+    model = _mlp(torch.float32)
+    pst.prune_trained_model(model, permute=False)  # masking leaves -0.0 where negative weights were pruned
+    x = torch.randn(8, 32)
+    pst.sparsify(model, "fp8", calibration=[x], autotune=False)
+    assert model[0].values.dtype == torch.uint8
+    state = model.state_dict()
+    fresh = _mlp(torch.float32, seed=5)
+    pst.sparsify(fresh, "fp8", state_dict=state, autotune=False)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_a_sparsified_model_traces_with_fx_and_make_fx_to_the_operator():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = _sparse_mlp()
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    traced = torch.fx.symbolic_trace(model)
+    assert sum(n.op == "call_function" and "pycusparselt" in str(n.target) for n in traced.graph.nodes) == 2
+    graph = make_fx(model)(x)
+    other = torch.randn(3, 32, dtype=torch.bfloat16)
+    assert torch.equal(traced(other), model(other)) and torch.equal(graph(other), model(other))
+
+
+def test_in_place_edits_of_the_state_take_effect():
+    model = _sparse_mlp()
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    before = model(x)
+    with torch.no_grad():
+        model[2].bias.add_(1)
+    after = model(x)
+    assert torch.equal(after, copy.deepcopy(model)(x))  # as a layer made from the edited state
+    assert torch.allclose(after.float(), before.float() + 1, atol=2e-2) and not torch.equal(after, before)
+
+
+def test_relu_bounds_apply_to_fused_relus_only():
+    model = _mlp()
+    report = pst.sparsify(model, "bf16", autotune=False, relu_upper_bound=0.5)
+    assert report.fused == ["0 + 1"] and model[0].relu_upper_bound == 0.5 and model[2].activation is None
+    assert float(model[0](torch.randn(4, 32, dtype=torch.bfloat16)).max()) <= 0.5
+
+
+def test_a_layer_left_dense_stays_dense_when_its_state_is_loaded():
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 6), nn.Linear(6, 8)).to(torch.bfloat16)
+    pst.sparsify(model, "bf16", autotune=False)
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 6), nn.Linear(6, 8)).to(torch.bfloat16)
+    report = pst.sparsify(fresh, "bf16", state_dict=model.state_dict(), autotune=False)
+    assert isinstance(fresh[2], nn.Linear) and "2" in report.dense
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    assert torch.equal(fresh(x), model(x))

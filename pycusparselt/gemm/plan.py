@@ -896,8 +896,9 @@ class SparseMatmulPlan:
                 buf = self._buffers[name]
                 if (view is None or self._batch != 1 or not view.flags.c_contiguous or view.dtype != buf.dtype
                         or view.size != self._dims[0]):
+                    given = "not a device array" if view is None else f"{view.dtype} of shape {view.shape}"
                     raise ValueError(f"{name}: refresh=True needs a C-contiguous device array of {self._dims[0]} "
-                                     f"{buf.dtype} (and no batch)")
+                                     f"{buf.dtype} (and no batch), got {given}")
                 copies.append((buf.data.ptr, key[0], view.nbytes))
         return Launcher(self, compressed, alpha_arg, tuple(copies))
 
@@ -1184,8 +1185,6 @@ class Launcher:
         self._memcpy = cupy.cuda.runtime.memcpyAsync
 
     def __call__(self, x_ptr: int, d_ptr: int, stream_ptr: int) -> None:
-        for dst, src, nbytes in self._copies:
-            self._memcpy(dst, src, nbytes, 3, stream_ptr)  # 3: cudaMemcpyDeviceToDevice
         call = self.plan._call
         if call is not self._call:  # None: closed; another object: re-initialised
             if call is None:
@@ -1195,6 +1194,8 @@ class Launcher:
             self._call = call
         elif self.compressed._buffer is None:
             raise ClosedError("the compressed operand was closed")
+        for dst, src, nbytes in self._copies:  # into the open plan's buffers, on the launch's stream
+            self._memcpy(dst, src, nbytes, 3, stream_ptr)  # 3: cudaMemcpyDeviceToDevice
         if self._get_device() != self.plan.device:
             cupy = gpu.cupy()
 

@@ -853,9 +853,9 @@ class SparseLinear:
                 return None
             self._plans[key] = plan
             self._tuned.discard(key)
-            if not made:  # tuned by the layer that made it
+            if not made:  # tuned by the layer that made it (with the same autotune setting: part of the key)
                 self._tuned.add(key)
-                if tuning_is_safe_on(plan.device):
+                if self._autotune and tuning_is_safe_on(plan.device):
                     self._configs[_config_key(ident)] = dict(plan.config._asdict())
         if key not in self._tuned:
             self._tune(plan, key, example, wt, args)
@@ -877,21 +877,26 @@ class SparseLinear:
             e = self._epilogue()
             key = (xq.shape, xq.dtype.str, int(xq.device.id), "padded")
             plan = self._plans.get(key)
-            w = self.weight_q if self.quantized else self.weight
-            wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
-            input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
-            if plan is None:
-                plan = SparseMatmulPlan(
-                    xq, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
-                    activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
-                    **e["relu"],
-                )
-                self._plans[key] = plan
             args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=stream)
-            if key not in self._tuned:
-                # before compressing: the compressed form depends on the configuration
-                self._tune(plan, key, xq, wt, args)
-            compressed = self._compressed_for(plan, wt, stream)
+            held = None if plan is None else self._compressed.get(plan.compressed_key)
+            if plan is None or key not in self._tuned or held is None or held.closed:
+                # the dense weight only when a plan is made, tuned or compressed for (it may be made anew from a
+                # source each time it is asked for: see drop_weight)
+                w = self.weight_q if self.quantized else self.weight
+                wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
+                input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
+                if plan is None:
+                    plan = SparseMatmulPlan(
+                        xq, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
+                        activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
+                        **e["relu"],
+                    )
+                    self._plans[key] = plan
+                if key not in self._tuned:
+                    # before compressing: the compressed form depends on the configuration
+                    self._tune(plan, key, xq, wt, args)
+                held = self._compressed_for(plan, wt, stream)
+            compressed = held
             direct = out if not self._post else None
             y = plan.matmul(xq, compressed, out=direct, **args)
             if not self._post:

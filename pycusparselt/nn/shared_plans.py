@@ -7,8 +7,10 @@ tries), so the 145 layers of BERT-large, of four distinct problems, make four pl
 145. Each layer keeps its own compressed weight, bias and scales; its launcher copies the bias and alpha
 vector into the shared plan's buffers before each product (:meth:`SparseMatmulPlan.launcher`'s ``refresh``).
 
-A plan is shared only on one stream (its workspace is used by every product). Layers release their use with
-``close()``; the last user closes the plan.
+Plans are shared by layers first called on the same stream (a plan's workspace and epilogue buffers serve one
+product at a time): layers that share a plan must not run concurrently on different streams; give concurrent
+replicas their first call on their own streams. Layers release their use with ``close()``; the last user
+closes the plan, and plans whose layers are all gone are closed at the next ``acquire``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Hashable
 
-__all__ = ["acquire", "release", "clear", "count"]
+__all__ = ["acquire", "release", "count"]
 
 # problem -> (plan, users): the layers (weakly) using the plan
 _plans: dict[Hashable, tuple[Any, weakref.WeakSet]] = {}
@@ -49,13 +51,6 @@ def release(plan: Any, user: Any) -> None:
                 plan.close()
             return
     plan.close()  # not shared: the user owns it
-
-
-def clear() -> None:
-    """Close every shared plan (their layers make new ones on their next call)."""
-    for plan, _ in _plans.values():
-        plan.close()
-    _plans.clear()
 
 
 def count() -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -39,6 +40,9 @@ _VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.in
 _QUANTIZED = ("int8", "fp8")
 
 
+_version = operator.attrgetter("_version")  # a tensor's count of in-place changes
+
+
 def _module_for(layer_id: int) -> SparseLinear:
     module = _live.get(layer_id)
     if module is None:
@@ -59,7 +63,13 @@ def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
 
 
 def _tracing(x: Any) -> bool:
-    return torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+    """Whether the call is being traced (dynamo, fx, TorchScript, or a dispatch mode such as make_fx's): then the
+    product must be the operator, not an eager call whose result a trace would keep as a constant."""
+    return (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _in_dispatch_mode())
+
+
+_in_dispatch_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", lambda: False)
 
 
 class SparseLinear(torch.nn.Module):
@@ -147,6 +157,8 @@ class SparseLinear(torch.nn.Module):
             self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=device))
             self.register_buffer("output_scale", torch.zeros((), dtype=torch.float32, device=device))
         self._native: NativeLinear | None = None
+        self._watched: tuple = ()  # the buffers the product was made from, and their versions then
+        self._built_from: tuple = ()
         self._register()
         # the output dtype, known without building the product (the fake operator needs it)
         self.output_dtype = self._output_dtype()
@@ -191,7 +203,9 @@ class SparseLinear(torch.nn.Module):
         with torch.no_grad():
             if self.mode in _QUANTIZED:
                 wq = np.ascontiguousarray(native.weight_q)
-                wq = torch.from_numpy(wq if wq.dtype == np.int8 else wq.view(np.uint8))
+                if wq.dtype != np.int8:  # FP8 bytes; a pruned -0.0 (0x80) is a zero of the 2:4 pattern
+                    wq = np.where((wq.view(np.uint8) & 0x7F) == 0, np.uint8(0), wq.view(np.uint8))
+                wq = torch.from_numpy(wq)
                 self.weight_scale.copy_(torch.from_numpy(np.asarray(native.weight_scale, np.float32)))
                 self.input_scale.fill_(native.input_scale or 0.0)
                 self.output_scale.fill_(native.output_scale or 0.0)
@@ -214,6 +228,7 @@ class SparseLinear(torch.nn.Module):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_native"] = None  # a cache of the GPU's plans: never copied or pickled
+        state["_watched"], state["_built_from"] = (), ()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -264,8 +279,10 @@ class SparseLinear(torch.nn.Module):
     def native(self) -> NativeLinear:
         """The :class:`pycusparselt.SparseLinear` that runs the product on the buffers' device, made on first use
         (and again after ``.to()`` or ``load_state_dict``)."""
-        if self._native is None:
+        if self._native is None or self._built_from != tuple(map(_version, self._watched)):
+            self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
             self._native = self._build_native()
+            self._built_from = tuple(map(_version, self._watched))
         return self._native
 
     def _build_native(self) -> NativeLinear:
@@ -281,10 +298,10 @@ class SparseLinear(torch.nn.Module):
                 device=self.values.device.index if on_device else None, **options)
         elif not on_device:
             bias = None if self.bias is None else _arrays.to_numpy(self.bias)
-            return NativeLinear(_arrays.to_numpy(dense), bias, prune=None, **options)
+            return NativeLinear(_arrays.to_numpy(dense), bias, mode=self.mode, prune=None, **options)
         else:
             with torch.cuda.device(dense.device):
-                native = NativeLinear(dense, self.bias, prune=None, **options)
+                native = NativeLinear(dense, self.bias, mode=self.mode, prune=None, **options)
         if on_device:
             # the dense weight is made from the compact state when a new input shape needs compressing: the
             # GPU keeps the state and the compressed weights only
@@ -293,7 +310,9 @@ class SparseLinear(torch.nn.Module):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The product on a 2-D input (rows, in_features), eagerly: what the custom operator runs."""
-        native = self._native if self._native is not None else self.native()
+        native = self._native
+        if native is None or self._built_from != tuple(map(_version, self._watched)):
+            native = self.native()  # made anew after in-place edits of the state
         if x.is_cuda:
             return native(x if x.is_contiguous() else x.contiguous())
         return _arrays.host_tensor(native(_arrays.to_numpy(x)))
@@ -301,15 +320,14 @@ class SparseLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``activation(x @ W.T + b)`` over the last dimension of ``x`` (a 1x1 convolution: over dimension 1)."""
         if self.conv:  # (N, C, H, W) -> (N*H*W, C): the GEMM of a 1x1 convolution
-            n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_features)
         else:
             rows = x.reshape(-1, self.in_features)
         # eager calls go straight to the product: the operator's dispatch costs more than the product's launch
         y = _linear_op(rows, self.layer_id) if _tracing(x) else self.product(rows)
-        if self.conv:
-            return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if self.conv:  # shapes indexed, not unpacked: x may be a torch.fx Proxy
+            return y.reshape(x.shape[0], x.shape[2], x.shape[3], self.out_features).permute(0, 3, 1, 2)
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def warm_up(self, rows: Iterable[int]) -> None:
         """Prepare (and tune, where ``autotune``) the product for inputs of these numbers of rows, so that the
@@ -390,7 +408,7 @@ def _activations(model: Any, targets: dict, names: dict) -> dict:
     Linear followed by ``nn.ReLU``, both registered once. Returns {linear name: (activation name, kind)}."""
     found: dict = {}
     for parent_name, parent in model.named_modules():
-        if not isinstance(parent, torch.nn.Sequential):
+        if type(parent) is not torch.nn.Sequential:  # a subclass may have a forward of its own
             continue
         children = list(parent.named_children())
         for (name, mod), (act_name, act) in zip(children, children[1:], strict=False):
@@ -510,8 +528,14 @@ def sparsify(
         if fused is not None and fused[1] is not None:
             activation = fused[1]
         options = dict(layer_options, activation=activation, conv=conv, autotune=autotune)
+        if activation != "relu":  # ReLU bounds are options of fused ReLUs only
+            options.pop("relu_upper_bound", None)
+            options.pop("relu_threshold", None)
         if state_dict is not None:
             new = _from_state(mod, name, mode, state_dict, options)
+            if new is None:
+                report.dense[name] = "dense in the state dict (left dense when it was sparsified)"
+                continue
         else:
             weight = mod.weight.detach()
             weight = weight.reshape(weight.shape[0], weight.shape[1]) if conv else weight
@@ -543,11 +567,14 @@ def sparsify(
     return report
 
 
-def _from_state(mod: Any, name: str, mode: str, state_dict: Mapping[str, torch.Tensor], options: dict) -> SparseLinear:
+def _from_state(mod: Any, name: str, mode: str, state_dict: Mapping[str, torch.Tensor],
+                options: dict) -> SparseLinear | None:
     """An empty sparse layer shaped as ``mod`` (filled by the final ``load_state_dict``), checked against the
-    state's entries for ``name``."""
+    state's entries for ``name``; None where the state holds the layer dense."""
     out_features, in_features = mod.weight.shape[:2]
     prefix = f"{name}." if name else ""
+    if prefix + "values" not in state_dict and prefix + "weight" in state_dict:
+        return None
     if prefix + "values" not in state_dict:
         raise KeyError(f"state_dict: no '{prefix}values' for layer {name!r} (a state dict saved after sparsify "
                        f"holds values and indices for every sparse layer)")
