@@ -31,8 +31,7 @@ Importing the package loads nothing native: the library is found and loaded on f
   BF16, INT8 or FP8), :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
   :mod:`pycusparselt.nn.masks` (2:4 masks), :mod:`pycusparselt.nn.permutation` (channel permutations that keep
   more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files), :mod:`pycusparselt.nn.layer_values`
-  (a layer's scales and ReLU bounds, checked as float32), ``pycusparselt.nn.shared_plans`` (one plan per
-  problem, shared by the layers that have it).
+  (a layer's scales and ReLU bounds, checked as float32).
 - distributed and PyTorch (imported on demand): :mod:`pycusparselt.distributed` with
   :mod:`pycusparselt.distributed.sharding`, :mod:`pycusparselt.distributed.engines`,
   :mod:`pycusparselt.distributed.groups` and :mod:`pycusparselt.distributed.parallel` (tensor-parallel

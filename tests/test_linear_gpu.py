@@ -305,16 +305,10 @@ def test_a_layer_from_another_gpu_or_library_retunes(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SparseMatmulPlan, "autotune", counting)
-    saved = {}
-    for i, change in enumerate(({"gpu": "NVIDIA A100-SXM4-80GB", "cc": "80"}, {"cusparselt": "0.10.0"})):
-        (tmp_path / str(i)).mkdir()
-        saved[i] = _saved_with(layer, tmp_path / str(i), change)
-    layer.close()  # layers of one problem share a plan tuned once: each loaded layer below is alone
-    for path in saved.values():
-        moved = SparseLinear.load(path, autotune={"method": "search"})
+    for change in ({"gpu": "NVIDIA A100-SXM4-80GB", "cc": "80"}, {"cusparselt": "0.10.0"}):
+        moved = SparseLinear.load(_saved_with(layer, tmp_path, change), autotune={"method": "search"})
         reference.assert_close(cp.asnumpy(moved(x)).T, desired, a=w_pruned, b=x_host.T)
         assert len(moved.tuned_configs) == 2  # the foreign entry and this GPU's new one
-        moved.close()
     assert len(calls) == 2
     # a stale configuration for this very GPU (an id the library does not have) is replaced, with a warning
     stale = SparseLinear.load(_saved_with(layer, tmp_path, {"config": {"alg_id": 10**6}}),

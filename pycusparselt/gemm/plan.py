@@ -859,7 +859,7 @@ class SparseMatmulPlan:
             return BoundMatmul(self, MatmulArgs(a, b, c, alpha, beta, bias, out), self._stream_for(stream, a, b))
 
     def launcher(self, compressed: CompressedOperand, *, alpha: Any = 1.0, bias: Any = None,
-                 stream: Any = None, refresh: bool = False) -> Launcher:
+                 stream: Any = None) -> Launcher:
         """A product on raw device addresses with the sparse operand, alpha and bias fixed: for layers and
         captured networks that own their dense operand and output buffers.
 
@@ -869,11 +869,6 @@ class SparseMatmulPlan:
         the plan's examples; nothing is checked or converted per call. ``bias`` and a vector ``alpha`` are copied
         into the plan's buffers here, once, on ``stream``: a later :meth:`matmul`, :meth:`bind` call or
         launcher of this plan with another bias replaces them. Only plans that pad nothing have launchers.
-
-        ``refresh=True``: every launch first copies ``bias`` and a vector ``alpha`` (C-contiguous device arrays of
-        the plan's types, which must outlive the launcher) into the plan's buffers, on the launch's stream, so
-        that launchers with different biases can share one plan (layers of the same problem do: a plan costs
-        cuSPARSELt a selection of about 0.15 s to make).
         """
         cupy = gpu.cupy()
 
@@ -886,21 +881,7 @@ class SparseMatmulPlan:
         self._check_compressed(compressed)
         with cupy.cuda.Device(self.device):
             alpha_arg = self._epilogue_args(alpha, bias, _stream_ptr(stream, self.device))
-        copies = []
-        if refresh:
-            for name, value, on in (("bias", bias, self._has_bias), ("alpha", alpha, self._has_alpha_vector)):
-                if not on:
-                    continue
-                key = _arrays.array_key(value)
-                view = None if key is None else _arrays.as_cupy(value)
-                buf = self._buffers[name]
-                if (view is None or self._batch != 1 or not view.flags.c_contiguous or view.dtype != buf.dtype
-                        or view.size != self._dims[0]):
-                    given = "not a device array" if view is None else f"{view.dtype} of shape {view.shape}"
-                    raise ValueError(f"{name}: refresh=True needs a C-contiguous device array of {self._dims[0]} "
-                                     f"{buf.dtype} (and no batch), got {given}")
-                copies.append((buf.data.ptr, key[0], view.nbytes))
-        return Launcher(self, compressed, alpha_arg, tuple(copies))
+        return Launcher(self, compressed, alpha_arg)
 
     def _epilogue_args(self, alpha: Any, bias: Any, stream_ptr: int) -> Any:
         """Check ``alpha`` and ``bias`` against the plan, copy a bias or vector alpha into the plan's buffers on
@@ -1171,18 +1152,15 @@ class Launcher:
     raises :class:`~pycusparselt.errors.ClosedError` once the plan or the compressed operand is closed, and
     ValueError after a re-initialisation whose configuration needs another compressed form."""
 
-    __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device", "_copies", "_memcpy")
+    __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device")
 
-    def __init__(self, plan: SparseMatmulPlan, compressed: CompressedOperand, alpha: Any,
-                 copies: tuple = ()) -> None:
+    def __init__(self, plan: SparseMatmulPlan, compressed: CompressedOperand, alpha: Any) -> None:
         cupy = gpu.cupy()
 
         self.plan, self.compressed, self._alpha = plan, compressed, alpha
         self._call = None
         self._s = compressed.ptr
         self._get_device = cupy.cuda.runtime.getDevice
-        self._copies = copies  # (plan buffer, source, bytes): epilogue vectors copied before each launch
-        self._memcpy = cupy.cuda.runtime.memcpyAsync
 
     def __call__(self, x_ptr: int, d_ptr: int, stream_ptr: int) -> None:
         call = self.plan._call
@@ -1194,8 +1172,6 @@ class Launcher:
             self._call = call
         elif self.compressed._buffer is None:
             raise ClosedError("the compressed operand was closed")
-        for dst, src, nbytes in self._copies:  # into the open plan's buffers, on the launch's stream
-            self._memcpy(dst, src, nbytes, 3, stream_ptr)  # 3: cudaMemcpyDeviceToDevice
         if self._get_device() != self.plan.device:
             cupy = gpu.cupy()
 

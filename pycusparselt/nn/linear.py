@@ -28,7 +28,7 @@ import numpy as np
 from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
-from . import layer_files, layer_values, quantization, shared_plans
+from . import layer_files, layer_values, quantization
 from ..gemm.plan import PlanConfig, SparseMatmulPlan
 from ..tuning import tuning_is_safe_on
 from .._native.streams import on_stream, stream_ptr
@@ -343,16 +343,15 @@ class SparseLinear:
             cupy = gpu.cupy()
 
             ctx = cupy.cuda.Device(device)
-        self._weight_source = None
         with ctx:
-            self._weight = xp.asarray(weight)
+            self.weight = xp.asarray(weight)
             self.bias = None if bias is None else xp.asarray(bias)
             if weight_q is None:
-                self._weight_q = None
+                self.weight_q = None
             elif on_device and fmt != "int8":
-                self._weight_q = xp.asarray(np.ascontiguousarray(weight_q).view(np.uint8))  # FP8 bytes
+                self.weight_q = xp.asarray(np.ascontiguousarray(weight_q).view(np.uint8))  # FP8 bytes
             else:
-                self._weight_q = xp.asarray(weight_q)
+                self.weight_q = xp.asarray(weight_q)
         self._device = device
         self._configs: dict[tuple, dict] = dict(configs)
         self._plans: dict[tuple, SparseMatmulPlan] = {}
@@ -367,43 +366,6 @@ class SparseLinear:
         self._tuned: set[tuple] = set()
         self._epilogue_cache: dict[str, Any] | None = None
         self._perm_device: Any = None
-
-    # -- the weight ------------------------------------------------------------------------------------
-
-    @property
-    def weight(self) -> Any:
-        """The pruned (and permuted) weight on the layer's device (quantized modes: dequantized, float32)."""
-        return self._weight if self._weight_source is None else self._from_source(0)
-
-    @property
-    def weight_q(self) -> Any:
-        """The quantized weight (quantized modes; int8, or FP8 as ml_dtypes values on the CPU and bytes on the
-        GPU), else None."""
-        return self._weight_q if self._weight_source is None else self._from_source(1)
-
-    def _from_source(self, which: int) -> Any:
-        value = self._weight_source()[which]
-        if value is None:
-            return None
-        view = _to_cupy(value)  # zero-copy; keeps the source's array alive
-        return view.view(np.uint8) if which == 1 and self.mode == "fp8" else view
-
-    def drop_weight(self, source: Any) -> None:
-        """Keep no copy of the dense weight on the GPU: ``source()`` gives ``(weight, weight_q)`` as
-        :attr:`weight` and :attr:`weight_q` would (device arrays of any framework; ``weight_q`` None for the
-        float modes), made anew when asked, which happens when an input shape needs a new plan (its
-        compression), for calibration and for :meth:`save`.
-
-        A layer then holds on the GPU only its compressed weights (one per plan, see :attr:`compressed_nbytes`):
-        for a weight that its owner keeps in a compact form anyway (as :class:`pycusparselt.torch.SparseLinear`
-        does), the dense copy would be memory spent twice.
-        """
-        if not self.on_device:
-            raise ValueError("drop_weight: a layer on the NumPy reference keeps its weight on the host")
-        if not callable(source):
-            raise TypeError(f"source: expected a callable returning (weight, weight_q), got {type(source).__name__}")
-        self._weight_source = source
-        self._weight = self._weight_q = None
 
     # -- scales ----------------------------------------------------------------------------------------
 
@@ -589,11 +551,6 @@ class SparseLinear:
                 route = self._routes.get((key, sp))
                 if route is not None:
                     return route(x, out)
-                # an array like one seen before at a new address (an eager loop's fresh activations), read in
-                # place or by one copy: only the address changes
-                prototype = self._prototypes.get((_arrays.signature(x), sp))
-                if prototype is not None and prototype.movable:
-                    return prototype.at(key[0], out)
         if isinstance(x, (list, tuple)):
             x = np.asarray(x)
         shape = tuple(getattr(x, "shape", ()))
@@ -663,7 +620,7 @@ class SparseLinear:
             x = x[..., self.permutation]
         xq = self._gemm_input(np.asarray(x), np)
         e = self._epilogue()
-        w = self.weight_q if self.quantized else self.weight
+        w = self.weight if self.weight_q is None else self.weight_q
         # y^T = W @ x^T: the reference's bias and alpha vector are one value per row of D, here per output
         y_t = reference.matmul(
             w, np.swapaxes(xq, -1, -2), alpha=e["alpha"], bias=e["bias"], activation=self._fused_activation,
@@ -751,10 +708,7 @@ class SparseLinear:
             fill = None if direct else self._filler(view, stage_c, rows, needs_quant, cstream, sp)
             if fill is not None:
                 fill()  # compiles its kernels now, outside any graph capture
-        copied = None if direct or needs_quant or self.permutation is not None or not view.flags.c_contiguous \
-            else view.nbytes
-        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream, needs_quant,
-                      copied)
+        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream, needs_quant)
 
     def _stage(self, x: Any, rows: int, storage: np.dtype, sp: int) -> Any:
         """The staging buffer (``rows`` x in_features) of the GEMM's dense operand, one per shape, type, stream
@@ -824,44 +778,28 @@ class SparseLinear:
                 f"during CUDA graph capture; call the layer once with such an input before capturing"
             )
         e = self._epilogue()
-        w = self.weight_q if self.quantized else self.weight
+        w = self.weight if self.weight_q is None else self.weight_q
         wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
         input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
         args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=sp)
         plan = self._plans.get(key)
         if plan is None or plan.closed:
-            # layers of the same problem on the same stream share one plan, tuned once (see shared_plans); a
-            # layer with a stored configuration shares only with layers storing the same
-            ident = self._identity(key[2]) + (list(key[0]), key[1])
-            stored = _find_config(self._configs, ident) if tuning_is_safe_on(self._device) else None
-            problem = (tuple(example.shape), example.strides, example.dtype.str, wt.shape, wt.strides, wt.dtype.str,
-                       self._gemm_out.str, self._fused_bias, self._fused_activation, tuple(sorted(e["relu"].items())),
-                       self.mode, self.format, self._device, sp, repr(self._autotune),
-                       None if stored is None else tuple(sorted(stored.items())))
-
-            def make() -> SparseMatmulPlan:
-                return SparseMatmulPlan(
-                    example, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
-                    activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
-                    **e["relu"],
-                )
-
-            plan, made = shared_plans.acquire(problem, self, make)
+            plan = SparseMatmulPlan(
+                example, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
+                activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
+                **e["relu"],
+            )
             if plan.padded:
-                shared_plans.release(plan, self)
+                plan.close()
                 self._shapes[key] = None
                 return None
             self._plans[key] = plan
             self._tuned.discard(key)
-            if not made:  # tuned by the layer that made it (with the same autotune setting: part of the key)
-                self._tuned.add(key)
-                if self._autotune and tuning_is_safe_on(plan.device):
-                    self._configs[_config_key(ident)] = dict(plan.config._asdict())
         if key not in self._tuned:
             self._tune(plan, key, example, wt, args)
         compressed = self._compressed_for(plan, wt, sp)
-        launcher = plan.launcher(compressed, alpha=e["alpha_device"], bias=e["bias_device"], stream=sp, refresh=True)
-        state = self._shapes[key] = (plan, launcher)
+        state = self._shapes[key] = (plan, plan.launcher(compressed, alpha=e["alpha_device"], bias=e["bias_device"],
+                                                         stream=sp))
         return state
 
     def _general_call(self, x: Any, out: Any, stream: Any) -> Any:
@@ -877,26 +815,21 @@ class SparseLinear:
             e = self._epilogue()
             key = (xq.shape, xq.dtype.str, int(xq.device.id), "padded")
             plan = self._plans.get(key)
+            w = self.weight if self.weight_q is None else self.weight_q
+            wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
+            input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
+            if plan is None:
+                plan = SparseMatmulPlan(
+                    xq, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
+                    activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
+                    **e["relu"],
+                )
+                self._plans[key] = plan
             args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=stream)
-            held = None if plan is None else self._compressed.get(plan.compressed_key)
-            if plan is None or key not in self._tuned or held is None or held.closed:
-                # the dense weight only when a plan is made, tuned or compressed for (it may be made anew from a
-                # source each time it is asked for: see drop_weight)
-                w = self.weight_q if self.quantized else self.weight
-                wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
-                input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
-                if plan is None:
-                    plan = SparseMatmulPlan(
-                        xq, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
-                        activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
-                        **e["relu"],
-                    )
-                    self._plans[key] = plan
-                if key not in self._tuned:
-                    # before compressing: the compressed form depends on the configuration
-                    self._tune(plan, key, xq, wt, args)
-                held = self._compressed_for(plan, wt, stream)
-            compressed = held
+            if key not in self._tuned:
+                # before compressing: the compressed form depends on the configuration
+                self._tune(plan, key, xq, wt, args)
+            compressed = self._compressed_for(plan, wt, stream)
             direct = out if not self._post else None
             y = plan.matmul(xq, compressed, out=direct, **args)
             if not self._post:
@@ -980,10 +913,12 @@ class SparseLinear:
             configs = {_config_key(_entry_ident(e)): dict(e["config"]) for e in entries}
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"tuned_configs: expected entries as tuned_configs returns them ({exc!r})") from None
-        # prepared calls and plans (shared with other layers) run the old configurations: the next call of each
-        # shape takes the new one, on a plan of its own configuration
-        self.close()
         self._configs = configs
+        self._tuned.clear()
+        # prepared calls run the old configurations: the next call of each shape takes the new one
+        self._routes.clear()
+        self._prototypes.clear()
+        self._shapes.clear()
 
     # -- calibration ---------------------------------------------------------------------------------
 
@@ -1142,7 +1077,7 @@ class SparseLinear:
         self._stages.clear()
         self._perm_device = None
         for plan in self._plans.values():
-            shared_plans.release(plan, self)
+            plan.close()
         for compressed in self._compressed.values():
             compressed.close()
         self._plans.clear()
@@ -1195,17 +1130,13 @@ class _Route:
 
     __slots__ = ("layer", "fill", "launch", "plan", "rows", "padded_rows", "vector", "sp", "cstream", "x_ptr",
                  "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device", "stage",
-                 "quantize", "out_nbytes", "copied", "movable", "memcpy")
+                 "quantize", "out_nbytes")
 
     def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
                  plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any,
-                 quantize: bool, copied: int | None = None) -> None:
+                 quantize: bool) -> None:
         cupy = gpu.cupy()
 
-        # inputs read in place, or staged by one plain copy of `copied` bytes, move to new addresses by
-        # :meth:`at` alone
-        self.copied, self.movable = copied, stage is None or copied is not None
-        self.memcpy = cupy.cuda.runtime.memcpyAsync
         self.layer, self.fill, self.launch, self.plan = layer, fill, launch, plan
         self.stage, self.quantize = stage, quantize
         self.rows, self.padded_rows, self.vector, self.sp, self.cstream = rows, padded_rows, vector, sp, cstream
@@ -1257,27 +1188,13 @@ class _Route:
                 return self._run(out)
         return self._run(out)
 
-    def at(self, ptr: int, out: Any) -> Any:
-        """This route's call on an input of its signature at address ``ptr`` (a :attr:`movable` route)."""
-        if self.get_device() != self.device:
-            cupy = gpu.cupy()
-
-            with cupy.cuda.Device(self.device):
-                return self.at(ptr, out)
-        if self.stage is None:
-            return self._run(out, ptr)
-        self.memcpy(self.x_ptr, ptr, self.copied, 3, self.sp)  # 3: cudaMemcpyDeviceToDevice
-        return self._run(out, self.x_ptr)
-
-    def _run(self, out: Any, x_ptr: int | None = None) -> Any:
-        if x_ptr is None:
-            if self.fill is not None:
-                self.fill()
-            x_ptr = self.x_ptr
+    def _run(self, out: Any) -> Any:
+        if self.fill is not None:
+            self.fill()
         layer = self.layer
         if out is None and not layer._post:
             y = self.alloc() if self.alloc_ctx is None else self._alloc_on_stream()
-            self.launch(x_ptr, self.ptr_of(y), self.sp)
+            self.launch(self.x_ptr, self.ptr_of(y), self.sp)
             if self.vector:
                 return y[0]
             return y if self.rows == self.padded_rows else y[: self.rows]
@@ -1286,11 +1203,11 @@ class _Route:
             if key is None or key not in self.outs:
                 self._check_out(out, key)
             if self.rows == self.padded_rows:
-                self.launch(x_ptr, key[0], self.sp)
+                self.launch(self.x_ptr, key[0], self.sp)
                 return out
             # a padded batch: the product's first rows, one cudaMemcpyAsync into `out` (C-contiguous, checked)
             scratch = self._scratch()
-            self.launch(x_ptr, scratch.data.ptr, self.sp)
+            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
             runtime = gpu.cupy().cuda.runtime
             runtime.memcpyAsync(key[0], scratch.data.ptr, self.out_nbytes, runtime.memcpyDeviceToDevice, self.sp)
             return out
@@ -1298,7 +1215,7 @@ class _Route:
 
         with self.cstream:
             scratch = self._scratch()
-            self.launch(x_ptr, scratch.data.ptr, self.sp)
+            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
             y = scratch[: self.rows]
             if layer._post:
                 y = layer._finish(y, cupy)

@@ -12,7 +12,6 @@ product is the custom operator ``torch.ops.pycusparselt.linear``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import operator
@@ -298,14 +297,10 @@ class SparseLinear(torch.nn.Module):
                 device=self.values.device.index if on_device else None, **options)
         elif not on_device:
             bias = None if self.bias is None else _arrays.to_numpy(self.bias)
-            return NativeLinear(_arrays.to_numpy(dense), bias, mode=self.mode, prune=None, **options)
+            return NativeLinear(_arrays.to_numpy(dense), bias, prune=None, **options)
         else:
             with torch.cuda.device(dense.device):
-                native = NativeLinear(dense, self.bias, mode=self.mode, prune=None, **options)
-        if on_device:
-            # the dense weight is made from the compact state when a new input shape needs compressing: the
-            # GPU keeps the state and the compressed weights only
-            native.drop_weight(functools.partial(_dense_of, weakref.ref(self)))
+                native = NativeLinear(dense, self.bias, prune=None, **options)
         return native
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,20 +342,6 @@ class SparseLinear(torch.nn.Module):
 
 #: The name this class had before it was public.
 SparseLinearModule = SparseLinear
-
-
-def _dense_of(ref: Any) -> tuple:
-    """``(weight, weight_q)`` of a live module, as :meth:`pycusparselt.SparseLinear.drop_weight` asks."""
-    module = ref()
-    if module is None:
-        raise RuntimeError("the pycusparselt.torch.SparseLinear of this layer was deleted")
-    dense = compact.unpack(module.values, module.indices, module.in_features)
-    if module.mode not in _QUANTIZED:
-        return dense, None
-    values = dense.view(torch.float8_e4m3fn if module.fp8_format == "e4m3" else torch.float8_e5m2) \
-        if module.mode == "fp8" else dense
-    scale = module.weight_scale[:, None] if module.weight_scale.dim() else module.weight_scale
-    return values.float() * scale, dense
 
 
 def _check_scales(module: SparseLinear, where: str) -> None:
