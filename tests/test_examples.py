@@ -78,8 +78,17 @@ def test_tuned_graph_example():
     assert "per GEMM: matmul" in result.stdout
 
 
+def test_torch_sparse_model_example():
+    pytest.importorskip("torch", reason="the example needs PyTorch")
+    result = _run("torch_sparse_model.py")
+    assert result.returncode == 0, result.stderr
+    assert "fused: 0 + 1" in result.stdout
+    assert "a fresh model loaded from the sparse state dict gives identical outputs" in result.stdout
+
+
 def test_every_example_is_tested():
     tested = {"reference_2to4.py", "raw_bindings_fp16.py", "bert_ffn.py", "torch_linear.py", "recipe_digits.py",
+              "torch_sparse_model.py",
               "int8_linear.py", "fp8_linear.py", "tuned_graph.py", "torch_recipe.py",
               "tensor_parallel_mlp.py"}  # the last in test_distributed_engines.py (CPU) and test_distributed_gpu.py
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
