@@ -133,14 +133,17 @@ def test_cuda_graph_capture_replays_the_product():
     xd = cp.asarray(x)
     out = cp.empty((4, 512), cp.float16)
     stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()  # the operands were written on the default stream, which this one ignores
     with stream:
         gemm(xd, out)  # outside the capture first
         stream.begin_capture()
         gemm(xd, out)
         graph = stream.end_capture()
+    stream.synchronize()
     out.fill(cp.nan)
     x2 = rng.standard_normal(x.shape).astype(F16)
     xd.set(x2)
+    cp.cuda.Device().synchronize()  # the new input and the NaNs in place before the replay reads them
     graph.launch(stream)
     stream.synchronize()
     _check(cp.asnumpy(out), w, x2, b, {"bias": True, "activation": "relu"})
