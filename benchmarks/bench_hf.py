@@ -36,6 +36,8 @@ import statistics
 import sys
 import time
 
+from bench_torch_sparsify import time_alternating  # this folder is on sys.path when run as a script
+
 BERT = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
 LLAMA = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 4, "num_attention_heads": 32,
          "num_key_value_heads": 32, "vocab_size": 32000}
@@ -67,23 +69,6 @@ def _models(torch, transformers, name: str, tune_budget: float | None = None):
 
 def _output(result):
     return result.last_hidden_state if hasattr(result, "last_hidden_state") else result.logits
-
-
-def _median_ms(torch, fns: dict, repeat: int, warmup: int = 3) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times[name].append(start.elapsed_time(stop))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _graphed(torch, model, ids):
@@ -136,7 +121,7 @@ def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int) -> 
                         fns = {"dense": replay_d, "sparse": replay_s}
                         replay_d(), replay_s()
                         want, got = _output(out_d), _output(out_s)
-                    times = _median_ms(torch, fns, repeat)
+                    times = time_alternating(torch, fns, repeat, warmup=3)
                 row.update(dense_ms=round(times["dense"], 4), sparse_ms=round(times["sparse"], 4),
                            speedup=round(times["dense"] / times["sparse"], 3), rel_err=_rel(torch, got, want))
             except Exception as exc:  # noqa: BLE001 - a mode that fails is a row that says why

@@ -45,7 +45,7 @@ def _model(torch, spec: dict, seed: int):
     return nn.Sequential(*layers).cuda().half().eval()
 
 
-def _time_alternating(torch, fns: dict, repeat: int, warmup: int = 5) -> dict:
+def time_alternating(torch, fns: dict, repeat: int, warmup: int = 5) -> dict:
     """Median CUDA-event milliseconds of each function, sampled in alternation."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -97,9 +97,9 @@ def run(models: list[str], repeat: int) -> dict:
                 x = torch.randn(tokens, spec["width"], device="cuda", dtype=torch.float16)
                 want, got = dense(x).float(), sparse(x).float()
                 rel = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
-                eager = _time_alternating(
+                eager = time_alternating(
                     torch, {"dense": lambda d=dense, x=x: d(x), "sparse": lambda s=sparse, x=x: s(x)}, repeat)
-                graph = _time_alternating(
+                graph = time_alternating(
                     torch, {"dense": _graphed(torch, dense, x), "sparse": _graphed(torch, sparse, x)}, repeat)
                 rows.append({
                     "model": name, "tokens": tokens, "layers": len(report.replaced),
