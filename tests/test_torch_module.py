@@ -358,3 +358,11 @@ def test_a_layer_left_dense_stays_dense_when_its_state_is_loaded():
     assert isinstance(fresh[2], nn.Linear) and "2" in report.dense
     x = torch.randn(2, 32, dtype=torch.bfloat16)
     assert torch.equal(fresh(x), model(x))
+
+
+def test_a_state_of_another_dtype_is_refused_when_assigned():
+    model = _sparse_mlp()
+    state = model.state_dict()
+    state["0.values"] = state["0.values"].float()
+    with pytest.raises(RuntimeError, match="0.values: a 'bf16' layer keeps torch.bfloat16, got torch.float32"):
+        model.load_state_dict(state, assign=True)

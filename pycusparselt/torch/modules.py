@@ -252,6 +252,9 @@ class SparseLinear(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         try:
+            if self.values.dtype != _VALUE_DTYPES[self.mode]:
+                raise ValueError(f"{prefix}values: a {self.mode!r} layer keeps {_VALUE_DTYPES[self.mode]}, got "
+                                 f"{self.values.dtype}")
             compact.check_pair(self.values, self.indices, self.out_features, self.in_features, prefix.rstrip("."))
             if self.mode in _QUANTIZED:
                 _check_scales(self, prefix.rstrip("."))
@@ -346,8 +349,10 @@ SparseLinearModule = SparseLinear
 
 def _check_scales(module: SparseLinear, where: str) -> None:
     """Scales read from a state dict: float32, finite, and positive (input/output: 0 means unset)."""
-    if not bool(torch.isfinite(module.weight_scale).all() and (module.weight_scale > 0).all()):
-        raise ValueError(f"{where}.weight_scale: expected finite positive float32 scales")
+    bad = ~(torch.isfinite(module.weight_scale) & (module.weight_scale > 0))
+    if bool(bad.any()):
+        raise ValueError(f"{where}.weight_scale: expected finite positive float32 scales, got "
+                         f"{module.weight_scale[bad].flatten()[:3].tolist()}")
     for name in ("input_scale", "output_scale"):
         value = getattr(module, name)
         if not (bool(torch.isfinite(value)) and float(value) >= 0):

@@ -204,7 +204,9 @@ def load_pruned(model: Any, state_dict: Any, *, strict: bool = True) -> Any:
                 raise KeyError(f"state_dict: {key!r} names no module of the model") from None
             continue
         if not hasattr(mod, "weight") or tuple(mask.shape) != tuple(mod.weight.shape) or mask.dtype != torch.bool:
-            raise ValueError(f"state_dict: {key!r} is not a bool mask of {name!r}'s weight shape")
+            raise ValueError(f"state_dict: {key!r} is not a bool mask of {name!r}'s weight shape "
+                             f"{tuple(getattr(mod, 'weight', torch.empty(0)).shape)}; got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
         if not hasattr(mod, MASK_NAME):
             mod.register_buffer(MASK_NAME, torch.ones_like(mask, device=mod.weight.device))
     model.load_state_dict(state_dict, strict=strict)
