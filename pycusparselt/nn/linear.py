@@ -504,11 +504,9 @@ class SparseLinear:
             wq = wq.view(want)
         if wq.ndim != 2 or wq.dtype != want:
             raise TypeError(f"weight_q: expected a 2-D {want} array, got {wq.dtype} of shape {wq.shape}")
-        scale = np.asarray(_to_numpy(weight_scale), dtype=np.float32)
+        scale = layer_values.weight_scales(_to_numpy(weight_scale))
         if scale.shape not in ((), (wq.shape[0],)):
             raise ValueError(f"weight_scale: expected shape () or ({wq.shape[0]},), got {scale.shape}")
-        if not (np.isfinite(scale).all() and (scale > 0).all()):
-            raise ValueError("weight_scale: expected finite positive scales")
         weight = quantization.dequantize(wq, scale[:, None] if scale.ndim else scale)
         if not _is_sparse_host(weight, False):
             raise ValueError("weight_q: not 2:4 along in_features")

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..nn.permutation import PermutationReport, find_permutation
 
-__all__ = ["ChannelSpace", "PermutationPlan", "find_channel_spaces", "permute_network"]
+__all__ = ["ChannelSpace", "PermutationPlan", "find_channel_spaces", "permute_network", "shared_weights"]
 
 
 @dataclass
@@ -114,16 +114,23 @@ class _Union:
         self.parent[self.find(a)] = self.find(b)
 
 
-def _sharing(model: Any) -> tuple[dict, dict]:
-    """How often each module of ``model`` is registered (by id), and which modules use each parameter."""
-    registered: dict = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        registered[id(mod)] = registered.get(id(mod), 0) + 1
+def shared_weights(model: Any) -> dict:
+    """Parameters used by more than one module of ``model`` (tied weights): ``{id(parameter): [(name, module),
+    ...]}``, each module once, under the first name it is registered by."""
     users: dict = {}
     for name, mod in model.named_modules():
         for _, param in mod.named_parameters(recurse=False):
-            if param is not None:
-                users.setdefault(id(param), []).append(name)
+            users.setdefault(id(param), []).append((name, mod))
+    return {key: mods for key, mods in users.items() if len(mods) > 1}
+
+
+def _sharing(model: Any) -> tuple[dict, dict]:
+    """How often each module of ``model`` is registered (by id), and the names of the modules using each tied
+    parameter (:func:`shared_weights`)."""
+    registered: dict = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        registered[id(mod)] = registered.get(id(mod), 0) + 1
+    users = {key: [name for name, _ in mods] for key, mods in shared_weights(model).items()}
     return registered, users
 
 
@@ -259,7 +266,7 @@ def _find(model: Any, prefix: str, registered: dict, users: dict) -> tuple[Any, 
             if registered.get(id(mod), 1) > 1 and space.skipped is None:
                 space.skipped = f"{prefix}{name} is registered under more than one name"
             for _, param in mod.named_parameters(recurse=False):
-                shared = [] if param is None else [u for u in users.get(id(param), []) if u != prefix + name]
+                shared = [u for u in users.get(id(param), []) if u != prefix + name]
                 if shared and space.skipped is None:
                     space.skipped = f"{prefix}{name} shares a parameter with {', '.join(shared)} (tied weights)"
             if isinstance(mod, nn.Conv2d) and mod.groups != 1 and space.skipped is None:

@@ -39,9 +39,9 @@ def pack(weight: torch.Tensor, *, name: str = "weight") -> tuple[torch.Tensor, t
     if inp % 4:
         raise ValueError(f"{name}: {inp} input features: 2:4 needs a multiple of 4")
     groups = inp // 4
-    bits = _BITS[weight.element_size()]
-    g = weight.detach().contiguous().view(bits).view(out, groups, 4)
-    nonzero = (weight.detach().reshape(out, groups, 4) != 0)
+    weight = weight.detach().contiguous()
+    g = weight.view(_BITS[weight.element_size()]).view(out, groups, 4)
+    nonzero = weight.view(out, groups, 4) != 0
     counts = nonzero.sum(-1)
     if bool((counts > 2).any()):
         row, group = (counts > 2).nonzero()[0].tolist()
@@ -59,11 +59,16 @@ def pack(weight: torch.Tensor, *, name: str = "weight") -> tuple[torch.Tensor, t
     return values.contiguous(), indices
 
 
+def _nibbles(indices: torch.Tensor, out: int, groups: int) -> torch.Tensor:
+    """Each group's four position bits, (out, groups): low nibble of a byte first."""
+    return torch.stack([indices & 0xF, indices >> 4], dim=-1).reshape(out, -1)[:, :groups]
+
+
 def unpack(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
     """The dense (out, in_features) weight of a compact pair, on the values' device and in their dtype."""
     out = values.shape[0]
     groups = in_features // 4
-    nibbles = torch.stack([indices & 0xF, indices >> 4], dim=-1).reshape(out, -1)[:, :groups].to(torch.int64)
+    nibbles = _nibbles(indices, out, groups).to(torch.int64)
     positions = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
     bits = _BITS[values.element_size()]
     dense = torch.zeros((out, groups, 4), dtype=bits, device=values.device)
@@ -80,6 +85,6 @@ def check_pair(values: Any, indices: Any, out_features: int, in_features: int, w
     if tuple(indices.shape) != want_i or indices.dtype != torch.uint8:
         raise ValueError(f"{where}.indices: expected a uint8 tensor of shape {want_i}, got {indices.dtype} "
                          f"{tuple(indices.shape)}")
-    nibbles = torch.stack([indices & 0xF, indices >> 4], dim=-1).reshape(out_features, -1)[:, :in_features // 4]
+    nibbles = _nibbles(indices, out_features, in_features // 4)
     if not bool(((nibbles & 3) < (nibbles >> 2)).all()):
         raise ValueError(f"{where}.indices: every group needs two distinct positions in ascending order")

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from .. import _arrays
+from ..nn import layer_values
 from ..nn.linear import MODES
 from ..nn.linear import SparseLinear as NativeLinear
 from ..reference import is_2to4
 from . import compact
-from .pruning import MASK_NAME, shared_weights
+from .channels import shared_weights
+from .pruning import MASK_NAME
 
 __all__ = ["SparseLinear", "SparseLinearModule", "SparsifyReport", "sparsify"]
 
@@ -184,10 +186,10 @@ class SparseLinear(torch.nn.Module):
         weight = weight.detach()
         if weight.dim() != 2:
             raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight.shape)}")
-        out_features, in_features = weight.shape
-        module = cls(in_features, out_features, bias is not None, mode=mode, device=weight.device, **options)
         if mode in _QUANTIZED and calibration is None:
             raise ValueError(f"calibration: a {mode} layer needs example inputs to choose its input scale")
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, mode=mode, device=weight.device, **options)
         native = NativeLinear(_arrays.to_numpy(weight), None if bias is None else _arrays.to_numpy(bias.detach()),
                               mode=mode, prune=prune, autotune=False, activation=module.activation,
                               relu_upper_bound=module.relu_upper_bound, relu_threshold=module.relu_threshold,
@@ -280,7 +282,7 @@ class SparseLinear(torch.nn.Module):
 
     def native(self) -> NativeLinear:
         """The :class:`pycusparselt.SparseLinear` that runs the product on the buffers' device, made on first use
-        (and again after ``.to()`` or ``load_state_dict``)."""
+        and again after ``.to()``, ``load_state_dict`` or an in-place edit of the buffers."""
         if self._native is None or self._built_from != tuple(map(_version, self._watched)):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
             self._native = self._build_native()
@@ -294,23 +296,19 @@ class SparseLinear(torch.nn.Module):
                        relu_threshold=self.relu_threshold, autotune=self.autotune, out_dtype=self._numpy_out_dtype())
         if self.mode in _QUANTIZED:
             scale = lambda t: float(t) or None  # noqa: E731 - 0 means unset
-            native = NativeLinear.from_quantized(
+            return NativeLinear.from_quantized(
                 dense, self.weight_scale, self.bias, mode=self.mode, fp8_format=self.fp8_format,
                 input_scale=scale(self.input_scale), output_scale=scale(self.output_scale), on_device=on_device,
                 device=self.values.device.index if on_device else None, **options)
-        elif not on_device:
+        if not on_device:
             bias = None if self.bias is None else _arrays.to_numpy(self.bias)
             return NativeLinear(_arrays.to_numpy(dense), bias, prune=None, **options)
-        else:
-            with torch.cuda.device(dense.device):
-                native = NativeLinear(dense, self.bias, prune=None, **options)
-        return native
+        with torch.cuda.device(dense.device):
+            return NativeLinear(dense, self.bias, prune=None, **options)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The product on a 2-D input (rows, in_features), eagerly: what the custom operator runs."""
-        native = self._native
-        if native is None or self._built_from != tuple(map(_version, self._watched)):
-            native = self.native()  # made anew after in-place edits of the state
+        native = self.native()
         if x.is_cuda:
             return native(x if x.is_contiguous() else x.contiguous())
         return _arrays.host_tensor(native(_arrays.to_numpy(x)))
@@ -348,16 +346,11 @@ SparseLinearModule = SparseLinear
 
 
 def _check_scales(module: SparseLinear, where: str) -> None:
-    """Scales read from a state dict: float32, finite, and positive (input/output: 0 means unset)."""
-    bad = ~(torch.isfinite(module.weight_scale) & (module.weight_scale > 0))
-    if bool(bad.any()):
-        raise ValueError(f"{where}.weight_scale: expected finite positive float32 scales, got "
-                         f"{module.weight_scale[bad].flatten()[:3].tolist()}")
+    """Scales read from a state dict, checked by the validators every layer's scales go through (input and
+    output scales: 0 means unset)."""
+    layer_values.weight_scales(module.weight_scale.detach().cpu().numpy(), f"{where}.weight_scale")
     for name in ("input_scale", "output_scale"):
-        value = getattr(module, name)
-        if not (bool(torch.isfinite(value)) and float(value) >= 0):
-            raise ValueError(f"{where}.{name}: expected a finite positive float32 scale (0: unset), got "
-                             f"{float(value)}")
+        layer_values.activation_scale(float(getattr(module, name)) or None, f"{where}.{name}")
 
 
 @dataclass
@@ -548,8 +541,9 @@ def sparsify(
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     if warm_up:
-        for mod in {id(m): m for m in model.modules() if isinstance(m, SparseLinear)}.values():
-            mod.warm_up(warm_up)
+        for mod in model.modules():  # each module once, however often it is registered
+            if isinstance(mod, SparseLinear):
+                mod.warm_up(warm_up)
     return report
 
 

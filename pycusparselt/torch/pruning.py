@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..nn import masks as _masks_module
-from .channels import PermutationPlan, permute_network
+from .channels import PermutationPlan, permute_network, shared_weights
 
-__all__ = ["PruneReport", "prune_trained_model", "remove_masks", "load_pruned", "shared_weights", "MASK_NAME"]
+__all__ = ["PruneReport", "prune_trained_model", "remove_masks", "load_pruned", "MASK_NAME"]
 
 #: The buffer each pruned layer gets (saved in ``state_dict``): True where the weight is kept.
 MASK_NAME = "weight_mask_2to4"
@@ -52,17 +52,6 @@ def _eligible(name: str, mod: Any, layers: tuple, method: str) -> str | None:
     if method == "tile" and mod.weight.shape[0] % 4:
         return f"{mod.weight.shape[0]} outputs: tile pruning needs a multiple of 4"
     return None
-
-
-def shared_weights(model: Any) -> dict:
-    """Parameters used by more than one module of ``model`` (tied weights): ``{id(parameter): [(name, module),
-    ...]}``, each module once, under the first name it is registered by."""
-    users: dict = {}
-    for name, mod in model.named_modules():
-        for _, param in mod.named_parameters(recurse=False):
-            if param is not None:
-                users.setdefault(id(param), []).append((name, mod))
-    return {key: mods for key, mods in users.items() if len(mods) > 1}
 
 
 def _mask_for(weight: Any, method: str) -> Any:
