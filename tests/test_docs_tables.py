@@ -83,7 +83,8 @@ def test_the_recipe_accuracy_table_is_the_committed_result():
             assert summary[key]["mean"] == pytest.approx(sum(r[key] for r in rows) / len(rows), rel=1e-12, abs=0)
 
 
-@pytest.mark.parametrize("page, caption", [("pytorch.rst", "NVIDIA H200, PyTorch"), ("distributed.rst", "FP16 block")])
+@pytest.mark.parametrize("page, caption", [("pytorch.rst", "NVIDIA H200, PyTorch"), ("distributed.rst", "FP16 block"),
+                                           ("pytorch.rst", "Hugging Face models on")])
 def test_a_changed_cell_is_caught(page, caption, tmp_path):
     """The checks above can fail: one digit changed in a copy of the page changes the parsed rows."""
     _, rows = _csv_table(page, caption)
@@ -127,3 +128,18 @@ def test_a_changed_inference_cell_is_caught():
     assert tables.llm_table(result) != table
     page = "\n".join(table).replace(table[2], table[2].replace("|", "| 9", 1))
     assert table not in _markdown_tables(page)
+
+
+def test_the_hugging_face_table_is_the_committed_result(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # bench_hf imports its sibling's sampler
+    bench = _module(ROOT / "benchmarks" / "bench_hf.py")
+    results = json.loads((RESULTS / "hf_h100_2026-12-06.json").read_text())
+    caption, rows = _csv_table("pytorch.rst", "Hugging Face models on")
+    assert caption == bench.caption(results)
+    assert rows == bench.table_rows(results)
+    text = " ".join((ROOT / "docs" / "pytorch.rst").read_text().split())
+    for line in bench.report(results).split("\n")[len(rows) + 3:]:  # the lines after the table
+        assert " ".join(line.split()) in text
+    assert results["command"] in text.replace("``", "")  # the command the page names made the file
+    measured = {(r["model"], r.get("batch", r.get("tokens")), r["mode"]) for r in results["rows"]}
+    assert len(measured) == len(results["rows"]) and all("rel_err" in r for r in results["rows"])

@@ -179,3 +179,43 @@ def test_tuned_hugging_face_models_match_their_dense_twins(model):
             for _ in range(3):  # the first call prepares; the others run the prepared path at new addresses
                 got = sparse(ids)[0].float()
                 assert float((got - want).norm() / want.norm()) < 1e-2, tuple(ids.shape)
+
+
+def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact():
+    """After the first call with a number of rows, eager calls launch the prepared product themselves (inputs of
+    fewer rows than the product's copied into a stage): equal to the checked path at every size, on inputs at
+    new addresses, unaligned and strided inputs (the checked path), other streams, and after the state changes."""
+    torch.manual_seed(3)
+    dense = nn.Linear(256, 512).cuda().half()
+    pst.prune_trained_model(nn.Sequential(dense), permute=False)
+    layer = pst.SparseLinear.from_dense(dense.weight, dense.bias, prune=None, autotune=False)
+
+    def want(x):
+        return torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+    def check(x):
+        got = layer(x)
+        assert got.shape == (x.shape[0], 512) and got.dtype == torch.float16
+        assert torch.allclose(got.float(), want(x), rtol=2e-3, atol=2e-2), tuple(x.shape)
+        return got
+
+    with torch.no_grad():
+        for rows in (1, 5, 16, 24, 384, 5, 1):
+            for _ in range(3):  # the first call prepares, the others launch directly at new addresses
+                check(torch.randn(rows, 256, device="cuda", dtype=torch.float16))
+        assert {rows for rows, _ in layer._direct} == {1, 5, 16, 24, 384}
+        base = torch.randn(17, 256, device="cuda", dtype=torch.float16)
+        check(base.view(-1)[1:1 + 16 * 256].view(16, 256))  # 2 bytes past an aligned address
+        check(torch.randn(256, 16, device="cuda", dtype=torch.float16).T)  # strided: made contiguous
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            x = torch.randn(5, 256, device="cuda", dtype=torch.float16)
+            for _ in range(2):
+                check(x)
+        torch.cuda.current_stream().wait_stream(side)
+        layer.bias.add_(1.0)  # an in-place edit of the state: the product is made again
+        check(torch.randn(5, 256, device="cuda", dtype=torch.float16))
+        layer.native().close()  # plans closed under the prepared entries: made again, no error
+        check(torch.randn(5, 256, device="cuda", dtype=torch.float16))
+        check(torch.randn(5, 256, device="cuda", dtype=torch.float16))

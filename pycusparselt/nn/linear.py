@@ -762,6 +762,31 @@ class SparseLinear:
                 self._perm_device = cupy.asarray(self.permutation)
         return self._perm_device
 
+    def direct_launcher(self, rows: int, stream: int) -> tuple[Any, int] | None:
+        """The prepared product for inputs of ``rows`` rows on stream ``stream`` (a pointer), for callers that
+        stage their own input: ``(launcher, padded_rows)``, where ``launcher(x_ptr, d_ptr, stream_ptr)``
+        (a :class:`~pycusparselt.gemm.plan.Launcher`) reads a C-contiguous, 16-byte aligned
+        (padded_rows, in_features) input of the layer's dtype and writes the (padded_rows, out_features)
+        result; rows past ``rows`` are the caller's (zeros, or any values: their results are discarded).
+
+        None where a call needs more than the product: quantized modes (the input is quantized first), a
+        permutation, post-processing (GELU, per-channel FP8 scales), a weight cuSPARSELt takes only padded, a
+        layer on the NumPy reference. Made (and tuned) on the first call for that number of rows, like a call.
+        """
+        if not self.on_device or self.quantized or self.permutation is not None or self._post or rows <= 0:
+            return None
+        cupy = gpu.cupy()
+
+        multiple = dtypes.rules_for(self.dtype).dense_multiple
+        padded_rows = SMALL_BATCH_ROWS if rows <= SMALL_BATCH_ROWS else -(-rows // multiple) * multiple
+        with cupy.cuda.Device(self._device), on_stream(stream):
+            key = ((padded_rows, self.in_features), self._gemm_dtype().str, self._device)
+            state = self._shapes.get(key, False)
+            if state is False:  # not made yet: an example input of that shape (the tuner times on its values)
+                example = cupy.random.standard_normal((padded_rows, self.in_features), dtype=np.float32)
+                state = self._shape_state(example.astype(self.dtype), stream)
+        return None if state is None else (state[1], padded_rows)
+
     def _shape_state(self, example: Any, sp: int) -> tuple | None:
         """(plan, launcher) for inputs of ``example``'s shape: made, tuned and given the compressed weight on
         the first call with that shape. None where the plan must pad (the weight's sizes)."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import _arrays
+from ..errors import ClosedError
 from ..nn import layer_values
 from ..nn.linear import MODES
 from ..nn.linear import SparseLinear as NativeLinear
@@ -158,6 +159,10 @@ class SparseLinear(torch.nn.Module):
             self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=device))
             self.register_buffer("output_scale", torch.zeros((), dtype=torch.float32, device=device))
         self._native: NativeLinear | None = None
+        self._direct: dict = {}
+        self._stages: list = []
+        self._dtype = torch.float16 if quantized else _VALUE_DTYPES[mode]  # what the product reads
+        self._row_bytes = in_features * self._dtype.itemsize
         self._watched: tuple = ()  # the buffers the product was made from, and their versions then
         self._built_from: tuple = ()
         self._register()
@@ -229,12 +234,13 @@ class SparseLinear(torch.nn.Module):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_native"] = None  # a cache of the GPU's plans: never copied or pickled
-        state["_watched"], state["_built_from"] = (), ()
+        state["_watched"], state["_built_from"], state["_direct"], state["_stages"] = (), (), {}, []
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._native = None
+        self._direct, self._stages = {}, []
         self._register()  # a copy is a module of its own
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
@@ -285,6 +291,8 @@ class SparseLinear(torch.nn.Module):
         and again after ``.to()``, ``load_state_dict`` or an in-place edit of the buffers."""
         if self._native is None or self._built_from != tuple(map(_version, self._watched)):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
+            self._direct = {}  # (rows, stream) -> the prepared product's launcher, stage and shape, or False
+            self._stages = []
             self._native = self._build_native()
             self._built_from = tuple(map(_version, self._watched))
         return self._native
@@ -309,21 +317,64 @@ class SparseLinear(torch.nn.Module):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The product on a 2-D input (rows, in_features), eagerly: what the custom operator runs."""
         native = self.native()
-        if x.is_cuda:
-            return native(x if x.is_contiguous() else x.contiguous())
-        return _arrays.host_tensor(native(_arrays.to_numpy(x)))
+        if not x.is_cuda:
+            return _arrays.host_tensor(native(_arrays.to_numpy(x)))
+        if not x.is_contiguous():
+            x = x.contiguous()
+        sp = _arrays.current_stream(x, x.device.index)
+        rows = x.shape[0]
+        direct = self._direct.get((rows, sp))
+        if direct and x.dtype is self._dtype and x.data_ptr() % 16 == 0:
+            # the prepared product alone: what a call checks was checked when this entry was made
+            launch, stage, shape, copy = direct
+            y = torch.empty(shape, dtype=self.output_dtype, device=x.device)
+            try:
+                if stage is None:
+                    launch(x.data_ptr(), y.data_ptr(), sp)
+                    return y
+                copy(stage, x.data_ptr(), rows * self._row_bytes, 3, sp)  # 3: cudaMemcpyDeviceToDevice
+                launch(stage, y.data_ptr(), sp)
+                return y[:rows]
+            except ClosedError:  # the product's plans were closed (native().close()): made again below
+                self._direct.clear()
+                direct = None
+        y = native(x)  # checks x in full; makes (and tunes) the product for this shape
+        if direct is None and x.dtype is self._dtype:
+            self._direct[(rows, sp)] = self._direct_entry(native, rows, sp, x.device)
+        return y
+
+    def _direct_entry(self, native: NativeLinear, rows: int, sp: int, device: torch.device) -> tuple | bool:
+        """What :meth:`product` needs to launch the prepared product for ``rows`` rows on stream ``sp``
+        directly, or False where a call needs more (:meth:`pycusparselt.SparseLinear.direct_launcher`)."""
+        found = native.direct_launcher(rows, sp)
+        if found is None:
+            return False
+        launch, padded = found
+        if padded == rows:
+            return launch, None, (padded, self.out_features), None
+        # inputs of fewer rows than the product reads are copied (one cudaMemcpyAsync on the stream) into a
+        # stage of that many rows, zeros at first; rows past the input's give results that are not returned
+        stage = torch.zeros((padded, self.in_features), dtype=self._dtype, device=device)
+        self._stages.append(stage)  # kept while the entry is: the entry holds its address
+        return launch, stage.data_ptr(), (padded, self.out_features), _memcpy_async()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``activation(x @ W.T + b)`` over the last dimension of ``x`` (a 1x1 convolution: over dimension 1)."""
-        if self.conv:  # (N, C, H, W) -> (N*H*W, C): the GEMM of a 1x1 convolution
-            rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_features)
-        else:
-            rows = x.reshape(-1, self.in_features)
+        if _tracing(x):
+            # under tracing the product is the operator, and x may be a torch.fx Proxy: shapes indexed, not
+            # unpacked
+            if self.conv:  # (N, C, H, W) -> (N*H*W, C): the GEMM of a 1x1 convolution
+                y = _linear_op(x.permute(0, 2, 3, 1).reshape(-1, self.in_features), self.layer_id)
+                return y.reshape(x.shape[0], x.shape[2], x.shape[3], self.out_features).permute(0, 3, 1, 2)
+            y = _linear_op(x.reshape(-1, self.in_features), self.layer_id)
+            return y.reshape(x.shape[:-1] + (self.out_features,))
         # eager calls go straight to the product: the operator's dispatch costs more than the product's launch
-        y = _linear_op(rows, self.layer_id) if _tracing(x) else self.product(rows)
-        if self.conv:  # shapes indexed, not unpacked: x may be a torch.fx Proxy
-            return y.reshape(x.shape[0], x.shape[2], x.shape[3], self.out_features).permute(0, 3, 1, 2)
-        return y.reshape(x.shape[:-1] + (self.out_features,))
+        if self.conv:
+            y = self.product(x.permute(0, 2, 3, 1).reshape(-1, self.in_features))
+            return y.view(x.shape[0], x.shape[2], x.shape[3], self.out_features).permute(0, 3, 1, 2)
+        if x.dim() == 2:
+            return self.product(x)
+        return self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def warm_up(self, rows: Iterable[int]) -> None:
         """Prepare (and tune, where ``autotune``) the product for inputs of these numbers of rows, so that the
@@ -343,6 +394,13 @@ class SparseLinear(torch.nn.Module):
 
 #: The name this class had before it was public.
 SparseLinearModule = SparseLinear
+
+
+def _memcpy_async() -> Any:
+    """``cudaMemcpyAsync(dst, src, bytes, kind, stream)`` on raw addresses, through CuPy's runtime binding."""
+    from .._native import gpu
+
+    return gpu.cupy().cuda.runtime.memcpyAsync
 
 
 def _check_scales(module: SparseLinear, where: str) -> None:
