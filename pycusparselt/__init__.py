@@ -12,8 +12,9 @@ Importing the package loads nothing native: the library is found and loaded on f
   (environment variables), ``pycusparselt._native.gpu`` (CuPy, imported there only, on first use),
   ``pycusparselt._native.handles`` (library handles per device),
   :mod:`pycusparselt._native.streams` (CUDA streams as arguments), :mod:`pycusparselt._native.devices` (which
-  GPUs are usable); and on the ground :mod:`pycusparselt.reference`, the NumPy oracle (pruning, compression,
-  GEMM semantics), which needs no GPU.
+  GPUs are usable); and on the ground :mod:`pycusparselt.types` (the one type table: dtypes, combinations,
+  defaults) and :mod:`pycusparselt.reference`, the NumPy oracle (pruning, compression, GEMM semantics),
+  which needs no GPU.
 - arrays: ``pycusparselt._arrays``, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
   and answers in the caller's framework.
 - tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),

@@ -1,7 +1,8 @@
 """The NumPy reference: 2:4 pruning, compression and cuSPARSELt's GEMM semantics, on the CPU.
 
-This module imports only NumPy, ml_dtypes and the standard library. It is the oracle the GPU tests
-compare cuSPARSELt against, and a way to prepare and inspect 2:4 data without a GPU.
+This module imports only NumPy, ml_dtypes (through :mod:`pycusparselt.types`, the type table it shares
+with the GPU layers) and the standard library. It is the oracle the GPU tests compare cuSPARSELt against,
+and a way to prepare and inspect 2:4 data without a GPU.
 
 The 2:4 format
 --------------
@@ -44,8 +45,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
-import ml_dtypes
 import numpy as np
+
+from . import types
+from .types import BF16 as _BF16
+from .types import COMPUTE_TYPES, FLOAT_FORMATS, SUPPORTED_INPUTS, UINT_OF_WIDTH
+from .types import E4M3 as _E4M3
+from .types import E5M2 as _E5M2
+from .types import F16 as _F16
+from .types import F32 as _F32
+from .types import I8 as _I8
+from .types import I32 as _I32
+from .types import VALID_COMBINATIONS as _VALID_COMBINATIONS
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -72,62 +83,20 @@ __all__ = [
 # Data types
 # --------------------------------------------------------------------------------------------------
 
-_F16 = np.dtype(np.float16)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_F32 = np.dtype(np.float32)
-_I8 = np.dtype(np.int8)
-_I32 = np.dtype(np.int32)
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
+#: The element types of the sparse and dense operands A and B (:data:`pycusparselt.types.SUPPORTED_INPUTS`).
+SUPPORTED_DTYPES: tuple[np.dtype, ...] = SUPPORTED_INPUTS
 
-#: The element types of the sparse and dense operands A and B.
-SUPPORTED_DTYPES: tuple[np.dtype, ...] = (_F16, _BF16, _F32, _I8, _E4M3, _E5M2)
+#: A/B type -> the C/D types cuSPARSELt accepts with it; the first is the default of :func:`matmul` when
+#: neither ``out_dtype`` nor ``c`` says otherwise (:data:`pycusparselt.types.VALID_COMBINATIONS`).
+VALID_COMBINATIONS: Mapping[np.dtype, tuple[np.dtype, ...]] = _VALID_COMBINATIONS
 
-#: A/B type -> the C/D types cuSPARSELt accepts with it (DESIGN.md section 4). The first is the
-#: default of :func:`matmul` when neither ``out_dtype`` nor ``c`` says otherwise.
-VALID_COMBINATIONS: Mapping[np.dtype, tuple[np.dtype, ...]] = {
-    _F16: (_F16,),
-    _BF16: (_BF16,),
-    _F32: (_F32,),
-    _I8: (_I32, _I8, _F16, _BF16),
-    _E4M3: (_E4M3, _F16, _BF16, _F32),
-    _E5M2: (_E5M2, _F16, _BF16, _F32),
-}
+#: A/B type -> the compute types cuSPARSELt accepts with it; the first is the default. "32F" for float32
+#: inputs runs on TF32 Tensor Cores (there is no sparse FP32 math), so it is treated like "TF32"
+#: (:data:`pycusparselt.types.COMPUTE_TYPES`).
+DEFAULT_COMPUTE: Mapping[np.dtype, tuple[str, ...]] = COMPUTE_TYPES
 
-#: A/B type -> the compute types cuSPARSELt accepts with it; the first is the default.
-#: "32F" for float32 inputs runs on TF32 Tensor Cores (there is no sparse FP32 math), so it is
-#: treated like "TF32".
-DEFAULT_COMPUTE: Mapping[np.dtype, tuple[str, ...]] = {
-    _F16: ("32F", "16F"),
-    _BF16: ("32F",),
-    _F32: ("32F", "TF32"),
-    _I8: ("32I",),
-    _E4M3: ("32F",),
-    _E5M2: ("32F",),
-}
-
-_FLOAT_TYPES = (_F16, _BF16, _F32, _E4M3, _E5M2)
-
-
-class _FloatInfo(NamedTuple):
-    bits: int  # storage width
-    mant: int  # explicit mantissa bits
-    emin: int  # exponent of the smallest normal
-    max: float  # largest finite value
-    inf_bits: int | None  # sign-cleared bit pattern of +inf (None: the type has no infinity)
-    nan_bits: int  # sign-cleared bit pattern of the canonical quiet NaN
-    saturate: bool  # conversion to this type saturates to +-max instead of overflowing to inf
-
-
-_FLOAT_INFO: dict[np.dtype, _FloatInfo] = {
-    _F16: _FloatInfo(16, 10, -14, 65504.0, 0x7C00, 0x7E00, False),
-    _BF16: _FloatInfo(16, 7, -126, float(ml_dtypes.finfo(_BF16).max), 0x7F80, 0x7FC0, False),
-    _F32: _FloatInfo(32, 23, -126, float(np.finfo(np.float32).max), 0x7F800000, 0x7FC00000, False),
-    _E4M3: _FloatInfo(8, 3, -6, 448.0, None, 0x7F, True),
-    _E5M2: _FloatInfo(8, 2, -14, 57344.0, 0x7C, 0x7E, True),
-}
-
-_UINT_OF_WIDTH = {8: np.dtype(np.uint8), 16: np.dtype(np.uint16), 32: np.dtype(np.uint32)}
+_FLOAT_INFO = FLOAT_FORMATS
+_UINT_OF_WIDTH = UINT_OF_WIDTH
 
 
 def _dtype_name(dt: np.dtype) -> str:
@@ -725,7 +694,7 @@ SEMANTICS: Mapping[str, Rule] = {
         _GPU.format("int8_alpha_vector") + " (INT8 inputs with compute 32I)"),
     "beta_vector": Rule(
         "beta may be a float32 vector of length M (row i of C), only together with a vector alpha",
-        "_epilogue", _DOCS + " (DESIGN: INT8 with compute 32I only)"),
+        "_epilogue", _DOCS + " (INT8 with compute 32I only)"),
     "beta_zero": Rule(
         "beta = 0: C is not read, so NaN or Inf in C do not reach D (the BLAS convention)",
         "_compute_product", _ASSUMED),
@@ -766,8 +735,8 @@ SEMANTICS: Mapping[str, Rule] = {
         "float8 D: round to nearest even, then saturate to the largest finite value (+-448 for "
         "e4m3, +-57344 for e5m2; +-inf saturates too); NaN stays NaN",
         "_convert_output",
-        _ASSUMED + "; e4m3 -> e4m3 was refused (NOT_SUPPORTED) on the H100 with row-major C/D, case "
-        "e4m3_to_e4m3_saturate"),
+        _ASSUMED + "; not a combination matmul offers: e4m3 -> e4m3 with C and D of one type was "
+        "refused (NOT_SUPPORTED) on the H100, case e4m3_to_e4m3_saturate"),
     "int8_output": Rule(
         "int8 D: round half to even, then saturate to [-128, 127]; NaN becomes 0",
         "_convert_output",
@@ -783,8 +752,8 @@ SEMANTICS: Mapping[str, Rule] = {
         "for K >= 2**17)",
         "_wrap_int32", _ASSUMED),
     "default_out_dtype": Rule(
-        "D's type when neither out_dtype nor c gives it: the input type for float inputs, int32 "
-        "for int8 (exact)",
+        "D's type when neither out_dtype nor c gives it: the input type for float16, bfloat16 and "
+        "float32, int32 for int8 (exact), float16 for fp8 (pycusparselt.types, shared with the GPU layer)",
         "_resolve_out_dtype",
         "our choice (cuSPARSELt has no default: the caller picks C/D's type)"),
     "prune_strip_ties": Rule(
@@ -825,7 +794,7 @@ def _as_f32_vector(name: str, value: Any, m: int) -> np.ndarray:
 
 def _bias_dtype(out_dt: np.dtype) -> np.dtype:
     """The bias element type (SEMANTICS["bias"]): float32 for integer D, else D's type."""
-    return _F32 if out_dt in (_I8, _I32) else out_dt
+    return types.bias_dtype(out_dt)
 
 
 def _relu(x: np.ndarray, threshold: float, upper_bound: float) -> np.ndarray:
@@ -905,7 +874,7 @@ def _resolve_out_dtype(in_dt: np.dtype, out_dtype: Any, c: np.ndarray | None) ->
     elif c is not None:
         out = c.dtype
     else:
-        out = in_dt if in_dt in _FLOAT_TYPES else _I32
+        out = types.default_out_dtype(in_dt)
     if out not in VALID_COMBINATIONS[in_dt]:
         raise TypeError(
             f"unsupported type combination: A/B {in_dt} with C/D {out}; cuSPARSELt supports "
@@ -915,10 +884,7 @@ def _resolve_out_dtype(in_dt: np.dtype, out_dtype: Any, c: np.ndarray | None) ->
 
 
 def _combinations_text() -> str:
-    return "; ".join(
-        f"{_dtype_name(i)} -> {', '.join(_dtype_name(o) for o in outs)}"
-        for i, outs in VALID_COMBINATIONS.items()
-    )
+    return types.combinations_text()
 
 
 # --------------------------------------------------------------------------------------------------

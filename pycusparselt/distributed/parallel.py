@@ -20,9 +20,9 @@ import contextlib
 import math
 from typing import Any, Sequence
 
-import ml_dtypes
 import numpy as np
 
+from .. import types
 from .._native import gpu
 from .. import _arrays
 from ..nn.linear import SparseLinear
@@ -36,7 +36,7 @@ __all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSpa
 # quantized mode, so shards then fall on boundaries aligned for every input type.
 _FLOAT_KEYWORDS = frozenset({"activation", "relu_upper_bound", "relu_threshold", "prune", "permutation", "autotune"})
 # Output types whose partial sums the all-reduce adds (8-bit outputs would overflow).
-_SUMMABLE = frozenset(np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.int32, np.int64))
+_SUMMABLE = frozenset((types.F16, types.BF16, types.F32, types.F64, types.I32, types.I64))
 
 
 def _as_array(array: Any, what: str) -> Any:

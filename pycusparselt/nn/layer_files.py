@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import types
 from ..errors import LayerFileError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MEMBERS", "CONTAINERS", "META_FIELDS", "MAX_ARCHIVE_MEMBERS",
@@ -72,9 +73,11 @@ META_FIELDS = ("mode", "dtype", "quant_format", "weight_granularity", "activatio
                "relu_threshold", "out_dtype", "input_scale", "output_scale", "in_features", "out_features",
                "configs")
 
-_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}
-_SAFETENSORS_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "U16": np.dtype("<u2"),
-                       "I8": np.dtype("i1"), "U8": np.dtype("u1"), "I64": np.dtype("<i8")}
+# files are little-endian whatever the machine: the element types of pycusparselt.types in that byte order
+_STORAGE = {"float16": types.F16.newbyteorder("<"), "float32": types.F32.newbyteorder("<"),
+            "bfloat16": types.U16.newbyteorder("<")}
+_SAFETENSORS_DTYPES = {"F16": _STORAGE["float16"], "F32": _STORAGE["float32"], "U16": _STORAGE["bfloat16"],
+                       "I8": types.I8, "U8": types.U8, "I64": types.I64.newbyteorder("<")}
 
 
 def _fail(path: Any, message: str) -> LayerFileError:

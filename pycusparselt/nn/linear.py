@@ -35,8 +35,7 @@ from .._native.streams import on_stream, stream_ptr
 
 __all__ = ["SparseLinear", "calibrate_chain", "MODES"]
 
-_F16, _BF16, _F32 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
-_I8, _U8 = np.dtype(np.int8), np.dtype(np.uint8)
+from ..types import BF16 as _BF16, F16 as _F16, F32 as _F32, I8 as _I8, U8 as _U8  # noqa: E402
 _FLOATS = (_F16, _BF16, _F32)
 
 #: The layer's modes: the type its GEMM reads. None (the default) computes in the weight's own dtype.

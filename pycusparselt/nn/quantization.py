@@ -32,11 +32,10 @@ import functools
 import math
 from typing import Any, Iterable
 
-import ml_dtypes
 import numpy as np
 
 from .._native import gpu
-from .. import _arrays
+from .. import _arrays, types
 from . import layer_values
 
 __all__ = [
@@ -55,11 +54,7 @@ __all__ = [
     "calibrate",
 ]
 
-_I8 = np.dtype(np.int8)
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_F32 = np.dtype(np.float32)
+_I8, _E4M3, _E5M2, _BF16, _F32 = types.I8, types.E4M3, types.E5M2, types.BF16, types.F32
 
 #: Quantized formats by name: their NumPy dtype and largest magnitude.
 FORMATS: dict[str, tuple[np.dtype, float]] = {
