@@ -5,16 +5,16 @@ Importing the package loads nothing native: the library is found and loaded on f
 :func:`library_version`). The modules, in layers that import only from their own layer and the ones below
 (docs/architecture.rst draws them; tests/test_structure.py checks it):
 
-- native: :mod:`pycusparselt.bindings` (one checked wrapper per C function), :mod:`pycusparselt.enums` (the
-  header's enumerations), :mod:`pycusparselt.errors` (the exceptions), and in ``pycusparselt._native``
-  what they stand on: ``pycusparselt._native.ffi`` (the cffi declarations),
+- ground (NumPy and ml_dtypes only, no GPU): :mod:`pycusparselt.types` (the one type table: dtypes,
+  combinations, default output and compute types) and :mod:`pycusparselt.reference`, the NumPy oracle
+  (pruning, compression, GEMM semantics).
+- native floor: :mod:`pycusparselt.enums` (the header's enumerations), :mod:`pycusparselt.errors` (the
+  exceptions) and ``pycusparselt._native``: ``pycusparselt._native.ffi`` (the cffi declarations),
   ``pycusparselt._native.library`` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`
   (environment variables), ``pycusparselt._native.gpu`` (CuPy, imported there only, on first use),
-  ``pycusparselt._native.handles`` (library handles per device),
-  :mod:`pycusparselt._native.streams` (CUDA streams as arguments), :mod:`pycusparselt._native.devices` (which
-  GPUs are usable); and on the ground :mod:`pycusparselt.types` (the one type table: dtypes, combinations,
-  defaults) and :mod:`pycusparselt.reference`, the NumPy oracle (pruning, compression, GEMM semantics),
-  which needs no GPU.
+  :mod:`pycusparselt._native.streams` (every stream helper: handles, current streams, stream contexts),
+  :mod:`pycusparselt._native.devices` (which GPUs are usable).
+- bindings: :mod:`pycusparselt.bindings` (one checked wrapper per C function), on the native floor.
 - arrays: ``pycusparselt._arrays``, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
   and answers in the caller's framework.
 - tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),
@@ -22,7 +22,8 @@ Importing the package loads nothing native: the library is found and loaded on f
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
   ``pycusparselt.gemm.problem`` (the canonical problem and its layout rules, pure),
   ``pycusparselt.gemm.options`` (the plan's options as one checked object),
-  ``pycusparselt.gemm.operands`` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
+  ``pycusparselt.gemm.operands`` (operand layouts), ``pycusparselt.gemm.handles`` (library handles per
+  device and thread), :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
   ``pycusparselt.gemm.decode`` (a 2:4 decode kernel of our own for 1-16 rows) with
   ``pycusparselt.gemm.decode_layout`` (its weight layout, NumPy),

@@ -24,6 +24,7 @@ from typing import Any
 
 from ._native import library as _library
 from ._native.ffi import ffi
+from ._native.streams import stream_handle  # public here too: the wrappers take streams by it
 from .enums import (
     ComputeType,
     DataType,
@@ -302,24 +303,6 @@ def _pointer(value: Any, arg: str) -> Any:
     if not 0 <= address < _ADDRESS_LIMIT:
         raise ValueError(f"{arg}: a device address is in 0 .. 2**64 - 1, got {address}")
     return ffi.cast("void *", address)
-
-
-def stream_handle(stream: Any, arg: str = "stream") -> int:
-    """The ``cudaStream_t`` handle (an integer) of ``stream``: an object with ``__cuda_stream__``, one with a
-    ``ptr`` (a CuPy stream), an integer handle, or None (0, the legacy default stream). ``arg`` names the
-    argument in errors."""
-    if stream is None:
-        return 0
-    if hasattr(stream, "__cuda_stream__"):
-        handle = stream.__cuda_stream__()[1]
-    elif not isinstance(stream, int) and hasattr(stream, "ptr"):
-        handle = stream.ptr
-    else:
-        handle = stream
-    handle = _int(handle, arg, "a cudaStream_t handle")
-    if not 0 <= handle < _ADDRESS_LIMIT:
-        raise ValueError(f"{arg}: a cudaStream_t handle is in 0 .. 2**64 - 1, got {handle}")
-    return handle
 
 
 def _stream(stream: Any, arg: str = "stream") -> Any:

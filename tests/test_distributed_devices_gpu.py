@@ -17,7 +17,7 @@ import pytest
 
 import pycusparselt as psl
 from pycusparselt import bindings, reference
-from pycusparselt._native.handles import Handle, handle_for_device
+from pycusparselt.gemm.handles import Handle, handle_for_device
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")

@@ -17,8 +17,9 @@ GENERATED = {"pycusparselt._cusparselt_cffi", "pycusparselt._fastcall"}  # writt
 #: The layers, lowest first: a module may import from its own layer and the ones below, never above.
 #: (docs/architecture.rst draws the same picture.)
 LAYERS = [
-    ("native", ["pycusparselt._native", "pycusparselt.bindings", "pycusparselt.enums", "pycusparselt.errors",
-                "pycusparselt.reference", "pycusparselt.types"]),
+    ("ground", ["pycusparselt.types", "pycusparselt.reference"]),
+    ("native floor", ["pycusparselt._native", "pycusparselt.enums", "pycusparselt.errors"]),
+    ("bindings", ["pycusparselt.bindings"]),
     ("arrays", ["pycusparselt._arrays"]),
     ("tuning", ["pycusparselt.tuning"]),
     ("gemm", ["pycusparselt.gemm"]),
@@ -307,6 +308,15 @@ def test_a_circle_is_found():
 def test_an_upward_import_is_found():
     graph = {"pycusparselt.gemm.plan": {"pycusparselt.nn.linear"}, "pycusparselt.nn.linear": set()}
     assert upward_imports(graph) == ["pycusparselt.gemm.plan (gemm) -> pycusparselt.nn.linear (nn)"]
+
+
+def test_an_arrow_from_the_native_floor_up_to_the_bindings_is_found():
+    graph = {"pycusparselt._native.streams": {"pycusparselt.bindings"}, "pycusparselt.bindings": set(),
+             "pycusparselt.reference": {"pycusparselt.errors"}, "pycusparselt.errors": set()}
+    assert upward_imports(graph) == [
+        "pycusparselt._native.streams (native floor) -> pycusparselt.bindings (bindings)",
+        "pycusparselt.reference (ground) -> pycusparselt.errors (native floor)",
+    ]
 
 
 @pytest.mark.parametrize(

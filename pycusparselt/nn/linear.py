@@ -32,6 +32,7 @@ from . import layer_files, layer_values, quantization
 from ..gemm.plan import PlanConfig, SparseMatmulPlan
 from ..tuning import tuning_is_safe_on
 from .._native.streams import on_stream, stream_ptr
+from .._native.streams import stream_context as _stream_context
 
 __all__ = ["SparseLinear", "calibrate_chain", "MODES"]
 
@@ -117,17 +118,6 @@ def _bits(a: np.ndarray) -> np.ndarray:
     if a.dtype in (_BF16, np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
         return a.view(np.dtype(f"u{a.dtype.itemsize}"))
     return a
-
-
-def _stream_context(stream: Any) -> Any:
-    """A context making ``stream`` CuPy's current stream (None: leave the current one)."""
-    if stream is None:
-        return contextlib.nullcontext()
-    cupy = gpu.cupy()
-
-    if isinstance(stream, cupy.cuda.Stream):
-        return stream
-    return on_stream(stream_ptr(stream))
 
 
 class SparseLinear:

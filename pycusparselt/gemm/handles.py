@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 
-from . import gpu
+from .._native import gpu
 from .. import bindings
 from ..errors import ClosedError
 
