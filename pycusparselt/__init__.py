@@ -44,13 +44,12 @@ Importing the package loads nothing native: the library is found and loaded on f
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,
   ``pycusparselt.bench.runner``, ``pycusparselt.bench.report`` and ``pycusparselt.bench.__main__``
   (the sparse GEMM benchmark); ``pycusparselt.cli`` and ``pycusparselt.__main__`` (``python -m
-  pycusparselt info | demo | bench``); ``pycusparselt._moved`` (the old import paths, such as
-  ``pycusparselt.plan``, of the modules that moved into the layer folders).
+  pycusparselt info | demo | bench``).
 """
 
 from __future__ import annotations
 
-from . import _moved, enums, errors
+from . import enums, errors
 from ._native.library import ENV_VAR, MIN_VERSION, library_path, library_version
 from ._native.devices import gpu_unavailable_reason, require_gpu
 from .gemm.graphs import CapturedGraph, capture
@@ -69,8 +68,6 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
-
-_moved.install()  # the old import paths of the modules that moved into the layer folders
 
 __all__ = [
     "__version__",

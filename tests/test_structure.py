@@ -25,7 +25,7 @@ LAYERS = [
     ("gemm", ["pycusparselt.gemm"]),
     ("nn", ["pycusparselt.nn"]),
     ("distributed and PyTorch", ["pycusparselt.distributed", "pycusparselt.torch"]),
-    ("tools", ["pycusparselt.bench", "pycusparselt.cli", "pycusparselt.__main__", "pycusparselt._moved",
+    ("tools", ["pycusparselt.bench", "pycusparselt.cli", "pycusparselt.__main__",
                "pycusparselt"]),
 ]
 
@@ -359,16 +359,10 @@ def test_a_module_outside_the_layers_is_refused():
         layer_of("pycusparselt.somewhere_new")
 
 
-def test_the_old_import_paths_are_the_moved_modules():
-    """``pycusparselt.plan`` and the other moved modules' old paths give the same module objects."""
-    import importlib
+def test_importing_the_package_installs_no_import_hook():
+    """Every module has one import path (no aliases of old paths through ``sys.meta_path``)."""
+    import sys
 
-    import pycusparselt
-    from pycusparselt import _moved
+    import pycusparselt  # noqa: F401
 
-    for old, new in _moved.MOVED.items():
-        module = importlib.import_module(f"pycusparselt.{old}")
-        assert module is importlib.import_module(f"pycusparselt.{new}")
-        assert module.__spec__.name == f"pycusparselt.{new}"
-        assert getattr(pycusparselt, old) is module
-    assert re.fullmatch(r"pycusparselt\.gemm\.plan", pycusparselt.plan.SparseMatmulPlan.__module__)
+    assert [f for f in sys.meta_path if type(f).__module__.startswith("pycusparselt")] == []

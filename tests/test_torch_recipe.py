@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="pycusparselt.torch needs PyTorch (the 'torch' extra)")
 nn = torch.nn
 
-from pycusparselt import masks, reference  # noqa: E402
+from pycusparselt import reference  # noqa: E402
+from pycusparselt.nn import masks  # noqa: E402
 from pycusparselt import torch as pst  # noqa: E402
 
 
