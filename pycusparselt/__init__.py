@@ -17,7 +17,8 @@ Importing the package loads nothing native: the library is found and loaded on f
 - bindings: :mod:`pycusparselt.bindings` (one checked wrapper per C function), on the native floor.
 - arrays: ``pycusparselt._arrays``, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
   and answers in the caller's framework.
-- tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),
+- tuning: :mod:`pycusparselt.tuning` (exports ``pycusparselt.tuning.tuner``, the auto-tuner, on any
+  :class:`~pycusparselt.tuning.Tunable`),
   ``pycusparselt.tuning.timing`` (CUDA-event timing), :mod:`pycusparselt.tuning.cache` (winners on disk).
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
   ``pycusparselt.gemm.problem`` (the canonical problem and its layout rules, pure),

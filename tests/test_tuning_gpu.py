@@ -196,13 +196,13 @@ def test_bound_call_equals_matmul_and_reads_operands_at_run_time(cp, case):
 def test_compressed_buffers_leave_room_for_the_kernels_reads(cp):
     """cuSPARSELt's SM 9.0 kernels read past the compressed size (compute-sanitizer, padded FP16 33x50x70):
     every compressed buffer, the tuner's copies included, is allocated with COMPRESSED_SLACK bytes more."""
-    from pycusparselt import tuning
+    from pycusparselt.tuning import tuner
     from pycusparselt.gemm.plan import COMPRESSED_SLACK
 
     with Problem(cp, Case(F16, F16, m=33, n=50, k=70)) as p:
         assert p.comp._buffer.base.nbytes == p.comp.nbytes + COMPRESSED_SLACK
         keep: list = []
-        ptrs = tuning._copies(p.comp.ptr, p.comp.nbytes, 3, cp.cuda.get_current_stream().ptr, keep, COMPRESSED_SLACK)
+        ptrs = tuner._copies(p.comp.ptr, p.comp.nbytes, 3, cp.cuda.get_current_stream().ptr, keep, COMPRESSED_SLACK)
         assert len(ptrs) == 3 and ptrs[0] == p.comp.ptr
         assert [buf.nbytes for buf in keep] == [p.comp.nbytes + COMPRESSED_SLACK] * 2
         cp.cuda.Device().synchronize()
