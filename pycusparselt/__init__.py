@@ -6,8 +6,10 @@ Importing the package loads nothing native: the library is found and loaded on f
 (docs/architecture.rst draws them; tests/test_structure.py checks it):
 
 - ground (NumPy and ml_dtypes only, no GPU): :mod:`pycusparselt.types` (the one type table: dtypes,
-  combinations, default output and compute types) and :mod:`pycusparselt.reference`, the NumPy oracle
-  (pruning, compression, GEMM semantics).
+  combinations, default output and compute types) and :mod:`pycusparselt.reference`, the NumPy oracle, one
+  job a module: ``pycusparselt.reference.sparsity`` (pruning, compression), ``pycusparselt.reference.semantics``
+  (the GEMM), ``pycusparselt.reference.tolerance`` (how close a GPU result must be) and
+  ``pycusparselt.reference.elements`` (element checks and conversions).
 - native floor: :mod:`pycusparselt.enums` (the header's enumerations), :mod:`pycusparselt.errors` (the
   exceptions) and ``pycusparselt._native``: ``pycusparselt._native.ffi`` (the cffi declarations),
   ``pycusparselt._native.library`` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`

@@ -417,13 +417,13 @@ def test_conversion_is_correct_rounding(dt):
     even_up = (bt[1:] % 2) == 0
     tie = np.where(even_up, v[1:], v[:-1])
     for sgn in (1.0, -1.0):
-        got_mid = ref._convert_output(sgn * mid, dt).astype(np.float64)
+        got_mid = ref.semantics.convert_output(sgn * mid, dt).astype(np.float64)
         np.testing.assert_array_equal(got_mid, sgn * tie)
         below = np.nextafter(mid, 0)
         above = np.nextafter(mid, np.inf)
-        np.testing.assert_array_equal(ref._convert_output(sgn * below, dt).astype(np.float64),
+        np.testing.assert_array_equal(ref.semantics.convert_output(sgn * below, dt).astype(np.float64),
                                       sgn * v[:-1])
-        np.testing.assert_array_equal(ref._convert_output(sgn * above, dt).astype(np.float64),
+        np.testing.assert_array_equal(ref.semantics.convert_output(sgn * above, dt).astype(np.float64),
                                       sgn * v[1:])
 
 
@@ -431,7 +431,7 @@ def test_conversion_is_correct_rounding(dt):
 @given(st.floats(allow_nan=True, allow_infinity=True, width=64),
        st.sampled_from([F16, BF16, F32, E4M3, E5M2, I8, I32]))
 def test_conversion_nearest(x, dt):
-    got = ref._convert_output(np.array([x]), dt)[0]
+    got = ref.semantics.convert_output(np.array([x]), dt)[0]
     if dt in (I8, I32):
         info = np.iinfo(dt)
         want = 0 if math.isnan(x) else max(info.min, min(info.max, round(x) if math.isfinite(x)
@@ -467,8 +467,9 @@ def test_conversion_nearest(x, dt):
 # ------------------------------------------------------------------------------------------------
 
 def test_semantics_table_names_real_functions():
+    parts = (ref.sparsity, ref.semantics, ref.tolerance, ref.elements)
     for key, rule in ref.SEMANTICS.items():
-        assert hasattr(ref, rule.function), (key, rule.function)
+        assert any(hasattr(part, rule.function) for part in parts), (key, rule.function)
         assert rule.established and rule.rule
 
 
