@@ -50,9 +50,8 @@ import numpy as np
 from ..types import COMPUTE_TYPES, SUPPORTED_INPUTS
 from ..types import VALID_COMBINATIONS as _TABLE
 from . import elements, semantics, sparsity, tolerance
-from .semantics import SEMANTICS, Rule, matmul
+from .semantics import Rule, matmul
 from .sparsity import (
-    TILE_PATTERNS,
     compress,
     compressed_nbytes,
     decompress,
@@ -99,3 +98,16 @@ VALID_COMBINATIONS: Mapping[np.dtype, tuple[np.dtype, ...]] = _TABLE
 #: inputs runs on TF32 Tensor Cores (there is no sparse FP32 math), so it is treated like "TF32"
 #: (:data:`pycusparselt.types.COMPUTE_TYPES`).
 DEFAULT_COMPUTE: Mapping[np.dtype, tuple[str, ...]] = COMPUTE_TYPES
+
+#: Every non-arithmetic rule of the reference, with the function that implements it (in
+#: ``pycusparselt.reference.semantics`` or ``pycusparselt.reference.sparsity``) and how it was established. The
+#: documentation page quotes this table; change a rule there and here.
+#:
+#: :meta hide-value:
+SEMANTICS: Mapping[str, Rule] = semantics.SEMANTICS
+
+#: The 90 tile patterns, shape (90, 4, 4): ``[p, r, c]`` with r along the non-reduction axis and c
+#: along the reduction axis; in the tie-break order of ``method="tile"`` (read-only).
+#:
+#: :meta hide-value:
+TILE_PATTERNS: np.ndarray = sparsity.TILE_PATTERNS

@@ -30,10 +30,7 @@ _ASSUMED = "assumption (unconfirmed); to be confirmed on the H100"
 _GPU = "experiment on an H100 with cuSPARSELt 0.8.0 (docs/semantics.rst, case {})"
 _OURS = "our choice (cuSPARSELt's own choice not known; compare on the H100)"
 
-#: Every non-arithmetic rule of the reference, with the private function that implements it and how
-#: it was established. The documentation page quotes this table; change a rule here and there.
-#:
-#: :meta hide-value:
+#: Every non-arithmetic rule of the reference (exported as :data:`pycusparselt.reference.SEMANTICS`).
 SEMANTICS: Mapping[str, Rule] = {
     "epilogue_order": Rule(
         "x = alpha * (A @ B) + beta * C + bias, in real arithmetic (float64 here, float32 on the "

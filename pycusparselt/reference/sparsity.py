@@ -102,10 +102,7 @@ def _build_tile_patterns() -> np.ndarray:
     return out
 
 
-#: The 90 tile patterns, shape (90, 4, 4): ``[p, r, c]`` with r along the non-reduction axis and c
-#: along the reduction axis; in the tie-break order of ``method="tile"`` (read-only).
-#:
-#: :meta hide-value:
+#: The 90 tile patterns (exported as :data:`pycusparselt.reference.TILE_PATTERNS`).
 TILE_PATTERNS: np.ndarray = _build_tile_patterns()
 _TILE_PATTERNS_F64 = TILE_PATTERNS.reshape(90, 16).T.astype(np.float64)  # (16, 90)
 _TILE_CHUNK = 1 << 15  # tiles per matmul: (32768 x 90) float64 scores = 24 MB

@@ -18,6 +18,11 @@ from .tuner import (
     tuning_key,
 )
 
+# The public classes' home is pycusparselt.tuning: their documented names, reprs and pickles use it.
+for _public in (PlanConfig, Candidate, TuningReport, Tunable):
+    _public.__module__ = __name__
+del _public
+
 #: Why configurations other than the default are tried on device 0 only (see :func:`tuning_is_safe_on`).
 TUNING_OFF_DEVICE_0 = tuner.TUNING_OFF_DEVICE_0
 
