@@ -12,7 +12,8 @@ Importing the package loads nothing native: the library is found and loaded on f
   ``pycusparselt.reference.elements`` (element checks and conversions).
 - native floor: :mod:`pycusparselt.enums` (the header's enumerations), :mod:`pycusparselt.errors` (the
   exceptions) and ``pycusparselt._native``: ``pycusparselt._native.ffi`` (the cffi declarations),
-  ``pycusparselt._native.library`` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`
+  ``pycusparselt._native.library`` (finding and loading libcusparseLt), ``pycusparselt._native.opaque`` (the
+  opaque C structures as owned, aligned storage), :mod:`pycusparselt._native.settings`
   (environment variables), ``pycusparselt._native.gpu`` (CuPy, imported there only, on first use),
   :mod:`pycusparselt._native.streams` (every stream helper: handles, current streams, stream contexts),
   :mod:`pycusparselt._native.devices` (which GPUs are usable).

@@ -14,6 +14,7 @@ import pytest
 from test_bindings import build_ffi  # build_ffi.py, loaded from the checkout
 
 from pycusparselt import bindings as b
+from pycusparselt.enums import Status
 from pycusparselt._native.ffi import ffi
 from pycusparselt.errors import CuSparseLtError
 
@@ -131,7 +132,7 @@ def test_prepared_matmul_owns_its_scalars_and_stream(kind):
 
 @pytest.mark.parametrize("kind", ["abi", "compiled"])
 def test_a_failing_status_raises_naming_the_function(kind):
-    fake = FakeLibrary(status=int(b.Status.INVALID_VALUE))
+    fake = FakeLibrary(status=int(Status.INVALID_VALUE))
     paths = callers(fake)
     if kind not in paths:
         compiled_module()
@@ -139,7 +140,7 @@ def test_a_failing_status_raises_naming_the_function(kind):
     with pytest.raises(CuSparseLtError, match="cusparseLtMatmul.*INVALID_VALUE"):
         call(1.0, 1, 2, 0.0, 3, 4, 0)
     prepared = call.prepare(1.0, 1, 2, 0.0, 3, 4, 0)
-    assert prepared.launch() == int(b.Status.INVALID_VALUE)  # the raw status, for callers that check it
+    assert prepared.launch() == int(Status.INVALID_VALUE)  # the raw status, for callers that check it
     with pytest.raises(CuSparseLtError, match="cusparseLtMatmul.*INVALID_VALUE"):
         prepared()
 
