@@ -46,6 +46,7 @@ Importing the package loads nothing native: the library is found and loaded on f
   ``pycusparselt.torch.channels``, ``pycusparselt.torch.modules`` and ``pycusparselt.torch.compact`` (the 2:4
   retraining workflow and the sparse ``nn.Module`` for PyTorch models, its state in a compact form).
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,
+  ``pycusparselt.bench.inputs``,
   ``pycusparselt.bench.runner``, ``pycusparselt.bench.report`` and ``pycusparselt.bench.__main__``
   (the sparse GEMM benchmark); ``pycusparselt.cli`` and ``pycusparselt.__main__`` (``python -m
   pycusparselt info | demo | bench``).

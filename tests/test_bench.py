@@ -16,6 +16,7 @@ import pytest
 
 from pycusparselt import bench
 from pycusparselt.bench import cases, report
+from pycusparselt.bench import inputs as bench_inputs
 from pycusparselt.bench import runner as bench_runner
 from pycusparselt.cli import main as cli_main
 
@@ -467,7 +468,7 @@ def test_inputs_and_reference(dtype):
 
     cp = _NumpyAsCupy()
     shape = bench.Shape("t", "custom", 32, 48, 64)
-    data = bench_runner._Inputs(cp, shape, dtype, seed=3)
+    data = bench_inputs.Inputs(cp, shape, dtype, seed=3)
     assert data.x_store.shape == (32, 64) and data.w_store.shape == (48, 64)
     typed = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "int8": np.int8, "e4m3": ml_dtypes.float8_e4m3fn}[dtype]
     # the storage decodes to the values of the input type exactly (bf16: the top half of float32; e4m3: its bytes)
@@ -493,7 +494,7 @@ def test_inputs_and_reference(dtype):
     wrong[:, :24] = wrong[:, 24:]
     assert data.rel_err(wrong.astype(data.out_np)) > 0.5
     poisoned = np.empty_like(out)
-    bench_runner._poison(cp, poisoned)
+    bench_inputs.poison(cp, poisoned)
     assert not data.rel_err(poisoned) <= cases.TOLERANCE[data.out]
     with pytest.raises(ValueError, match="shape"):
         data.rel_err(out.T)
@@ -516,7 +517,7 @@ def test_column_failures(monkeypatch):
     runner.events = events.append
     monkeypatch.setattr(runner, "_time", lambda fn, stream=None, per_call=1, first_s=0.0: {
         "median_ms": 2.0 / per_call, "min_ms": 1.0 / per_call}, raising=False)
-    data = bench_runner._Inputs(cp, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
+    data = bench_inputs.Inputs(cp, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
     data.build_reference()
     record = {"columns": {}}
     right = data.reference.astype(data.out_np)
@@ -769,7 +770,7 @@ def _ours_runner(monkeypatch, fail=None, skip=None):
 
     gpu = _FakeGpu()
     monkeypatch.setitem(sys.modules, "cupy", gpu)
-    data = bench_runner._Inputs(gpu, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
+    data = bench_inputs.Inputs(gpu, bench.Shape("t", "custom", 16, 16, 32), "fp16", seed=0)
     data.build_reference()
     x, wt = data.typed(data.x_store), data.typed(data.w_store).T
     log, events = [], []

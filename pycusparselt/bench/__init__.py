@@ -4,7 +4,8 @@
 [--markdown PATH] [--plot PATH]``
 
 The package: ``pycusparselt.bench.cases`` (shapes, types, columns, goals), ``pycusparselt.bench.environment``
-(the machine), ``pycusparselt.bench.runner`` (timing the columns of each case, in isolated processes) and
+(the machine), ``pycusparselt.bench.inputs`` (a case's data on the GPU and the float64 product it is checked
+against), ``pycusparselt.bench.runner`` (timing the columns of each case, in isolated processes) and
 ``pycusparselt.bench.report`` (summaries, targets, tables and the plot); the command line is here.
 
 Every case is a linear layer ``y (M, N) = x (M, K) @ W (N, K).T`` with W pruned 2:4 along K, in the form
