@@ -1,7 +1,7 @@
 """The tables of ``docs/inference.md``, in Markdown, from a ``bench_inference.py`` JSON.
 
 ``python benchmarks/inference_tables.py benchmarks/results/inference_<gpu>_<date>.json`` prints the BERT-large
-FFN table, the LLM decode table and the per-layer host-cost table; ``tests/test_docs_tables.py`` checks that the
+FFN table, the LLM decode table and the per-layer host-cost table; ``tests/docs/test_docs_tables.py`` checks that the
 page carries them as printed from the committed JSON.
 """
 

@@ -1,5 +1,5 @@
 """How the ranks of a job meet (the engines: torch.distributed, mpi4py, cupyx.distributed, a job of one), on the
-CPU. Jobs of several processes under torchrun and mpirun run in tests/test_distributed_gpu.py, where those
+CPU. Jobs of several processes under torchrun and mpirun run in tests/distributed/test_distributed_gpu.py, where those
 launchers are installed."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from pycusparselt import distributed as dist
 from pycusparselt.distributed import engines
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NOTHING = {"torch": False, "mpi4py": False, "cupyx": False}
 EVERYTHING = {"torch": True, "mpi4py": True, "cupyx": True}
 

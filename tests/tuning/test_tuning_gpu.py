@@ -11,10 +11,15 @@ import warnings
 
 import numpy as np
 import pytest
-from test_plan_gpu import F16, I8, I32, RELU, Case, Problem, _ids
+from checkout import load
 
 import pycusparselt as psl
 from pycusparselt.tuning.cache import TuningCache, TuningCacheWarning
+
+# the plan tests' cases and problem fixtures, shared (tests/gemm/test_plan_gpu.py)
+_plan_gpu = load("tests/gemm/test_plan_gpu.py", "plan_gpu_cases")
+F16, I8, I32, RELU, Case, Problem, _ids = (_plan_gpu.F16, _plan_gpu.I8, _plan_gpu.I32, _plan_gpu.RELU, _plan_gpu.Case,
+                                            _plan_gpu.Problem, _plan_gpu._ids)
 
 pytestmark = pytest.mark.gpu
 

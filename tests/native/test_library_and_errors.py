@@ -279,10 +279,10 @@ def test_pytest_reports_one_line_per_gpu_skip_reason():
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider",
-                             str(tests / "test_linear_gpu.py"), str(tests / "test_tuning_gpu.py")],
+                             str(tests / "nn" / "test_linear_gpu.py"), str(tests / "tuning" / "test_tuning_gpu.py")],
                             capture_output=True, text=True, timeout=300, env=env, cwd=tests.parent)
     lines = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED") and "GPU test: " in line]
     assert len(lines) == 1, result.stdout[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "recipe_digits.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "recipe_digits.py"
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
                                 reason="the recipe example needs scikit-learn (the digits data set)")

@@ -23,7 +23,7 @@ F16, BF16, F32, I8, I32 = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
 E4M3, E5M2 = np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)
 COMBOS = [(i, o) for i, outs in ref.VALID_COMBINATIONS.items() for o in outs]
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference.rst"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "reference.rst"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 import re
 
 import pytest
-from test_bindings import build_ffi  # build_ffi.py, loaded from the checkout
+from checkout import build_ffi  # build_ffi.py, loaded from the checkout
 
 from pycusparselt import bindings as b
 from pycusparselt.enums import Status

@@ -13,7 +13,7 @@ from pycusparselt import enums
 from pycusparselt._native.ffi import ffi
 from pycusparselt.errors import ClosedError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("build_ffi", ROOT / "build_ffi.py")
 build_ffi = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_ffi)

@@ -20,7 +20,7 @@ from pycusparselt.bench import inputs as bench_inputs
 from pycusparselt.bench import runner as bench_runner
 from pycusparselt.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the shape set -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Replay the GPU experiments of scripts/probe_semantics.py on the NumPy reference.
 
-``tests/data/probe_*.npz`` holds each case's exact inputs, parameters, status and the GPU's output (an H100
+``tests/reference/data/probe_*.npz`` holds each case's exact inputs, parameters, status and the GPU's output (an H100
 with cuSPARSELt 0.8.0). Inputs are small integers, so the products are exact in every type and the reference
 must reproduce the GPU's output **bit for bit**: any rule of docs/semantics.rst that the reference breaks
 fails here, without a GPU. Cases the library refused are pinned to their recorded refusal, so the

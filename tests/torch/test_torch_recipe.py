@@ -191,7 +191,7 @@ def test_what_cannot_be_pruned_is_listed():
         pst.prune_trained_model(model, method="random")
 
 
-# -- sparsify: the model run through SparseLinear (here on the NumPy reference; tests/test_torch_gpu.py on GPUs)
+# -- sparsify: the model run through SparseLinear (here on the NumPy reference; tests/torch/test_torch_gpu.py on GPUs)
 
 
 class Small(nn.Module):

@@ -17,7 +17,7 @@ import pytest
 
 import cdef_check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_build_ffi():

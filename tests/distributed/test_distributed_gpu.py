@@ -5,7 +5,7 @@ computed whole, :func:`row_parallel_bounds` for sums of partials), stage by stag
 is checked on the hidden activations the GPU produced. Tests that need more GPUs than the machine has skip,
 saying how many they need. On a machine with several GPUs::
 
-    python -P -m pytest -m gpu tests/test_distributed_gpu.py tests/test_distributed_devices_gpu.py
+    python -P -m pytest -m gpu tests/distributed
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
 
 F16, BF16 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _gpu_count() -> int:
