@@ -26,7 +26,7 @@ their eager columns are timed in alternation, one sample of each per round with 
 the later stage read slower from clock and thermal drift alone.
 
 The functions that turn results into tables and targets (:func:`markdown_report`, :func:`targets`) need
-neither a GPU nor CuPy; ``scripts/bench_report.py`` writes ``docs/benchmarks.md`` with them.
+neither a GPU nor CuPy; ``python benchmarks/tables.py gemm`` writes ``docs/benchmarks.md`` with them.
 """
 
 

@@ -332,7 +332,7 @@ def test_report_script(tmp_path):
     notes.write_text("Why the misses happened.\n")
     out = tmp_path / "page.md"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_report.py"), str(results), "--host-overhead", str(host),
+        [sys.executable, str(ROOT / "benchmarks" / "tables.py"), "gemm", str(results), "--host-overhead", str(host),
          "--notes", str(notes), "--out", str(out)],
         capture_output=True, text=True, check=False,
     )

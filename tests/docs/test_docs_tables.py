@@ -109,10 +109,10 @@ def _markdown_tables(text: str) -> list[list[str]]:
 
 
 def test_the_inference_tables_are_the_committed_result():
-    tables = _module(ROOT / "benchmarks" / "inference_tables.py")
+    tables = _module(ROOT / "benchmarks" / "tables.py")
     text = (ROOT / "docs" / "inference.md").read_text()
     path = re.search(r"Results: `benchmarks/results/(inference_[^`]+\.json)`", text).group(1)
-    expected = tables.tables(json.loads((RESULTS / path).read_text()))
+    expected = tables.inference_tables(json.loads((RESULTS / path).read_text()))
     on_page = _markdown_tables(text)
     for table in expected:
         assert table in on_page, f"docs/inference.md lacks the table headed {table[0]!r} of {path}"
@@ -120,7 +120,7 @@ def test_the_inference_tables_are_the_committed_result():
 
 def test_a_changed_inference_cell_is_caught():
     """A table with one number changed is not the one the JSON gives."""
-    tables = _module(ROOT / "benchmarks" / "inference_tables.py")
+    tables = _module(ROOT / "benchmarks" / "tables.py")
     result = json.loads((RESULTS / "inference_h200_2026-11-30.json").read_text())
     table = tables.llm_table(result)
     result["rows"][0]["ms"] *= 1.01

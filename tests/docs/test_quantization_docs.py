@@ -15,16 +15,16 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_documentation_tables_match_the_committed_results():
-    tables = _load("quant_tables")
-    assert tables.render(check=True) == [], "run: python scripts/quant_tables.py"
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    assert tables.render(check=True) == [], "run: python benchmarks/tables.py quantization"
 
 
 def test_committed_results_have_every_column():
@@ -45,7 +45,7 @@ def test_committed_results_have_every_column():
 
 
 def test_the_region_markers_are_required():
-    tables = _load("quant_tables")
+    tables = _module(ROOT / "benchmarks" / "tables.py")
     with pytest.raises(ValueError, match="markers"):
         tables.replace_region("no markers here", "accuracy-table", ["x"])
     text = "a\n.. t:start\nold\n.. t:end\nb"
@@ -68,7 +68,7 @@ def test_accuracy_script_runs_on_the_cpu(tmp_path):
 
 def test_speed_tables_render_a_complete_result():
     """The renderer turns a benchmark result into the seed-format rows: samples/s per variant and the gains."""
-    tables = _load("quant_tables")
+    tables = _module(ROOT / "benchmarks" / "tables.py")
     ms = {"dense_fp16_cupy": 2.0, "dense_fp16_torch": 1.6, "dense_fp16": 1.6, "dense_int8_cublas": 1.2,
           "dense_int8": 1.2, "sparse_fp16": 1.0, "sparse_int8": 0.8, "sparse_fp8": 0.9}
     layers, batch = 4, 8
