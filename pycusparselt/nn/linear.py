@@ -20,7 +20,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -29,6 +29,9 @@ from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
 from . import layer_files, layer_values, quantization
+from .quantization import calibrate_chain
+from .quantization import gelu32 as _gelu32
+from .quantization import relu32 as _relu32
 from ..gemm.plan import PlanConfig, SparseMatmulPlan
 from ..tuning import tuning_is_safe_on
 from .._native.streams import on_stream, stream_ptr
@@ -43,10 +46,6 @@ _FLOATS = (_F16, _BF16, _F32)
 MODES = ("fp16", "bf16", "int8", "fp8")
 _MODE_DTYPE = {"fp16": _F16, "bf16": _BF16}
 _OUT_DTYPES = {"int8": (_F16, _BF16, _I8), "fp8": (_F16, _BF16, _F32)}
-
-_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
-_GELU_K = np.float32(0.044715)
-
 
 _on_device = _arrays.is_device
 _to_numpy = _arrays.to_numpy
@@ -95,22 +94,6 @@ def _is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
         p = _padded(w, 1, 2).reshape(w.shape[0], -1, 2)
         return bool(((p != 0).sum(axis=-1) <= 1).all())
     return reference.is_2to4(_padded(w, 1, 4), axis=-1)
-
-
-def _gelu32(z: Any, xp: Any) -> Any:
-    """tanh-approximated GELU in float32 (the form of cuBLASLt's epilogue and of the reference).
-
-    ``0.5 * z * (1 + tanh(u))`` is evaluated as ``z / (1 + exp(-2u))``, the same function without the
-    cancellation of ``1 + tanh(u)`` for negative z (there, two correct tanh implementations can disagree by
-    many units of the small result)."""
-    u = _GELU_C * (z + _GELU_K * z * z * z)
-    with np.errstate(over="ignore"):  # exp overflows to inf for z below about -10: the result is -0
-        return z / (np.float32(1.0) + xp.exp(np.float32(-2.0) * u))
-
-
-def _relu32(z: Any, threshold: float, upper: float, xp: Any) -> Any:
-    y = xp.where(z <= np.float32(threshold), np.float32(0.0), z)
-    return y if upper == math.inf else xp.minimum(y, np.float32(upper))
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -909,27 +892,6 @@ class SparseLinear:
 
     # -- calibration ---------------------------------------------------------------------------------
 
-    def _float_forward(self, x: Any) -> Any:
-        """``activation(x @ W.T + b)`` in float32 with the pruned float weight: the real-valued layer that
-        the quantized one approximates (used for calibration)."""
-        xp = _xp(self.on_device)
-        if self.on_device:
-            x = _to_cupy(x)
-        dt = np.dtype(x.dtype)
-        if dt not in _FLOATS:
-            raise TypeError(f"batches: calibration takes float activations, got {dt}")
-        x32 = quantization.as_float32(x, xp)
-        if self.permutation is not None:
-            x32 = x32[..., xp.asarray(self.permutation)]
-        y = x32 @ quantization.as_float32(self.weight, xp).T
-        if self._bias_host is not None:
-            y = y + quantization.as_float32(self.bias, xp)
-        if self.activation == "relu":
-            y = _relu32(y, self.relu_threshold, self.relu_upper_bound, xp)
-        elif self.activation == "gelu":
-            y = _gelu32(y, xp)
-        return y
-
     def calibrate(
         self, batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99, bins: int = 2048
     ) -> SparseLinear:
@@ -948,28 +910,8 @@ class SparseLinear:
         SparseLinear
             The layer itself.
         """
-        if not self.quantized:
-            raise ValueError(f"calibrate: only int8 and fp8 layers have scales; this layer's mode is {self.mode!r}")
-        opts = dict(method=method, percentile=percentile, bins=bins)
-        cal_in = quantization.Calibrator(self.format, **opts)
-        cal_out = quantization.Calibrator("int8", **opts) if self.out_dtype == _I8 else None
-        for x in batches:
-            self._check_batch(x)
-            cal_in.observe(x)
-            if cal_out is not None:
-                cal_out.observe(self._float_forward(x))
-        if cal_in.batches == 0:
-            raise ValueError("batches: no calibration data (the iterable was empty)")
-        self.input_scale = cal_in.scale()
-        if cal_out is not None:
-            self.output_scale = cal_out.scale()
+        quantization.calibrate_layer(self, batches, method=method, percentile=percentile, bins=bins)
         return self
-
-    def _check_batch(self, x: Any) -> None:
-        if self.on_device != _on_device(x):
-            raise TypeError("batches: calibration data must live where the layer does (NumPy or device arrays)")
-        if tuple(x.shape)[-1:] != (self.in_features,):
-            raise ValueError(f"batches: expected (..., {self.in_features}) features, got shape {tuple(x.shape)}")
 
     # -- saving --------------------------------------------------------------------------------------
 
@@ -1350,49 +1292,3 @@ def _config_entry(key: tuple, config: dict) -> dict:
 def _find_config(configs: dict[tuple, dict], ident: tuple) -> dict | None:
     """The configuration stored for exactly this GPU, compute capability, library version and input."""
     return configs.get(_config_key(ident))
-
-
-# -- chains ----------------------------------------------------------------------------------------
-
-
-def calibrate_chain(
-    layers: Sequence[SparseLinear], batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99,
-    bins: int = 2048,
-) -> None:
-    """Calibrate layers that run one after the other (``layers[i + 1]`` takes ``layers[i]``'s output).
-
-    Each batch runs once through the float32 layers (pruned float weights); every quantized layer's input
-    scale comes from what it receives, and an int8 output's scale is the next layer's input scale (so the
-    int8 output feeds the next INT8 layer as it is), or from the last layer's own outputs.
-    """
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers: expected at least one SparseLinear")
-    for i, (a, b) in enumerate(zip(layers[:-1], layers[1:], strict=True)):
-        if a.out_features != b.in_features:
-            raise ValueError(f"layers: layer {i} has {a.out_features} outputs but layer {i + 1} takes "
-                             f"{b.in_features} inputs")
-    opts = dict(method=method, percentile=percentile, bins=bins)
-    cal_in = [quantization.Calibrator(layer.format, **opts) if layer.quantized else None for layer in layers]
-    cal_out = [quantization.Calibrator("int8", **opts) if layer.out_dtype == _I8 else None for layer in layers]
-    seen = 0
-    for x in batches:
-        seen += 1
-        layers[0]._check_batch(x)
-        h = x
-        for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
-            if ci is not None:
-                ci.observe(h)
-            h = layer._float_forward(h)
-            if co is not None:
-                co.observe(h)
-    if seen == 0:
-        raise ValueError("batches: no calibration data (the iterable was empty)")
-    for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
-        if ci is not None:
-            layer.input_scale = ci.scale()
-        if co is not None:
-            layer.output_scale = co.scale()
-    for a, b in zip(layers[:-1], layers[1:], strict=True):
-        if a.out_dtype == _I8 and b.mode == "int8":
-            b.input_scale = a.output_scale  # the same statistics; made identical so the int8 output chains
