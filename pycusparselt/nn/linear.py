@@ -22,13 +22,23 @@ import os
 import warnings
 from typing import Any, Iterable, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
+from ..types import BF16 as _BF16, F16 as _F16, F32 as _F32, I8 as _I8, U8 as _U8
 from . import layer_files, layer_values, quantization
+from .layer_files import config_entry as _config_entry
+from .layer_files import config_key as _config_key
+from .layer_files import entry_ident as _entry_ident
+from .layer_files import find_config as _find_config
+from .layer_files import layer_fields as _loaded_fields
+from .layer_values import MODES
+from .layer_values import MODE_DTYPE as _MODE_DTYPE
+from .layer_values import OUT_DTYPES as _OUT_DTYPES
+from .layer_values import is_sparse_host as _is_sparse_host
+from .layer_values import padded as _padded
 from .quantization import calibrate_chain
 from .quantization import gelu32 as _gelu32
 from .quantization import relu32 as _relu32
@@ -39,13 +49,7 @@ from .._native.streams import stream_context as _stream_context
 
 __all__ = ["SparseLinear", "calibrate_chain", "MODES"]
 
-from ..types import BF16 as _BF16, F16 as _F16, F32 as _F32, I8 as _I8, U8 as _U8  # noqa: E402
 _FLOATS = (_F16, _BF16, _F32)
-
-#: The layer's modes: the type its GEMM reads. None (the default) computes in the weight's own dtype.
-MODES = ("fp16", "bf16", "int8", "fp8")
-_MODE_DTYPE = {"fp16": _F16, "bf16": _BF16}
-_OUT_DTYPES = {"int8": (_F16, _BF16, _I8), "fp8": (_F16, _BF16, _F32)}
 
 _on_device = _arrays.is_device
 _to_numpy = _arrays.to_numpy
@@ -66,14 +70,6 @@ def _xp(on_device: bool) -> Any:
     return np
 
 
-def _padded(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """``w`` with zero rows and columns appended up to multiples of ``rows`` and ``cols``."""
-    pr, pc = -w.shape[0] % rows, -w.shape[1] % cols
-    if not (pr or pc):
-        return w
-    return np.pad(w, ((0, pr), (0, pc)))
-
-
 def _prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
     """2:4 (1:2 for ``pairs``) magnitude pruning along the inputs, any size (zero padding is pruned away)."""
     out, inp = w.shape
@@ -87,20 +83,6 @@ def _prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
         return np.where(keep, p, np.zeros((), p.dtype))[:, :inp]
     p = _padded(w, 4 if method == "tile" else 1, 4)
     return reference.prune_2to4(p, axis=-1, method=method)[:out, :inp]
-
-
-def _is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
-    if pairs:
-        p = _padded(w, 1, 2).reshape(w.shape[0], -1, 2)
-        return bool(((p != 0).sum(axis=-1) <= 1).all())
-    return reference.is_2to4(_padded(w, 1, 4), axis=-1)
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """A host array as savable plain NumPy data (ml_dtypes types as their unsigned-integer bits)."""
-    if a.dtype in (_BF16, np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
-        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-    return a
 
 
 class SparseLinear:
@@ -923,31 +905,7 @@ class SparseLinear:
         ``container``: "npz" (NumPy) or "safetensors" (needs the safetensors package); by default
         "safetensors" for a path ending in ``.safetensors``, else "npz". See :mod:`pycusparselt.nn.layer_files`.
         """
-        # the attributes are public: what load would refuse is refused here, before anything is written
-        relu_upper_bound = layer_values.relu_upper_bound(self.relu_upper_bound)
-        relu_threshold = layer_values.relu_threshold(self.relu_threshold)
-        meta = {
-            "mode": self.mode, "dtype": self.dtype.name,
-            "quant_format": self.format, "weight_granularity": self.weight_granularity,
-            "activation": self.activation, "relu_upper_bound": _json_float(relu_upper_bound),
-            "relu_threshold": relu_threshold, "out_dtype": self.out_dtype.name,
-            "input_scale": layer_values.activation_scale(self._input_scale, "input_scale"),
-            "output_scale": layer_values.activation_scale(self._output_scale, "output_scale"),
-            "in_features": self.in_features, "out_features": self.out_features,
-            "weight_dtype": self.dtype.name, "configs": self.tuned_configs,
-        }
-        arrays: dict[str, np.ndarray] = {}
-        if self.quantized:
-            wq = _to_numpy(self.weight_q)
-            arrays["weight_q"] = wq if wq.dtype == _I8 else wq.view(np.uint8)
-            arrays["weight_scale"] = layer_values.weight_scales(self.weight_scale)
-        else:
-            arrays["weight"] = _bits(_to_numpy(self.weight))
-        if self._bias_host is not None:
-            arrays["bias"] = _bits(self._bias_host)
-        if self.permutation is not None:
-            arrays["permutation"] = self.permutation.astype(np.int64)
-        layer_files.write(path, meta, arrays, container)
+        layer_files.write(path, *layer_files.layer_contents(self, bias=self._bias_host), container)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, on_device: bool | None = None, device: int | None = None,
@@ -1191,104 +1149,3 @@ class _Route:
 
 def _cupy_ptr(a: Any) -> int:
     return a.data.ptr
-
-
-# -- stored configurations -------------------------------------------------------------------------
-
-
-def _dtype_named(name: str) -> np.dtype:
-    return _BF16 if name == "bfloat16" else np.dtype(name)
-
-
-def _json_float(v: float) -> Any:
-    return v if math.isfinite(v) else str(v)
-
-
-def _config_key(ident: tuple) -> tuple:
-    device_name, cc, version, shape, dtype = ident
-    return (device_name, cc, version, tuple(int(s) for s in shape), dtype)
-
-
-def _entry_ident(entry: dict) -> tuple:
-    return (entry["gpu"], entry["cc"], entry["cusparselt"], entry["x_shape"], entry["x_dtype"])
-
-
-def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
-    """A layer file's content checked as the constructor checks its arguments; the keyword arguments of
-    :meth:`SparseLinear._setup` (all but the device ones). Raises LayerFileError naming the field."""
-
-    def fail(message: str) -> Exception:
-        return layer_files.LayerFileError(f"{os.fspath(path)!r}: {message}")
-
-    mode, fmt = meta.get("mode"), meta.get("quant_format")
-    if mode is not None and mode not in MODES:
-        raise fail(f"meta field 'mode': expected None or one of {', '.join(MODES)}, got {mode!r}")
-    wanted_fmt = {"int8": ("int8",), "fp8": ("e4m3", "e5m2")}.get(mode, (None,))
-    if fmt not in wanted_fmt:
-        raise fail(f"meta field 'quant_format': a layer of mode {mode!r} has {wanted_fmt}, got {fmt!r}")
-    dtype = _dtype_named(meta["dtype"])
-    if mode in _MODE_DTYPE and dtype != _MODE_DTYPE[mode]:
-        raise fail(f"meta field 'dtype': a {mode} layer is {_MODE_DTYPE[mode].name}, got {dtype.name}")
-    numbers = {}
-    checks = {"relu_upper_bound": layer_values.relu_upper_bound, "relu_threshold": layer_values.relu_threshold,
-              "input_scale": functools.partial(layer_values.activation_scale, name="input_scale"),
-              "output_scale": functools.partial(layer_values.activation_scale, name="output_scale")}
-    for name, check in checks.items():
-        try:
-            numbers[name] = check(meta.get(name))
-        except (TypeError, ValueError) as exc:
-            raise fail(f"meta field {name!r}: {str(exc).removeprefix(name + ': ')}") from None
-    out_dtype = meta.get("out_dtype")
-    if fmt is not None and out_dtype not in {d.name for d in _OUT_DTYPES[mode]}:
-        raise fail(f"meta field 'out_dtype': a {mode} layer outputs {[d.name for d in _OUT_DTYPES[mode]]}, "
-                   f"got {out_dtype!r}")
-    permutation = arrays.get("permutation")
-    if permutation is not None and not np.array_equal(np.sort(permutation), np.arange(permutation.size)):
-        raise fail(f"member 'permutation': not a permutation of range({permutation.size})")
-    bias = arrays.get("bias")
-    weight_q = weight_scale = None
-    if fmt is not None:
-        weight_q = arrays["weight_q"]
-        if fmt != "int8":
-            weight_q = weight_q.view(quantization.FORMATS[fmt][0])
-        try:
-            weight_scale = layer_values.weight_scales(arrays["weight_scale"])
-        except (TypeError, ValueError) as exc:
-            raise fail(f"member 'weight_scale': {str(exc).removeprefix('weight_scale: ')}") from None
-        weight = quantization.dequantize(weight_q, weight_scale[:, None] if weight_scale.ndim else weight_scale)
-    else:
-        weight = arrays["weight"].view(dtype)
-        bias = None if bias is None else bias.view(dtype)
-    if not np.isfinite(weight.astype(np.float32)).all():
-        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: NaN or infinite values")
-    if bias is not None and not np.isfinite(bias.astype(np.float32)).all():
-        raise fail("member 'bias': NaN or infinite values")
-    pairs = mode is None and dtype == _F32
-    if not _is_sparse_host(weight, pairs):
-        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: not {'1:2' if pairs else '2:4'} along in_features")
-    configs = meta.get("configs")
-    try:
-        configs = {_config_key(_entry_ident(e)): {k: None if v is None else int(v)
-                                                   for k, v in dict(e["config"]).items()} for e in configs}
-        if any(not set(c) <= set(PlanConfig._fields) or "alg_id" not in c for c in configs.values()):
-            raise ValueError
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
-        raise fail("meta field 'configs': expected the entries tuned_configs returns") from None
-    return dict(
-        mode=mode, dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"] if fmt else None, weight=weight,
-        weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=permutation,
-        activation=meta.get("activation"), relu_upper_bound=numbers["relu_upper_bound"],
-        relu_threshold=numbers["relu_threshold"], out_dtype=out_dtype if fmt else None,
-        input_scale=numbers["input_scale"], output_scale=numbers["output_scale"], configs=configs,
-    )
-
-
-def _config_entry(key: tuple, config: dict) -> dict:
-    gpu, cc, version, shape, dtype = key
-    return {"gpu": gpu, "cc": cc, "cusparselt": version, "x_shape": list(shape), "x_dtype": dtype,
-            "config": dict(config)}
-
-
-def _find_config(configs: dict[tuple, dict], ident: tuple) -> dict | None:
-    """The configuration stored for exactly this GPU, compute capability, library version and input."""
-    return configs.get(_config_key(ident))
