@@ -92,7 +92,7 @@ def is_device(obj: Any) -> bool:
         return True
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         return obj.__dlpack_device__()[0] in DLPACK_CUDA
-    return hasattr(obj, "__dlpack__")  # no device to ask: as before, the device side refuses it if need be
+    return hasattr(obj, "__dlpack__")  # no device to ask: a device array; the device side refuses it if need be
 
 
 def namespace(obj: Any) -> tuple[Any, Any]:
