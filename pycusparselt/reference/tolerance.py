@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..types import BF16, COMPUTE_TYPES, E4M3, E5M2, F16, F32, I8, VALID_COMBINATIONS
+from ..types import BF16, COMPUTE_TYPES, E4M3, E5M2, F16, F32, FLOAT_FORMATS, I8, VALID_COMBINATIONS
 from .elements import bit_patterns, format_value, to_float64
 from .semantics import (
     GELU_C,
@@ -25,11 +25,8 @@ from .semantics import (
 
 __all__ = ["Tolerance", "matmul_tolerance", "matmul_bounds", "assert_close"]
 
-DEFAULT_COMPUTE = COMPUTE_TYPES
-
-
-# unit round-off (half an ulp at 1) of each floating type
-_UNIT_ROUNDOFF = {F16: 2.0**-11, BF16: 2.0**-8, F32: 2.0**-24, E4M3: 2.0**-4, E5M2: 2.0**-3}
+# unit round-off (half an ulp at 1) of each floating type: 2**-(mantissa bits + 1)
+_UNIT_ROUNDOFF = {dt: 2.0 ** -(f.mant + 1) for dt, f in FLOAT_FORMATS.items()}
 
 # accumulator significand bits (p, including the implicit bit) per (input type, compute)
 _ACC_BITS = {
@@ -156,10 +153,10 @@ def matmul_tolerance(
             + combinations_text()
         )
     if compute is None:
-        compute = DEFAULT_COMPUTE[in_dt][0]
-    if compute not in DEFAULT_COMPUTE[in_dt]:
+        compute = COMPUTE_TYPES[in_dt][0]
+    if compute not in COMPUTE_TYPES[in_dt]:
         raise TypeError(f"compute type {compute!r} is not valid for A/B {in_dt}; valid: "
-                        f"{', '.join(DEFAULT_COMPUTE[in_dt])}")
+                        f"{', '.join(COMPUTE_TYPES[in_dt])}")
     k = int(k)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
