@@ -5,7 +5,7 @@ Out-of-line ABI mode: ``set_source(..., None)`` makes ``pip install`` write a pl
 CUDA header, and importing needs no pycparser.
 
 Every value and signature here is checked against the installed ``cusparseLt.h`` by
-``tests/test_header_conformance.py``; nothing in the package repeats these constants by hand (the enums in
+``tests/native/test_header_conformance.py``; nothing in the package repeats these constants by hand (the enums in
 ``pycusparselt/enums.py`` are read from the compiled declarations).
 
 A second, optional module, ``pycusparselt._fastcall``, is compiled (cffi's API mode) where a C compiler and

@@ -23,7 +23,7 @@ microseconds per call (medians over the repeats of a loop of ``--iters`` calls w
 - ``graph_gpu_us``: GPU time per GEMM when the calls are captured in a CUDA graph and replayed.
 
 Without nvcc the C columns are n/a and the reason is recorded (``c_reason``). The JSON is what
-``python -m pycusparselt bench --host-overhead PATH`` and ``scripts/bench_report.py`` put in the report.
+``python -m pycusparselt bench --host-overhead PATH`` and ``python benchmarks/tables.py gemm`` put in the report.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ author = "the pycusparselt developers"
 copyright = "2026, the pycusparselt developers"
 release = "0.1.0"
 
-# myst_parser: docs/benchmarks.md is markdown, written by scripts/bench_report.py from the results JSON
+# myst_parser: docs/benchmarks.md is markdown, written by benchmarks/tables.py (gemm) from the results JSON
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx", "numpydoc", "myst_parser"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"

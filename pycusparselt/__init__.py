@@ -5,23 +5,29 @@ Importing the package loads nothing native: the library is found and loaded on f
 :func:`library_version`). The modules, in layers that import only from their own layer and the ones below
 (docs/architecture.rst draws them; tests/test_structure.py checks it):
 
-- native: :mod:`pycusparselt.bindings` (one checked wrapper per C function), :mod:`pycusparselt.enums` (the
-  header's enumerations), :mod:`pycusparselt.errors` (the exceptions), and in ``pycusparselt._native``
-  what they stand on: ``pycusparselt._native.ffi`` (the cffi declarations),
-  ``pycusparselt._native.library`` (finding and loading libcusparseLt), :mod:`pycusparselt._native.settings`
+- ground (NumPy and ml_dtypes only, no GPU): :mod:`pycusparselt.types` (the one type table: dtypes,
+  combinations, default output and compute types) and :mod:`pycusparselt.reference`, the NumPy oracle, one
+  job a module: ``pycusparselt.reference.sparsity`` (pruning, compression), ``pycusparselt.reference.semantics``
+  (the GEMM), ``pycusparselt.reference.tolerance`` (how close a GPU result must be) and
+  ``pycusparselt.reference.elements`` (element checks and conversions).
+- native floor: :mod:`pycusparselt.enums` (the header's enumerations), :mod:`pycusparselt.errors` (the
+  exceptions) and ``pycusparselt._native``: ``pycusparselt._native.ffi`` (the cffi declarations),
+  ``pycusparselt._native.library`` (finding and loading libcusparseLt), ``pycusparselt._native.opaque`` (the
+  opaque C structures as owned, aligned storage), :mod:`pycusparselt._native.settings`
   (environment variables), ``pycusparselt._native.gpu`` (CuPy, imported there only, on first use),
-  ``pycusparselt._native.handles`` (library handles per device),
-  :mod:`pycusparselt._native.streams` (CUDA streams as arguments), :mod:`pycusparselt._native.devices` (which
-  GPUs are usable); and on the ground :mod:`pycusparselt.reference`, the NumPy oracle (pruning, compression,
-  GEMM semantics), which needs no GPU.
+  :mod:`pycusparselt._native.streams` (every stream helper: handles, current streams, stream contexts),
+  :mod:`pycusparselt._native.devices` (which GPUs are usable).
+- bindings: :mod:`pycusparselt.bindings` (one checked wrapper per C function), on the native floor.
 - arrays: ``pycusparselt._arrays``, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
   and answers in the caller's framework.
-- tuning: :mod:`pycusparselt.tuning` (the auto-tuner, on any :class:`~pycusparselt.tuning.Tunable`),
+- tuning: :mod:`pycusparselt.tuning` (exports ``pycusparselt.tuning.tuner``, the auto-tuner, on any
+  :class:`~pycusparselt.tuning.Tunable`),
   ``pycusparselt.tuning.timing`` (CUDA-event timing), :mod:`pycusparselt.tuning.cache` (winners on disk).
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
   ``pycusparselt.gemm.problem`` (the canonical problem and its layout rules, pure),
   ``pycusparselt.gemm.options`` (the plan's options as one checked object),
-  ``pycusparselt.gemm.operands`` (operand layouts), :mod:`pycusparselt.gemm.dtypes` (type
+  ``pycusparselt.gemm.operands`` (operand layouts), ``pycusparselt.gemm.handles`` (library handles per
+  device and thread), :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
   ``pycusparselt.gemm.decode`` (a 2:4 decode kernel of our own for 1-16 rows) with
   ``pycusparselt.gemm.decode_layout`` (its weight layout, NumPy),
@@ -40,15 +46,15 @@ Importing the package loads nothing native: the library is found and loaded on f
   ``pycusparselt.torch.channels``, ``pycusparselt.torch.modules`` and ``pycusparselt.torch.compact`` (the 2:4
   retraining workflow and the sparse ``nn.Module`` for PyTorch models, its state in a compact form).
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,
+  ``pycusparselt.bench.inputs``,
   ``pycusparselt.bench.runner``, ``pycusparselt.bench.report`` and ``pycusparselt.bench.__main__``
   (the sparse GEMM benchmark); ``pycusparselt.cli`` and ``pycusparselt.__main__`` (``python -m
-  pycusparselt info | demo | bench``); ``pycusparselt._moved`` (the old import paths, such as
-  ``pycusparselt.plan``, of the modules that moved into the layer folders).
+  pycusparselt info | demo | bench``).
 """
 
 from __future__ import annotations
 
-from . import _moved, enums, errors
+from . import enums, errors
 from ._native.library import ENV_VAR, MIN_VERSION, library_path, library_version
 from ._native.devices import gpu_unavailable_reason, require_gpu
 from .gemm.graphs import CapturedGraph, capture
@@ -67,8 +73,6 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
-
-_moved.install()  # the old import paths of the modules that moved into the layer folders
 
 __all__ = [
     "__version__",

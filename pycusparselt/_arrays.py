@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ._native import gpu
+from ._native.streams import current_stream  # the call paths ask for it here, with the array they hold
 
 __all__ = [
     "NUMPY", "CUPY", "TORCH", "DEVICE", "DLPACK_CUDA",
@@ -69,9 +70,6 @@ def _cupy_ndarray_if_loaded() -> Any:
     return _cupy_ndarray() if "cupy" in sys.modules else None
 
 
-_RAW_STREAM: Any = None  # PyTorch's current raw stream getter, looked up on first use
-
-
 #: DLPack device types of GPU memory: kDLCUDA, kDLCUDAManaged.
 DLPACK_CUDA = (2, 13)
 
@@ -94,7 +92,7 @@ def is_device(obj: Any) -> bool:
         return True
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         return obj.__dlpack_device__()[0] in DLPACK_CUDA
-    return hasattr(obj, "__dlpack__")  # no device to ask: as before, the device side refuses it if need be
+    return hasattr(obj, "__dlpack__")  # no device to ask: a device array; the device side refuses it if need be
 
 
 def namespace(obj: Any) -> tuple[Any, Any]:
@@ -270,23 +268,3 @@ def empty(template: Any, shape: tuple, dtype: Any, device: int, *, order: str = 
     storage = np.dtype(np.uint8) if dtype.name.startswith("float8") else dtype
     with cupy.cuda.Device(device):
         return cupy.empty(shape, dtype=storage)
-
-
-def current_stream(template: Any, device: int) -> int:
-    """The stream a call on ``template`` runs on when the caller names none: PyTorch's current stream of
-    ``device`` for a tensor (so the call follows ``torch.cuda.stream`` and ``torch.cuda.graph``), CuPy's
-    current stream of ``device`` otherwise."""
-    if is_torch(template):
-        global _RAW_STREAM
-        if _RAW_STREAM is None:
-            torch = _torch()
-            # the handle without building a Stream object (a microsecond a call); the public form otherwise
-            _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-                lambda d: torch.cuda.current_stream(d).cuda_stream)
-        return int(_RAW_STREAM(device))
-    cupy = gpu.cupy()
-
-    if cupy.cuda.runtime.getDevice() == device:
-        return cupy.cuda.get_current_stream().ptr
-    with cupy.cuda.Device(device):
-        return cupy.cuda.get_current_stream().ptr

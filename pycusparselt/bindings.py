@@ -24,6 +24,16 @@ from typing import Any
 
 from ._native import library as _library
 from ._native.ffi import ffi
+from ._native.opaque import (
+    RawAlgSelection,
+    RawHandle,
+    RawMatDescriptor,
+    RawMatmulDescriptor,
+    RawPlan,
+    fresh_pointer,
+    live_pointer,
+)
+from ._native.streams import stream_handle  # public here too: the wrappers take streams by it
 from .enums import (
     ComputeType,
     DataType,
@@ -36,9 +46,8 @@ from .enums import (
     Order,
     PruneAlg,
     Sparsity,
-    Status,
 )
-from .errors import ClosedError, error_class_for_status
+from .errors import error_class_for_status, hint_for
 
 __all__ = [
     "RawHandle",
@@ -90,7 +99,6 @@ __all__ = [
     "spmma_compress2",
 ]
 
-_ALIGNMENT = 16
 _SUCCESS = 0
 
 
@@ -100,51 +108,6 @@ def _lib() -> Any:
 
 # --------------------------------------------------------------------------------------------------
 # Errors
-
-# (function, status) -> what usually causes it. Keys with function None apply to any function.
-_HINTS: dict[tuple[str | None, int], str] = {
-    ("cusparseLtInit", Status.NOT_INITIALIZED): (
-        "no usable CUDA GPU or driver is visible to this process; cuSPARSELt needs an NVIDIA GPU of "
-        "compute capability 8.0 or newer and a driver that supports the library's CUDA version"
-    ),
-    ("cusparseLtStructuredDescriptorInit", Status.NOT_SUPPORTED): (
-        "check the data type, the order and the sizes: rows, cols and ld must be multiples of 16 for 16-bit "
-        "types, 32 for 8-bit types and 8 for float32 (sparse operand); 8-bit inputs need the 'TN' layout "
-        "(row-major A with column-major B, or the transposed equivalents)"
-    ),
-    ("cusparseLtDenseDescriptorInit", Status.NOT_SUPPORTED): (
-        "check the data type, the order and the sizes: rows, cols and ld must be multiples of 8 for 16-bit "
-        "types, 16 for 8-bit types and 4 for float32 (dense operands); ld must be at least the leading "
-        "dimension's extent"
-    ),
-    ("cusparseLtMatmulDescriptorInit", Status.NOT_SUPPORTED): (
-        "this combination of input/output types, compute type, operations and orders is not supported; 8-bit "
-        "inputs (INT8, FP8) need the 'TN' form (row-major A with column-major B); FP8 needs SM 8.9+"
-    ),
-    (None, Status.ARCH_MISMATCH): (
-        "the GPU is too old for this operation: cuSPARSELt needs SM 8.0+, and FP8 needs SM 8.9 or 9.0+"
-    ),
-    (None, Status.INSUFFICIENT_RESOURCES): "the GPU ran out of memory or the workspace is too small",
-    (None, Status.ALLOC_FAILED): "a memory allocation inside cuSPARSELt failed (out of host or device memory)",
-    ("cusparseLtMatDescSetAttribute", Status.INVALID_VALUE): "the value is out of range for this attribute",
-    ("cusparseLtMatmulDescSetAttribute", Status.INVALID_VALUE): (
-        "the value is out of range or conflicts with the descriptor's types (e.g. alpha vector scaling is "
-        "only for INT8 inputs with 32I compute in some releases)"
-    ),
-    ("cusparseLtMatmulAlgSetAttribute", Status.INVALID_VALUE): (
-        "the value is out of range for this attribute (config ids go from 0 to CONFIG_MAX_ID - 1; split-k "
-        "settings depend on the GPU architecture)"
-    ),
-    ("cusparseLtMatmul", Status.INVALID_VALUE): (
-        "a pointer is NULL or not 16-byte aligned, the workspace is too small, or the sparse operand was not "
-        "compressed with this plan"
-    ),
-}
-
-
-def _hint(function: str, status: int) -> str | None:
-    return _HINTS.get((function, status)) or _HINTS.get((None, status))
-
 
 def check_status(function: str, status: int, hint: str | None = None) -> None:
     """Raise the matching :class:`~pycusparselt.errors.CuSparseLtError` unless ``status`` is success.
@@ -163,122 +126,13 @@ def check_status(function: str, status: int, hint: str | None = None) -> None:
     lib = _lib()
     name = ffi.string(lib.cusparseLtGetErrorName(status)).decode(errors="replace")
     text = ffi.string(lib.cusparseLtGetErrorString(status)).decode(errors="replace")
-    raise error_class_for_status(status)(function, status, name, text, hint or _hint(function, status))
-
-
-# --------------------------------------------------------------------------------------------------
-# Opaque structures
-
-
-_ADDRESS_LIMIT = 1 << 64
-
-
-class _Opaque:
-    """Aligned storage for one opaque cuSPARSELt structure, tracking whether it is initialised. Not copyable:
-    a copy would be a second owner of the same native object (destroyed twice)."""
-
-    _ctype = ""
-    _what = ""
-    __slots__ = ("_storage", "_ptr", "_live", "__weakref__")
-
-    def __init__(self) -> None:
-        size = ffi.sizeof(self._ctype)
-        # cffi ignores the header's alignas(16), so over-allocate and align by hand.
-        self._storage = ffi.new("uint8_t[]", size + _ALIGNMENT)
-        address = int(ffi.cast("uintptr_t", self._storage))
-        self._ptr = ffi.cast(self._ctype + " *", self._storage + (-address) % _ALIGNMENT)
-        self._live = False
-
-    @property
-    def initialized(self) -> bool:
-        """Whether the structure was initialised and not yet destroyed."""
-        return self._live
-
-    @property
-    def address(self) -> int:
-        """Host address of the structure (16-byte aligned)."""
-        return int(ffi.cast("uintptr_t", self._ptr))
-
-    def __repr__(self) -> str:
-        state = "initialized" if self._live else "not initialized"
-        return f"<{type(self).__name__} at 0x{self.address:x}, {state}>"
-
-    def __copy__(self) -> _Opaque:
-        raise TypeError(f"{type(self).__name__} owns a native {self._what}; it cannot be copied (make another)")
-
-    def __deepcopy__(self, memo: dict) -> _Opaque:
-        return self.__copy__()
-
-    def __reduce__(self) -> Any:
-        raise TypeError(f"{type(self).__name__} owns a native {self._what}; it cannot be pickled or copied")
-
-
-class RawHandle(_Opaque):
-    """Storage for a ``cusparseLtHandle_t``; initialise with :func:`init`, release with :func:`destroy`."""
-
-    _ctype = "cusparseLtHandle_t"
-    _what = "handle"
-    __slots__ = ()
-
-
-class RawMatDescriptor(_Opaque):
-    """Storage for a ``cusparseLtMatDescriptor_t`` (dense or structured); release with
-    :func:`mat_descriptor_destroy`."""
-
-    _ctype = "cusparseLtMatDescriptor_t"
-    _what = "matrix descriptor"
-    __slots__ = ()
-
-
-class RawMatmulDescriptor(_Opaque):
-    """Storage for a ``cusparseLtMatmulDescriptor_t``. The C API has no destroy for it; call
-    :meth:`release` when its plan and algorithm selection are gone."""
-
-    _ctype = "cusparseLtMatmulDescriptor_t"
-    _what = "matmul descriptor"
-    __slots__ = ()
-
-    def release(self) -> None:
-        """Mark the descriptor as no longer usable (it holds no resources of its own)."""
-        self._live = False
-
-
-class RawAlgSelection(_Opaque):
-    """Storage for a ``cusparseLtMatmulAlgSelection_t``; release with :func:`matmul_alg_selection_destroy`."""
-
-    _ctype = "cusparseLtMatmulAlgSelection_t"
-    _what = "algorithm selection"
-    __slots__ = ()
-
-
-class RawPlan(_Opaque):
-    """Storage for a ``cusparseLtMatmulPlan_t``; release with :func:`matmul_plan_destroy`."""
-
-    _ctype = "cusparseLtMatmulPlan_t"
-    _what = "plan"
-    __slots__ = ()
-
-
-def _live(obj: Any, cls: type[_Opaque], arg: str) -> Any:
-    """The C pointer of an initialised structure, or a Python exception."""
-    if type(obj) is not cls:
-        raise TypeError(f"{arg}: expected a {cls.__name__}, got {type(obj).__name__}")
-    if not obj._live:
-        raise ClosedError(f"{arg}: the {cls._what} is not initialized (never initialized, or already destroyed)")
-    return obj._ptr
-
-
-def _fresh(obj: Any, cls: type[_Opaque], arg: str) -> Any:
-    """The C pointer of a structure about to be initialised."""
-    if type(obj) is not cls:
-        raise TypeError(f"{arg}: expected a {cls.__name__}, got {type(obj).__name__}")
-    if obj._live:
-        raise ValueError(f"{arg}: the {cls._what} is already initialized; destroy it before reusing its storage")
-    return obj._ptr
+    raise error_class_for_status(status)(function, status, name, text, hint or hint_for(function, status))
 
 
 # --------------------------------------------------------------------------------------------------
 # Scalars, pointers and streams
+
+_ADDRESS_LIMIT = 1 << 64
 
 
 class DevicePointer(int):
@@ -302,24 +156,6 @@ def _pointer(value: Any, arg: str) -> Any:
     if not 0 <= address < _ADDRESS_LIMIT:
         raise ValueError(f"{arg}: a device address is in 0 .. 2**64 - 1, got {address}")
     return ffi.cast("void *", address)
-
-
-def stream_handle(stream: Any, arg: str = "stream") -> int:
-    """The ``cudaStream_t`` handle (an integer) of ``stream``: an object with ``__cuda_stream__``, one with a
-    ``ptr`` (a CuPy stream), an integer handle, or None (0, the legacy default stream). ``arg`` names the
-    argument in errors."""
-    if stream is None:
-        return 0
-    if hasattr(stream, "__cuda_stream__"):
-        handle = stream.__cuda_stream__()[1]
-    elif not isinstance(stream, int) and hasattr(stream, "ptr"):
-        handle = stream.ptr
-    else:
-        handle = stream
-    handle = _int(handle, arg, "a cudaStream_t handle")
-    if not 0 <= handle < _ADDRESS_LIMIT:
-        raise ValueError(f"{arg}: a cudaStream_t handle is in 0 .. 2**64 - 1, got {handle}")
-    return handle
 
 
 def _stream(stream: Any, arg: str = "stream") -> Any:
@@ -422,7 +258,7 @@ def _set_attribute(function: str, table: dict, enum_type: type, handle, obj, cls
     attribute, buffer, ctype = _attribute_buffer(table, attribute, enum_type)
     _store(buffer, ctype, value, attribute, enum_type)
     status = getattr(_lib(), function)(
-        _live(handle, RawHandle, "handle"), _live(obj, cls, arg), attribute, buffer, ffi.sizeof(ctype)
+        live_pointer(handle, RawHandle, "handle"), live_pointer(obj, cls, arg), attribute, buffer, ffi.sizeof(ctype)
     )
     check_status(function, status)
 
@@ -430,7 +266,7 @@ def _set_attribute(function: str, table: dict, enum_type: type, handle, obj, cls
 def _get_attribute(function: str, table: dict, enum_type: type, handle, obj, cls, arg, attribute) -> Any:
     attribute, buffer, ctype = _attribute_buffer(table, attribute, enum_type)
     status = getattr(_lib(), function)(
-        _live(handle, RawHandle, "handle"), _live(obj, cls, arg), attribute, buffer, ffi.sizeof(ctype)
+        live_pointer(handle, RawHandle, "handle"), live_pointer(obj, cls, arg), attribute, buffer, ffi.sizeof(ctype)
     )
     check_status(function, status)
     if ctype == "void *":
@@ -444,14 +280,14 @@ def _get_attribute(function: str, table: dict, enum_type: type, handle, obj, cls
 
 def init(handle: RawHandle) -> None:
     """``cusparseLtInit``: initialise ``handle`` on the current CUDA device."""
-    check_status("cusparseLtInit", _lib().cusparseLtInit(_fresh(handle, RawHandle, "handle")))
-    handle._live = True
+    check_status("cusparseLtInit", _lib().cusparseLtInit(fresh_pointer(handle, RawHandle, "handle")))
+    handle.mark_initialized(True)
 
 
 def destroy(handle: RawHandle) -> None:
     """``cusparseLtDestroy``: release ``handle``. Its descriptors and plans must be destroyed first."""
-    status = _lib().cusparseLtDestroy(_live(handle, RawHandle, "handle"))
-    handle._live = False  # whatever the status, the storage must not be handed to C again
+    status = _lib().cusparseLtDestroy(live_pointer(handle, RawHandle, "handle"))
+    handle.mark_initialized(False)  # whatever the status, the storage must not be handed to C again
     check_status("cusparseLtDestroy", status)
 
 
@@ -459,7 +295,8 @@ def get_version(handle: RawHandle) -> int:
     """``cusparseLtGetVersion``: the library version as one integer (``major * 1000 + minor * 100 + patch``
     for 0.x releases)."""
     version = ffi.new("int *")
-    check_status("cusparseLtGetVersion", _lib().cusparseLtGetVersion(_live(handle, RawHandle, "handle"), version))
+    status = _lib().cusparseLtGetVersion(live_pointer(handle, RawHandle, "handle"), version)
+    check_status("cusparseLtGetVersion", status)
     return int(version[0])
 
 
@@ -510,11 +347,11 @@ def dense_descriptor_init(
     """``cusparseLtDenseDescriptorInit``: describe a dense ``rows x cols`` matrix with leading dimension
     ``ld``, memory ``alignment`` in bytes, element type ``value_type`` (:class:`~pycusparselt.enums.DataType`)
     and ``order`` (:class:`~pycusparselt.enums.Order`)."""
-    h, target = _live(handle, RawHandle, "handle"), _fresh(descriptor, RawMatDescriptor, "descriptor")
+    h, target = live_pointer(handle, RawHandle, "handle"), fresh_pointer(descriptor, RawMatDescriptor, "descriptor")
     args = _descriptor_args(rows, cols, ld, alignment, value_type, order)
     status = _lib().cusparseLtDenseDescriptorInit(h, target, *args)
     check_status("cusparseLtDenseDescriptorInit", status)
-    descriptor._live = True
+    descriptor.mark_initialized(True)
 
 
 def structured_descriptor_init(
@@ -530,17 +367,17 @@ def structured_descriptor_init(
 ) -> None:
     """``cusparseLtStructuredDescriptorInit``: like :func:`dense_descriptor_init` for the 2:4 structured
     (sparse) operand, with its ``sparsity`` (:class:`~pycusparselt.enums.Sparsity`, 50 % by default)."""
-    h, target = _live(handle, RawHandle, "handle"), _fresh(descriptor, RawMatDescriptor, "descriptor")
+    h, target = live_pointer(handle, RawHandle, "handle"), fresh_pointer(descriptor, RawMatDescriptor, "descriptor")
     args = _descriptor_args(rows, cols, ld, alignment, value_type, order)
     status = _lib().cusparseLtStructuredDescriptorInit(h, target, *args, _enum(sparsity, Sparsity, "sparsity"))
     check_status("cusparseLtStructuredDescriptorInit", status)
-    descriptor._live = True
+    descriptor.mark_initialized(True)
 
 
 def mat_descriptor_destroy(descriptor: RawMatDescriptor) -> None:
     """``cusparseLtMatDescriptorDestroy``: release a matrix descriptor."""
-    status = _lib().cusparseLtMatDescriptorDestroy(_live(descriptor, RawMatDescriptor, "descriptor"))
-    descriptor._live = False
+    status = _lib().cusparseLtMatDescriptorDestroy(live_pointer(descriptor, RawMatDescriptor, "descriptor"))
+    descriptor.mark_initialized(False)
     check_status("cusparseLtMatDescriptorDestroy", status)
 
 
@@ -580,18 +417,18 @@ def matmul_descriptor_init(
     descriptors (exactly one of A and B structured), operations (:class:`~pycusparselt.enums.Operation`)
     and a :class:`~pycusparselt.enums.ComputeType`."""
     status = _lib().cusparseLtMatmulDescriptorInit(
-        _live(handle, RawHandle, "handle"),
-        _fresh(descriptor, RawMatmulDescriptor, "descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        fresh_pointer(descriptor, RawMatmulDescriptor, "descriptor"),
         _enum(op_a, Operation, "op_a"),
         _enum(op_b, Operation, "op_b"),
-        _live(mat_a, RawMatDescriptor, "mat_a"),
-        _live(mat_b, RawMatDescriptor, "mat_b"),
-        _live(mat_c, RawMatDescriptor, "mat_c"),
-        _live(mat_d, RawMatDescriptor, "mat_d"),
+        live_pointer(mat_a, RawMatDescriptor, "mat_a"),
+        live_pointer(mat_b, RawMatDescriptor, "mat_b"),
+        live_pointer(mat_c, RawMatDescriptor, "mat_c"),
+        live_pointer(mat_d, RawMatDescriptor, "mat_d"),
         _enum(compute_type, ComputeType, "compute_type"),
     )
     check_status("cusparseLtMatmulDescriptorInit", status)
-    descriptor._live = True
+    descriptor.mark_initialized(True)
 
 
 def matmul_desc_set_attribute(handle: RawHandle, descriptor: RawMatmulDescriptor, attribute: Any, value: Any) -> None:
@@ -621,19 +458,19 @@ def matmul_alg_selection_init(
 ) -> None:
     """``cusparseLtMatmulAlgSelectionInit``: choose the algorithm family (:class:`~pycusparselt.enums.MatmulAlg`)."""
     status = _lib().cusparseLtMatmulAlgSelectionInit(
-        _live(handle, RawHandle, "handle"),
-        _fresh(selection, RawAlgSelection, "selection"),
-        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        fresh_pointer(selection, RawAlgSelection, "selection"),
+        live_pointer(descriptor, RawMatmulDescriptor, "descriptor"),
         _enum(alg, MatmulAlg, "alg"),
     )
     check_status("cusparseLtMatmulAlgSelectionInit", status)
-    selection._live = True
+    selection.mark_initialized(True)
 
 
 def matmul_alg_selection_destroy(selection: RawAlgSelection) -> None:
     """``cusparseLtMatmulAlgSelectionDestroy``: release an algorithm selection (mandatory since 0.8)."""
-    status = _lib().cusparseLtMatmulAlgSelectionDestroy(_live(selection, RawAlgSelection, "selection"))
-    selection._live = False
+    status = _lib().cusparseLtMatmulAlgSelectionDestroy(live_pointer(selection, RawAlgSelection, "selection"))
+    selection.mark_initialized(False)
     check_status("cusparseLtMatmulAlgSelectionDestroy", status)
 
 
@@ -660,7 +497,9 @@ def matmul_alg_get_attribute(handle: RawHandle, selection: RawAlgSelection, attr
 def matmul_get_workspace(handle: RawHandle, plan: RawPlan) -> int:
     """``cusparseLtMatmulGetWorkspace``: bytes of device workspace the plan's matmul needs."""
     size = ffi.new("size_t *")
-    status = _lib().cusparseLtMatmulGetWorkspace(_live(handle, RawHandle, "handle"), _live(plan, RawPlan, "plan"), size)
+    status = _lib().cusparseLtMatmulGetWorkspace(
+        live_pointer(handle, RawHandle, "handle"), live_pointer(plan, RawPlan, "plan"), size
+    )
     check_status("cusparseLtMatmulGetWorkspace", status)
     return int(size[0])
 
@@ -671,19 +510,19 @@ def matmul_plan_init(
     """``cusparseLtMatmulPlanInit``: build an execution plan from a matmul descriptor and an algorithm
     selection."""
     status = _lib().cusparseLtMatmulPlanInit(
-        _live(handle, RawHandle, "handle"),
-        _fresh(plan, RawPlan, "plan"),
-        _live(descriptor, RawMatmulDescriptor, "descriptor"),
-        _live(selection, RawAlgSelection, "selection"),
+        live_pointer(handle, RawHandle, "handle"),
+        fresh_pointer(plan, RawPlan, "plan"),
+        live_pointer(descriptor, RawMatmulDescriptor, "descriptor"),
+        live_pointer(selection, RawAlgSelection, "selection"),
     )
     check_status("cusparseLtMatmulPlanInit", status)
-    plan._live = True
+    plan.mark_initialized(True)
 
 
 def matmul_plan_destroy(plan: RawPlan) -> None:
     """``cusparseLtMatmulPlanDestroy``: release a plan."""
-    status = _lib().cusparseLtMatmulPlanDestroy(_live(plan, RawPlan, "plan"))
-    plan._live = False
+    status = _lib().cusparseLtMatmulPlanDestroy(live_pointer(plan, RawPlan, "plan"))
+    plan.mark_initialized(False)
     check_status("cusparseLtMatmulPlanDestroy", status)
 
 
@@ -694,8 +533,8 @@ def matmul_plan_destroy(plan: RawPlan) -> None:
 def _matmul_args(handle, plan, alpha, a, b, beta, c, d, workspace, streams) -> tuple:
     stream_array, count = _streams(streams)
     return (
-        _live(handle, RawHandle, "handle"),
-        _live(plan, RawPlan, "plan"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(plan, RawPlan, "plan"),
         _scalar(alpha, "alpha"),
         _pointer(a, "a"),
         _pointer(b, "b"),
@@ -787,8 +626,8 @@ class MatmulCall:
         self._alpha_at = _address(self._alpha)
         # handle, plan, beta, workspace, streams
         self._ints = (
-            _address(_live(handle, RawHandle, "handle")),
-            _address(_live(plan, RawPlan, "plan")),
+            _address(live_pointer(handle, RawHandle, "handle")),
+            _address(live_pointer(plan, RawPlan, "plan")),
             _address(self._beta),
             0 if workspace is None else _int(workspace, "workspace", "a device address"),
             _address(self._stream),
@@ -885,8 +724,8 @@ def spmma_prune(
     """``cusparseLtSpMMAPrune``: prune the sparse operand of ``descriptor`` (device memory ``dense_in``) to
     2:4 into ``dense_out`` (may equal ``dense_in``) with a :class:`~pycusparselt.enums.PruneAlg`."""
     status = _lib().cusparseLtSpMMAPrune(
-        _live(handle, RawHandle, "handle"),
-        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(descriptor, RawMatmulDescriptor, "descriptor"),
         _pointer(dense_in, "dense_in"),
         _pointer(dense_out, "dense_out"),
         _enum(prune_alg, PruneAlg, "prune_alg"),
@@ -904,8 +743,8 @@ def spmma_prune_check(
     when the matrix is invalid (seen with 0.8.0 on an H100), so set it to 0 before the call. Asynchronous:
     synchronise the stream before reading it."""
     status = _lib().cusparseLtSpMMAPruneCheck(
-        _live(handle, RawHandle, "handle"),
-        _live(descriptor, RawMatmulDescriptor, "descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(descriptor, RawMatmulDescriptor, "descriptor"),
         _pointer(dense_in, "dense_in"),
         ffi.cast("int *", _pointer(d_valid, "d_valid")),
         _stream(stream),
@@ -925,8 +764,8 @@ def spmma_prune2(
 ) -> None:
     """``cusparseLtSpMMAPrune2``: :func:`spmma_prune` from the structured matrix descriptor alone."""
     status = _lib().cusparseLtSpMMAPrune2(
-        _live(handle, RawHandle, "handle"),
-        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
         1 if is_sparse_a else 0,
         _enum(op, Operation, "op"),
         _pointer(dense_in, "dense_in"),
@@ -949,8 +788,8 @@ def spmma_prune_check2(
     """``cusparseLtSpMMAPruneCheck2``: :func:`spmma_prune_check` from the structured matrix descriptor alone
     (set ``*d_valid`` to 0 first)."""
     status = _lib().cusparseLtSpMMAPruneCheck2(
-        _live(handle, RawHandle, "handle"),
-        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
         1 if is_sparse_a else 0,
         _enum(op, Operation, "op"),
         _pointer(dense_in, "dense_in"),
@@ -969,7 +808,7 @@ def spmma_compressed_size(handle: RawHandle, plan: RawPlan) -> tuple[int, int]:
     plan's sparse operand: the compressed matrix and the scratch buffer :func:`spmma_compress` needs."""
     size, buffer_size = ffi.new("size_t *"), ffi.new("size_t *")
     status = _lib().cusparseLtSpMMACompressedSize(
-        _live(handle, RawHandle, "handle"), _live(plan, RawPlan, "plan"), size, buffer_size
+        live_pointer(handle, RawHandle, "handle"), live_pointer(plan, RawPlan, "plan"), size, buffer_size
     )
     check_status("cusparseLtSpMMACompressedSize", status)
     return int(size[0]), int(buffer_size[0])
@@ -980,8 +819,8 @@ def spmma_compress(
 ) -> None:
     """``cusparseLtSpMMACompress``: compress the 2:4 matrix at ``dense`` into ``compressed``."""
     status = _lib().cusparseLtSpMMACompress(
-        _live(handle, RawHandle, "handle"),
-        _live(plan, RawPlan, "plan"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(plan, RawPlan, "plan"),
         _pointer(dense, "dense"),
         _pointer(compressed, "compressed"),
         _pointer(compress_buffer, "compress_buffer"),
@@ -994,8 +833,8 @@ def spmma_compressed_size2(handle: RawHandle, sparse_descriptor: RawMatDescripto
     """``cusparseLtSpMMACompressedSize2``: :func:`spmma_compressed_size` from the structured descriptor."""
     size, buffer_size = ffi.new("size_t *"), ffi.new("size_t *")
     status = _lib().cusparseLtSpMMACompressedSize2(
-        _live(handle, RawHandle, "handle"),
-        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
         size,
         buffer_size,
     )
@@ -1015,8 +854,8 @@ def spmma_compress2(
 ) -> None:
     """``cusparseLtSpMMACompress2``: :func:`spmma_compress` from the structured descriptor alone."""
     status = _lib().cusparseLtSpMMACompress2(
-        _live(handle, RawHandle, "handle"),
-        _live(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
+        live_pointer(handle, RawHandle, "handle"),
+        live_pointer(sparse_descriptor, RawMatDescriptor, "sparse_descriptor"),
         1 if is_sparse_a else 0,
         _enum(op, Operation, "op"),
         _pointer(dense, "dense"),

@@ -24,7 +24,11 @@ Mistakes caught in Python before any C call raise the built-in ``TypeError`` / `
 
 from __future__ import annotations
 
+from .enums import Status
+
 __all__ = [
+    "HINTS",
+    "hint_for",
     "GpuUnavailableError",
     "LayerFileError",
     "CuSparseLtError",
@@ -161,3 +165,49 @@ _CLASS_BY_STATUS: dict[int, type[CuSparseLtError]] = {
 def error_class_for_status(status: int) -> type[CuSparseLtError]:
     """Return the exception class raised for a ``cusparseStatus_t`` value."""
     return _CLASS_BY_STATUS.get(int(status), CuSparseLtError)
+
+
+#: (C function, status) -> what usually causes it. Keys with function None apply to any function.
+HINTS: dict[tuple[str | None, int], str] = {
+    ("cusparseLtInit", Status.NOT_INITIALIZED): (
+        "no usable CUDA GPU or driver is visible to this process; cuSPARSELt needs an NVIDIA GPU of "
+        "compute capability 8.0 or newer and a driver that supports the library's CUDA version"
+    ),
+    ("cusparseLtStructuredDescriptorInit", Status.NOT_SUPPORTED): (
+        "check the data type, the order and the sizes: rows, cols and ld must be multiples of 16 for 16-bit "
+        "types, 32 for 8-bit types and 8 for float32 (sparse operand); 8-bit inputs need the 'TN' layout "
+        "(row-major A with column-major B, or the transposed equivalents)"
+    ),
+    ("cusparseLtDenseDescriptorInit", Status.NOT_SUPPORTED): (
+        "check the data type, the order and the sizes: rows, cols and ld must be multiples of 8 for 16-bit "
+        "types, 16 for 8-bit types and 4 for float32 (dense operands); ld must be at least the leading "
+        "dimension's extent"
+    ),
+    ("cusparseLtMatmulDescriptorInit", Status.NOT_SUPPORTED): (
+        "this combination of input/output types, compute type, operations and orders is not supported; 8-bit "
+        "inputs (INT8, FP8) need the 'TN' form (row-major A with column-major B); FP8 needs SM 8.9+"
+    ),
+    (None, Status.ARCH_MISMATCH): (
+        "the GPU is too old for this operation: cuSPARSELt needs SM 8.0+, and FP8 needs SM 8.9 or 9.0+"
+    ),
+    (None, Status.INSUFFICIENT_RESOURCES): "the GPU ran out of memory or the workspace is too small",
+    (None, Status.ALLOC_FAILED): "a memory allocation inside cuSPARSELt failed (out of host or device memory)",
+    ("cusparseLtMatDescSetAttribute", Status.INVALID_VALUE): "the value is out of range for this attribute",
+    ("cusparseLtMatmulDescSetAttribute", Status.INVALID_VALUE): (
+        "the value is out of range or conflicts with the descriptor's types (e.g. alpha vector scaling is "
+        "only for INT8 inputs with 32I compute in some releases)"
+    ),
+    ("cusparseLtMatmulAlgSetAttribute", Status.INVALID_VALUE): (
+        "the value is out of range for this attribute (config ids go from 0 to CONFIG_MAX_ID - 1; split-k "
+        "settings depend on the GPU architecture)"
+    ),
+    ("cusparseLtMatmul", Status.INVALID_VALUE): (
+        "a pointer is NULL or not 16-byte aligned, the workspace is too small, or the sparse operand was not "
+        "compressed with this plan"
+    ),
+}
+
+
+def hint_for(function: str, status: int) -> str | None:
+    """What usually causes ``status`` from the C function ``function``, or None."""
+    return HINTS.get((function, status)) or HINTS.get((None, status))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pycusparselt import SparseLinear, reference
-from pycusparselt.nn import masks
+from pycusparselt.nn import masks, quantization
 from pycusparselt.nn.linear import calibrate_chain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ def cnn_accuracies(recipe, seed: int, epochs: int) -> dict[str, float]:
             fc.input_scale = c2.output_scale  # the linear layer reads conv2's int8 output as it is
         elif mode == "fp8":
             c2.calibrate([a1_cal])
-            fc.calibrate([c2._float_forward(a1_cal).reshape(-1, 16 * C2)])
+            fc.calibrate([quantization.float_forward(c2, a1_cal).reshape(-1, 16 * C2)])
         h = c2(patches(conv1(sparse, x_test)))
         result[f"sparse_{mode}"] = accuracy(fc(h.reshape(n, 16 * C2)))
     return result

@@ -33,7 +33,7 @@ COMBINATION = re.compile(
 
 
 def combinations(path: Path) -> list[dict]:
-    """Outcome of every ``test_combination`` case of tests/test_plan_gpu.py: what the GPU run verified."""
+    """Outcome of every ``test_combination`` case of tests/gemm/test_plan_gpu.py: what the GPU run verified."""
     if not path.exists():
         return []
     rows = []

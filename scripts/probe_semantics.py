@@ -4,7 +4,7 @@ Runs small sparse GEMMs through the thin bindings with inputs designed to tell c
 (bias indexing, the order of alpha/beta/bias/activation, the ReLU threshold and upper bound, the GELU
 formula and its scaling, int8 rounding and saturation, alpha-vector indexing, FP8 output saturation, FP32
 inputs) and saves every case's exact inputs, parameters, status and output to ``probe.npz`` (one file
-for all cases) and ``probe_summary.json``. ``tests/test_semantics_experiments.py`` replays the saved cases
+for all cases) and ``probe_summary.json``. ``tests/reference/test_semantics_experiments.py`` replays the saved cases
 on the NumPy reference, so the findings are checked in CI without a GPU.
 
 Usage: ``python scripts/probe_semantics.py OUTDIR``

@@ -4,7 +4,8 @@
 [--markdown PATH] [--plot PATH]``
 
 The package: ``pycusparselt.bench.cases`` (shapes, types, columns, goals), ``pycusparselt.bench.environment``
-(the machine), ``pycusparselt.bench.runner`` (timing the columns of each case, in isolated processes) and
+(the machine), ``pycusparselt.bench.inputs`` (a case's data on the GPU and the float64 product it is checked
+against), ``pycusparselt.bench.runner`` (timing the columns of each case, in isolated processes) and
 ``pycusparselt.bench.report`` (summaries, targets, tables and the plot); the command line is here.
 
 Every case is a linear layer ``y (M, N) = x (M, K) @ W (N, K).T`` with W pruned 2:4 along K, in the form
@@ -25,7 +26,7 @@ their eager columns are timed in alternation, one sample of each per round with 
 the later stage read slower from clock and thermal drift alone.
 
 The functions that turn results into tables and targets (:func:`markdown_report`, :func:`targets`) need
-neither a GPU nor CuPy; ``scripts/bench_report.py`` writes ``docs/benchmarks.md`` with them.
+neither a GPU nor CuPy; ``python benchmarks/tables.py gemm`` writes ``docs/benchmarks.md`` with them.
 """
 
 

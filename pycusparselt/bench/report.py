@@ -315,7 +315,7 @@ python -m pycusparselt bench --quick           # a few shapes, under a minute
 python benchmarks/host_overhead.py --json host.json          # needs nvcc: the C loop
 python -m pycusparselt bench --json results.json --plot results.png --markdown results.md \\
     --host-overhead host.json                  # the whole set, a few minutes on an H100
-python scripts/bench_report.py results.json    # this page, from the JSON (no GPU needed)
+python benchmarks/tables.py gemm results.json   # this page, from the JSON (no GPU needed)
 ```
 
 `--dtypes fp16,bf16,int8,e4m3` and `--shapes` (`all`, `quick`, `square`, `bert`, `llm`, shape names such as
@@ -373,7 +373,7 @@ def markdown_report(results: dict[str, Any], *, plot_path: str | None = None, no
     settings = results.get("settings", {})
     lines = ["# Benchmarks", ""]
     if source:
-        lines += [f"Generated from `{source}` by `scripts/bench_report.py`; rerun with `python -m pycusparselt "
+        lines += [f"Generated from `{source}` by `benchmarks/tables.py gemm`; rerun with `python -m pycusparselt "
                   f"bench --json RESULTS.json` on a GPU.", ""]
     lines += [
         f"Measured on {_env_line(env)}.",

@@ -1,5 +1,5 @@
-"""Running the benchmark's cases: one GPU process (or several, isolated, restarting after a fatal error),
-its inputs, and the runner that times every column of a case."""
+"""Running the benchmark's cases: one GPU process (or several, isolated, restarting after a fatal error) and
+the runner that times every column of a case on its inputs (``pycusparselt.bench.inputs``)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from .cases import (
     json_default,
 )
 from .environment import environment
+from .inputs import Inputs, poison
 from .report import summarize
 
 
@@ -61,86 +62,6 @@ def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _NotAvailable) else str(exc)
     text = " ".join(text.split())
     return text if len(text) <= 240 else text[:237] + "..."
-
-
-class _Inputs:
-    """One case's device data: x (M, K) and the pruned W (N, K), C-contiguous, in their storage types (uint16
-    for bf16, uint8 for e4m3), with the typed views the plan and PyTorch take, and the float64 reference."""
-
-    def __init__(self, cp: Any, shape: Shape, dtype: str, seed: int) -> None:
-        import ml_dtypes
-
-        self.cp, self.shape, self.dtype, self.out = cp, shape, dtype, DTYPES[dtype]
-        cp.random.seed(seed)
-        m, n, k = shape.m, shape.n, shape.k
-        self.x_store, self.w_store = self._random((m, k)), self._random((n, k))
-        self.plan_kwargs: dict[str, Any] = {"sparse": "b"}
-        if dtype == "bf16":
-            self.np_dtype = np.dtype(ml_dtypes.bfloat16)
-        elif dtype == "e4m3":
-            self.np_dtype = np.dtype(ml_dtypes.float8_e4m3fn)
-            self.plan_kwargs.update(input_dtype=self.np_dtype, out_dtype=ml_dtypes.bfloat16)
-        elif dtype == "int8":
-            self.np_dtype = np.dtype(np.int8)
-            self.plan_kwargs.update(out_dtype=np.int32)
-        else:
-            self.np_dtype = np.dtype(np.float16)
-        self.out_np = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16),
-                       "int32": np.dtype(np.int32)}[self.out]
-        self.reference = None
-
-    def _random(self, shape: tuple[int, int]) -> Any:
-        cp = self.cp
-        if self.dtype == "fp16":
-            return cp.random.standard_normal(shape, dtype=cp.float32).astype(cp.float16)
-        if self.dtype == "bf16":  # the top half of a float32 is a bfloat16 (truncation: exact values)
-            bits = cp.random.standard_normal(shape, dtype=cp.float32).view(cp.uint32) >> 16
-            return bits.astype(cp.uint16)
-        if self.dtype == "int8":  # the whole range, so products and sums are non-trivial
-            return cp.random.randint(-128, 128, shape, dtype=cp.int32).astype(cp.int8)
-        # e4m3 bit patterns: random sign and mantissa, exponent field 4..10 (magnitudes 1/8 .. 15): no NaN
-        sign = cp.random.randint(0, 2, shape, dtype=cp.int32) << 7
-        exponent = cp.random.randint(4, 11, shape, dtype=cp.int32) << 3
-        mantissa = cp.random.randint(0, 8, shape, dtype=cp.int32)
-        return (sign | exponent | mantissa).astype(cp.uint8)
-
-    def typed(self, store: Any) -> Any:
-        """The view a plan takes (e4m3 stays uint8: the plan reads it with ``input_dtype``)."""
-        return store.view(self.np_dtype) if self.dtype == "bf16" else store
-
-    def to_f64(self, arr: Any) -> Any:
-        """A float64 CuPy copy of an input or output (CuPy array of any storage type, or a PyTorch tensor)."""
-        import ml_dtypes
-
-        cp = self.cp
-        if type(arr).__module__.startswith("torch"):
-            return cp.from_dlpack(arr.double().contiguous())  # double: int32 results stay exact
-        if arr.dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16)):  # bf16 data or its bit patterns
-            bits = arr.view(cp.uint16).astype(cp.uint32) << 16
-            return bits.view(cp.float32).astype(cp.float64)
-        if arr.dtype == np.dtype(np.uint8):  # e4m3 bit patterns
-            table = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
-            return cp.asarray(table)[arr]
-        return arr.astype(cp.float64)
-
-    def build_reference(self) -> None:
-        # float64 products of the rounded, pruned inputs: exact for int8, far below output rounding otherwise
-        x64, w64 = self.to_f64(self.x_store), self.to_f64(self.w_store)
-        self.reference = x64 @ w64.T
-        self._ref_norm = float(self.cp.linalg.norm(self.reference))
-
-    def rel_err(self, result: Any) -> float:
-        y = self.to_f64(result)
-        if tuple(y.shape) != tuple(self.reference.shape):
-            raise ValueError(f"result has shape {tuple(y.shape)}, expected {tuple(self.reference.shape)}")
-        diff = float(self.cp.linalg.norm(y - self.reference))
-        return diff / self._ref_norm if self._ref_norm else diff
-
-
-def _poison(cp: Any, arr: Any) -> None:
-    """Fill an output with all-ones bytes (NaN for floats, -1 for integers), so a result that was not written
-    cannot pass the check."""
-    arr.view(cp.uint8).fill(0xFF)
 
 
 class _Runner:
@@ -210,7 +131,7 @@ class _Runner:
         """``(fn, result_getter[, per_call, stream])`` -> ``(fn, result_getter, per_call, stream)``."""
         return built[0], built[1], built[2] if len(built) > 2 else 1, built[3] if len(built) > 3 else None
 
-    def _check(self, data: _Inputs, fn: Callable[[int], Any], result: Callable[[], Any]) -> tuple[dict, float]:
+    def _check(self, data: Inputs, fn: Callable[[int], Any], result: Callable[[], Any]) -> tuple[dict, float]:
         """Run a column once and compare its result with the reference: ``(entry, seconds the call took)``."""
         cp = self.cp
         started = time.perf_counter()
@@ -221,7 +142,7 @@ class _Runner:
         ok = bool(err <= TOLERANCE[data.out])
         return {"rel_err": err if math.isfinite(err) else None, "ok": ok}, first_s
 
-    def _column(self, record: dict, key: str, data: _Inputs, build: Callable[[], tuple]) -> None:
+    def _column(self, record: dict, key: str, data: Inputs, build: Callable[[], tuple]) -> None:
         """Build a column (``build`` returns ``(fn, result_getter[, per_call, stream])``), check its result
         once against the reference, then time it; anything that fails makes the column n/a with the reason."""
         cp = self.cp
@@ -240,7 +161,7 @@ class _Runner:
             record["columns"][key] = {"na": _reason(exc)}
             self._check_alive(key, exc)  # ... unless it took the CUDA context with it
 
-    def _interleaved(self, record: dict, data: _Inputs, builds: dict[str, Callable[[], tuple]],
+    def _interleaved(self, record: dict, data: Inputs, builds: dict[str, Callable[[], tuple]],
                      event: str) -> str | None:
         """Columns compared with each other: build and check each (as :meth:`_column`), then time those that
         ran in alternation (:func:`~pycusparselt.tuning.timing.time_gpu_interleaved`). Returns how they were timed.
@@ -297,7 +218,7 @@ class _Runner:
 
     # -- dense baselines ----------------------------------------------------------------------------
 
-    def _dense_columns(self, record: dict, data: _Inputs) -> None:
+    def _dense_columns(self, record: dict, data: Inputs) -> None:
         cp = self.cp
         x, w = data.x_store, data.w_store
         out = cp.empty((data.shape.m, data.shape.n), dtype=data.out_np)
@@ -310,7 +231,7 @@ class _Runner:
             def run(_i: int) -> Any:
                 return cp.matmul(xt, wt.T, out=out)
 
-            _poison(cp, out)
+            poison(cp, out)
             return run, lambda: out
 
         def cublas_gemmex() -> tuple:
@@ -320,7 +241,7 @@ class _Runner:
         for key in DENSE_FOR[data.dtype]:
             self._column(record, key, data, builders[key])
 
-    def _gemmex(self, data: _Inputs, x: Any, w: Any, out: Any) -> tuple:
+    def _gemmex(self, data: Inputs, x: Any, w: Any, out: Any) -> tuple:
         """cuBLAS ``gemmEx`` in its column-major view: y^T (N, M) = W (K, N)^T @ x^T (K, M), i.e. TN with
         lda = ldb = K and ldc = N (int8 Tensor Core GEMMs want exactly this form)."""
         cp = self.cp
@@ -352,7 +273,7 @@ class _Runner:
                 beta.ctypes.data, out.data.ptr, out_type, n, compute, gemm_default,
             )
 
-        _poison(cp, out)
+        poison(cp, out)
         return run, lambda: out
 
     def _tensor(self, store: Any) -> Any:
@@ -362,7 +283,7 @@ class _Runner:
             return torch.from_dlpack(store.view(self.cp.int16)).view(torch.bfloat16)
         return torch.from_dlpack(store)
 
-    def _torch_inputs(self, data: _Inputs) -> tuple:
+    def _torch_inputs(self, data: Inputs) -> tuple:
         torch = self.torch
         if torch is None:
             raise _NotAvailable(self.torch_reason)
@@ -371,7 +292,7 @@ class _Runner:
             xt, wt = xt.view(torch.float8_e4m3fn), wt.view(torch.float8_e4m3fn)
         return torch, xt, wt
 
-    def _torch_dense(self, data: _Inputs) -> dict[str, Callable[[], tuple]]:
+    def _torch_dense(self, data: Inputs) -> dict[str, Callable[[], tuple]]:
         def torch_mm() -> tuple:
             torch, xt, wt = self._torch_inputs(data)
             if data.dtype not in ("fp16", "bf16"):
@@ -416,7 +337,7 @@ class _Runner:
 
     # -- PyTorch's cuSPARSELt -------------------------------------------------------------------------
 
-    def _cslt_columns(self, record: dict, data: _Inputs) -> None:
+    def _cslt_columns(self, record: dict, data: Inputs) -> None:
         state: dict[str, Any] = {}
 
         def compressed() -> tuple:
@@ -503,11 +424,11 @@ class _Runner:
         def run(_i: int) -> None:
             graph.launch(stream)
 
-        _poison(cp, y)
+        poison(cp, y)
         cp.cuda.Device().synchronize()  # the graph's stream does not wait for the legacy stream's fill
         return run, lambda: y, calls, stream
 
-    def _ours(self, record: dict, data: _Inputs, plan: Any, x: Any, wt: Any) -> None:
+    def _ours(self, record: dict, data: Inputs, plan: Any, x: Any, wt: Any) -> None:
         """Our columns. Each stage (the default config, ``cusparseLtMatmulSearch``, the timed tuner) has a plan
         of its own, tuned first and then given its compressed weight (a configuration can change cuSPARSELt's
         compressed form), and an output of its own. The three eager columns are then timed in alternation, and
@@ -557,7 +478,7 @@ class _Runner:
                 def run(_i: int) -> None:
                     staged.matmul(x, wc, out=y)
 
-                _poison(cp, y)
+                poison(cp, y)
                 return run, lambda: y
 
             how: dict[str, str | None] = {}
@@ -614,7 +535,7 @@ class _Runner:
         from ..gemm.plan import SparseMatmulPlan
 
         self.events({"column": "setup"})
-        data = _Inputs(self.cp, shape, dtype, seed)
+        data = Inputs(self.cp, shape, dtype, seed)
         # the layer's form: x (M, K) and the sparse W.T (K, N); W pruned once, by the plan's library
         x, wt = data.typed(data.x_store), data.typed(data.w_store).T
         plan = SparseMatmulPlan(x, wt, **data.plan_kwargs)  # fresh: the library's default config

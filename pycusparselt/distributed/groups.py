@@ -28,9 +28,9 @@ import struct
 import sys
 from typing import Any, Sequence
 
-import ml_dtypes
 import numpy as np
 
+from .. import types
 from .._native import gpu
 from .._native import settings
 from .._native.streams import on_stream, stream_ptr
@@ -43,16 +43,16 @@ _UID = struct.Struct("128b")
 
 # ncclDataType_t (nccl.h): the same values in every NCCL 2 release; bfloat16 since 2.10
 _NCCL_TYPES = {
-    np.dtype(np.int8): 0,
-    np.dtype(np.uint8): 1,
-    np.dtype(np.int32): 2,
-    np.dtype(np.uint32): 3,
-    np.dtype(np.int64): 4,
-    np.dtype(np.uint64): 5,
-    np.dtype(np.float16): 6,
-    np.dtype(np.float32): 7,
-    np.dtype(np.float64): 8,
-    np.dtype(ml_dtypes.bfloat16): 9,
+    types.I8: 0,
+    types.U8: 1,
+    types.I32: 2,
+    types.U32: 3,
+    types.I64: 4,
+    types.U64: 5,
+    types.F16: 6,
+    types.F32: 7,
+    types.F64: 8,
+    types.BF16: 9,
 }
 _NCCL_SUM = 0
 _NCCL_BF16_VERSION = 21000
@@ -394,7 +394,7 @@ class NcclGroup(Group):
         if dtype not in _NCCL_TYPES:
             names = ", ".join(str(d) for d in _NCCL_TYPES)
             raise TypeError(f"all_reduce: NCCL cannot add {dtype} arrays (supported: {names})")
-        if dtype == np.dtype(ml_dtypes.bfloat16) and self.nccl_version < _NCCL_BF16_VERSION:
+        if dtype == types.BF16 and self.nccl_version < _NCCL_BF16_VERSION:
             raise TypeError(f"all_reduce: bfloat16 needs NCCL 2.10 or newer, this is {self.nccl_version}")
         code, streams = _NCCL_TYPES[dtype], self._streams(stream)
         self._grouped([

@@ -16,18 +16,17 @@ rank's device; with a host group it runs on the NumPy reference.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Sequence
 
-import ml_dtypes
 import numpy as np
 
+from .. import types
 from .._native import gpu
 from .. import _arrays
 from ..nn.linear import SparseLinear
 from . import sharding
-from .._native.streams import on_stream, stream_ptr
+from .._native.streams import on_device, on_given_stream
 from .groups import Group, as_list
 
 __all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSparseMLP"]
@@ -36,7 +35,7 @@ __all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSpa
 # quantized mode, so shards then fall on boundaries aligned for every input type.
 _FLOAT_KEYWORDS = frozenset({"activation", "relu_upper_bound", "relu_threshold", "prune", "permutation", "autotune"})
 # Output types whose partial sums the all-reduce adds (8-bit outputs would overflow).
-_SUMMABLE = frozenset(np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.int32, np.int64))
+_SUMMABLE = frozenset((types.F16, types.BF16, types.F32, types.F64, types.I32, types.I64))
 
 
 def _as_array(array: Any, what: str) -> Any:
@@ -64,21 +63,6 @@ def _to_device(array: Any, device: int | None) -> Any:
     host = array if isinstance(array, np.ndarray) else cupy.asnumpy(array)  # once, at construction
     with cupy.cuda.Device(device):
         return cupy.asarray(host)
-
-
-def _on_device(device: int | None) -> Any:
-    if device is None:
-        return contextlib.nullcontext()
-    cupy = gpu.cupy()
-
-    return cupy.cuda.Device(device)
-
-
-def _on_given_stream(stream: Any, device: int | None) -> Any:
-    """CuPy's own work (slicing, padding, concatenating) on the stream the layer was asked to use."""
-    if stream is None or device is None:
-        return contextlib.nullcontext()
-    return on_stream(stream_ptr(stream, device))
 
 
 def _default_multiple(dtype: Any, dim: str, layer_kwargs: dict) -> int:
@@ -132,7 +116,7 @@ class _ParallelLinear:
 
     def _build(self, rank: int, weight: Any, bias: Any, layer_kwargs: dict) -> None:
         device = self.group.device_of(rank)
-        with _on_device(device):
+        with on_device(device):
             self.shards[rank] = SparseLinear(_to_device(weight, device), _to_device(bias, device), **layer_kwargs)
 
     @property
@@ -173,7 +157,7 @@ class _ParallelLinear:
     def close(self) -> None:
         """Release every shard's plans and compressed weights (the layer can still be called)."""
         for rank, layer in self.shards.items():
-            with _on_device(self.group.device_of(rank)):
+            with on_device(self.group.device_of(rank)):
                 layer.close()
 
     def __enter__(self) -> _ParallelLinear:
@@ -244,7 +228,7 @@ class ColumnParallelSparseLinear(_ParallelLinear):
         inputs = self._inputs(x, stream)
         outputs = []
         for rank, item in zip(self.group.ranks, inputs, strict=True):
-            with _on_device(self.group.device_of(rank)):
+            with on_device(self.group.device_of(rank)):
                 outputs.append(self.shards[rank](item, stream=stream))
         if self.gather_output:
             outputs = self._gather(outputs, stream)
@@ -255,7 +239,7 @@ class ColumnParallelSparseLinear(_ParallelLinear):
         sends = []
         for rank, y in zip(self.group.ranks, outputs, strict=True):
             device = self.group.device_of(rank)
-            with _on_device(device), _on_given_stream(stream, device):
+            with on_device(device), on_given_stream(stream, device):
                 xp = _namespace(y)
                 y2 = y[None] if y.ndim == 1 else y
                 if y2.shape[-1] != width:  # uneven shards travel padded to the widest
@@ -267,7 +251,7 @@ class ColumnParallelSparseLinear(_ParallelLinear):
         results = []
         for rank, g, y in zip(self.group.ranks, gathered, outputs, strict=True):
             device = self.group.device_of(rank)
-            with _on_device(device), _on_given_stream(stream, device):
+            with on_device(device), on_given_stream(stream, device):
                 xp = _namespace(g)
                 full = xp.concatenate([g[r, ..., : sizes[r]] for r in range(self.group.world_size)], axis=-1)
                 results.append(full[0] if y.ndim == 1 else full)
@@ -356,9 +340,9 @@ class RowParallelSparseLinear(_ParallelLinear):
             if item.shape[-1] != want:
                 kind = f"rank {rank}'s shard of the input features" if self.input_is_parallel else "the input features"
                 raise ValueError(f"x: expected (..., {want}) features ({kind}), got shape {tuple(item.shape)}")
-            with _on_device(device):
+            with on_device(device):
                 if not self.input_is_parallel:
-                    with _on_given_stream(stream, device):
+                    with on_given_stream(stream, device):
                         item = _namespace(item).ascontiguousarray(item[..., k0:k1])
                 partials.append(self.shards[rank](item, stream=stream))
         dtype = np.dtype(partials[0].dtype)

@@ -41,7 +41,7 @@ import numpy as np
 
 from .._native import gpu
 from .._native.devices import SPARSE_MIN_CC, cuda_devices
-from .._native.streams import on_stream, stream_ptr
+from .._native.streams import call_stream, on_stream
 from .. import _arrays
 from . import decode_layout as layout
 
@@ -501,7 +501,7 @@ class DecodeGemm:
         if ystrides[-1] != 1 or (not vector and m > 1 and ystrides[0] < n):
             raise ValueError(f"out: expected unit stride along N and a row stride >= N, got strides {ystrides}")
         ldy = ystrides[0] if not vector and m > 1 else n
-        sp = stream_ptr(stream) if stream is not None else _arrays.current_stream(x, self.device)
+        sp = call_stream(stream, x, self.device)
         self._launch(xp_, ldx, m, yp, ldy, sp)
         return out
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_dtypes
 import numpy as np
+
+from .. import types
 
 __all__ = [
     "ROWS_PER_TILE",
@@ -61,7 +62,7 @@ CHUNK_BYTES = META_BYTES + ROWS_PER_TILE * COLS_PER_BLOCK // 2 * 2
 #: The most rows of x one call takes.
 MAX_ROWS = 16
 #: The element types the kernel takes (weight, x and output share one).
-DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+DTYPES = (types.F16, types.BF16)
 
 _STEPS = COLS_PER_BLOCK // 32
 

@@ -1,7 +1,7 @@
 """A plan's options as one small, frozen, validated object: :class:`PlanOptions`.
 
-:class:`~pycusparselt.SparseMatmulPlan` takes them as ``options=`` (a PlanOptions or a dict of its fields) or,
-as before, as keyword arguments; :func:`plan_options` turns either into one checked object. What can be checked
+:class:`~pycusparselt.SparseMatmulPlan` takes them as ``options=`` (a PlanOptions or a dict of its fields) or
+as keyword arguments; :func:`plan_options` turns either into one checked object. What can be checked
 without the operands is checked here; what depends on their types (which activations a type takes, for one)
 is checked by :mod:`pycusparselt.gemm.problem`.
 """

@@ -26,7 +26,7 @@ import numpy as np
 from .._native import gpu
 from .. import _arrays, bindings
 from . import dtypes
-from .._native.handles import Handle, handle_for_device
+from .handles import Handle, handle_for_device
 from ..enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
 from ..errors import ClosedError
 from .operands import ROW, Operand, as_operand

@@ -20,10 +20,11 @@ permutation    (in_features,)                                int64
 it reads an array: the number of members and the size of the zip directory (from the archive's end record,
 before the directory is parsed), only these members, stored or deflated and not encrypted, each member's
 declared size against what the meta says it holds, then each ``.npy`` header's shape and dtype before its
-data; nothing is unpickled, and nothing larger than the meta's arrays is allocated. What the arrays *mean*
-(2:4 structure, valid permutation, finite positive scales) is checked by the layer that loads them. Every
-failure is a :class:`~pycusparselt.errors.LayerFileError` naming the file and the field, or an
-:class:`OSError` from the file system itself.
+data; nothing is unpickled, and nothing larger than the meta's arrays is allocated. What the content *means* (known
+options, 2:4 structure, a valid permutation, finite positive scales, stored configurations) is checked by
+:func:`layer_fields`, as the layer's constructor checks its arguments; :func:`layer_contents` is what
+:meth:`~pycusparselt.SparseLinear.save` stores. Every failure is a :class:`~pycusparselt.errors.LayerFileError`
+naming the file and the field, or an :class:`OSError` from the file system itself.
 
 :func:`write` is atomic: it writes a temporary file in the target's directory, flushes it to the disk and
 renames it over the target, so a failed save (disk full, a file size limit) leaves an existing file as it was.
@@ -33,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import lzma
+import math
 import os
 import stat
 import struct
@@ -45,10 +48,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import _arrays, types
+from ..tuning import PlanConfig
+from . import layer_values, quantization
 from ..errors import LayerFileError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MEMBERS", "CONTAINERS", "META_FIELDS", "MAX_ARCHIVE_MEMBERS",
-           "container_of", "expected_arrays", "read", "write"]
+           "container_of", "expected_arrays", "read", "write", "layer_contents", "layer_fields", "bits", "json_float",
+           "dtype_named", "config_key", "entry_ident", "config_entry", "find_config"]
 
 #: The meta's ``format`` and ``version``: what :func:`read` accepts.
 FORMAT_NAME = "pycusparselt.SparseLinear"
@@ -72,9 +79,11 @@ META_FIELDS = ("mode", "dtype", "quant_format", "weight_granularity", "activatio
                "relu_threshold", "out_dtype", "input_scale", "output_scale", "in_features", "out_features",
                "configs")
 
-_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}
-_SAFETENSORS_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "U16": np.dtype("<u2"),
-                       "I8": np.dtype("i1"), "U8": np.dtype("u1"), "I64": np.dtype("<i8")}
+# files are little-endian whatever the machine: the element types of pycusparselt.types in that byte order
+_STORAGE = {"float16": types.F16.newbyteorder("<"), "float32": types.F32.newbyteorder("<"),
+            "bfloat16": types.U16.newbyteorder("<")}
+_SAFETENSORS_DTYPES = {"F16": _STORAGE["float16"], "F32": _STORAGE["float32"], "U16": _STORAGE["bfloat16"],
+                       "I8": types.I8, "U8": types.U8, "I64": types.I64.newbyteorder("<")}
 
 
 def _fail(path: Any, message: str) -> LayerFileError:
@@ -394,3 +403,157 @@ def _replace_atomically(path: str | os.PathLike, fill: Any) -> None:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+# -- a SparseLinear's content: what save writes and load checks -------------------------------------------
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """A host array as savable plain NumPy data (ml_dtypes types as their unsigned-integer bits)."""
+    if a.dtype in (types.BF16, types.E4M3, types.E5M2):
+        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+    return a
+
+
+def layer_contents(layer: Any, *, bias: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The meta and arrays :func:`write` stores for a :class:`~pycusparselt.SparseLinear`
+    (:meth:`~pycusparselt.SparseLinear.save`): the pruned (and permuted) weight, or the quantized weight and its
+    scales, the bias, the permutation, the scales, the options and the tuned configurations.
+
+    Parameters
+    ----------
+    layer : SparseLinear
+        Read through its public attributes.
+    bias : numpy.ndarray or None
+        The layer's bias on the host, in its stored type.
+    """
+    # the attributes are public: what load would refuse is refused here, before anything is written
+    relu_upper_bound = layer_values.relu_upper_bound(layer.relu_upper_bound)
+    relu_threshold = layer_values.relu_threshold(layer.relu_threshold)
+    meta = {
+        "mode": layer.mode, "dtype": layer.dtype.name,
+        "quant_format": layer.format, "weight_granularity": layer.weight_granularity,
+        "activation": layer.activation, "relu_upper_bound": json_float(relu_upper_bound),
+        "relu_threshold": relu_threshold, "out_dtype": layer.out_dtype.name,
+        "input_scale": layer_values.activation_scale(layer.input_scale, "input_scale"),
+        "output_scale": layer_values.activation_scale(layer.output_scale, "output_scale"),
+        "in_features": layer.in_features, "out_features": layer.out_features,
+        "weight_dtype": layer.dtype.name, "configs": layer.tuned_configs,
+    }
+    arrays: dict[str, np.ndarray] = {}
+    if layer.quantized:
+        wq = _arrays.to_numpy(layer.weight_q)
+        arrays["weight_q"] = wq if wq.dtype == types.I8 else wq.view(types.U8)
+        arrays["weight_scale"] = layer_values.weight_scales(layer.weight_scale)
+    else:
+        arrays["weight"] = bits(_arrays.to_numpy(layer.weight))
+    if bias is not None:
+        arrays["bias"] = bits(bias)
+    if layer.permutation is not None:
+        arrays["permutation"] = layer.permutation.astype(np.int64)
+    return meta, arrays
+
+
+
+
+def dtype_named(name: str) -> np.dtype:
+    """The dtype a meta names (``"bfloat16"`` is ml_dtypes')."""
+    return types.BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def json_float(v: float) -> Any:
+    """``v`` as JSON holds it: infinities as strings."""
+    return v if math.isfinite(v) else str(v)
+
+
+def config_key(ident: tuple) -> tuple:
+    """The key a tuned configuration is stored under: GPU, compute capability, library version, input."""
+    device_name, cc, version, shape, dtype = ident
+    return (device_name, cc, version, tuple(int(s) for s in shape), dtype)
+
+
+def entry_ident(entry: dict) -> tuple:
+    """The identity of a stored configuration entry (what :func:`config_key` keys)."""
+    return (entry["gpu"], entry["cc"], entry["cusparselt"], entry["x_shape"], entry["x_dtype"])
+
+
+def layer_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
+    """A layer file's content checked as the constructor checks its arguments; the keyword arguments of
+    the layer's set-up (all but the device ones). Raises LayerFileError naming the field."""
+
+    def fail(message: str) -> Exception:
+        return LayerFileError(f"{os.fspath(path)!r}: {message}")
+
+    mode, fmt = meta.get("mode"), meta.get("quant_format")
+    if mode is not None and mode not in layer_values.MODES:
+        raise fail(f"meta field 'mode': expected None or one of {', '.join(layer_values.MODES)}, got {mode!r}")
+    wanted_fmt = {"int8": ("int8",), "fp8": ("e4m3", "e5m2")}.get(mode, (None,))
+    if fmt not in wanted_fmt:
+        raise fail(f"meta field 'quant_format': a layer of mode {mode!r} has {wanted_fmt}, got {fmt!r}")
+    dtype = dtype_named(meta["dtype"])
+    if mode in layer_values.MODE_DTYPE and dtype != layer_values.MODE_DTYPE[mode]:
+        raise fail(f"meta field 'dtype': a {mode} layer is {layer_values.MODE_DTYPE[mode].name}, got {dtype.name}")
+    numbers = {}
+    checks = {"relu_upper_bound": layer_values.relu_upper_bound, "relu_threshold": layer_values.relu_threshold,
+              "input_scale": functools.partial(layer_values.activation_scale, name="input_scale"),
+              "output_scale": functools.partial(layer_values.activation_scale, name="output_scale")}
+    for name, check in checks.items():
+        try:
+            numbers[name] = check(meta.get(name))
+        except (TypeError, ValueError) as exc:
+            raise fail(f"meta field {name!r}: {str(exc).removeprefix(name + ': ')}") from None
+    out_dtype = meta.get("out_dtype")
+    if fmt is not None and out_dtype not in {d.name for d in layer_values.OUT_DTYPES[mode]}:
+        raise fail(f"meta field 'out_dtype': a {mode} layer outputs {[d.name for d in layer_values.OUT_DTYPES[mode]]}, "
+                   f"got {out_dtype!r}")
+    permutation = arrays.get("permutation")
+    if permutation is not None and not np.array_equal(np.sort(permutation), np.arange(permutation.size)):
+        raise fail(f"member 'permutation': not a permutation of range({permutation.size})")
+    bias = arrays.get("bias")
+    weight_q = weight_scale = None
+    if fmt is not None:
+        weight_q = arrays["weight_q"]
+        if fmt != "int8":
+            weight_q = weight_q.view(quantization.FORMATS[fmt][0])
+        try:
+            weight_scale = layer_values.weight_scales(arrays["weight_scale"])
+        except (TypeError, ValueError) as exc:
+            raise fail(f"member 'weight_scale': {str(exc).removeprefix('weight_scale: ')}") from None
+        weight = quantization.dequantize(weight_q, weight_scale[:, None] if weight_scale.ndim else weight_scale)
+    else:
+        weight = arrays["weight"].view(dtype)
+        bias = None if bias is None else bias.view(dtype)
+    if not np.isfinite(weight.astype(np.float32)).all():
+        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: NaN or infinite values")
+    if bias is not None and not np.isfinite(bias.astype(np.float32)).all():
+        raise fail("member 'bias': NaN or infinite values")
+    pairs = mode is None and dtype == types.F32
+    if not layer_values.is_sparse_host(weight, pairs):
+        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: not {'1:2' if pairs else '2:4'} along in_features")
+    configs = meta.get("configs")
+    try:
+        configs = {config_key(entry_ident(e)): {k: None if v is None else int(v)
+                                                   for k, v in dict(e["config"]).items()} for e in configs}
+        if any(not set(c) <= set(PlanConfig._fields) or "alg_id" not in c for c in configs.values()):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
+        raise fail("meta field 'configs': expected the entries tuned_configs returns") from None
+    return dict(
+        mode=mode, dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"] if fmt else None, weight=weight,
+        weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=permutation,
+        activation=meta.get("activation"), relu_upper_bound=numbers["relu_upper_bound"],
+        relu_threshold=numbers["relu_threshold"], out_dtype=out_dtype if fmt else None,
+        input_scale=numbers["input_scale"], output_scale=numbers["output_scale"], configs=configs,
+    )
+
+
+def config_entry(key: tuple, config: dict) -> dict:
+    """A stored configuration as the meta's ``configs`` list holds it."""
+    gpu, cc, version, shape, dtype = key
+    return {"gpu": gpu, "cc": cc, "cusparselt": version, "x_shape": list(shape), "x_dtype": dtype,
+            "config": dict(config)}
+
+
+def find_config(configs: dict[tuple, dict], ident: tuple) -> dict | None:
+    """The configuration stored for exactly this GPU, compute capability, library version and input."""
+    return configs.get(config_key(ident))

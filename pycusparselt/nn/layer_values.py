@@ -1,4 +1,5 @@
-"""The numbers a :class:`~pycusparselt.SparseLinear` layer keeps beside its weight, checked as they are stored.
+"""The numbers a :class:`~pycusparselt.SparseLinear` layer keeps beside its weight, checked as they are stored,
+and what its mode and weight must be (:data:`MODES`, :func:`is_sparse_host`).
 
 A layer keeps its activation scales (``input_scale``, ``output_scale``), its weight scales and its ReLU bounds
 as float32, the type the GPU receives them in. Each value is checked **after** that conversion, so a value
@@ -17,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SCALE_RANGE", "activation_scale", "weight_scales", "relu_upper_bound", "relu_threshold"]
+from .. import reference
+from ..types import BF16, F16, F32, I8
+
+__all__ = ["SCALE_RANGE", "activation_scale", "weight_scales", "relu_upper_bound", "relu_threshold", "MODES",
+           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host"]
 
 _F32 = np.finfo(np.float32)
 #: The activation scales accepted: float32's normal positive numbers (a smaller scale's reciprocal, the
@@ -114,3 +119,29 @@ def relu_threshold(value: Any) -> float:
         raise ValueError(f"relu_threshold: expected a number finite as float32 (at most {SCALE_RANGE[1]:.4g} in "
                          f"magnitude), got {value!r}{stored}")
     return v32
+
+
+# -- modes and the weight's sparsity -----------------------------------------------------------------------
+
+#: The layer's modes: the type its GEMM reads. None (the default) computes in the weight's own dtype.
+MODES = ("fp16", "bf16", "int8", "fp8")
+#: The float modes' GEMM type.
+MODE_DTYPE = {"fp16": F16, "bf16": BF16}
+#: The quantized modes' output types (the first is the default).
+OUT_DTYPES = {"int8": (F16, BF16, I8), "fp8": (F16, BF16, F32)}
+
+
+def padded(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``w`` with zero rows and columns appended up to multiples of ``rows`` and ``cols``."""
+    pr, pc = -w.shape[0] % rows, -w.shape[1] % cols
+    if not (pr or pc):
+        return w
+    return np.pad(w, ((0, pr), (0, pc)))
+
+
+def is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
+    """Whether a host weight is 2:4 (1:2 for ``pairs``, float32) along its inputs, any size."""
+    if pairs:
+        p = padded(w, 1, 2).reshape(w.shape[0], -1, 2)
+        return bool(((p != 0).sum(axis=-1) <= 1).all())
+    return reference.is_2to4(padded(w, 1, 4), axis=-1)

@@ -20,33 +20,36 @@ import functools
 import math
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
+from ..types import BF16 as _BF16, F16 as _F16, F32 as _F32, I8 as _I8, U8 as _U8
 from . import layer_files, layer_values, quantization
+from .layer_files import config_entry as _config_entry
+from .layer_files import config_key as _config_key
+from .layer_files import entry_ident as _entry_ident
+from .layer_files import find_config as _find_config
+from .layer_files import layer_fields as _loaded_fields
+from .layer_values import MODES
+from .layer_values import MODE_DTYPE as _MODE_DTYPE
+from .layer_values import OUT_DTYPES as _OUT_DTYPES
+from .layer_values import is_sparse_host as _is_sparse_host
+from .layer_values import padded as _padded
+from .quantization import calibrate_chain
+from .quantization import gelu32 as _gelu32
+from .quantization import relu32 as _relu32
 from ..gemm.plan import PlanConfig, SparseMatmulPlan
 from ..tuning import tuning_is_safe_on
 from .._native.streams import on_stream, stream_ptr
+from .._native.streams import stream_context as _stream_context
 
 __all__ = ["SparseLinear", "calibrate_chain", "MODES"]
 
-_F16, _BF16, _F32 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
-_I8, _U8 = np.dtype(np.int8), np.dtype(np.uint8)
 _FLOATS = (_F16, _BF16, _F32)
-
-#: The layer's modes: the type its GEMM reads. None (the default) computes in the weight's own dtype.
-MODES = ("fp16", "bf16", "int8", "fp8")
-_MODE_DTYPE = {"fp16": _F16, "bf16": _BF16}
-_OUT_DTYPES = {"int8": (_F16, _BF16, _I8), "fp8": (_F16, _BF16, _F32)}
-
-_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
-_GELU_K = np.float32(0.044715)
-
 
 _on_device = _arrays.is_device
 _to_numpy = _arrays.to_numpy
@@ -67,14 +70,6 @@ def _xp(on_device: bool) -> Any:
     return np
 
 
-def _padded(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """``w`` with zero rows and columns appended up to multiples of ``rows`` and ``cols``."""
-    pr, pc = -w.shape[0] % rows, -w.shape[1] % cols
-    if not (pr or pc):
-        return w
-    return np.pad(w, ((0, pr), (0, pc)))
-
-
 def _prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
     """2:4 (1:2 for ``pairs``) magnitude pruning along the inputs, any size (zero padding is pruned away)."""
     out, inp = w.shape
@@ -88,47 +83,6 @@ def _prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
         return np.where(keep, p, np.zeros((), p.dtype))[:, :inp]
     p = _padded(w, 4 if method == "tile" else 1, 4)
     return reference.prune_2to4(p, axis=-1, method=method)[:out, :inp]
-
-
-def _is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
-    if pairs:
-        p = _padded(w, 1, 2).reshape(w.shape[0], -1, 2)
-        return bool(((p != 0).sum(axis=-1) <= 1).all())
-    return reference.is_2to4(_padded(w, 1, 4), axis=-1)
-
-
-def _gelu32(z: Any, xp: Any) -> Any:
-    """tanh-approximated GELU in float32 (the form of cuBLASLt's epilogue and of the reference).
-
-    ``0.5 * z * (1 + tanh(u))`` is evaluated as ``z / (1 + exp(-2u))``, the same function without the
-    cancellation of ``1 + tanh(u)`` for negative z (there, two correct tanh implementations can disagree by
-    many units of the small result)."""
-    u = _GELU_C * (z + _GELU_K * z * z * z)
-    with np.errstate(over="ignore"):  # exp overflows to inf for z below about -10: the result is -0
-        return z / (np.float32(1.0) + xp.exp(np.float32(-2.0) * u))
-
-
-def _relu32(z: Any, threshold: float, upper: float, xp: Any) -> Any:
-    y = xp.where(z <= np.float32(threshold), np.float32(0.0), z)
-    return y if upper == math.inf else xp.minimum(y, np.float32(upper))
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """A host array as savable plain NumPy data (ml_dtypes types as their unsigned-integer bits)."""
-    if a.dtype in (_BF16, np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
-        return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-    return a
-
-
-def _stream_context(stream: Any) -> Any:
-    """A context making ``stream`` CuPy's current stream (None: leave the current one)."""
-    if stream is None:
-        return contextlib.nullcontext()
-    cupy = gpu.cupy()
-
-    if isinstance(stream, cupy.cuda.Stream):
-        return stream
-    return on_stream(stream_ptr(stream))
 
 
 class SparseLinear:
@@ -945,27 +899,6 @@ class SparseLinear:
 
     # -- calibration ---------------------------------------------------------------------------------
 
-    def _float_forward(self, x: Any) -> Any:
-        """``activation(x @ W.T + b)`` in float32 with the pruned float weight: the real-valued layer that
-        the quantized one approximates (used for calibration)."""
-        xp = _xp(self.on_device)
-        if self.on_device:
-            x = _to_cupy(x)
-        dt = np.dtype(x.dtype)
-        if dt not in _FLOATS:
-            raise TypeError(f"batches: calibration takes float activations, got {dt}")
-        x32 = quantization.as_float32(x, xp)
-        if self.permutation is not None:
-            x32 = x32[..., xp.asarray(self.permutation)]
-        y = x32 @ quantization.as_float32(self.weight, xp).T
-        if self._bias_host is not None:
-            y = y + quantization.as_float32(self.bias, xp)
-        if self.activation == "relu":
-            y = _relu32(y, self.relu_threshold, self.relu_upper_bound, xp)
-        elif self.activation == "gelu":
-            y = _gelu32(y, xp)
-        return y
-
     def calibrate(
         self, batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99, bins: int = 2048
     ) -> SparseLinear:
@@ -984,28 +917,8 @@ class SparseLinear:
         SparseLinear
             The layer itself.
         """
-        if not self.quantized:
-            raise ValueError(f"calibrate: only int8 and fp8 layers have scales; this layer's mode is {self.mode!r}")
-        opts = dict(method=method, percentile=percentile, bins=bins)
-        cal_in = quantization.Calibrator(self.format, **opts)
-        cal_out = quantization.Calibrator("int8", **opts) if self.out_dtype == _I8 else None
-        for x in batches:
-            self._check_batch(x)
-            cal_in.observe(x)
-            if cal_out is not None:
-                cal_out.observe(self._float_forward(x))
-        if cal_in.batches == 0:
-            raise ValueError("batches: no calibration data (the iterable was empty)")
-        self.input_scale = cal_in.scale()
-        if cal_out is not None:
-            self.output_scale = cal_out.scale()
+        quantization.calibrate_layer(self, batches, method=method, percentile=percentile, bins=bins)
         return self
-
-    def _check_batch(self, x: Any) -> None:
-        if self.on_device != _on_device(x):
-            raise TypeError("batches: calibration data must live where the layer does (NumPy or device arrays)")
-        if tuple(x.shape)[-1:] != (self.in_features,):
-            raise ValueError(f"batches: expected (..., {self.in_features}) features, got shape {tuple(x.shape)}")
 
     # -- saving --------------------------------------------------------------------------------------
 
@@ -1017,31 +930,7 @@ class SparseLinear:
         ``container``: "npz" (NumPy) or "safetensors" (needs the safetensors package); by default
         "safetensors" for a path ending in ``.safetensors``, else "npz". See :mod:`pycusparselt.nn.layer_files`.
         """
-        # the attributes are public: what load would refuse is refused here, before anything is written
-        relu_upper_bound = layer_values.relu_upper_bound(self.relu_upper_bound)
-        relu_threshold = layer_values.relu_threshold(self.relu_threshold)
-        meta = {
-            "mode": self.mode, "dtype": self.dtype.name,
-            "quant_format": self.format, "weight_granularity": self.weight_granularity,
-            "activation": self.activation, "relu_upper_bound": _json_float(relu_upper_bound),
-            "relu_threshold": relu_threshold, "out_dtype": self.out_dtype.name,
-            "input_scale": layer_values.activation_scale(self._input_scale, "input_scale"),
-            "output_scale": layer_values.activation_scale(self._output_scale, "output_scale"),
-            "in_features": self.in_features, "out_features": self.out_features,
-            "weight_dtype": self.dtype.name, "configs": self.tuned_configs,
-        }
-        arrays: dict[str, np.ndarray] = {}
-        if self.quantized:
-            wq = _to_numpy(self.weight_q)
-            arrays["weight_q"] = wq if wq.dtype == _I8 else wq.view(np.uint8)
-            arrays["weight_scale"] = layer_values.weight_scales(self.weight_scale)
-        else:
-            arrays["weight"] = _bits(_to_numpy(self.weight))
-        if self._bias_host is not None:
-            arrays["bias"] = _bits(self._bias_host)
-        if self.permutation is not None:
-            arrays["permutation"] = self.permutation.astype(np.int64)
-        layer_files.write(path, meta, arrays, container)
+        layer_files.write(path, *layer_files.layer_contents(self, bias=self._bias_host), container)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, on_device: bool | None = None, device: int | None = None,
@@ -1285,150 +1174,3 @@ class _Route:
 
 def _cupy_ptr(a: Any) -> int:
     return a.data.ptr
-
-
-# -- stored configurations -------------------------------------------------------------------------
-
-
-def _dtype_named(name: str) -> np.dtype:
-    return _BF16 if name == "bfloat16" else np.dtype(name)
-
-
-def _json_float(v: float) -> Any:
-    return v if math.isfinite(v) else str(v)
-
-
-def _config_key(ident: tuple) -> tuple:
-    device_name, cc, version, shape, dtype = ident
-    return (device_name, cc, version, tuple(int(s) for s in shape), dtype)
-
-
-def _entry_ident(entry: dict) -> tuple:
-    return (entry["gpu"], entry["cc"], entry["cusparselt"], entry["x_shape"], entry["x_dtype"])
-
-
-def _loaded_fields(meta: dict, arrays: dict[str, np.ndarray], path: Any) -> dict[str, Any]:
-    """A layer file's content checked as the constructor checks its arguments; the keyword arguments of
-    :meth:`SparseLinear._setup` (all but the device ones). Raises LayerFileError naming the field."""
-
-    def fail(message: str) -> Exception:
-        return layer_files.LayerFileError(f"{os.fspath(path)!r}: {message}")
-
-    mode, fmt = meta.get("mode"), meta.get("quant_format")
-    if mode is not None and mode not in MODES:
-        raise fail(f"meta field 'mode': expected None or one of {', '.join(MODES)}, got {mode!r}")
-    wanted_fmt = {"int8": ("int8",), "fp8": ("e4m3", "e5m2")}.get(mode, (None,))
-    if fmt not in wanted_fmt:
-        raise fail(f"meta field 'quant_format': a layer of mode {mode!r} has {wanted_fmt}, got {fmt!r}")
-    dtype = _dtype_named(meta["dtype"])
-    if mode in _MODE_DTYPE and dtype != _MODE_DTYPE[mode]:
-        raise fail(f"meta field 'dtype': a {mode} layer is {_MODE_DTYPE[mode].name}, got {dtype.name}")
-    numbers = {}
-    checks = {"relu_upper_bound": layer_values.relu_upper_bound, "relu_threshold": layer_values.relu_threshold,
-              "input_scale": functools.partial(layer_values.activation_scale, name="input_scale"),
-              "output_scale": functools.partial(layer_values.activation_scale, name="output_scale")}
-    for name, check in checks.items():
-        try:
-            numbers[name] = check(meta.get(name))
-        except (TypeError, ValueError) as exc:
-            raise fail(f"meta field {name!r}: {str(exc).removeprefix(name + ': ')}") from None
-    out_dtype = meta.get("out_dtype")
-    if fmt is not None and out_dtype not in {d.name for d in _OUT_DTYPES[mode]}:
-        raise fail(f"meta field 'out_dtype': a {mode} layer outputs {[d.name for d in _OUT_DTYPES[mode]]}, "
-                   f"got {out_dtype!r}")
-    permutation = arrays.get("permutation")
-    if permutation is not None and not np.array_equal(np.sort(permutation), np.arange(permutation.size)):
-        raise fail(f"member 'permutation': not a permutation of range({permutation.size})")
-    bias = arrays.get("bias")
-    weight_q = weight_scale = None
-    if fmt is not None:
-        weight_q = arrays["weight_q"]
-        if fmt != "int8":
-            weight_q = weight_q.view(quantization.FORMATS[fmt][0])
-        try:
-            weight_scale = layer_values.weight_scales(arrays["weight_scale"])
-        except (TypeError, ValueError) as exc:
-            raise fail(f"member 'weight_scale': {str(exc).removeprefix('weight_scale: ')}") from None
-        weight = quantization.dequantize(weight_q, weight_scale[:, None] if weight_scale.ndim else weight_scale)
-    else:
-        weight = arrays["weight"].view(dtype)
-        bias = None if bias is None else bias.view(dtype)
-    if not np.isfinite(weight.astype(np.float32)).all():
-        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: NaN or infinite values")
-    if bias is not None and not np.isfinite(bias.astype(np.float32)).all():
-        raise fail("member 'bias': NaN or infinite values")
-    pairs = mode is None and dtype == _F32
-    if not _is_sparse_host(weight, pairs):
-        raise fail(f"member {'weight_q' if fmt else 'weight'!r}: not {'1:2' if pairs else '2:4'} along in_features")
-    configs = meta.get("configs")
-    try:
-        configs = {_config_key(_entry_ident(e)): {k: None if v is None else int(v)
-                                                   for k, v in dict(e["config"]).items()} for e in configs}
-        if any(not set(c) <= set(PlanConfig._fields) or "alg_id" not in c for c in configs.values()):
-            raise ValueError
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
-        raise fail("meta field 'configs': expected the entries tuned_configs returns") from None
-    return dict(
-        mode=mode, dtype=dtype, fmt=fmt, granularity=meta["weight_granularity"] if fmt else None, weight=weight,
-        weight_q=weight_q, weight_scale=weight_scale, bias=bias, permutation=permutation,
-        activation=meta.get("activation"), relu_upper_bound=numbers["relu_upper_bound"],
-        relu_threshold=numbers["relu_threshold"], out_dtype=out_dtype if fmt else None,
-        input_scale=numbers["input_scale"], output_scale=numbers["output_scale"], configs=configs,
-    )
-
-
-def _config_entry(key: tuple, config: dict) -> dict:
-    gpu, cc, version, shape, dtype = key
-    return {"gpu": gpu, "cc": cc, "cusparselt": version, "x_shape": list(shape), "x_dtype": dtype,
-            "config": dict(config)}
-
-
-def _find_config(configs: dict[tuple, dict], ident: tuple) -> dict | None:
-    """The configuration stored for exactly this GPU, compute capability, library version and input."""
-    return configs.get(_config_key(ident))
-
-
-# -- chains ----------------------------------------------------------------------------------------
-
-
-def calibrate_chain(
-    layers: Sequence[SparseLinear], batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99,
-    bins: int = 2048,
-) -> None:
-    """Calibrate layers that run one after the other (``layers[i + 1]`` takes ``layers[i]``'s output).
-
-    Each batch runs once through the float32 layers (pruned float weights); every quantized layer's input
-    scale comes from what it receives, and an int8 output's scale is the next layer's input scale (so the
-    int8 output feeds the next INT8 layer as it is), or from the last layer's own outputs.
-    """
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers: expected at least one SparseLinear")
-    for i, (a, b) in enumerate(zip(layers[:-1], layers[1:], strict=True)):
-        if a.out_features != b.in_features:
-            raise ValueError(f"layers: layer {i} has {a.out_features} outputs but layer {i + 1} takes "
-                             f"{b.in_features} inputs")
-    opts = dict(method=method, percentile=percentile, bins=bins)
-    cal_in = [quantization.Calibrator(layer.format, **opts) if layer.quantized else None for layer in layers]
-    cal_out = [quantization.Calibrator("int8", **opts) if layer.out_dtype == _I8 else None for layer in layers]
-    seen = 0
-    for x in batches:
-        seen += 1
-        layers[0]._check_batch(x)
-        h = x
-        for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
-            if ci is not None:
-                ci.observe(h)
-            h = layer._float_forward(h)
-            if co is not None:
-                co.observe(h)
-    if seen == 0:
-        raise ValueError("batches: no calibration data (the iterable was empty)")
-    for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
-        if ci is not None:
-            layer.input_scale = ci.scale()
-        if co is not None:
-            layer.output_scale = co.scale()
-    for a, b in zip(layers[:-1], layers[1:], strict=True):
-        if a.out_dtype == _I8 and b.mode == "int8":
-            b.input_scale = a.output_scale  # the same statistics; made identical so the int8 output chains

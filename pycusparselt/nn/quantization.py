@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from .._native import gpu
-from .. import _arrays
+from .. import _arrays, types
 from . import layer_values
 
 __all__ = [
@@ -53,13 +52,17 @@ __all__ = [
     "quantize_into",
     "Calibrator",
     "calibrate",
+    "GELU_C",
+    "GELU_K",
+    "gelu32",
+    "relu32",
+    "float_forward",
+    "check_batch",
+    "calibrate_layer",
+    "calibrate_chain",
 ]
 
-_I8 = np.dtype(np.int8)
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_F32 = np.dtype(np.float32)
+_I8, _E4M3, _E5M2, _BF16, _F32 = types.I8, types.E4M3, types.E5M2, types.BF16, types.F32
 
 #: Quantized formats by name: their NumPy dtype and largest magnitude.
 FORMATS: dict[str, tuple[np.dtype, float]] = {
@@ -549,3 +552,144 @@ def calibrate(
     if calibrator.batches == 0:
         raise ValueError("batches: no calibration data (the iterable was empty)")
     return calibrator.scale()
+
+
+# -- the activations in float32 (the layers' float epilogue, and the real-valued layer calibration observes) --
+
+GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+GELU_K = np.float32(0.044715)
+
+
+def gelu32(z: Any, xp: Any) -> Any:
+    """tanh-approximated GELU in float32 (the form of cuBLASLt's epilogue and of the reference).
+
+    ``0.5 * z * (1 + tanh(u))`` is evaluated as ``z / (1 + exp(-2u))``, the same function without the
+    cancellation of ``1 + tanh(u)`` for negative z (there, two correct tanh implementations can disagree by
+    many units of the small result)."""
+    u = GELU_C * (z + GELU_K * z * z * z)
+    with np.errstate(over="ignore"):  # exp overflows to inf for z below about -10: the result is -0
+        return z / (np.float32(1.0) + xp.exp(np.float32(-2.0) * u))
+
+
+def relu32(z: Any, threshold: float, upper: float, xp: Any) -> Any:
+    """ReLU with a threshold and an upper bound, in float32: 0 where ``z <= threshold``, at most ``upper``."""
+    y = xp.where(z <= np.float32(threshold), np.float32(0.0), z)
+    return y if upper == math.inf else xp.minimum(y, np.float32(upper))
+
+
+# -- calibrating SparseLinear layers --------------------------------------------------------------------------
+# The functions take layers (pycusparselt.nn.linear.SparseLinear) and read their public attributes only; the
+# layer's calibrate method and pycusparselt.nn.linear.calibrate_chain are these.
+
+
+def float_forward(layer: Any, x: Any) -> Any:
+    """``activation(x @ W.T + b)`` in float32 with the layer's pruned float weight: the real-valued layer that
+    the quantized one approximates (what calibration observes).
+
+    Parameters
+    ----------
+    layer : SparseLinear
+    x : array
+        Float inputs of shape (..., in_features), on the layer's backend.
+    """
+    xp = gpu.cupy() if layer.on_device else np
+    if layer.on_device:
+        x = _arrays.as_cupy(x)
+    dt = np.dtype(x.dtype)
+    if dt not in (types.F16, types.BF16, types.F32):
+        raise TypeError(f"batches: calibration takes float activations, got {dt}")
+    x32 = as_float32(x, xp)
+    if layer.permutation is not None:
+        x32 = x32[..., xp.asarray(layer.permutation)]
+    y = x32 @ as_float32(layer.weight, xp).T
+    if layer.bias is not None:
+        y = y + as_float32(layer.bias, xp)
+    if layer.activation == "relu":
+        y = relu32(y, layer.relu_threshold, layer.relu_upper_bound, xp)
+    elif layer.activation == "gelu":
+        y = gelu32(y, xp)
+    return y
+
+
+def check_batch(layer: Any, x: Any) -> None:
+    """TypeError unless calibration batch ``x`` lives where the layer does; ValueError unless it has the layer's
+    input features."""
+    if layer.on_device != _arrays.is_device(x):
+        raise TypeError("batches: calibration data must live where the layer does (NumPy or device arrays)")
+    if tuple(x.shape)[-1:] != (layer.in_features,):
+        raise ValueError(f"batches: expected (..., {layer.in_features}) features, got shape {tuple(x.shape)}")
+
+
+def calibrate_layer(layer: Any, batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99,
+                    bins: int = 2048) -> None:
+    """Set a quantized layer's ``input_scale`` (and ``output_scale`` for an int8 output) from example inputs
+    (:meth:`pycusparselt.nn.linear.SparseLinear.calibrate`).
+
+    Parameters
+    ----------
+    layer : SparseLinear
+        An int8 or fp8 layer.
+    batches : iterable of arrays
+        Float inputs of shape (batch, in_features), on the layer's backend; consumed once.
+    method, percentile, bins
+        As :class:`Calibrator`. The output scale is chosen from :func:`float_forward`'s outputs the same way.
+    """
+    if not layer.quantized:
+        raise ValueError(f"calibrate: only int8 and fp8 layers have scales; this layer's mode is {layer.mode!r}")
+    opts = dict(method=method, percentile=percentile, bins=bins)
+    cal_in = Calibrator(layer.format, **opts)
+    cal_out = Calibrator("int8", **opts) if layer.out_dtype == _I8 else None
+    for x in batches:
+        check_batch(layer, x)
+        cal_in.observe(x)
+        if cal_out is not None:
+            cal_out.observe(float_forward(layer, x))
+    if cal_in.batches == 0:
+        raise ValueError("batches: no calibration data (the iterable was empty)")
+    layer.input_scale = cal_in.scale()
+    if cal_out is not None:
+        layer.output_scale = cal_out.scale()
+
+
+def calibrate_chain(
+    layers: Sequence[Any], batches: Iterable[Any], *, method: str = "max", percentile: float = 99.99,
+    bins: int = 2048,
+) -> None:
+    """Calibrate SparseLinear layers that run one after the other (``layers[i + 1]`` takes ``layers[i]``'s
+    output); exported as :func:`pycusparselt.nn.linear.calibrate_chain`.
+
+    Each batch runs once through the float32 layers (pruned float weights); every quantized layer's input
+    scale comes from what it receives, and an int8 output's scale is the next layer's input scale (so the
+    int8 output feeds the next INT8 layer as it is), or from the last layer's own outputs.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers: expected at least one SparseLinear")
+    for i, (a, b) in enumerate(zip(layers[:-1], layers[1:], strict=True)):
+        if a.out_features != b.in_features:
+            raise ValueError(f"layers: layer {i} has {a.out_features} outputs but layer {i + 1} takes "
+                             f"{b.in_features} inputs")
+    opts = dict(method=method, percentile=percentile, bins=bins)
+    cal_in = [Calibrator(layer.format, **opts) if layer.quantized else None for layer in layers]
+    cal_out = [Calibrator("int8", **opts) if layer.out_dtype == _I8 else None for layer in layers]
+    seen = 0
+    for x in batches:
+        seen += 1
+        check_batch(layers[0], x)
+        h = x
+        for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
+            if ci is not None:
+                ci.observe(h)
+            h = float_forward(layer, h)
+            if co is not None:
+                co.observe(h)
+    if seen == 0:
+        raise ValueError("batches: no calibration data (the iterable was empty)")
+    for layer, ci, co in zip(layers, cal_in, cal_out, strict=True):
+        if ci is not None:
+            layer.input_scale = ci.scale()
+        if co is not None:
+            layer.output_scale = co.scale()
+    for a, b in zip(layers[:-1], layers[1:], strict=True):
+        if a.out_dtype == _I8 and b.mode == "int8":
+            b.input_scale = a.output_scale  # the same statistics; made identical so the int8 output chains

@@ -1,0 +1,145 @@
+"""The documented result tables are the committed JSON results, formatted: a table edited by hand or a result
+file replaced without its table fails here."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv_table(page: str, caption_start: str, root: Path = ROOT) -> tuple[str, list[list[str]]]:
+    """The caption and rows of the csv-table whose caption starts with ``caption_start``."""
+    text = (root / "docs" / page).read_text()
+    match = re.search(r"^\.\. csv-table:: (" + re.escape(caption_start) + r".*)\n((?:   .*\n|\n)+)", text, re.M)
+    assert match, f"{page}: no csv-table captioned {caption_start!r}"
+    body = [line.strip() for line in match.group(2).splitlines() if line.strip() and not line.strip().startswith(":")]
+    return match.group(1), [[cell.strip() for cell in row] for row in csv.reader(body)]
+
+
+def test_the_sparsify_speed_table_is_the_committed_result():
+    bench = _module(ROOT / "benchmarks" / "bench_torch_sparsify.py")
+    results = json.loads((RESULTS / "torch_sparsify_h200_2026-11-30.json").read_text())
+    caption, rows = _csv_table("pytorch.rst", "NVIDIA H200, PyTorch")
+    env = results["environment"]
+    assert caption.startswith(f"{env['device']}, PyTorch {env['torch']}, cuSPARSELt {env['cusparselt']}; "
+                              f"medians of {results['repeat']} samples")
+    expected = [[cell.strip() for cell in bench.markdown_row(row).strip("|").split("|")] for row in results["rows"]]
+    assert rows == expected
+
+
+def test_the_scaling_table_is_the_committed_result():
+    results = json.loads((RESULTS / "mlp_scaling_2xh200_2026-11-30.json").read_text())
+    assert results["environment"]["one_gpu_per_process"] and not results["not_run"]
+    _, rows = _csv_table("distributed.rst", "FP16 block")
+    names = {"bert-large": "BERT-large", "llm": "LLM"}
+    by_case = {(r["shape"], r["tokens"], r["gpus"]): r for r in results["rows"]}
+    expected = []
+    for (shape, tokens, gpus), one in sorted(by_case.items(), key=lambda item: (item[0][0], item[0][1])):
+        if gpus != 1:
+            continue
+        two = by_case[(shape, tokens, 2)]
+        expected.append([names[shape], str(tokens), f"{one['parallel_ms']:.3f}", f"{two['parallel_ms']:.3f}",
+                         f"{two['speedup_vs_1gpu']:.2f}x", f"{two['allreduce_ms']:.3f}", f"{one['dense_ms']:.3f}"])
+    assert rows == expected
+
+
+def _spread(spread: dict) -> str:
+    return f"{spread['mean']:.1%} ± {spread['std']:.1%}"  # as examples/torch_recipe.py --rst writes it
+
+
+def test_the_recipe_accuracy_table_is_the_committed_result():
+    results = json.loads((RESULTS / "torch_recipe_cpu_10seeds.json").read_text())
+    text = (ROOT / "docs" / "pytorch.rst").read_text()
+    assert results["command"] in " ".join(text.replace("``", "").split())  # the command the page names
+    assert len(results["seeds"]) >= 5 and results["threads"] == 1 and results["deterministic_algorithms"]
+    for model, summary in results["summary"].items():
+        match = re.search(r"^   \* - " + re.escape(model) + r" \(.*\n((?:     - .*\n)+)", text, re.M)
+        assert match, f"pytorch.rst: no accuracy row for {model}"
+        cells = [line.strip()[2:] for line in match.group(1).splitlines()]
+        expected = [_spread(summary[key]) for key in ("dense_fp32", "dense_fp16", "naive_retrained_fp32",
+                                                      "permuted_retrained_fp32", "sparse_fp16", "sparse_int8")]
+        expected.append(f"{summary['naive_kept_magnitude']['mean']:.3f} / "
+                        f"{summary['permuted_kept_magnitude']['mean']:.3f}")
+        assert cells == expected, model
+        assert f"({summary['params']:,} parameters)" in match.group(0)
+        rows = [r for r in results["rows"] if r["model"] == model]
+        assert [r["seed"] for r in rows] == results["seeds"] == summary["seeds"]
+        for key in ("permuted_retrained_fp32", "naive_retrained_fp32"):  # the summary is of these rows
+            assert summary[key]["mean"] == pytest.approx(sum(r[key] for r in rows) / len(rows), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("page, caption", [("pytorch.rst", "NVIDIA H200, PyTorch"), ("distributed.rst", "FP16 block"),
+                                           ("pytorch.rst", "Hugging Face models on")])
+def test_a_changed_cell_is_caught(page, caption, tmp_path):
+    """The checks above can fail: one digit changed in a copy of the page changes the parsed rows."""
+    _, rows = _csv_table(page, caption)
+    text = (ROOT / "docs" / page).read_text()
+    first = ", ".join(rows[0])
+    changed = first[:-2] + ("0" if first[-2] != "0" else "1") + first[-1]
+    copy = tmp_path / "docs" / page
+    copy.parent.mkdir()
+    copy.write_text(text.replace(first, changed, 1))
+    assert _csv_table(page, caption, tmp_path)[1][0] != rows[0]
+
+
+def _markdown_tables(text: str) -> list[list[str]]:
+    """Every Markdown table of a page, as its lines."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_the_inference_tables_are_the_committed_result():
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    text = (ROOT / "docs" / "inference.md").read_text()
+    path = re.search(r"Results: `benchmarks/results/(inference_[^`]+\.json)`", text).group(1)
+    expected = tables.inference_tables(json.loads((RESULTS / path).read_text()))
+    on_page = _markdown_tables(text)
+    for table in expected:
+        assert table in on_page, f"docs/inference.md lacks the table headed {table[0]!r} of {path}"
+
+
+def test_a_changed_inference_cell_is_caught():
+    """A table with one number changed is not the one the JSON gives."""
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    result = json.loads((RESULTS / "inference_h200_2026-11-30.json").read_text())
+    table = tables.llm_table(result)
+    result["rows"][0]["ms"] *= 1.01
+    assert tables.llm_table(result) != table
+    page = "\n".join(table).replace(table[2], table[2].replace("|", "| 9", 1))
+    assert table not in _markdown_tables(page)
+
+
+def test_the_hugging_face_table_is_the_committed_result(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # bench_hf imports its sibling's sampler
+    bench = _module(ROOT / "benchmarks" / "bench_hf.py")
+    results = json.loads((RESULTS / "hf_h100_2026-12-06.json").read_text())
+    caption, rows = _csv_table("pytorch.rst", "Hugging Face models on")
+    assert caption == bench.caption(results)
+    assert rows == bench.table_rows(results)
+    text = " ".join((ROOT / "docs" / "pytorch.rst").read_text().split())
+    for line in bench.report(results).split("\n")[len(rows) + 3:]:  # the lines after the table
+        assert " ".join(line.split()) in text
+    assert results["command"] in text.replace("``", "")  # the command the page names made the file
+    measured = {(r["model"], r.get("batch", r.get("tokens")), r["mode"]) for r in results["rows"]}
+    assert len(measured) == len(results["rows"]) and all("rel_err" in r for r in results["rows"])
