@@ -389,3 +389,14 @@ def test_importing_the_package_installs_no_import_hook():
     import pycusparselt  # noqa: F401
 
     assert [f for f in sys.meta_path if type(f).__module__.startswith("pycusparselt")] == []
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists packages by name: a new folder left out installs a package that cannot import, which
+    an editable install (the checkout) does not show."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("__init__.py")}
+    assert folders == listed, f"missing from pyproject.toml: {sorted(folders - listed)}; not folders: " \
+                              f"{sorted(listed - folders)}"

@@ -230,20 +230,12 @@ class SparseMatmulPlan:
         self._d_layout = problem.d_layout
         self._mats = problem.mats
         s_mat, x_mat, y_mat = problem.mats
-        # cuSPARSELt's compressed form depends on the whole problem, not only on the sparse operand: on the
-        # H100 a plan whose dense operand had another shape hit an illegal instruction reading it, and so did
-        # plans reading the output of the descriptor-only cusparseLtSpMMACompress2 (which also compresses only
-        # the first matrix of a batch on 0.8.0). So compression is plan-based, and a compressed operand is
-        # accepted by plans of exactly the same problem. On the H200 with the slack (COMPRESSED_SLACK), one
-        # compressed operand gave products bit-identical to each plan's own compression for other dense shapes
-        # and, under compute-sanitizer, for every configuration (scripts/probe_shared_compression.py); but data
-        # compressed under configuration 0 still ended a plan of another configuration with an illegal
-        # instruction (FP16 256x512, as on the H100 at 4096^3), and layers that shared one compressed weight
-        # between plans of different dense shapes under one configuration id ended long runs with an illegal
-        # instruction at larger sizes (H200: BERT-large FFN at 12288 rows after 3072; a 1024 -> 4096 -> 1024
-        # MLP block at 12288 tokens after 3072), which per-plan compression never did: configuration ids are
-        # numbered per problem. So a compressed operand serves plans of the same sparse matrix, types, compute
-        # type, dense and output geometry and configuration: only the epilogue may differ. See compressed_key.
+        # A compressed operand is read only by plans of the same sparse matrix, types, compute type, dense and
+        # output geometry and configuration id (compressed_key): compressed under another dense shape or
+        # configuration, or by the descriptor-only cusparseLtSpMMACompress2, it ended products with illegal
+        # instructions on the H100 and the H200 (scripts/probe_shared_compression.py). Configuration ids are
+        # numbered per problem. One plan also serves one compressed operand: re-made with a tuned
+        # configuration, a plan shared by several gave every operand after the first the first one's product.
         self._format = 0  # the config id the plan was initialised with
         self._problem_key = (x_mat, y_mat)
         self.sparse_key = (device, problem.sparse_layout, s_mat, problem.dtype, problem.out_dtype,
@@ -252,7 +244,7 @@ class SparseMatmulPlan:
         self._has_bias, self._has_alpha_vector = opts.bias, opts.alpha_vector
         self._compute_type = problem.compute_type
         self._buffers: dict[str, Any] = {}
-        self._checked: set[tuple] = set()  # (role, _cupy_key) of arrays already validated against the plan
+        self._checked: set[tuple] = set()  # (role, array key) of arrays already validated against the plan
         self.tuning_report: TuningReport | None = None
         self._build(problem.compute_type, problem.out_dtype, opts.activation, opts.relu_upper_bound,
                     opts.relu_threshold, opts.gelu_scaling)
@@ -569,6 +561,10 @@ class SparseMatmulPlan:
     ) -> CompressedOperand:
         """Compress the sparse-side operand for this plan (and any plan with the same sparse operand).
 
+        Once the plan runs a tuned configuration, multiply one compressed operand with it: a tuned plan gave
+        every compressed operand after the first one it multiplied the first one's product (H100, cuSPARSELt
+        0.8.0); make a plan per weight.
+
         Parameters
         ----------
         x : device array
@@ -603,7 +599,7 @@ class SparseMatmulPlan:
             with _on_stream(stream_ptr):
                 buffer = cupy.empty(size + COMPRESSED_SLACK, dtype=cupy.uint8)[:size]
                 scratch = cupy.empty(max(scratch_size, 1), dtype=cupy.uint8)
-            # plan-based (see _sparse_key); the temporaries were allocated on this stream, so CuPy's pool reuses
+            # plan-based (see compressed_key); the temporaries were allocated on this stream, so CuPy's pool reuses
             # them only after the stream is done with them
             bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
         return CompressedOperand(buffer, self.compressed_key, op.shape, op.dtype, self.sparse)

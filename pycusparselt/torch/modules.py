@@ -339,7 +339,8 @@ class SparseLinear(torch.nn.Module):
                 self._direct.clear()
                 direct = None
         y = native(x)  # checks x in full; makes (and tunes) the product for this shape
-        if direct is None and x.dtype is self._dtype:
+        if direct is None and x.dtype is self._dtype and not torch.cuda.is_current_stream_capturing():
+            # made outside graph capture only: its stage is then zeroed now, not at each replay
             self._direct[(rows, sp)] = self._direct_entry(native, rows, sp, x.device)
         return y
 
