@@ -96,8 +96,7 @@ def _inputs(torch, name: str, size: int):
     return torch.randint(0, LLAMA["vocab_size"], (1, size), device="cuda")
 
 
-def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int) -> list:
-    rows = []
+def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, keep) -> None:
     key = "batch" if name == "bert" else "tokens"
     sizes = BERT_BATCHES if name == "bert" else LLAMA_TOKENS
     model_name = "bert-large" if name == "bert" else "llama-4x4096"
@@ -128,12 +127,10 @@ def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int) -> 
             except Exception as exc:  # noqa: BLE001 - a mode that fails is a row that says why
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+            keep(row)
 
 
-def _generate_rows(torch, dense, sparse, modes: list) -> list:
-    rows = []
+def _generate_rows(torch, dense, sparse, modes: list, keep) -> None:
     for mode in [m for m in modes if m.startswith("generate")]:
         for batch in GENERATE_BATCHES:
             row = {"model": "llama-4x4096", "batch": batch, "mode": mode}
@@ -162,8 +159,7 @@ def _generate_rows(torch, dense, sparse, modes: list) -> list:
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+            keep(row)
 
 
 def _first_forward(torch, dense, sparse, batch: int = 8) -> dict:
@@ -187,9 +183,10 @@ def _save(results: dict, path: str | None) -> None:
             json.dump(results, f, indent=1)
 
 
-def run(models: list, modes: list, repeat: int, path: str | None = None, tune_budget: float | None = None) -> dict:
-    """The benchmark; with ``path``, the results so far are written there after each model's rows (a run cut
-    short keeps what it measured)."""
+def run(models: list, modes: list, repeat: int, path: str | None = None, tune_budget: float | None = None,
+        command: str = "") -> dict:
+    """The benchmark; with ``path``, the results so far are written there after each row (a run cut short keeps
+    what it measured)."""
     import torch
     import transformers
 
@@ -199,21 +196,44 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "cusparselt": ".".join(map(str, library_version())), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "repeat": repeat, "rows": [], "sparsify_s": {},
-        "tune_budget_s": tune_budget,
+        "tune_budget_s": tune_budget, "command": command,
     }
     for name in models:
         dense, sparse, seconds = _models(torch, transformers, name, tune_budget)
         results["sparsify_s"][name] = round(seconds, 2)
         if name == "bert":
             results["first_forward"] = _first_forward(torch, dense, sparse)
-        results["rows"] += _forward_rows(torch, name, dense, sparse, modes, repeat)
-        _save(results, path)
-        if name == "llama":
-            results["rows"] += _generate_rows(torch, dense, sparse, modes)
+        def keep(row: dict) -> None:
+            results["rows"].append(row)
             _save(results, path)
+
+        _forward_rows(torch, name, dense, sparse, modes, repeat, keep)
+        if name == "llama":
+            _generate_rows(torch, dense, sparse, modes, keep)
         del dense, sparse
         torch.cuda.empty_cache()
     return results
+
+
+def planned_rows() -> list:
+    """Every row the benchmark has, as (model, size key, size, mode): both models, every mode."""
+    rows = [("bert-large", "batch", b, m) for m in ("eager", "compile", "graph") for b in BERT_BATCHES]
+    rows += [("llama-4x4096", "tokens", t, m) for m in ("eager", "compile", "graph") for t in LLAMA_TOKENS]
+    rows += [("llama-4x4096", "batch", b, m) for m in ("generate", "generate-compiled") for b in GENERATE_BATCHES]
+    return rows
+
+
+def not_measured(results: dict) -> list:
+    """The planned rows a results file lacks (or holds as failures), grouped: ["bert-large compile (batch 1, 8,
+    32)", ...]."""
+    measured = {(r["model"], "batch" if "batch" in r else "tokens", r.get("batch", r.get("tokens")), r["mode"])
+                for r in results["rows"] if "error" not in r}
+    groups: dict = {}
+    for model, key, size, mode in planned_rows():
+        if (model, key, size, mode) not in measured:
+            groups.setdefault((model, mode, key), []).append(str(size))
+    return [f"{model} {mode} (batch {', '.join(sizes)})" if key == "batch" else
+            f"{model} {mode} ({', '.join(sizes)} tokens)" for (model, mode, key), sizes in groups.items()]
 
 
 def caption(results: dict) -> str:
@@ -250,9 +270,9 @@ def report(results: dict) -> str:
     if first:
         lines += ["", f"First forward of BERT-large at a new batch size (8), after ``sparsify``: dense "
                       f"{first['dense_s']} s, sparse {first['sparse_s']} s."]
-    not_run = results.get("not_run")
-    if not_run:
-        lines += ["", f"Not run: {'; '.join(not_run['rows'])} ({not_run['why']})."]
+    missing = not_measured(results)
+    if missing:
+        lines += ["", f"Not measured: {'; '.join(missing)}."]
     return "\n".join(lines)
 
 
@@ -270,7 +290,8 @@ def main(argv: list | None = None) -> int:
         with open(args.report) as f:
             print(report(json.load(f)))
         return 0
-    results = run(args.models, args.modes, args.repeat, args.json, args.tune_budget)
+    command = " ".join(["python", "benchmarks/bench_hf.py", *(sys.argv[1:] if argv is None else argv)])
+    results = run(args.models, args.modes, args.repeat, args.json, args.tune_budget, command)
     print(report(results))
     return 0
 

@@ -9,7 +9,8 @@ its first call with that size). The host's microseconds per call are the wall ti
 calls divided by ``calls``: the module, ``F.linear``, ``nn.Linear`` and ``native`` (the checked call of the
 :class:`pycusparselt.SparseLinear` beneath the module, which its prepared calls skip). Each product's GPU time
 (replayed from a CUDA graph) is reported beside: where it exceeds the host's, the GPU set the pace and the host
-figure is a bound. Medians of 5 rounds, the callables alternating.
+figure is a bound. Columns ending ``_fresh`` call on a new tensor each time (a clone, whose cost they include), as
+an eager model's activations come. Medians of 5 rounds, the callables alternating.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _gpu_us(fn, x, calls: int) -> float:
     return start.elapsed_time(end) * 1e3 / (calls // 20 * 20)
 
 
-def run(features: int, calls: int) -> dict:
+def run(features: int, calls: int, command: str = "") -> dict:
     import torch
 
     import pycusparselt.torch as pst
@@ -66,8 +67,11 @@ def run(features: int, calls: int) -> dict:
     dense = torch.nn.Linear(features, features).cuda().half()
     pst.prune_trained_model(torch.nn.Sequential(dense), permute=False)
     sparse = pst.SparseLinear.from_dense(dense.weight, dense.bias, prune=None, autotune=False).cuda()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "features": features,
-               "calls": calls, "rows": []}
+    from pycusparselt._native.library import library_version
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "cusparselt": ".".join(map(str, library_version())), "date": time.strftime("%Y-%m-%d"),
+               "command": command, "features": features, "calls": calls, "rows": []}
     with torch.no_grad():
         for rows in ROWS:
             x = torch.randn(rows, features, device="cuda", dtype=torch.float16)
@@ -77,6 +81,9 @@ def run(features: int, calls: int) -> dict:
             for fn in fns.values():
                 for _ in range(10):
                     fn(x)
+            # the same callables on a new tensor each call (as an eager model's activations come), the clone's
+            # cost included in every column
+            fns.update({f"{name}_fresh": (lambda t, fn=fn: fn(t.clone())) for name, fn in list(fns.items())})
             host = {name: [] for name in fns}
             for _ in range(5):
                 for name, fn in fns.items():
@@ -95,7 +102,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--features", type=int, default=1024)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args(argv)
-    results = run(args.features, args.calls)
+    command = " ".join(["python", "benchmarks/bench_torch_host.py", *(sys.argv[1:] if argv is None else argv)])
+    results = run(args.features, args.calls, command)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

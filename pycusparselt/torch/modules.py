@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import _arrays
+from .._native import gpu
 from ..errors import ClosedError
 from ..nn import layer_values
 from ..nn.linear import MODES
@@ -40,6 +41,10 @@ _ids = itertools.count(1)
 #: The dtype each mode keeps its values in (FP8 as its bytes: ``.half()`` must not convert them).
 _VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.uint8}
 _QUANTIZED = ("int8", "fp8")
+#: Prepared entries a module keeps (one per number of rows, stream and device) before it starts again, as the
+#: layer's routes do: a model fed inputs of many lengths keeps a bounded number of stages.
+_MAX_DIRECT = 64
+_current_device = torch.cuda.current_device
 
 
 _version = operator.attrgetter("_version")  # a tensor's count of in-place changes
@@ -160,7 +165,7 @@ class SparseLinear(torch.nn.Module):
             self.register_buffer("output_scale", torch.zeros((), dtype=torch.float32, device=device))
         self._native: NativeLinear | None = None
         self._direct: dict = {}
-        self._stages: list = []
+        self._stages: dict = {}  # (padded rows, stream, device) -> the stage of prepared calls
         self._dtype = torch.float16 if quantized else _VALUE_DTYPES[mode]  # what the product reads
         self._row_bytes = in_features * self._dtype.itemsize
         self._watched: tuple = ()  # the buffers the product was made from, and their versions then
@@ -234,13 +239,13 @@ class SparseLinear(torch.nn.Module):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_native"] = None  # a cache of the GPU's plans: never copied or pickled
-        state["_watched"], state["_built_from"], state["_direct"], state["_stages"] = (), (), {}, []
+        state["_watched"], state["_built_from"], state["_direct"], state["_stages"] = (), (), {}, {}
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._native = None
-        self._direct, self._stages = {}, []
+        self._direct, self._stages = {}, {}
         self._register()  # a copy is a module of its own
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
@@ -292,7 +297,7 @@ class SparseLinear(torch.nn.Module):
         if self._native is None or self._built_from != tuple(map(_version, self._watched)):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
             self._direct = {}  # (rows, stream) -> the prepared product's launcher, stage and shape, or False
-            self._stages = []
+            self._stages = {}
             self._native = self._build_native()
             self._built_from = tuple(map(_version, self._watched))
         return self._native
@@ -315,33 +320,55 @@ class SparseLinear(torch.nn.Module):
             return NativeLinear(dense, self.bias, prune=None, **options)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The product on a 2-D input (rows, in_features), eagerly: what the custom operator runs."""
+        """The product on a 2-D input, eagerly: what the custom operator runs.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (rows, in_features), on the module's device (a CPU module runs the NumPy reference).
+
+        Returns
+        -------
+        torch.Tensor
+            (rows, out_features), of the type ``output_dtype`` names.
+
+        The first call with a number of rows on a stream is checked in full by the
+        :class:`pycusparselt.SparseLinear` beneath; later ones (C-contiguous, 16-byte aligned, of the layer's
+        dtype, with the input's device current) launch the prepared product directly.
+        """
         native = self.native()
         if not x.is_cuda:
             return _arrays.host_tensor(native(_arrays.to_numpy(x)))
         if not x.is_contiguous():
             x = x.contiguous()
-        sp = _arrays.current_stream(x, x.device.index)
+        device = x.get_device()
+        sp = _arrays.current_stream(x, device)
         rows = x.shape[0]
-        direct = self._direct.get((rows, sp))
-        if direct and x.dtype is self._dtype and x.data_ptr() % 16 == 0:
+        key = (rows, sp, device)  # stream 0 is every device's default stream
+        direct = self._direct.get(key)
+        if (direct and x.dtype is self._dtype and x.shape[1] == self.in_features and x.data_ptr() % 16 == 0
+                and _current_device() == device):  # the copy is issued on the current device's stream
             # the prepared product alone: what a call checks was checked when this entry was made
-            launch, stage, shape, copy = direct
+            launch, stage, shape, copy, kind = direct
             y = torch.empty(shape, dtype=self.output_dtype, device=x.device)
             try:
                 if stage is None:
                     launch(x.data_ptr(), y.data_ptr(), sp)
                     return y
-                copy(stage, x.data_ptr(), rows * self._row_bytes, 3, sp)  # 3: cudaMemcpyDeviceToDevice
+                copy(stage, x.data_ptr(), rows * self._row_bytes, kind, sp)
                 launch(stage, y.data_ptr(), sp)
                 return y[:rows]
             except ClosedError:  # the product's plans were closed (native().close()): made again below
                 self._direct.clear()
+                self._stages.clear()
                 direct = None
         y = native(x)  # checks x in full; makes (and tunes) the product for this shape
         if direct is None and x.dtype is self._dtype and not torch.cuda.is_current_stream_capturing():
             # made outside graph capture only: its stage is then zeroed now, not at each replay
-            self._direct[(rows, sp)] = self._direct_entry(native, rows, sp, x.device)
+            if len(self._direct) >= _MAX_DIRECT:  # many sizes (prompts of every length): start again
+                self._direct.clear()
+                self._stages.clear()
+            self._direct[key] = self._direct_entry(native, rows, sp, x.device)
         return y
 
     def _direct_entry(self, native: NativeLinear, rows: int, sp: int, device: torch.device) -> tuple | bool:
@@ -352,12 +379,17 @@ class SparseLinear(torch.nn.Module):
             return False
         launch, padded = found
         if padded == rows:
-            return launch, None, (padded, self.out_features), None
+            return launch, None, (padded, self.out_features), None, None
         # inputs of fewer rows than the product reads are copied (one cudaMemcpyAsync on the stream) into a
-        # stage of that many rows, zeros at first; rows past the input's give results that are not returned
-        stage = torch.zeros((padded, self.in_features), dtype=self._dtype, device=device)
-        self._stages.append(stage)  # kept while the entry is: the entry holds its address
-        return launch, stage.data_ptr(), (padded, self.out_features), _memcpy_async()
+        # stage of the product's rows, one per padded size and stream: rows past an input's hold zeros or an
+        # earlier input's values, whose results are not returned
+        stage = self._stages.get((padded, sp, device.index))
+        if stage is None:
+            stage = self._stages[(padded, sp, device.index)] = torch.zeros(
+                (padded, self.in_features), dtype=self._dtype, device=device)
+        runtime = gpu.cupy().cuda.runtime
+        return launch, stage.data_ptr(), (padded, self.out_features), runtime.memcpyAsync, \
+            runtime.memcpyDeviceToDevice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``activation(x @ W.T + b)`` over the last dimension of ``x`` (a 1x1 convolution: over dimension 1)."""
@@ -395,13 +427,6 @@ class SparseLinear(torch.nn.Module):
 
 #: The name this class had before it was public.
 SparseLinearModule = SparseLinear
-
-
-def _memcpy_async() -> Any:
-    """``cudaMemcpyAsync(dst, src, bytes, kind, stream)`` on raw addresses, through CuPy's runtime binding."""
-    from .._native import gpu
-
-    return gpu.cupy().cuda.runtime.memcpyAsync
 
 
 def _check_scales(module: SparseLinear, where: str) -> None:

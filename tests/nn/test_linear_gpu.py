@@ -348,3 +348,6 @@ def test_tuned_layers_of_one_problem_each_compute_their_own_product(tmp_path, mo
         for layer in layers:
             w, b = cp.asnumpy(layer.weight), cp.asnumpy(layer.bias)
             reference.assert_close(cp.asnumpy(layer(xd)).T, reference.matmul(w, x.T, bias=b), a=w, b=x.T, bias=b)
+    # the later layers run the first one's winner (from the tuning cache), on plans of their own
+    assert all(layer.tuned_configs == layers[0].tuned_configs for layer in layers)
+    assert len({id(plan) for layer in layers for plan in layer._plans.values()}) == len(layers)

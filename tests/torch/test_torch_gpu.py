@@ -181,41 +181,58 @@ def test_tuned_hugging_face_models_match_their_dense_twins(model):
                 assert float((got - want).norm() / want.norm()) < 1e-2, tuple(ids.shape)
 
 
-def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact():
+@pytest.mark.parametrize("dtype, bias", [(torch.float16, True), (torch.bfloat16, False)])
+def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact(dtype, bias, monkeypatch):
     """After the first call with a number of rows, eager calls launch the prepared product themselves (inputs of
     fewer rows than the product's copied into a stage): equal to the checked path at every size, on inputs at
-    new addresses, unaligned and strided inputs (the checked path), other streams, and after the state changes."""
+    new addresses; unaligned, strided and mis-shaped inputs, other streams, changed state and closed plans are
+    handled as the checked path handles them."""
     torch.manual_seed(3)
-    dense = nn.Linear(256, 512).cuda().half()
+    dense = nn.Linear(256, 512, bias=bias).cuda().to(dtype)
     pst.prune_trained_model(nn.Sequential(dense), permute=False)
-    layer = pst.SparseLinear.from_dense(dense.weight, dense.bias, prune=None, autotune=False)
+    layer = pst.SparseLinear.from_dense(dense.weight, dense.bias, mode="fp16" if dtype == torch.float16 else "bf16",
+                                        prune=None, autotune=False)
+    checked = []  # inputs that reached the checked call beneath the module
+    native_call = type(layer.native()).__call__
+    monkeypatch.setattr(type(layer.native()), "__call__", lambda self, x, **kw: checked.append(x) or
+                        native_call(self, x, **kw))
 
     def want(x):
-        return torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        return torch.nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else
+                                          layer.bias.float())
 
     def check(x):
         got = layer(x)
-        assert got.shape == (x.shape[0], 512) and got.dtype == torch.float16
-        assert torch.allclose(got.float(), want(x), rtol=2e-3, atol=2e-2), tuple(x.shape)
-        return got
+        assert got.shape == (x.shape[0], 512) and got.dtype == dtype
+        rtol = 2e-3 if dtype == torch.float16 else 1e-2  # the output's rounding
+        assert torch.allclose(got.float(), want(x), rtol=rtol, atol=2e-2), tuple(x.shape)
 
+    sizes = (1, 5, 16, 17, 20, 24, 384)
     with torch.no_grad():
-        for rows in (1, 5, 16, 24, 384, 5, 1):
+        for rows in sizes + (5, 1):
             for _ in range(3):  # the first call prepares, the others launch directly at new addresses
-                check(torch.randn(rows, 256, device="cuda", dtype=torch.float16))
-        assert {rows for rows, _ in layer._direct} == {1, 5, 16, 24, 384}
-        base = torch.randn(17, 256, device="cuda", dtype=torch.float16)
-        check(base.view(-1)[1:1 + 16 * 256].view(16, 256))  # 2 bytes past an aligned address
-        check(torch.randn(256, 16, device="cuda", dtype=torch.float16).T)  # strided: made contiguous
+                check(torch.randn(rows, 256, device="cuda", dtype=dtype))
+        assert len(checked) == len(sizes)  # one checked call per size, none after
+        assert {key[0] for key in layer._direct} == set(sizes) and all(layer._direct.values())
+        assert len(layer._stages) == 2  # one per padded size: 16 rows (for 1 and 5), 24 rows (for 17 and 20)
+        checked.clear()
+        base = torch.randn(17, 256, device="cuda", dtype=dtype)
+        check(base.view(-1)[1:1 + 16 * 256].view(16, 256))  # 2 bytes past an aligned address: checked
+        check(torch.randn(256, 16, device="cuda", dtype=dtype).T)  # strided: made contiguous, direct
+        assert len(checked) == 1
+        with pytest.raises(ValueError, match="in_features|256"):
+            layer(torch.randn(16, 128, device="cuda", dtype=dtype))  # a prepared row count, other columns
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            x = torch.randn(5, 256, device="cuda", dtype=torch.float16)
+            x = torch.randn(5, 256, device="cuda", dtype=dtype)
             for _ in range(2):
                 check(x)
         torch.cuda.current_stream().wait_stream(side)
-        layer.bias.add_(1.0)  # an in-place edit of the state: the product is made again
-        check(torch.randn(5, 256, device="cuda", dtype=torch.float16))
+        if layer.bias is not None:
+            layer.bias.add_(1.0)  # an in-place edit of the state: the product is made again
+        layer.values.mul_(2)
+        check(torch.randn(5, 256, device="cuda", dtype=dtype))
         layer.native().close()  # plans closed under the prepared entries: made again, no error
-        check(torch.randn(5, 256, device="cuda", dtype=torch.float16))
-        check(torch.randn(5, 256, device="cuda", dtype=torch.float16))
+        check(torch.randn(5, 256, device="cuda", dtype=dtype))
+        check(torch.randn(5, 256, device="cuda", dtype=dtype))
