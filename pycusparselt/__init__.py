@@ -24,6 +24,8 @@ Importing the package loads nothing native: the library is found and loaded on f
   :class:`~pycusparselt.tuning.Tunable`),
   ``pycusparselt.tuning.timing`` (CUDA-event timing), :mod:`pycusparselt.tuning.cache` (winners on disk).
 - gemm: :mod:`pycusparselt.gemm.plan` (:class:`SparseMatmulPlan`, persistent GEMMs on device arrays),
+  ``pycusparselt.gemm.launch`` (the compressed operand and the objects that launch a plan's product with its
+  arguments fixed: launchers, bound calls, the tuner's target),
   ``pycusparselt.gemm.problem`` (the canonical problem and its layout rules, pure),
   ``pycusparselt.gemm.options`` (the plan's options as one checked object),
   ``pycusparselt.gemm.operands`` (operand layouts), ``pycusparselt.gemm.handles`` (library handles per
@@ -34,7 +36,9 @@ Importing the package loads nothing native: the library is found and loaded on f
   ``pycusparselt.gemm.graphs`` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one
   CUDA graph).
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,
-  BF16, INT8 or FP8), :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
+  BF16, INT8 or FP8), ``pycusparselt.nn.route`` (a layer's prepared call per input: staging, output, launch),
+  ``pycusparselt.nn.layer_plans`` (the configuration each of a layer's plans runs, and its compressed weight),
+  :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
   :mod:`pycusparselt.nn.masks` (2:4 masks), :mod:`pycusparselt.nn.permutation` (channel permutations that keep
   more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files), :mod:`pycusparselt.nn.layer_values`
   (a layer's scales and ReLU bounds, checked as float32).

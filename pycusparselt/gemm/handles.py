@@ -14,7 +14,7 @@ from .._native import gpu
 from .. import bindings
 from ..errors import ClosedError
 
-__all__ = ["Handle", "handle_for_device"]
+__all__ = ["Handle", "handle_for_device", "release_plan_objects"]
 
 
 def _destroy(raw: bindings.RawHandle, device: int) -> None:
@@ -65,3 +65,24 @@ def handle_for_device(device: int) -> Handle:
     if handle is None or handle.closed:
         handle = handles[device] = Handle(device)
     return handle
+
+
+def release_plan_objects(handle: Handle, device: int, objects: list) -> None:
+    """Destroy a plan's native objects (plans, algorithm selections, descriptors: in the order given), once each,
+    with its device current, then drop the plan's reference to ``handle``, which therefore outlives them. What a
+    :class:`~pycusparselt.SparseMatmulPlan` releases with (its finalizer too)."""
+    cupy = gpu.cupy()
+
+    with cupy.cuda.Device(device):
+        for obj in objects:
+            if not obj.initialized:
+                continue
+            if isinstance(obj, bindings.RawPlan):
+                bindings.matmul_plan_destroy(obj)
+            elif isinstance(obj, bindings.RawAlgSelection):
+                bindings.matmul_alg_selection_destroy(obj)
+            elif isinstance(obj, bindings.RawMatDescriptor):
+                bindings.mat_descriptor_destroy(obj)
+            elif isinstance(obj, bindings.RawMatmulDescriptor):
+                obj.release()
+    del handle  # held until here so the handle outlives the plan's objects

@@ -2,7 +2,7 @@
 
 Each call compresses the sparse operand again (pruning it first when asked); for repeated products with
 the same sparse operand, keep a :class:`~pycusparselt.gemm.plan.SparseMatmulPlan` and its
-:class:`~pycusparselt.gemm.plan.CompressedOperand` instead. Plans are cached per thread (cuSPARSELt handles are
+:class:`~pycusparselt.CompressedOperand` instead. Plans are cached per thread (cuSPARSELt handles are
 per thread here), keyed by the whole signature: device, shapes, dtypes, layouts, epilogue and compute type.
 """
 

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import numpy as np
 
 from .._native import gpu
 from .. import _arrays, bindings
 from . import dtypes
-from .handles import Handle, handle_for_device
+from .handles import handle_for_device, release_plan_objects
+from .launch import (COMPRESSED_SLACK, BoundMatmul, CompressedOperand, Launcher, MatmulArgs, TimedCall, TuningTarget,
+                     autotune_plan, check_compressed)
 from ..enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
 from ..errors import ClosedError
 from .operands import ROW, Operand, as_operand
@@ -37,14 +39,11 @@ from .._native.streams import stream_ptr as _stream_ptr
 from ..tuning import PlanConfig, TuningReport
 from ..tuning.cache import TuningCache
 
+# CompressedOperand, the launch objects, MatmulArgs and the tuner's target live in pycusparselt.gemm.launch; they are
+# this module's public names too (and documented here)
 __all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport",
            "MatmulArgs", "TuningTarget", "TimedCall"]
 
-#: Bytes allocated past the end of every compressed buffer. cuSPARSELt 0.8.0's SM 9.0 kernels read up to 256
-#: bytes past the size cusparseLtSpMMACompressedSize reports (compute-sanitizer, FP16 33x50x70 on the H100), an
-#: illegal address whenever the buffer ends a mapped region; the margin keeps those reads inside our
-#: allocation, with room to spare for other tile shapes.
-COMPRESSED_SLACK = 64 * 1024
 _N = Operation.NON_TRANSPOSE
 _PRUNE = {"strip": PruneAlg.SPMMA_STRIP, "tile": PruneAlg.SPMMA_TILE}
 
@@ -70,67 +69,6 @@ def _empty_like(op: Operand, dtype: Any) -> Any:
 
 def _order(mat: Matrix) -> Order:
     return Order.ROW if mat.order == ROW else Order.COL
-
-
-def _release(handle: Handle, device: int, objects: list) -> None:
-    """Destroy a plan's native objects, once, with its device current (also the finalizer)."""
-    cupy = gpu.cupy()
-
-    with cupy.cuda.Device(device):
-        for obj in objects:
-            if not obj.initialized:
-                continue
-            if isinstance(obj, bindings.RawPlan):
-                bindings.matmul_plan_destroy(obj)
-            elif isinstance(obj, bindings.RawAlgSelection):
-                bindings.matmul_alg_selection_destroy(obj)
-            elif isinstance(obj, bindings.RawMatDescriptor):
-                bindings.mat_descriptor_destroy(obj)
-            elif isinstance(obj, bindings.RawMatmulDescriptor):
-                obj.release()
-    del handle  # held until here so the handle outlives the plan's objects
-
-
-class CompressedOperand:
-    """The sparse operand in cuSPARSELt's compressed form, made by :meth:`SparseMatmulPlan.compress`.
-
-    It owns its device buffer and can be used with the plan that made it and with plans of exactly the same
-    problem (shapes, layouts, types, compute type and device; the epilogue may differ). Attributes: ``shape``
-    and ``dtype`` (of the dense sparse operand), ``side`` ("a" or "b"), ``nbytes`` (of the compressed buffer).
-    """
-
-    def __init__(self, buffer: Any, key: tuple, shape: tuple, dtype: np.dtype, side: str) -> None:
-        self._buffer = buffer
-        self._key = key
-        self.shape = shape
-        self.dtype = dtype
-        self.side = side
-        self.nbytes = int(buffer.nbytes)
-
-    @property
-    def closed(self) -> bool:
-        return self._buffer is None
-
-    @property
-    def ptr(self) -> int:
-        """Device address of the compressed buffer."""
-        if self._buffer is None:
-            raise ClosedError("the compressed operand was closed")
-        return self._buffer.data.ptr
-
-    def close(self) -> None:
-        """Free the compressed buffer (back to CuPy's memory pool). Harmless when repeated."""
-        self._buffer = None
-
-    def __enter__(self) -> CompressedOperand:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.nbytes} bytes"
-        return f"<CompressedOperand {self.side}: {self.shape} {self.dtype}, {state}>"
 
 
 class SparseMatmulPlan:
@@ -276,9 +214,9 @@ class SparseMatmulPlan:
             bindings.RawAlgSelection(),
             bindings.RawPlan(),
         )
-        # plan and selection first: _release destroys in this order
+        # plan and selection first: release_plan_objects destroys in this order
         self._objects = [self._plan, self._sel, self._s_desc, self._x_desc, self._y_desc, self._desc]
-        self._finalizer = weakref.finalize(self, _release, handle, self.device, self._objects)
+        self._finalizer = weakref.finalize(self, release_plan_objects, handle, self.device, self._objects)
         in_type, out_type = dtypes.data_type(self.dtype), dtypes.data_type(out_dt)
         with cupy.cuda.Device(self.device):
             try:
@@ -342,7 +280,7 @@ class SparseMatmulPlan:
         self._workspace = cupy.empty(max(size, 1), dtype=cupy.uint8)
         self._workspace_size = size
         # the per-call path: arguments converted once, for this plan object and workspace
-        self._call = bindings.MatmulCall(self._handle.raw, self._plan, self._workspace.data.ptr)
+        self.matmul_call = bindings.MatmulCall(self._handle.raw, self._plan, self._workspace.data.ptr)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -364,7 +302,7 @@ class SparseMatmulPlan:
             finalizer()
         self._buffers = {}
         self._workspace = None
-        self._call = None  # what bound calls check: theirs is gone
+        self.matmul_call = None  # what bound calls check: theirs is gone
 
     def __enter__(self) -> SparseMatmulPlan:
         return self
@@ -382,6 +320,11 @@ class SparseMatmulPlan:
     #: The sparse matrix's identity for compression (set at construction): the device, the sparse operand's
     #: layout and its descriptor's geometry, the input and output types and the compute type.
     sparse_key: tuple
+    #: The plan's :class:`~pycusparselt.bindings.MatmulCall` (``cusparseLtMatmul`` with the handle, the native plan
+    #: and the workspace fixed) for its current configuration: a new one after each re-initialisation, None once
+    #: closed. The launch objects (:class:`~pycusparselt.gemm.plan.Launcher`,
+    #: :class:`~pycusparselt.gemm.plan.BoundMatmul`) call it and compare it by identity.
+    matmul_call: Any
     #: The plan's options, checked (:class:`~pycusparselt.gemm.options.PlanOptions`), however they were given.
     options: PlanOptions
     #: The problem worked out from the examples and the options (:class:`~pycusparselt.gemm.problem.Problem`):
@@ -390,14 +333,14 @@ class SparseMatmulPlan:
 
     @property
     def compressed_key(self) -> tuple:
-        """What a :class:`CompressedOperand` must match to be read by this plan: :attr:`sparse_key`, the dense
-        and output matrices' geometry and the configuration id the plan runs (the compressed form depends on
-        the whole problem; see the constructor's notes)."""
+        """What a :class:`~pycusparselt.CompressedOperand` must match to be read by this plan: :attr:`sparse_key`,
+        the dense and output matrices' geometry and the configuration id the plan runs (the compressed form
+        depends on the whole problem; see the constructor's notes)."""
         return self.sparse_key + (self._problem_key, self._format)
 
     def compressed_size(self) -> int:
         """Bytes of the compressed sparse operand under the current configuration
-        (``cusparseLtSpMMACompressedSize``); a :class:`CompressedOperand` needs at least this many."""
+        (``cusparseLtSpMMACompressedSize``); a :class:`~pycusparselt.CompressedOperand` needs at least this many."""
         h = self._live()
         if self._compressed_size is None:
             cupy = gpu.cupy()
@@ -461,14 +404,14 @@ class SparseMatmulPlan:
                         bindings.matmul_alg_set_attribute(h, selection, attribute, value)
                 bindings.matmul_plan_init(h, plan, self._desc, selection)
             except BaseException:
-                _release(self._handle, self.device, [plan, selection])
+                release_plan_objects(self._handle, self.device, [plan, selection])
                 raise
             old = [self._plan, self._sel]
             self._plan, self._sel = plan, selection
             self._compressed_size = None
             self._format = config.alg_id
             self._objects[:2] = [plan, selection]  # what the finalizer releases
-            _release(self._handle, self.device, old)
+            release_plan_objects(self._handle, self.device, old)
             self._allocate_workspace()
 
     # -- the sparse operand -------------------------------------------------------------------------
@@ -606,29 +549,6 @@ class SparseMatmulPlan:
 
     # -- execution ---------------------------------------------------------------------------------
 
-    def _check_compressed(self, compressed: Any) -> None:
-        if type(compressed) is not CompressedOperand:
-            got = type(compressed).__name__
-            raise TypeError(f"{self.sparse}: expected the CompressedOperand made by plan.compress(), got {got}")
-        if compressed._key[:-1] == self.compressed_key[:-1] and compressed._key[-1] != self._format:
-            raise ValueError(
-                f"{self.sparse}: this CompressedOperand was compressed for configuration {compressed._key[-1]}, "
-                f"but the plan was re-initialised with configuration {self._format} (by autotune or by setting "
-                f"config), whose compressed form differs; compress the sparse operand again with plan.compress"
-            )
-        if compressed._key != self.compressed_key:
-            other = "dense operand or output shape" if compressed._key[:-2] == self.sparse_key else (
-                "sparse operand (shape, layout, dtype, output or compute type, or device)")
-            raise ValueError(
-                f"{self.sparse}: this CompressedOperand was made by a plan of another {other}; compress the sparse "
-                f"operand with this plan"
-            )
-        if compressed.nbytes < self.compressed_size():
-            raise ValueError(
-                f"{self.sparse}: this CompressedOperand holds {compressed.nbytes} bytes, but this plan's configuration "
-                f"reads {self.compressed_size()}; compress the sparse operand with this plan"
-            )
-
     def _known(self, role: str, arr: Any) -> bool:
         """Whether ``arr`` (a CuPy array or CUDA tensor) already passed this role's checks: the per-call fast
         path."""
@@ -642,16 +562,20 @@ class SparseMatmulPlan:
                 self._checked.clear()
             self._checked.add((role, key))
 
-    def _pointers(self, args: MatmulArgs, stream_ptr: int) -> tuple:
-        """Check the call's operands against the plan; return what cusparseLtMatmul needs and the output.
+    def call_arguments(self, args: MatmulArgs, stream_ptr: int) -> tuple:
+        """Check one call's operands against the plan and return what ``cusparseLtMatmul`` needs: ``(s_ptr, x_ptr,
+        c_ptr, d_ptr, alpha_arg, out, y_buf)`` (the launch objects of ``pycusparselt.gemm.launch`` fix these).
 
+        A bias or vector alpha is copied into the plan's buffers on ``stream_ptr``; ``out`` is allocated there
+        when not given. A padded plan copies the dense operands (and C) into its buffers on the stream too, and
+        ``y_buf`` is then its D buffer (None otherwise), whose result :meth:`matmul` copies into ``out``.
         Arrays seen before (same pointer, shape, strides and dtype; CuPy arrays and CUDA tensors) skip the
         checks; the padded path always reads the operands in full, since it copies them.
         """
         a, b, c, alpha, beta, bias, out, _ = args
         compressed, dense = (a, b) if self.sparse == "a" else (b, a)
         dense_name = "b" if self.sparse == "a" else "a"
-        self._check_compressed(compressed)
+        check_compressed(self, compressed)
         s_ptr = compressed.ptr
         problem = self.problem
         problem.check_scalars(c is not None, beta)
@@ -771,7 +695,7 @@ class SparseMatmulPlan:
         stream: Any = None,
     ) -> Any:
         """Compute ``D = activation(alpha * A @ B + beta * C + bias)``; the sparse side is a
-        :class:`CompressedOperand`.
+        :class:`~pycusparselt.CompressedOperand`.
 
         Parameters
         ----------
@@ -804,6 +728,12 @@ class SparseMatmulPlan:
             return _stream_ptr(stream)
         return _arrays.current_stream(b if self.sparse == "a" else a, self.device)
 
+    def run_search(self, args: MatmulArgs) -> Any:
+        """One ``cusparseLtMatmulSearch`` on these operands, checked as :meth:`matmul` checks them; returns D. It
+        changes the initialised plan's configuration in place: the tuner
+        (:class:`~pycusparselt.gemm.plan.TuningTarget`, :meth:`autotune`) sets :attr:`config` afterwards."""
+        return self._run(bindings.matmul_search, args)
+
     def _run(self, function: Any, args: MatmulArgs) -> Any:
         """One product (``function`` None: ``cusparseLtMatmul``; else ``bindings.matmul_search``), checked."""
         cupy = gpu.cupy()
@@ -815,10 +745,10 @@ class SparseMatmulPlan:
                 return self._run(function, args)
         stream_ptr = self._stream_for(args.stream, args.a, args.b)
         h = self._live()
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self._pointers(args, stream_ptr)
+        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, y_buf = self.call_arguments(args, stream_ptr)
         beta = float(args.beta)
         if function is None:
-            self._call(alpha_arg, s_ptr, x_ptr, beta, c_ptr, d_ptr, stream_ptr)
+            self.matmul_call(alpha_arg, s_ptr, x_ptr, beta, c_ptr, d_ptr, stream_ptr)
         else:
             function(h, self._plan, alpha_arg, s_ptr, x_ptr, beta, c_ptr, d_ptr, self._workspace.data.ptr,
                      [stream_ptr])  # device 0 only: see tuning.TUNING_OFF_DEVICE_0
@@ -874,7 +804,7 @@ class SparseMatmulPlan:
                 f"launcher: this plan pads its operands {self.shape} to the sizes cuSPARSELt takes, which needs "
                 f"copies per call; use matmul() or bind(), or make the plan with padded operands"
             )
-        self._check_compressed(compressed)
+        check_compressed(self, compressed)
         with cupy.cuda.Device(self.device):
             alpha_arg = self._epilogue_args(alpha, bias, _stream_ptr(stream, self.device))
         return Launcher(self, compressed, alpha_arg)
@@ -938,39 +868,8 @@ class SparseMatmulPlan:
 
         The candidates and their times are in :attr:`tuning_report` afterwards.
         """
-        from .. import tuning
-
-        if method not in ("timed", "search"):
-            raise ValueError(f"method: expected 'timed' or 'search', got {method!r}")
-        if method == "search":
-            cupy = gpu.cupy()
-
-            if not tuning.tuning_is_safe_on(self.device):
-                raise ValueError(
-                    f"method='search' on device {self.device}: {tuning.TUNING_OFF_DEVICE_0}; use method='timed' "
-                    f"(the default: it keeps the default configuration there), or make this GPU device 0 with "
-                    f"CUDA_VISIBLE_DEVICES"
-                )
-            with cupy.cuda.Device(self.device):
-                sparse_arg = a if self.sparse == "a" else b
-                temporary = None
-                if type(sparse_arg) is not CompressedOperand:
-                    temporary = sparse_arg = self.compress(sparse_arg, prune="strip", stream=stream)
-                args = (sparse_arg, b) if self.sparse == "a" else (a, sparse_arg)
-                try:
-                    self._run(bindings.matmul_search, MatmulArgs(*args, c, alpha, beta, bias, out, stream))
-                finally:
-                    if temporary is not None:
-                        temporary.close()
-                # The search changes the configuration of the initialised plan in place; data compressed by
-                # such a plan afterwards gave an output that was never written (FP16 8192x4096x4096 on the
-                # H100). So the plan is initialised anew with the configuration found, like any other.
-                self.config = self.config
-            self.tuning_report = TuningReport("search", "search", self.config, ())
-            return self.config
-        with TuningTarget(self, MatmulArgs(a, b, c, alpha, beta, bias, out, stream)) as target:
-            self.tuning_report = tuning.autotune(target, repeats=repeats, warmup=warmup, budget_s=budget_s,
-                                                 cache=cache)
+        self.tuning_report = autotune_plan(self, MatmulArgs(a, b, c, alpha, beta, bias, out, stream), method=method,
+                                           repeats=repeats, warmup=warmup, budget_s=budget_s, cache=cache)
         return self.config
 
     def problem_signature(self) -> dict[str, Any]:
@@ -987,259 +886,3 @@ class SparseMatmulPlan:
             "alpha_vector": self._has_alpha_vector,
             "c": self._layouts["c"] is not None,
         }
-
-    def _timing_call(self, args: MatmulArgs) -> tuple:
-        """For the tuner: check a call once; return ``(run, stream pointer, (S, X, D pointers), out)``, where
-        ``run(s, x, d)`` enqueues one product with the plan's current configuration on those device pointers
-        (the caller keeps ``out`` alive while it uses D's pointer)."""
-        stream_ptr = _stream_ptr(args.stream, self.device)
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = self._pointers(args, stream_ptr)
-        beta = float(args.beta)
-        shared_c = args.c is None
-
-        def run(s: int, x: int, d: int) -> None:
-            self._call(alpha_arg, s, x, beta, d if shared_c else c_ptr, d, stream_ptr)
-
-        return run, stream_ptr, (s_ptr, x_ptr, d_ptr), out
-
-
-class MatmulArgs(NamedTuple):
-    """The arguments of one product, as :meth:`SparseMatmulPlan.matmul` takes them."""
-
-    a: Any
-    b: Any
-    c: Any = None
-    alpha: Any = 1.0
-    beta: float = 0.0
-    bias: Any = None
-    out: Any = None
-    stream: Any = None
-
-
-class TimedCall(NamedTuple):
-    """One checked product of a :class:`TuningTarget` on raw addresses: ``run(s_ptr, x_ptr, d_ptr)`` enqueues
-    it on ``stream_ptr``; the others are the addresses and sizes of the operands it was checked with, and
-    ``s_slack``, the bytes the library may read past the compressed buffer (a copy must have them)."""
-
-    run: Callable[[int, int, int], None]
-    stream_ptr: int
-    s_ptr: int
-    s_nbytes: int
-    s_slack: int
-    x_ptr: int
-    x_nbytes: int
-    d_ptr: int
-    d_nbytes: int
-
-
-class TuningTarget:
-    """What :func:`pycusparselt.tuning.autotune` tunes: one plan on the operands of one call.
-
-    The tuner sets ``config`` to each candidate, calls :meth:`prepare` (which compresses the sparse
-    operand for that configuration and checks the call once) and times ``run`` on copies of the operands;
-    :meth:`search` runs ``cusparseLtMatmulSearch`` on the default configuration. The sparse operand is the
-    caller's dense one when given, else data with its layout made of the dense operand's values (the
-    compressed form depends on the configuration, so each candidate compresses its own). Close it (or use it
-    as a context manager) to free what it compressed and allocated.
-    """
-
-    def __init__(self, plan: SparseMatmulPlan, args: MatmulArgs) -> None:
-        self.plan = plan
-        self.args = args
-        self._source: Any = None  # what each candidate compresses, found on first use
-        self._compressed: CompressedOperand | None = None
-        self._out = args.out  # one D for every candidate: the caller's, or the one the first check allocates
-
-    device = property(lambda self: self.plan.device, doc="The plan's device.")
-    default_config = property(lambda self: self.plan.default_config, doc="The library's default configuration.")
-    max_alg_id = property(lambda self: self.plan.max_alg_id, doc="Algorithm ids are 0 .. max_alg_id - 1.")
-    padded = property(lambda self: self.plan.padded, doc="Whether the plan pads (and copies) its operands.")
-
-    @property
-    def config(self) -> PlanConfig:
-        """The plan's configuration; setting it re-initialises the plan."""
-        return self.plan.config
-
-    @config.setter
-    def config(self, config: PlanConfig) -> None:
-        self.plan.config = config
-
-    def problem_signature(self) -> dict[str, Any]:
-        """The plan's :meth:`~SparseMatmulPlan.problem_signature`."""
-        return self.plan.problem_signature()
-
-    def _sample_sparse_side(self, dense: Any) -> Any:
-        """Data with the layout of the plan's sparse operand, made of the dense operand's own values (tiled),
-        so that the timed products see realistic magnitudes: power draw, and so clocks, depend on the data."""
-        cupy = gpu.cupy()
-
-        plan = self.plan
-        _, shape, order, ld, batch_stride = plan._layouts[plan.sparse]
-        rows, cols = shape[-2:]
-        count = shape[0] if len(shape) == 3 and batch_stride else 1
-        base = (count, rows, ld) if order == "row" else (count, cols, ld)
-        values = plan._storage_view(cupy.asarray(dense)).ravel()
-        size = math.prod(base)
-        data = cupy.tile(values, -(-size // values.size))[:size].reshape(base)
-        data = data[:, :, :cols] if order == "row" else data.swapaxes(-1, -2)[:, :rows, :]
-        if len(shape) == 2:
-            return data[0]
-        return data if batch_stride else cupy.broadcast_to(data, shape)
-
-    def _call_args(self, stream: Any) -> MatmulArgs:
-        """The call's arguments with the compressed operand in the sparse place, this target's D and
-        ``stream``."""
-        if self.plan.sparse == "a":
-            return self.args._replace(a=self._compressed, out=self._out, stream=stream)
-        return self.args._replace(b=self._compressed, out=self._out, stream=stream)
-
-    def prepare(self, stream: Any) -> TimedCall:
-        """Compress for the plan's current configuration (freeing the previous candidate's) and check the
-        call once, on ``stream``."""
-        plan, args = self.plan, self.args
-        if self._source is None:
-            sparse_arg = args.a if plan.sparse == "a" else args.b
-            dense_arg = args.b if plan.sparse == "a" else args.a
-            compressed = type(sparse_arg) is CompressedOperand
-            self._source = self._sample_sparse_side(dense_arg) if compressed else sparse_arg
-        if self._compressed is not None:
-            self._compressed.close()
-        self._compressed = plan.compress(self._source, prune="strip", stream=stream)
-        dense_name = "b" if plan.sparse == "a" else "a"
-        run, stream_ptr, (s_ptr, x_ptr, d_ptr), self._out = plan._timing_call(self._call_args(stream))
-        return TimedCall(run, stream_ptr, s_ptr, self._compressed.nbytes, COMPRESSED_SLACK, x_ptr,
-                         _extent_bytes(plan._layouts[dense_name]), d_ptr, _extent_bytes(plan._d_layout))
-
-    def search(self, stream: Any) -> None:
-        """``cusparseLtMatmulSearch`` on a freshly initialised default configuration; :attr:`config` is then its
-        choice, which the tuner sets again (re-initialising: a plan the search changed in place is never used,
-        see :meth:`pycusparselt.SparseMatmulPlan.autotune`)."""
-        plan = self.plan
-        plan.config = plan.default_config
-        self.prepare(stream)
-        plan._run(bindings.matmul_search, self._call_args(stream))
-
-    def close(self) -> None:
-        """Free the compressed operand and the output this target allocated. Harmless when repeated."""
-        if self._compressed is not None:
-            self._compressed.close()
-            self._compressed = None
-        self._out = self._source = None
-
-    def __enter__(self) -> TuningTarget:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _extent_bytes(layout: tuple) -> int:
-    """Bytes spanned by an operand with this layout (dtype, shape, order, ld, batch stride)."""
-    dtype, shape, order, ld, batch_stride = layout
-    rows, cols = shape[-2:]
-    matrix = (rows - 1) * ld + cols if order == "row" else (cols - 1) * ld + rows
-    batch = shape[0] if len(shape) == 3 else 1
-    return ((batch - 1) * batch_stride + matrix) * dtype.itemsize
-
-
-class Launcher:
-    """``launch(x_ptr, d_ptr, stream_ptr)``: one product of a plan on raw addresses (see
-    :meth:`SparseMatmulPlan.launcher`). Follows the plan through re-initialisation (a new configuration);
-    raises :class:`~pycusparselt.errors.ClosedError` once the plan or the compressed operand is closed, and
-    ValueError after a re-initialisation whose configuration needs another compressed form."""
-
-    __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device")
-
-    def __init__(self, plan: SparseMatmulPlan, compressed: CompressedOperand, alpha: Any) -> None:
-        cupy = gpu.cupy()
-
-        self.plan, self.compressed, self._alpha = plan, compressed, alpha
-        self._call = None
-        self._s = compressed.ptr
-        self._get_device = cupy.cuda.runtime.getDevice
-
-    def __call__(self, x_ptr: int, d_ptr: int, stream_ptr: int) -> None:
-        call = self.plan._call
-        if call is not self._call:  # None: closed; another object: re-initialised
-            if call is None:
-                raise ClosedError("the plan was closed")
-            self.plan._check_compressed(self.compressed)  # a new configuration needs its own compression
-            self._s = self.compressed.ptr  # raises once the operand is closed
-            self._call = call
-        elif self.compressed._buffer is None:
-            raise ClosedError("the compressed operand was closed")
-        if self._get_device() != self.plan.device:
-            cupy = gpu.cupy()
-
-            with cupy.cuda.Device(self.plan.device):
-                call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
-        else:
-            call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
-
-    def __repr__(self) -> str:
-        return f"<Launcher of {self.plan!r}>"
-
-
-#: What a bound call without a direct path holds as its plan's call object: never the plan's (a closed plan
-#: holds None), so every call takes the checked path.
-_NO_CALL = object()
-
-
-class BoundMatmul:
-    """A plan's product on fixed operands, checked once: ``call()`` runs it (see
-    :meth:`SparseMatmulPlan.bind`). Holds references to the operands; returns ``out``."""
-
-    __slots__ = ("plan", "out", "_args", "_stream", "_format", "_via", "_launch", "_prepared", "_get_device")
-
-    def __init__(self, plan: SparseMatmulPlan, args: MatmulArgs, stream_ptr: int) -> None:
-        cupy = gpu.cupy()
-
-        self.plan = plan
-        self._stream = stream_ptr
-        self._format = plan._format
-        self._get_device = cupy.cuda.runtime.getDevice
-        self._via, self._launch, self._prepared = _NO_CALL, None, None
-        self._prepare(args)
-
-    def _prepare(self, args: MatmulArgs) -> None:
-        """Check the operands and fix every argument of the C call (the direct path) where nothing needs
-        copying per call; ``_via`` is the plan's call object they were fixed for."""
-        plan = self.plan
-        s_ptr, x_ptr, c_ptr, d_ptr, alpha_arg, out, _ = plan._pointers(args, self._stream)
-        self.out = out
-        self._args = args._replace(out=out, stream=self._stream)
-        if not (plan.padded or plan._has_bias or plan._has_alpha_vector):
-            self._prepared = plan._call.prepare(alpha_arg, s_ptr, x_ptr, float(args.beta), c_ptr, d_ptr,
-                                                self._stream)
-            self._launch, self._via = self._prepared.launch, plan._call
-
-    def __call__(self) -> Any:
-        plan = self.plan
-        # One identity check covers a closed plan (its call object is None) and a re-initialised one (a new
-        # call object, a new workspace): both take the checked path.
-        if plan._call is not self._via:
-            return self._rebound()
-        if self._get_device() != plan.device:
-            cupy = gpu.cupy()
-
-            with cupy.cuda.Device(plan.device):
-                status = self._launch()
-        else:
-            status = self._launch()
-        if status:
-            bindings.check_status("cusparseLtMatmul", status)
-        return self.out
-
-    def _rebound(self) -> Any:
-        plan = self.plan
-        if self._launch is not None and not plan._closed and plan._format == self._format:
-            # re-initialised with the same compressed form: fix the arguments again for the new workspace
-            cupy = gpu.cupy()
-
-            with cupy.cuda.Device(plan.device):
-                self._prepare(self._args)
-            return self()
-        return plan._run(None, self._args)  # checks everything (and refuses stale data)
-
-    def __repr__(self) -> str:
-        return f"<BoundMatmul of {self.plan!r}>"

@@ -22,7 +22,7 @@ from .. import reference
 from ..types import BF16, F16, F32, I8
 
 __all__ = ["SCALE_RANGE", "activation_scale", "weight_scales", "relu_upper_bound", "relu_threshold", "MODES",
-           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host"]
+           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host", "prune_host"]
 
 _F32 = np.finfo(np.float32)
 #: The activation scales accepted: float32's normal positive numbers (a smaller scale's reciprocal, the
@@ -145,3 +145,20 @@ def is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
         p = padded(w, 1, 2).reshape(w.shape[0], -1, 2)
         return bool(((p != 0).sum(axis=-1) <= 1).all())
     return reference.is_2to4(padded(w, 1, 4), axis=-1)
+
+
+def prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
+    """A layer's weight ``w`` (out, in) pruned on the host as every backend prunes it: 2:4 (1:2 for ``pairs``, the
+    float32 weights' TF32 sparsity) by magnitude along the inputs, ``method`` "strip" or "tile", any size (zero
+    padding is pruned away)."""
+    out, inp = w.shape
+    if pairs:
+        if method != "strip":
+            raise ValueError("prune: float32 weights are pruned 1:2 (cuSPARSELt's TF32 sparsity); use 'strip'")
+        p = padded(w, 1, 2)
+        mag = np.abs(p.astype(np.float64)).reshape(out, -1, 2)
+        second = mag[..., 1] > mag[..., 0]  # ties keep the lower index, as the 2:4 rule does
+        keep = np.stack([~second, second], axis=-1).reshape(p.shape)
+        return np.where(keep, p, np.zeros((), p.dtype))[:, :inp]
+    p = padded(w, 4 if method == "tile" else 1, 4)
+    return reference.prune_2to4(p, axis=-1, method=method)[:out, :inp]

@@ -16,7 +16,6 @@ per-channel weight scales fuse into the alpha vector of this form.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import warnings
@@ -28,22 +27,21 @@ from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
 from ..types import BF16 as _BF16, F16 as _F16, F32 as _F32, I8 as _I8, U8 as _U8
-from . import layer_files, layer_values, quantization
+from . import layer_files, layer_plans, layer_values, quantization
 from .layer_files import config_entry as _config_entry
 from .layer_files import config_key as _config_key
 from .layer_files import entry_ident as _entry_ident
-from .layer_files import find_config as _find_config
 from .layer_files import layer_fields as _loaded_fields
 from .layer_values import MODES
 from .layer_values import MODE_DTYPE as _MODE_DTYPE
 from .layer_values import OUT_DTYPES as _OUT_DTYPES
 from .layer_values import is_sparse_host as _is_sparse_host
-from .layer_values import padded as _padded
 from .quantization import calibrate_chain
 from .quantization import gelu32 as _gelu32
 from .quantization import relu32 as _relu32
-from ..gemm.plan import PlanConfig, SparseMatmulPlan
-from ..tuning import tuning_is_safe_on
+from .route import MAX_ROUTES, Route, copy_out, filler
+from ..gemm.options import PlanOptions
+from ..gemm.plan import SparseMatmulPlan
 from .._native.streams import on_stream, stream_ptr
 from .._native.streams import stream_context as _stream_context
 
@@ -58,8 +56,6 @@ _to_cupy = _arrays.as_cupy
 #: Inputs of up to this many rows run on one plan of this many rows (a decode step's batch of 1 to 16 tokens
 #: costs what 16 cost: the GEMM is bound by reading the weight), so those batch sizes share a plan and tuning.
 SMALL_BATCH_ROWS = 16
-#: Input signatures (address, shape, strides, dtype, stream) whose checked path a layer keeps.
-MAX_ROUTES = 64
 
 
 def _xp(on_device: bool) -> Any:
@@ -68,21 +64,6 @@ def _xp(on_device: bool) -> Any:
 
         return cupy
     return np
-
-
-def _prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:
-    """2:4 (1:2 for ``pairs``) magnitude pruning along the inputs, any size (zero padding is pruned away)."""
-    out, inp = w.shape
-    if pairs:
-        if method != "strip":
-            raise ValueError("prune: float32 weights are pruned 1:2 (cuSPARSELt's TF32 sparsity); use 'strip'")
-        p = _padded(w, 1, 2)
-        mag = np.abs(p.astype(np.float64)).reshape(out, -1, 2)
-        second = mag[..., 1] > mag[..., 0]  # ties keep the lower index, as the 2:4 rule does
-        keep = np.stack([~second, second], axis=-1).reshape(p.shape)
-        return np.where(keep, p, np.zeros((), p.dtype))[:, :inp]
-    p = _padded(w, 4 if method == "tile" else 1, 4)
-    return reference.prune_2to4(p, axis=-1, method=method)[:out, :inp]
 
 
 class SparseLinear:
@@ -205,7 +186,7 @@ class SparseLinear:
         dtype = w_host.dtype if mode is None else _MODE_DTYPE.get(mode, w_host.dtype)
         pairs = mode is None and dtype == _F32
         if prune is not None:
-            w_host = _prune_host(w_host, prune, pairs)
+            w_host = layer_values.prune_host(w_host, prune, pairs)
         elif not _is_sparse_host(w_host, pairs):
             rule = "1:2 (float32 weights run as TF32)" if pairs else "2:4"
             raise ValueError(f"weight: not {rule} along in_features; pass prune='strip' or 'tile'")
@@ -313,9 +294,9 @@ class SparseLinear:
         self._compressed: dict[tuple, Any] = {}
         # per input shape: (plan, launcher), or None where the plan pads; per input signature and stream: a route
         self._shapes: dict[tuple, tuple | None] = {}
-        self._routes: dict[tuple, _Route] = {}
+        self._routes: dict[tuple, Route] = {}
         # per signature (address left out) and stream: a route to re-aim at new addresses without the checks
-        self._prototypes: dict[tuple, _Route] = {}
+        self._prototypes: dict[tuple, Route] = {}
         self._stages: dict[tuple, Any] = {}
         self._tuned: set[tuple] = set()
         self._epilogue_cache: dict[str, Any] | None = None
@@ -367,36 +348,19 @@ class SparseLinear:
             {"relu_upper_bound": self.relu_upper_bound, "relu_threshold": self.relu_threshold}
             if self._fused_activation == "relu" else {}
         )
-        bias = self._bias_host
-        alpha: Any = 1.0
-        if self.quantized:
-            if self._input_scale is None:
-                raise ValueError(
-                    f"input_scale: this {self.mode} layer has no input scale yet; call calibrate(batches) or set "
-                    f"input_scale"
-                )
-            if self.out_dtype == _I8 and self._output_scale is None:
-                raise ValueError(
-                    "output_scale: an int8 output needs a scale; call calibrate(batches) or set output_scale"
-                )
-            out_scale = 1.0
-            if self._gemm_out == _I8:
-                out_scale = self._output_scale
-                relu = {k: v / out_scale for k, v in relu.items()}
-            if self._channel_fp8:
-                alpha = float(np.float32(self._input_scale))
-            else:
-                ws = self.weight_scale.astype(np.float64)
-                alpha64 = ws * self._input_scale / out_scale
-                alpha = alpha64.astype(np.float32) if self.mode == "int8" else float(np.float32(alpha64))
-                if bias is not None:
-                    bias = (bias.astype(np.float64) / out_scale).astype(np.float32) if self._gemm_out == _I8 else bias
-            if bias is not None and self._fused_bias:
-                bias = bias.astype(np.float32).astype(self._gemm_out) if self._gemm_out != _I8 else bias
-        cache: dict[str, Any] = {"alpha": alpha, "bias": bias if self._fused_bias else None, "relu": relu}
+        alpha, bias, relu = quantization.epilogue_values(
+            self.mode, self.weight_scale, self._input_scale, self._output_scale, self._bias_host, relu,
+            quantized=self.quantized, gemm_out=self._gemm_out, out_dtype=self.out_dtype,
+            channel_fp8=self._channel_fp8, fused_bias=self._fused_bias)
+        cache: dict[str, Any] = {"alpha": alpha, "bias": bias, "relu": relu}
         if self.on_device:
             cupy = gpu.cupy()
 
+            # the options of every plan the layer makes (one per input shape)
+            input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
+            cache["options"] = PlanOptions(
+                sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias, activation=self._fused_activation,
+                alpha_vector=self.mode == "int8", input_dtype=input_dtype, **relu)
             with cupy.cuda.Device(self._device):
                 cache["alpha_device"] = cupy.asarray(alpha) if np.ndim(alpha) else alpha
                 cache["bias_device"] = None if cache["bias"] is None else cupy.asarray(cache["bias"])
@@ -617,7 +581,7 @@ class SparseLinear:
             return quantization.FORMATS[self.format][0]
         return self.dtype
 
-    def _make_route(self, x: Any, sp: int) -> _Route | None:
+    def _make_route(self, x: Any, sp: int) -> Route | None:
         """Check ``x`` once and prepare everything its calls need; None where the weight needs padding."""
         cupy = gpu.cupy()
 
@@ -657,10 +621,16 @@ class SparseLinear:
             if state is None:
                 return None
             plan, launch = state
-            fill = None if direct else self._filler(view, stage_c, rows, needs_quant, cstream, sp)
+            perm = None if self.permutation is None else self._permutation_device()
+            inv = np.float32(np.float32(1.0) / np.float32(self._input_scale)) if needs_quant else None
+            fmt = self.format if needs_quant else None
+            fill = None if direct else filler(view, stage_c, rows, perm, inv, fmt, cstream, sp)
             if fill is not None:
                 fill()  # compiles its kernels now, outside any graph capture
-        return _Route(self, x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream, needs_quant)
+        return Route(x, view, stage_c, fill, launch, plan, rows, padded_rows, vector, sp, cstream,
+                     device=self._device, out_features=self.out_features, gemm_out=self._gemm_out,
+                     out_dtype=self.out_dtype, post=self._finish if self._post else None, perm=perm, inv_scale=inv,
+                     fmt=fmt)
 
     def _stage(self, x: Any, rows: int, storage: np.dtype, sp: int) -> Any:
         """The staging buffer (``rows`` x in_features) of the GEMM's dense operand, one per shape, type, stream
@@ -674,38 +644,6 @@ class SparseLinear:
             stage.fill(0)
             self._stages[key] = stage
         return stage
-
-    def _filler(self, view: Any, stage: Any, rows: int, quantize: bool, cstream: Any, sp: int) -> Any:
-        """The per-call step that writes the input into the GEMM's staging buffer (rows ``:rows``): one
-        quantization kernel, a gather for the permutation, or a plain copy; on the call's stream."""
-        cupy = gpu.cupy()
-
-        src = _unowned(view)  # the input's memory, without holding the array: valid while the caller's is
-        target = stage[:rows]
-        steps = []
-        if self.permutation is not None:
-            perm = self._permutation_device()
-            gathered = cupy.empty(src.shape, dtype=src.dtype) if quantize else target
-            steps.append(functools.partial(cupy.take, src, perm, 1, gathered))
-            src = gathered
-        if quantize:
-            inv = np.float32(np.float32(1.0) / np.float32(self._input_scale))
-            steps.append(functools.partial(quantization.quantize_into, src, inv, self.format, target))
-        elif self.permutation is None:
-            if src.flags.c_contiguous:
-                # one cudaMemcpyAsync on the call's stream, called directly: CuPy's copyto dispatch and the
-                # stream context cost 8 us a call more (measured at 1 x 4096 x 11008), more than the copy
-                runtime = cupy.cuda.runtime
-                return functools.partial(runtime.memcpyAsync, target.data.ptr, src.data.ptr, src.nbytes,
-                                         runtime.memcpyDeviceToDevice, sp)
-            steps.append(functools.partial(cupy.copyto, target, src.view(target.dtype)))  # a copy kernel
-
-        def fill() -> None:
-            with cstream:
-                for step in steps:
-                    step()
-
-        return fill
 
     def _permutation_device(self) -> Any:
         """The input permutation on the layer's device, copied there once."""
@@ -757,15 +695,10 @@ class SparseLinear:
         e = self._epilogue()
         w = self.weight if self.weight_q is None else self.weight_q
         wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
-        input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
         args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=sp)
         plan = self._plans.get(key)
         if plan is None or plan.closed:
-            plan = SparseMatmulPlan(
-                example, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
-                activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
-                **e["relu"],
-            )
+            plan = SparseMatmulPlan(example, wt, options=e["options"])
             if plan.padded:
                 plan.close()
                 self._shapes[key] = None
@@ -773,8 +706,9 @@ class SparseLinear:
             self._plans[key] = plan
             self._tuned.discard(key)
         if key not in self._tuned:
-            self._tune(plan, key, example, wt, args)
-        compressed = self._compressed_for(plan, wt, sp)
+            layer_plans.tune_plan(plan, key, self._configs, self._autotune, example, wt, args)
+            self._tuned.add(key)
+        compressed = layer_plans.compressed_for(self._compressed, plan, wt, sp)
         state = self._shapes[key] = (plan, plan.launcher(compressed, alpha=e["alpha_device"], bias=e["bias_device"],
                                                          stream=sp))
         return state
@@ -794,73 +728,23 @@ class SparseLinear:
             plan = self._plans.get(key)
             w = self.weight if self.weight_q is None else self.weight_q
             wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
-            input_dtype = quantization.FORMATS[self.format][0] if self.mode == "fp8" else None
             if plan is None:
-                plan = SparseMatmulPlan(
-                    xq, wt, sparse="b", out_dtype=self._gemm_out, bias=self._fused_bias,
-                    activation=self._fused_activation, alpha_vector=self.mode == "int8", input_dtype=input_dtype,
-                    **e["relu"],
-                )
-                self._plans[key] = plan
+                plan = self._plans[key] = SparseMatmulPlan(xq, wt, options=e["options"])
             args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=stream)
             if key not in self._tuned:
                 # before compressing: the compressed form depends on the configuration
-                self._tune(plan, key, xq, wt, args)
-            compressed = self._compressed_for(plan, wt, stream)
+                layer_plans.tune_plan(plan, key, self._configs, self._autotune, xq, wt, args)
+                self._tuned.add(key)
+            compressed = layer_plans.compressed_for(self._compressed, plan, wt, stream)
             direct = out if not self._post else None
             y = plan.matmul(xq, compressed, out=direct, **args)
             if not self._post:
                 return _arrays.like(y, template)
             y = self._finish(y, cupy)
             if out is not None:
-                _copy_out(y, out)
+                copy_out(y, out)
                 return out
             return _arrays.like(y, template)
-
-    # -- tuning --------------------------------------------------------------------------------------
-
-    def _identity(self, device: int) -> tuple:
-        """This GPU and library, as stored configurations are keyed."""
-        cupy = gpu.cupy()
-
-        from .._native.library import library_version
-
-        props = cupy.cuda.runtime.getDeviceProperties(device)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-        cc = cupy.cuda.Device(device).compute_capability
-        return (name, str(cc), ".".join(map(str, library_version())))
-
-    def _tune(self, plan: SparseMatmulPlan, key: tuple, xq: Any, wt: Any, args: dict) -> None:
-        ident = self._identity(key[2]) + (list(key[0]), key[1])
-        # off device 0 only the default configuration runs (tuning.TUNING_OFF_DEVICE_0): configurations stored
-        # or tuned elsewhere are neither applied nor recorded there
-        safe = tuning_is_safe_on(plan.device)
-        stored = _find_config(self._configs, ident) if safe else None
-        if stored is not None:
-            try:
-                if plan.config != PlanConfig(**stored):  # re-initialising costs ~0.2 s: only on a change
-                    plan.config = PlanConfig(**stored)
-                self._tuned.add(key)
-                return
-            except Exception as exc:  # noqa: BLE001 - any stale configuration: tune again instead
-                warnings.warn(f"SparseLinear: the stored configuration {stored} was not accepted ({exc}); "
-                              f"tuning again", RuntimeWarning, stacklevel=3)
-        if self._autotune:
-            options = dict(self._autotune) if isinstance(self._autotune, Mapping) else {}
-            # on the dense weight: the tuner compresses it for each configuration it tries
-            config = plan.autotune(xq, wt, **args, **options)
-            if safe:
-                self._configs[_config_key(ident)] = dict(config._asdict())
-        self._tuned.add(key)
-
-    def _compressed_for(self, plan: SparseMatmulPlan, wt: Any, stream: Any) -> Any:
-        """The compressed weight for ``plan`` under its configuration, made once (see
-        :attr:`SparseMatmulPlan.compressed_key`: a compressed form is never shared across dense shapes)."""
-        key = plan.compressed_key
-        held = self._compressed.get(key)
-        if held is None or held.closed:
-            held = self._compressed[key] = plan.compress(wt, stream=stream)
-        return held
 
     @property
     def plan_shapes(self) -> list[tuple[int, int]]:
@@ -1010,167 +894,3 @@ class SparseLinear:
             f"SparseLinear(in_features={self.in_features}, out_features={self.out_features}, {mode}"
             f"dtype={self.dtype}, out_dtype={self.out_dtype}, bias={self.bias is not None}{act}, {where})"
         )
-
-
-# -- the per-call path ----------------------------------------------------------------------------
-
-
-def _unowned(view: Any) -> Any:
-    """A CuPy array over ``view``'s memory that does not keep it alive (a route must not hold its caller's
-    array: it is used only while a caller's array of the same address, shape and strides is passed in)."""
-    cupy = gpu.cupy()
-
-    span = sum((n - 1) * st for n, st in zip(view.shape, view.strides, strict=True)) + view.itemsize if view.size else 0
-    memory = cupy.cuda.UnownedMemory(view.data.ptr, span, None, view.device.id)
-    return cupy.ndarray(view.shape, view.dtype, cupy.cuda.MemoryPointer(memory, 0), strides=view.strides)
-
-
-def _copy_out(y: Any, out: Any) -> None:
-    """Copy a CuPy result into the caller's ``out`` (any framework), checking its shape and dtype."""
-    target = _to_cupy(out)
-    want = np.dtype(y.dtype)
-    if tuple(target.shape) != tuple(y.shape) or np.dtype(target.dtype) not in (want, _U8 if want.itemsize == 1
-                                                                              else want):
-        raise ValueError(f"out: expected shape {tuple(y.shape)} and dtype {want}, got {tuple(out.shape)} {out.dtype}")
-    target[...] = y.view(target.dtype) if target.dtype != y.dtype else y
-
-
-class _Route:
-    """One input signature's calls (address, shape, strides and dtype of ``x``, and the stream): the checked,
-    prepared product. A call fills the staging buffer where the input needs converting, padding or permuting,
-    allocates the output in the input's framework (unless ``out`` is given), and launches the GEMM."""
-
-    __slots__ = ("layer", "fill", "launch", "plan", "rows", "padded_rows", "vector", "sp", "cstream", "x_ptr",
-                 "alloc", "alloc_ctx", "ptr_of", "framework", "scratch", "outs", "device", "get_device", "stage",
-                 "quantize", "out_nbytes")
-
-    def __init__(self, layer: SparseLinear, x: Any, view: Any, stage: Any, fill: Any, launch: Any,
-                 plan: SparseMatmulPlan, rows: int, padded_rows: int, vector: bool, sp: int, cstream: Any,
-                 quantize: bool) -> None:
-        cupy = gpu.cupy()
-
-        self.layer, self.fill, self.launch, self.plan = layer, fill, launch, plan
-        self.stage, self.quantize = stage, quantize
-        self.rows, self.padded_rows, self.vector, self.sp, self.cstream = rows, padded_rows, vector, sp, cstream
-        self.x_ptr = view.data.ptr if stage is None else stage.data.ptr
-        self.device = layer._device
-        self.get_device = cupy.cuda.runtime.getDevice
-        shape, gemm_out = (padded_rows, layer.out_features), layer._gemm_out
-        self.out_nbytes = rows * layer.out_features * np.dtype(gemm_out).itemsize  # of `out`, where it is given
-        # nothing here refers to x: a route must not keep its caller's array alive
-        self.alloc_ctx = None
-        if _arrays.is_torch(x):
-            import torch
-
-            self.framework = _arrays.TORCH
-            self.alloc = functools.partial(torch.empty, shape, dtype=_arrays.torch_dtype(gemm_out), device=x.device)
-            self.ptr_of = torch.Tensor.data_ptr
-        else:
-            self.framework = _arrays.CUPY
-            self.alloc = functools.partial(cupy.empty, shape, gemm_out)
-            self.ptr_of = _cupy_ptr
-            if sp != cupy.cuda.get_current_stream().ptr:  # an explicit stream: CuPy's pool is told which
-                self.alloc_ctx = cstream
-        # [(padded_rows, out) buffer] for padded or post-processed results written to `out`, made on first
-        # use; a list so that routes aimed at other addresses share it (they run on the same stream)
-        self.scratch: list = [None]
-        self.outs: set = set()  # `out` arrays already checked (shared by aimed routes: same output shape)
-
-    def aimed_at(self, x: Any) -> _Route:
-        """This route for ``x``, an array of the same signature (:func:`_arrays.signature`) at another address:
-        the prepared plan, buffers and checks are shared; only the input's address (or the filler reading it)
-        changes."""
-        twin = object.__new__(_Route)
-        for name in _Route.__slots__:
-            setattr(twin, name, getattr(self, name))
-        view = _to_cupy(x)
-        if self.vector:
-            view = view[None]
-        if self.stage is None:
-            twin.x_ptr = view.data.ptr
-        else:
-            twin.fill = self.layer._filler(view, self.stage, self.rows, self.quantize, self.cstream, self.sp)
-        return twin
-
-    def __call__(self, x: Any, out: Any) -> Any:
-        if self.get_device() != self.device:
-            cupy = gpu.cupy()
-
-            with cupy.cuda.Device(self.device):
-                return self._run(out)
-        return self._run(out)
-
-    def _run(self, out: Any) -> Any:
-        if self.fill is not None:
-            self.fill()
-        layer = self.layer
-        if out is None and not layer._post:
-            y = self.alloc() if self.alloc_ctx is None else self._alloc_on_stream()
-            self.launch(self.x_ptr, self.ptr_of(y), self.sp)
-            if self.vector:
-                return y[0]
-            return y if self.rows == self.padded_rows else y[: self.rows]
-        if out is not None and not layer._post and not self.vector:
-            key = _arrays.array_key(out)
-            if key is None or key not in self.outs:
-                self._check_out(out, key)
-            if self.rows == self.padded_rows:
-                self.launch(self.x_ptr, key[0], self.sp)
-                return out
-            # a padded batch: the product's first rows, one cudaMemcpyAsync into `out` (C-contiguous, checked)
-            scratch = self._scratch()
-            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
-            runtime = gpu.cupy().cuda.runtime
-            runtime.memcpyAsync(key[0], scratch.data.ptr, self.out_nbytes, runtime.memcpyDeviceToDevice, self.sp)
-            return out
-        cupy = gpu.cupy()
-
-        with self.cstream:
-            scratch = self._scratch()
-            self.launch(self.x_ptr, scratch.data.ptr, self.sp)
-            y = scratch[: self.rows]
-            if layer._post:
-                y = layer._finish(y, cupy)
-            if self.vector:
-                y = y[0]
-            if out is not None:
-                _copy_out(y, out)
-                return out
-            return _arrays.as_framework(y, self.framework, layer.out_dtype)  # post-processing made a new array
-
-    def _scratch(self) -> Any:
-        """The (padded_rows, out_features) buffer of results that are copied or post-processed, made once."""
-        scratch = self.scratch[0]
-        if scratch is None:
-            cupy = gpu.cupy()
-
-            with self.cstream:
-                scratch = self.scratch[0] = cupy.empty((self.padded_rows, self.layer.out_features),
-                                                       self.layer._gemm_out)
-        return scratch
-
-    def _alloc_on_stream(self) -> Any:
-        with self.alloc_ctx:
-            return self.alloc()
-
-    def _check_out(self, out: Any, key: tuple | None) -> None:
-        layer = self.layer
-        if key is None:
-            raise TypeError(f"out: expected a CuPy array or a CUDA tensor, got {type(out).__name__}")
-        view = _to_cupy(out)
-        want, given = (self.rows, layer.out_features), _arrays.dtype_of(out)
-        # one-byte results (int8, FP8) may also land in a uint8 array (how CuPy holds FP8)
-        dtypes_ok = (layer.out_dtype, _U8) if layer.out_dtype.itemsize == 1 else (layer.out_dtype,)
-        if (tuple(view.shape) != want or given not in dtypes_ok or not view.flags.c_contiguous
-                or view.device.id != self.device or view.data.ptr % 16):
-            raise ValueError(
-                f"out: expected a C-contiguous {want} {layer.out_dtype} array on device {self.device}, 16-byte "
-                f"aligned; got {tuple(view.shape)} {given} on device {view.device.id}"
-            )
-        if len(self.outs) >= MAX_ROUTES:
-            self.outs.clear()
-        self.outs.add(key)
-
-
-def _cupy_ptr(a: Any) -> int:
-    return a.data.ptr

@@ -56,6 +56,7 @@ __all__ = [
     "GELU_K",
     "gelu32",
     "relu32",
+    "epilogue_values",
     "float_forward",
     "check_batch",
     "calibrate_layer",
@@ -575,6 +576,69 @@ def relu32(z: Any, threshold: float, upper: float, xp: Any) -> Any:
     """ReLU with a threshold and an upper bound, in float32: 0 where ``z <= threshold``, at most ``upper``."""
     y = xp.where(z <= np.float32(threshold), np.float32(0.0), z)
     return y if upper == math.inf else xp.minimum(y, np.float32(upper))
+
+
+# -- a SparseLinear layer's GEMM epilogue --------------------------------------------------------------------
+
+
+def epilogue_values(mode: str | None, weight_scale: Any, input_scale: float | None, output_scale: float | None,
+                    bias: np.ndarray | None, relu: dict[str, float], *, quantized: bool, gemm_out: np.dtype,
+                    out_dtype: np.dtype, channel_fp8: bool, fused_bias: bool) -> tuple[Any, Any, dict[str, float]]:
+    """A :class:`~pycusparselt.SparseLinear` layer's GEMM epilogue, computed on the host so that every backend
+    uses the same float32 values: ``(alpha, bias, relu)`` for the product.
+
+    Parameters
+    ----------
+    mode : {None, "fp16", "bf16", "int8", "fp8"}
+    weight_scale : ndarray or None
+        The float32 weight scales of a quantized layer.
+    input_scale, output_scale : float or None
+        The layer's activation scales (a quantized layer needs ``input_scale``, an int8 output ``output_scale``).
+    bias : ndarray or None
+        The layer's bias on the host (float32 for the quantized modes).
+    relu : dict
+        ``relu_upper_bound`` and ``relu_threshold`` of a fused ReLU, in the output's real units, or empty.
+    quantized, gemm_out, out_dtype, channel_fp8, fused_bias
+        Whether the layer is INT8 or FP8; the product's output dtype and the layer's; whether FP8 weight
+        scales are applied per channel after the product; whether the bias is fused into the product.
+
+    Returns
+    -------
+    alpha : float or ndarray
+        The product's alpha: 1.0, the folded scales, or (INT8) a float32 vector, one per output feature.
+    bias : ndarray or None
+        The fused bias in the product's units and type, or None where the bias is not fused.
+    relu : dict
+        The ReLU bounds in the accumulator's units (scaled by the int8 output's scale).
+
+    Raises
+    ------
+    ValueError
+        A quantized layer without its input scale, or an int8 output without its scale.
+    """
+    alpha: Any = 1.0
+    if quantized:
+        if input_scale is None:
+            raise ValueError(
+                f"input_scale: this {mode} layer has no input scale yet; call calibrate(batches) or set input_scale"
+            )
+        if out_dtype == _I8 and output_scale is None:
+            raise ValueError("output_scale: an int8 output needs a scale; call calibrate(batches) or set output_scale")
+        out_scale = 1.0
+        if gemm_out == _I8:
+            out_scale = output_scale
+            relu = {k: v / out_scale for k, v in relu.items()}
+        if channel_fp8:
+            alpha = float(np.float32(input_scale))
+        else:
+            ws = weight_scale.astype(np.float64)
+            alpha64 = ws * input_scale / out_scale
+            alpha = alpha64.astype(np.float32) if mode == "int8" else float(np.float32(alpha64))
+            if bias is not None:
+                bias = (bias.astype(np.float64) / out_scale).astype(np.float32) if gemm_out == _I8 else bias
+        if bias is not None and fused_bias:
+            bias = bias.astype(np.float32).astype(gemm_out) if gemm_out != _I8 else bias
+    return alpha, bias if fused_bias else None, relu
 
 
 # -- calibrating SparseLinear layers --------------------------------------------------------------------------

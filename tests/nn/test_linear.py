@@ -12,7 +12,8 @@ import pytest
 import pycusparselt as psl
 from pycusparselt import SparseLinear, reference
 from pycusparselt.nn import quantization
-from pycusparselt.nn.linear import _find_config, calibrate_chain
+from pycusparselt.nn.layer_files import find_config as _find_config
+from pycusparselt.nn.linear import calibrate_chain
 
 
 def _int_data(rng, shape, lo=-4, hi=4, dtype=np.float16):

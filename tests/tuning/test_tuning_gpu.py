@@ -255,14 +255,14 @@ def test_bound_call_follows_a_reinitialised_plan(cp):
     with Problem(cp, Case(F16, F16, m=256, n=256, k=512)) as p:
         call = p.plan.bind(*p.args())
         p.check(call())
-        before = p.plan._call
+        before = p.plan.matmul_call
         p.plan.config = p.plan.config
-        assert p.plan._call is not before
+        assert p.plan.matmul_call is not before
         out = call.out
         out.fill(0)
         assert call() is out
         p.check(out)
-        assert call._via is p.plan._call  # back on the direct path
+        assert call._via is p.plan.matmul_call  # back on the direct path
 
 
 def test_compiled_and_abi_call_paths_agree(cp, monkeypatch):
@@ -272,7 +272,7 @@ def test_compiled_and_abi_call_paths_agree(cp, monkeypatch):
     for switch in ("1", "0"):
         monkeypatch.setenv("PYCUSPARSELT_FAST_CALL", switch)
         with Problem(cp, case) as p:
-            kind = p.plan._call.kind
+            kind = p.plan.matmul_call.kind
             results[kind] = (p.matmul().get(), p.plan.bind(*p.args())().get())
             p.check(cp.asarray(results[kind][1]))
     assert "abi" in results
