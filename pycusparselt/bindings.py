@@ -650,6 +650,14 @@ class MatmulCall:
         if status:
             check_status("cusparseLtMatmul", status)
 
+    def fixed_arguments(self) -> tuple[Any, int, int, int]:
+        """``(fn, handle, plan, workspace)``: the function this object calls ``cusparseLtMatmul`` through
+        (:func:`matmul_caller`'s: the eleven arguments as integers, the status returned) and the addresses it
+        fixed, for a caller that owns the buffers of alpha, beta and the stream itself
+        (:class:`pycusparselt.gemm.plan.Launcher`). The same lifetime rule applies."""
+        handle, plan, _, workspace, _ = self._ints
+        return self._fn, handle, plan, workspace
+
     def prepare(
         self, alpha: float | DevicePointer, a: int, b: int, beta: float, c: int, d: int, stream: int
     ) -> PreparedMatmul:

@@ -6,9 +6,10 @@ The compressed operand (:class:`~pycusparselt.CompressedOperand`) is what
 whether a plan can read one. :class:`MatmulArgs` are the arguments of one
 product. :class:`Launcher` (from :meth:`~pycusparselt.SparseMatmulPlan.launcher`) runs the product on raw device
 addresses, for layers that own their buffers; :class:`BoundMatmul` (from :meth:`~pycusparselt.SparseMatmulPlan.bind`)
-runs it on fixed operands. Both call the plan's :attr:`~pycusparselt.SparseMatmulPlan.matmul_call` (the C
-function with the handle, plan and workspace fixed) and follow the plan through re-initialisation by its
-identity. :class:`TuningTarget` is what :func:`pycusparselt.tuning.autotune` tunes, and :func:`autotune_plan`
+runs it on fixed operands. Both take the handle, native plan and workspace from the plan's
+:attr:`~pycusparselt.SparseMatmulPlan.matmul_call`, call the C function with every fixed argument held as an
+integer, and follow the plan through re-initialisation by that call object's identity.
+:class:`TuningTarget` is what :func:`pycusparselt.tuning.autotune` tunes, and :func:`autotune_plan`
 the body of :meth:`~pycusparselt.SparseMatmulPlan.autotune`.
 
 The plan's module imports this one (never the other way round); the public names are also
@@ -23,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .._native import gpu
+from .._native.ffi import ffi
 from .. import bindings
 from ..errors import ClosedError
 from .._native.streams import stream_ptr as _stream_ptr
@@ -108,6 +110,11 @@ def check_compressed(plan: Any, compressed: Any) -> None:
             f"{plan.sparse}: this CompressedOperand holds {compressed.nbytes} bytes, but this plan's configuration "
             f"reads {plan.compressed_size()}; compress the sparse operand with this plan"
         )
+
+
+def _address(cdata: Any) -> int:
+    """The address of a cffi buffer, as the C call takes it."""
+    return int(ffi.cast("intptr_t", cdata))
 
 
 class MatmulArgs(NamedTuple):
@@ -309,35 +316,66 @@ class Launcher:
     """``launch(x_ptr, d_ptr, stream_ptr)``: one product of a plan on raw addresses (see
     :meth:`SparseMatmulPlan.launcher`). Follows the plan through re-initialisation (a new configuration);
     raises :class:`~pycusparselt.errors.ClosedError` once the plan or the compressed operand is closed, and
-    ValueError after a re-initialisation whose configuration needs another compressed form."""
+    ValueError after a re-initialisation whose configuration needs another compressed form.
 
-    __slots__ = ("plan", "compressed", "_alpha", "_call", "_s", "_get_device")
+    It holds every fixed argument of ``cusparseLtMatmul`` as an integer (the handle, the native plan and the
+    workspace of the plan's :attr:`~SparseMatmulPlan.matmul_call`, the compressed operand, and the addresses of
+    its own alpha, beta and stream buffers) and calls the C function itself: a call passes the dense operand's
+    and D's addresses and the stream, and converts nothing else. Not thread-safe (the stream buffer is its
+    own)."""
+
+    __slots__ = ("plan", "compressed", "_via", "_fn", "_args", "_buffers", "_stream", "_last_stream", "_alpha_at",
+                 "_get_device")
 
     def __init__(self, plan: Any, compressed: CompressedOperand, alpha: Any) -> None:
         cupy = gpu.cupy()
 
-        self.plan, self.compressed, self._alpha = plan, compressed, alpha
-        self._call = None
-        self._s = compressed.ptr
+        self.plan, self.compressed = plan, compressed
         self._get_device = cupy.cuda.runtime.getDevice
+        # alpha (a float here, or a DevicePointer to the plan's alpha vector), beta = 0 and the stream handle live
+        # in buffers of this object, so other calls of the plan (which set the plan's own) never change them
+        beta, self._stream = ffi.new("float *", 0.0), ffi.new("cudaStream_t[1]")
+        self._last_stream = 0  # what the stream buffer holds (NULL)
+        self._buffers: tuple = (beta,)
+        if type(alpha) is bindings.DevicePointer:
+            self._alpha_at = int(alpha)
+        else:
+            alpha_buf = ffi.new("float *", float(alpha))
+            self._buffers += (alpha_buf,)
+            self._alpha_at = _address(alpha_buf)
+        self._via = None
+        self._follow(plan.matmul_call)
+
+    def _follow(self, call: Any) -> None:
+        """Fix the arguments for the plan's current call object ``call`` (None once the plan is closed)."""
+        if call is None:
+            raise ClosedError("the plan was closed")
+        check_compressed(self.plan, self.compressed)  # a new configuration needs its own compression
+        self._fn, handle, plan_ptr, workspace = call.fixed_arguments()
+        # handle, plan, alpha, S (A), beta, workspace, streams: X (B), C and D are the call's
+        self._args = (handle, plan_ptr, self._alpha_at, self.compressed.ptr,  # ptr raises once the operand is closed
+                      _address(self._buffers[0]), workspace, _address(self._stream))
+        self._via = call
 
     def __call__(self, x_ptr: int, d_ptr: int, stream_ptr: int) -> None:
-        call = self.plan.matmul_call
-        if call is not self._call:  # None: closed; another object: re-initialised
-            if call is None:
-                raise ClosedError("the plan was closed")
-            check_compressed(self.plan, self.compressed)  # a new configuration needs its own compression
-            self._s = self.compressed.ptr  # raises once the operand is closed
-            self._call = call
+        plan = self.plan
+        if plan.matmul_call is not self._via:  # None: closed; another object: re-initialised
+            self._follow(plan.matmul_call)
         elif self.compressed._buffer is None:
             raise ClosedError("the compressed operand was closed")
-        if self._get_device() != self.plan.device:
+        if stream_ptr != self._last_stream:
+            self._stream[0] = ffi.cast("cudaStream_t", stream_ptr)
+            self._last_stream = stream_ptr
+        handle, native, alpha_at, s_ptr, beta_at, workspace, streams = self._args
+        if self._get_device() != plan.device:
             cupy = gpu.cupy()
 
-            with cupy.cuda.Device(self.plan.device):
-                call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
+            with cupy.cuda.Device(plan.device):
+                status = self._fn(handle, native, alpha_at, s_ptr, x_ptr, beta_at, d_ptr, d_ptr, workspace, streams, 1)
         else:
-            call(self._alpha, self._s, x_ptr, 0.0, d_ptr, d_ptr, stream_ptr)
+            status = self._fn(handle, native, alpha_at, s_ptr, x_ptr, beta_at, d_ptr, d_ptr, workspace, streams, 1)
+        if status:
+            bindings.check_status("cusparseLtMatmul", status)
 
     def __repr__(self) -> str:
         return f"<Launcher of {self.plan!r}>"

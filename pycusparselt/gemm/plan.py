@@ -323,7 +323,8 @@ class SparseMatmulPlan:
     #: The plan's :class:`~pycusparselt.bindings.MatmulCall` (``cusparseLtMatmul`` with the handle, the native plan
     #: and the workspace fixed) for its current configuration: a new one after each re-initialisation, None once
     #: closed. The launch objects (:class:`~pycusparselt.gemm.plan.Launcher`,
-    #: :class:`~pycusparselt.gemm.plan.BoundMatmul`) call it and compare it by identity.
+    #: :class:`~pycusparselt.gemm.plan.BoundMatmul`) take their fixed arguments from it and compare it by
+    #: identity.
     matmul_call: Any
     #: The plan's options, checked (:class:`~pycusparselt.gemm.options.PlanOptions`), however they were given.
     options: PlanOptions

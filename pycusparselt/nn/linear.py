@@ -39,7 +39,7 @@ from .layer_values import is_sparse_host as _is_sparse_host
 from .quantization import calibrate_chain
 from .quantization import gelu32 as _gelu32
 from .quantization import relu32 as _relu32
-from .route import MAX_ROUTES, Route, copy_out, filler
+from .route import MAX_ROUTES, Route, copy_out, filler, stage_buffer
 from ..gemm.options import PlanOptions
 from ..gemm.plan import SparseMatmulPlan
 from .._native.streams import on_stream, stream_ptr
@@ -615,7 +615,8 @@ class SparseLinear:
         if any(st < 0 for st in view.strides) or rows == 0:
             return None
         with cupy.cuda.Device(self._device), on_stream(sp) as cstream:
-            stage_c = None if direct else self._stage(x, padded_rows, storage, sp)
+            stage_c = None if direct else stage_buffer(self._stages, x, padded_rows, self.in_features, storage,
+                                                       self._device, sp)
             example = view.view(storage) if direct else stage_c
             state = self._shape_state(example, sp)
             if state is None:
@@ -631,19 +632,6 @@ class SparseLinear:
                      device=self._device, out_features=self.out_features, gemm_out=self._gemm_out,
                      out_dtype=self.out_dtype, post=self._finish if self._post else None, perm=perm, inv_scale=inv,
                      fmt=fmt)
-
-    def _stage(self, x: Any, rows: int, storage: np.dtype, sp: int) -> Any:
-        """The staging buffer (``rows`` x in_features) of the GEMM's dense operand, one per shape, type, stream
-        and framework: inputs at new addresses reuse it (allocating nothing, so an eager loop's activations
-        keep landing at the addresses its routes know). Rows past an input's stay zero."""
-        key = (rows, storage.str, sp, _arrays.is_torch(x))
-        stage = self._stages.get(key)
-        if stage is None:
-            owner = _arrays.empty(x, (rows, self.in_features), storage, self._device)
-            stage = _to_cupy(owner)
-            stage.fill(0)
-            self._stages[key] = stage
-        return stage
 
     def _permutation_device(self) -> Any:
         """The input permutation on the layer's device, copied there once."""

@@ -20,12 +20,28 @@ from .. import _arrays
 from ..types import U8 as _U8
 from . import quantization
 
-__all__ = ["Route", "filler", "unowned", "copy_out", "cupy_ptr", "MAX_ROUTES"]
+__all__ = ["Route", "stage_buffer", "filler", "unowned", "copy_out", "cupy_ptr", "MAX_ROUTES"]
 
 _to_cupy = _arrays.as_cupy
 
 #: Input signatures (address, shape, strides, dtype, stream) whose checked path a layer keeps.
 MAX_ROUTES = 64
+
+
+def stage_buffer(stages: dict, x: Any, rows: int, in_features: int, storage: np.dtype, device: int, sp: int) -> Any:
+    """The staging buffer (``rows`` x ``in_features``, of ``storage`` type) of the GEMM's dense operand, kept in
+    the layer's ``stages``: one per shape, type, stream ``sp`` and framework (``x``'s), made in the caller's
+    device and stream context (the layer's: its device, the call's stream). Inputs at new addresses reuse it
+    (allocating nothing, so an eager loop's activations keep landing at the addresses its routes know). Rows
+    past an input's stay zero."""
+    key = (rows, storage.str, sp, _arrays.is_torch(x))
+    stage = stages.get(key)
+    if stage is None:
+        owner = _arrays.empty(x, (rows, in_features), storage, device)
+        stage = _to_cupy(owner)
+        stage.fill(0)
+        stages[key] = stage
+    return stage
 
 
 def filler(view: Any, stage: Any, rows: int, perm: Any, inv_scale: Any, fmt: str | None, cstream: Any,
@@ -154,14 +170,13 @@ class Route:
         return twin
 
     def __call__(self, x: Any, out: Any) -> Any:
+        """The layer's product on ``x`` (the array this route was made or aimed for): staged, launched and
+        returned, or written to ``out``."""
         if self.get_device() != self.device:
             cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
-                return self._run(out)
-        return self._run(out)
-
-    def _run(self, out: Any) -> Any:
+                return self(x, out)  # once more, with the layer's device current
         if self.fill is not None:
             self.fill()
         if out is None and self.post is None:

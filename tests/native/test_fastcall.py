@@ -1,5 +1,5 @@
 """The per-call path without a GPU: the compiled shim and the ABI pointer type hand cusparseLtMatmul exactly the
-arguments MatmulCall and PreparedMatmul fixed, and a failing status raises.
+arguments MatmulCall, PreparedMatmul and a plan's Launcher fixed, and a failing status raises.
 
 A cffi callback with cusparseLtMatmul's signature stands in for the library: it records what it was called
 with and returns the status it is told to."""
@@ -165,3 +165,87 @@ def test_shim_has_cusparselt_matmul_parameters():
         assert "*" in ours and ("*" in theirs or "cudaStream_t" in theirs), (ours, theirs)
         assert ours.startswith("const") == theirs.startswith("const"), (ours, theirs)
     assert "int32_t" in shim_params[-1] and "int32_t" in header_params[-1]
+
+
+# -- the plan's launcher (pycusparselt.gemm.launch.Launcher) calls the C function itself ------------------------
+
+
+class _FakePlan:
+    """What a Launcher reads of its plan: the call object of the current configuration (None once closed), the
+    device, and what check_compressed compares."""
+
+    device = 0
+    sparse = "b"
+    sparse_key = ("sparse",)
+    compressed_key = ("sparse", "problem", 0)
+
+    def __init__(self, call) -> None:
+        self.matmul_call = call
+
+    def compressed_size(self) -> int:
+        return 64
+
+
+def _launcher(monkeypatch, call, alpha):
+    from types import SimpleNamespace
+
+    from pycusparselt.gemm import launch
+
+    runtime = SimpleNamespace(getDevice=lambda: 0)  # no GPU needed: the plan's device is current
+    monkeypatch.setattr(launch.gpu, "cupy", lambda: SimpleNamespace(cuda=SimpleNamespace(runtime=runtime)))
+    plan = _FakePlan(call)
+    buffer = SimpleNamespace(nbytes=64, data=SimpleNamespace(ptr=0xA000))
+    compressed = launch.CompressedOperand(buffer, plan.compressed_key, (32, 16), None, "b")
+    return plan, compressed, launch.Launcher(plan, compressed, alpha)
+
+
+@pytest.mark.parametrize("kind", ["abi", "compiled"])
+def test_launcher_passes_its_fixed_arguments_and_the_calls(kind, monkeypatch):
+    """The launcher hands cusparseLtMatmul the plan's handle, plan and workspace, its own alpha, beta = 0 and
+    stream buffers, S (the compressed operand) as A, X as B and D as both C and D; the plan's call object's
+    buffers (changed by other calls) are not read."""
+    fake = FakeLibrary()
+    paths = callers(fake)
+    if kind not in paths:
+        compiled_module()
+    call = fake_call(paths[kind], kind)
+    plan, compressed, launcher = _launcher(monkeypatch, call, 0.5)
+    call(9.0, 1, 2, 9.0, 3, 4, 0x33)  # another call of the plan: its own buffers change
+    launcher(0xB000, 0xD000, 0x5151)
+    launcher(0xB100, 0xD100, 0x5151)
+    launcher(0xB200, 0xD200, 0x6161)
+    first, second, third = fake.calls[1:]
+    assert first[:2] == (1111, 2222) and first[3:5] == (0xA000, 0xB000) and first[6:9] == (0xD000, 0xD000, 4444)
+    assert first[10] == 1 and second[3:5] == (0xA000, 0xB100) and second[6:8] == (0xD100, 0xD100)
+    assert third[4] == 0xB200 and third[6:8] == (0xD200, 0xD200)
+    assert fake.seen[1:] == [(0.5, 0.0, 0x5151), (0.5, 0.0, 0x5151), (0.5, 0.0, 0x6161)]
+    # a re-initialised plan (a new call object): the new handle, plan and workspace
+    plan.matmul_call = fake_call(paths[kind], kind, ints=(3333, 5555, 0, 7777, 0))
+    launcher(0xB300, 0xD300, 0x6161)
+    assert fake.calls[-1][:2] == (3333, 5555) and fake.calls[-1][8] == 7777 and fake.calls[-1][3] == 0xA000
+    assert fake.seen[-1] == (0.5, 0.0, 0x6161)
+
+
+@pytest.mark.parametrize("kind", ["abi", "compiled"])
+def test_launcher_with_a_device_alpha_and_its_failures(kind, monkeypatch):
+    from pycusparselt.errors import ClosedError
+
+    fake = FakeLibrary()
+    paths = callers(fake)
+    if kind not in paths:
+        compiled_module()
+    plan, compressed, launcher = _launcher(monkeypatch, fake_call(paths[kind], kind), b.DevicePointer(0xF00D))
+    launcher(0xB000, 0xD000, 0)
+    assert fake.calls[-1][2] == 0xF00D  # the vector alpha's address, not a host buffer
+    fake.status = int(Status.INVALID_VALUE)
+    with pytest.raises(CuSparseLtError, match="cusparseLtMatmul.*INVALID_VALUE"):
+        launcher(0xB000, 0xD000, 0)
+    fake.status = 0
+    count = len(fake.calls)
+    compressed.close()
+    with pytest.raises(ClosedError, match="compressed operand"):
+        launcher(0xB000, 0xD000, 0)
+    plan.matmul_call = None
+    with pytest.raises(ClosedError, match="plan was closed"):
+        launcher(0xB000, 0xD000, 0)
+    assert len(fake.calls) == count  # nothing reached the library
