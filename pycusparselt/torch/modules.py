@@ -311,7 +311,7 @@ class SparseLinear(torch.nn.Module):
         and again after ``.to()``, ``load_state_dict`` or an in-place edit of the buffers."""
         if self._native is None or self._built_from != _versions(self._watched):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
-            self._direct = {}  # (rows, stream) -> the prepared product's launcher, stage and shape, or False
+            self._direct = {}  # (rows, stream, device) -> what product() launches directly, or False
             self._stages = {}
             self._native = self._build_native()
             self._built_from = _versions(self._watched)
