@@ -31,12 +31,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 
-from bench_torch_sparsify import time_alternating  # this folder is on sys.path when run as a script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
+from bench_torch_sparsify import time_alternating  # noqa: E402
 
 BERT = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
 LLAMA = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 4, "num_attention_heads": 32,

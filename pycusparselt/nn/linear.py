@@ -606,10 +606,8 @@ class SparseLinear:
         else:
             raise TypeError(f"x: expected float16, bfloat16 or float32 values (or {self.format} values already "
                             f"quantized), got {given}")
-        gin = self._gemm_dtype()
-        storage = _U8 if self.mode == "fp8" else gin
-        multiple = dtypes.rules_for(gin).dense_multiple
-        padded_rows = SMALL_BATCH_ROWS if rows <= SMALL_BATCH_ROWS else -(-rows // multiple) * multiple
+        storage = _U8 if self.mode == "fp8" else self._gemm_dtype()
+        padded_rows = self._padded_rows(rows)
         contiguous = view.flags.c_contiguous and view.data.ptr % 16 == 0
         direct = not needs_quant and self.permutation is None and rows == padded_rows and contiguous
         if any(st < 0 for st in view.strides) or rows == 0:
@@ -642,6 +640,16 @@ class SparseLinear:
                 self._perm_device = cupy.asarray(self.permutation)
         return self._perm_device
 
+    def _padded_rows(self, rows: int) -> int:
+        """The rows of the product that serves inputs of ``rows`` rows: 16 for small batches (one plan for 1 to
+        16 rows), else ``rows`` rounded up to the GEMM type's multiple."""
+        multiple = dtypes.rules_for(self._gemm_dtype()).dense_multiple
+        return SMALL_BATCH_ROWS if rows <= SMALL_BATCH_ROWS else -(-rows // multiple) * multiple
+
+    def _shape_key(self, shape: tuple) -> tuple:
+        """How the prepared products are keyed (``_shapes``): the GEMM input's shape, type and device."""
+        return (shape, self._gemm_dtype().str, self._device)
+
     def direct_launcher(self, rows: int, stream: int) -> tuple[Any, int] | None:
         """The prepared product for inputs of ``rows`` rows on stream ``stream`` (a pointer), for callers that
         stage their own input: ``(launcher, padded_rows)``, where ``launcher(x_ptr, d_ptr, stream_ptr)``
@@ -657,11 +665,9 @@ class SparseLinear:
             return None
         cupy = gpu.cupy()
 
-        multiple = dtypes.rules_for(self.dtype).dense_multiple
-        padded_rows = SMALL_BATCH_ROWS if rows <= SMALL_BATCH_ROWS else -(-rows // multiple) * multiple
+        padded_rows = self._padded_rows(rows)
         with cupy.cuda.Device(self._device), on_stream(stream):
-            key = ((padded_rows, self.in_features), self._gemm_dtype().str, self._device)
-            state = self._shapes.get(key, False)
+            state = self._shapes.get(self._shape_key((padded_rows, self.in_features)), False)
             if state is False:  # not made yet: an example input of that shape (the tuner times on its values)
                 example = cupy.random.standard_normal((padded_rows, self.in_features), dtype=np.float32)
                 state = self._shape_state(example.astype(self.dtype), stream)
@@ -672,7 +678,7 @@ class SparseLinear:
         the first call with that shape. None where the plan must pad (the weight's sizes)."""
         cupy = gpu.cupy()
 
-        key = (tuple(example.shape), self._gemm_dtype().str, self._device)
+        key = self._shape_key(tuple(example.shape))
         if key in self._shapes:
             return self._shapes[key]
         if cupy.cuda.runtime.streamIsCapturing(sp):

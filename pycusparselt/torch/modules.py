@@ -41,6 +41,7 @@ _ids = itertools.count(1)
 #: The dtype each mode keeps its values in (FP8 as its bytes: ``.half()`` must not convert them).
 _VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.uint8}
 _QUANTIZED = ("int8", "fp8")
+_STATE = ("values", "indices", "bias", "weight_scale", "input_scale", "output_scale")  # the buffers
 #: Prepared entries a module keeps (one per number of rows, stream and device) before it starts again, as the
 #: layer's routes do: a model fed inputs of many lengths keeps a bounded number of stages.
 _MAX_DIRECT = 64
@@ -48,6 +49,15 @@ _current_device = torch.cuda.current_device
 
 
 _version = operator.attrgetter("_version")  # a tensor's count of in-place changes
+
+
+def _versions(buffers: tuple) -> tuple:
+    """The buffers' counts of in-place changes; None for inference tensors (made under
+    ``torch.inference_mode``), which count none: their in-place edits are not seen."""
+    try:
+        return tuple(map(_version, buffers))
+    except RuntimeError:
+        return tuple(None if buf.is_inference() else buf._version for buf in buffers)
 
 
 def _module_for(layer_id: int) -> SparseLinear:
@@ -248,6 +258,11 @@ class SparseLinear(torch.nn.Module):
         self._direct, self._stages = {}, {}
         self._register()  # a copy is a module of its own
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _STATE and "_native" in self.__dict__:  # a buffer replaced, not edited: made again
+            self.__dict__["_native"] = None
+
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         # a sparse layer computes in its mode: dtype conversions of the model (.half(), .to(dtype)) leave its
         # buffers' dtypes as they were; device moves apply
@@ -294,12 +309,12 @@ class SparseLinear(torch.nn.Module):
     def native(self) -> NativeLinear:
         """The :class:`pycusparselt.SparseLinear` that runs the product on the buffers' device, made on first use
         and again after ``.to()``, ``load_state_dict`` or an in-place edit of the buffers."""
-        if self._native is None or self._built_from != tuple(map(_version, self._watched)):
+        if self._native is None or self._built_from != _versions(self._watched):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
-            self._direct = {}  # (rows, stream) -> the prepared product's launcher, stage and shape, or False
+            self._direct = {}  # (rows, stream, device) -> what product() launches directly, or False
             self._stages = {}
             self._native = self._build_native()
-            self._built_from = tuple(map(_version, self._watched))
+            self._built_from = _versions(self._watched)
         return self._native
 
     def _build_native(self) -> NativeLinear:

@@ -343,6 +343,30 @@ def test_in_place_edits_of_the_state_take_effect():
     assert torch.allclose(after.float(), before.float() + 1, atol=2e-2) and not torch.equal(after, before)
 
 
+def test_a_replaced_buffer_takes_effect():
+    model = _sparse_mlp()
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    before = model(x)
+    model[2].bias = model[2].bias + 1  # a new tensor in the buffer's place, not an in-place edit
+    after = model(x)
+    assert torch.equal(after, copy.deepcopy(model)(x))
+    assert torch.allclose(after.float(), before.float() + 1, atol=2e-2) and not torch.equal(after, before)
+
+
+def test_modules_made_and_run_under_inference_mode():
+    """Inference tensors count no in-place changes; the module runs on them (edits made under inference mode
+    are not seen: the product is made from the state of the first call)."""
+    dense = nn.Linear(32, 16).to(torch.bfloat16)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        layer = pst.SparseLinear.from_dense(dense.weight, dense.bias, mode="bf16", autotune=False)
+        assert layer.values.is_inference()
+        got = layer(x)
+    want = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=2e-2)
+    assert torch.equal(layer(x), got)  # outside inference mode too
+
+
 def test_relu_bounds_apply_to_fused_relus_only():
     model = _mlp()
     report = pst.sparsify(model, "bf16", autotune=False, relu_upper_bound=0.5)
