@@ -409,7 +409,7 @@ def cp():
 
 
 def test_table_covers_every_valid_combination():
-    table = {(c.in_dtype, c.out_dtype) for c in COMBINATIONS}
+    table = {(c.in_dtype, c.out_dtype) for c in COMBINATIONS if c.expect == OK}
     valid = {(i, o) for i, outs in reference.VALID_COMBINATIONS.items() for o in outs}
     assert table == valid
     for combo in COMBINATIONS:

@@ -8,6 +8,7 @@ import pytest
 
 from pycusparselt import SparseLinear, SparseMatmulPlan, reference
 from pycusparselt.nn.linear import calibrate_chain
+from pycusparselt.nn.quantization import float_forward
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -256,7 +257,7 @@ def test_int8_chain_on_the_device():
     y = cp.asnumpy(fc2(h))
     reference.assert_close(y.T, cpu2(cp.asnumpy(h)).T, a=cpu2.weight_q, b=cp.asnumpy(h).T,
                            alpha=cpu2._epilogue()["alpha"], bias=cpu2._epilogue()["bias"], out_dtype=np.float16)
-    exact = cp.asnumpy(fc2._float_forward(fc1._float_forward(batches[0])))
+    exact = cp.asnumpy(float_forward(fc2, float_forward(fc1, batches[0])))
     assert np.abs(y.astype(np.float32) - exact).max() < 0.05 * np.abs(exact).max()
 
 
