@@ -38,6 +38,7 @@ Importing the package loads nothing native: the library is found and loaded on f
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,
   BF16, INT8 or FP8), ``pycusparselt.nn.route`` (a layer's prepared call per input: staging, output, launch),
   ``pycusparselt.nn.layer_plans`` (the configuration each of a layer's plans runs, and its compressed weight),
+  ``pycusparselt.nn.small_batch`` (the decode kernel or cuSPARSELt for inputs of 1 to 16 rows, chosen by timing),
   :mod:`pycusparselt.nn.quantization` (quantized values, scales, calibration),
   :mod:`pycusparselt.nn.masks` (2:4 masks), :mod:`pycusparselt.nn.permutation` (channel permutations that keep
   more magnitude), :mod:`pycusparselt.nn.layer_files` (checked layer files), :mod:`pycusparselt.nn.layer_values`

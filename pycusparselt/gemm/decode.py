@@ -30,6 +30,13 @@ given and never synchronises the host, so it can be captured in a CUDA graph (af
 capture, or after :meth:`DecodeGemm.warm_up`). One instance serves one stream at a time (its split-K
 workspace is shared by its calls). :func:`available` says whether it can run here; :func:`time_call` times
 one configuration with CUDA events, for a tuner.
+
+``gemm.launcher(m)`` gives a :class:`DecodeLauncher` for callers that checked their arrays once (a layer's
+prepared call): ``launcher(x_ptr, y_ptr, stream_ptr)`` on raw addresses, one ``cuLaunchKernel`` with the other
+arguments packed once. ``gemm.set_splits(s)`` changes the split of K (a tuner's choice), ``gemm.close()``
+releases the packed weight (launchers then raise :class:`~pycusparselt.errors.ClosedError`).
+:class:`~pycusparselt.SparseLinear` uses the kernel for inputs of 1 to 16 rows where it measures faster than
+cuSPARSELt (:mod:`pycusparselt.nn.small_batch`).
 """
 
 from __future__ import annotations
@@ -41,11 +48,12 @@ import numpy as np
 
 from .._native import gpu
 from .._native.devices import SPARSE_MIN_CC, cuda_devices
-from .._native.streams import call_stream, on_stream
+from .._native.streams import call_stream
 from .. import _arrays
+from ..errors import ClosedError
 from . import decode_layout as layout
 
-__all__ = ["DecodeGemm", "available", "unavailable_reason", "time_call", "ACTIVATIONS", "WARPS"]
+__all__ = ["DecodeGemm", "DecodeLauncher", "available", "unavailable_reason", "time_call", "ACTIVATIONS", "WARPS"]
 
 #: The epilogue activations (None: none).
 ACTIVATIONS = (None, "relu", "gelu")
@@ -54,6 +62,13 @@ WARPS = 4
 _ACT_CODE = {None: 0, "relu": 1, "gelu": 2}
 #: Shared memory for the x slice, at most: 4 KiB per k-block and 8 rows of x.
 _MAX_SMEM = 64 * 1024
+#: Launchers a DecodeGemm keeps for its own calls (one per rows and strides).
+_MAX_LAUNCHERS = 64
+#: The kernel's arguments, in order, with the C type of each (what a launcher packs once).
+_PARAMS = ("w", "x", "ldx", "y", "ldy", "bias", "ws", "tickets", "M", "N", "K", "NT", "KB", "KSL", "S", "x_vec",
+           "alpha", "act", "p0", "p1")
+_INT32 = frozenset(("M", "N", "K", "NT", "KB", "KSL", "S", "x_vec", "act"))
+_FLOAT32 = frozenset(("alpha", "p0", "p1"))
 
 _SOURCE = r"""
 typedef unsigned short u16;
@@ -400,15 +415,6 @@ class DecodeGemm:
         self.tiles, self.k_blocks = layout.packed_shape(*wshape)[:2]
         props = cupy.cuda.runtime.getDeviceProperties(self.device)
         self._sms = int(props["multiProcessorCount"])
-        if splits is None:
-            splits = _default_splits(self.tiles, self.k_blocks, self._sms)
-        splits = int(splits)
-        if not 1 <= splits <= self.k_blocks:
-            raise ValueError(f"splits: expected 1..{self.k_blocks} (the weight's 256-column blocks), got {splits}")
-        self.blocks_per_split = -(-self.k_blocks // splits)
-        if self.blocks_per_split * 8 * 2 * 512 > _MAX_SMEM:
-            self.blocks_per_split = _MAX_SMEM // (8 * 2 * 512)
-        self.splits = -(-self.k_blocks // self.blocks_per_split)
         with cupy.cuda.Device(self.device):
             self.packed = layout.pack_bits(_bits_on_device(weight, self.dtype), cupy)
             self.bias = None
@@ -419,22 +425,72 @@ class DecodeGemm:
                 if b.shape != (self.out_features,):
                     raise ValueError(f"bias: expected shape ({self.out_features},), got {b.shape}")
                 self.bias = cupy.asarray(np.ascontiguousarray(b).view(np.uint16))
-            groups = -(-self.tiles // WARPS)
-            self._workspace = cupy.empty(self.splits * self.tiles * 16 * 16 if self.splits > 1 else 1, np.float32)
-            self._tickets = cupy.zeros(groups, np.uint32)
-        self._grid = (groups, self.splits, 1)
-        self._streams: dict[int, Any] = {}
+            self._tickets = cupy.zeros(-(-self.tiles // WARPS), np.uint32)
+        self._launchers: dict[tuple, DecodeLauncher] = {}
         self._kernels = {}
         mod = _module(self.device)
         for mb in (1, 2):
             kernel = mod.get_function(f"decode_gemm<{int(self.dtype != np.float16)},{mb}>")
-            smem = self._smem(mb)
-            if smem > 48 * 1024:
-                kernel.max_dynamic_shared_size_bytes = smem
+            kernel.max_dynamic_shared_size_bytes = _MAX_SMEM  # any split's slice of x fits
             self._kernels[mb] = kernel
+        self.set_splits(_default_splits(self.tiles, self.k_blocks, self._sms) if splits is None else splits)
+
+    def set_splits(self, splits: int) -> None:
+        """Run on ``splits`` slices of K from now on (a tuner's choice; :meth:`split_choices` lists the ones
+        worth trying). Launchers made before keep the slices they were made with."""
+        cupy = gpu.cupy()
+
+        splits = int(splits)
+        if not 1 <= splits <= self.k_blocks:
+            raise ValueError(f"splits: expected 1..{self.k_blocks} (the weight's 256-column blocks), got {splits}")
+        per_split = -(-self.k_blocks // splits)
+        if per_split * 8 * 2 * 512 > _MAX_SMEM:  # the slice of 16 rows of x must fit in shared memory
+            per_split = _MAX_SMEM // (8 * 2 * 512)
+        self.blocks_per_split = per_split
+        self.splits = -(-self.k_blocks // per_split)
+        size = self.splits * self.tiles * 16 * 16 if self.splits > 1 else 1
+        if getattr(self, "_workspace", None) is None or self._workspace.size < size:
+            with cupy.cuda.Device(self.device):
+                self._workspace = cupy.empty(size, np.float32)
+        self._grid = (-(-self.tiles // WARPS), self.splits, 1)
+        self._launchers.clear()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has released the packed weight."""
+        return self.packed is None
+
+    def close(self) -> None:
+        """Release the packed weight and the buffers now (the garbage collector would too); launchers made from
+        this object then raise :class:`~pycusparselt.errors.ClosedError` instead of launching."""
+        self.packed = self.bias = self._workspace = self._tickets = None
+        self._launchers.clear()
+
+    def __enter__(self) -> DecodeGemm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _smem(self, mb: int) -> int:
         return self.blocks_per_split * 8 * mb * 512
+
+    def launcher(self, m: int, ldx: int | None = None, ldy: int | None = None) -> DecodeLauncher:
+        """The kernel on ``m`` rows (1..16) with row strides ``ldx`` and ``ldy`` (elements; default K and N) and
+        this object's splits, as ``launcher(x_ptr, y_ptr, stream_ptr)`` on raw addresses: for a caller that
+        checked its arrays once (a layer's prepared call). Nothing is checked per call but that this object is
+        open."""
+        m = int(m)
+        ldx = self.in_features if ldx is None else int(ldx)
+        ldy = self.out_features if ldy is None else int(ldy)
+        if not 1 <= m <= layout.MAX_ROWS:
+            raise ValueError(f"m: expected 1..{layout.MAX_ROWS} rows, got {m}")
+        if ldx < self.in_features or ldy < self.out_features:
+            raise ValueError(f"ldx, ldy: expected at least {self.in_features} and {self.out_features}, got "
+                             f"{ldx} and {ldy}")
+        if self.closed:
+            raise ClosedError("the decode kernel's weight was closed")
+        return DecodeLauncher(self, m, ldx, ldy)
 
     @staticmethod
     def split_choices(out_features: int, in_features: int) -> list[int]:
@@ -469,6 +525,8 @@ class DecodeGemm:
         -------
         ``out``, or a new array in x's framework.
         """
+        if self.closed:
+            raise ClosedError("the decode kernel's weight was closed")
         vector = len(getattr(x, "shape", ())) == 1
         xp_, xshape, xstrides, xdt, xdev = _view(x, "x")
         if vector:
@@ -506,27 +564,86 @@ class DecodeGemm:
         return out
 
     def _launch(self, xp_: int, ldx: int, m: int, yp: int, ldy: int, sp: int) -> None:
-        cupy = gpu.cupy()
-
-        mb = 1 if m <= 8 else 2
-        vec = int(xp_ % 16 == 0 and ldx % 8 == 0)
-        p0, p1 = ((self.relu_threshold, self.relu_upper_bound) if self.activation == "relu"
-                  else (self.gelu_scaling, 0.0))
-        args = (self.packed, np.uint64(xp_), np.int64(ldx), np.uint64(yp), np.int64(ldy),
-                np.uint64(0 if self.bias is None else self.bias.data.ptr), self._workspace, self._tickets,
-                np.int32(m), np.int32(self.out_features), np.int32(self.in_features), np.int32(self.tiles),
-                np.int32(self.k_blocks), np.int32(self.blocks_per_split), np.int32(self.splits), np.int32(vec),
-                np.float32(self.alpha), np.int32(_ACT_CODE[self.activation]), np.float32(p0), np.float32(p1))
-        stream = self._streams.get(sp)
-        if stream is None:
-            stream = self._streams[sp] = on_stream(sp)
-        with cupy.cuda.Device(self.device), stream:
-            self._kernels[mb](self._grid, (WARPS * 32, 1, 1), args, shared_mem=self._smem(mb))
+        key = (m, ldx, ldy)
+        launch = self._launchers.get(key)
+        if launch is None:
+            if len(self._launchers) >= _MAX_LAUNCHERS:
+                self._launchers.clear()
+            launch = self._launchers[key] = self.launcher(m, ldx, ldy)
+        launch(xp_, yp, sp)
 
     def __repr__(self) -> str:
         act = f", activation={self.activation!r}" if self.activation else ""
         return (f"DecodeGemm({self.out_features} x {self.in_features}, {self.dtype.name}{act}, "
                 f"splits={self.splits}, {self.nbytes} bytes)")
+
+
+class DecodeLauncher:
+    """:class:`DecodeGemm`'s kernel on fixed rows and strides: ``launcher(x_ptr, y_ptr, stream_ptr)`` launches
+    it on raw device addresses (x: ``m`` rows of stride ``ldx``; y: ``m`` rows of stride ``ldy``) through the
+    CUDA driver, with every other argument packed once. Made by :meth:`DecodeGemm.launcher`. A call checks that
+    the weight is open and the device current (switching to it if not), nothing else; it allocates nothing and
+    never synchronises, so it can be captured in a CUDA graph."""
+
+    __slots__ = ("gemm", "m", "ldx", "ldy", "device", "_values", "_ints", "_params", "_fn", "_dims", "_get_device",
+                 "_vec_rows", "_keep", "_launch", "_params_at")
+
+    def __init__(self, gemm: DecodeGemm, m: int, ldx: int, ldy: int) -> None:
+        cupy = gpu.cupy()
+
+        self.gemm, self.m, self.ldx, self.ldy, self.device = gemm, m, ldx, ldy, gemm.device
+        mb = 1 if m <= 8 else 2
+        p0, p1 = ((gemm.relu_threshold, gemm.relu_upper_bound) if gemm.activation == "relu"
+                  else (gemm.gelu_scaling, 0.0))
+        given = {"w": gemm.packed.data.ptr, "x": 0, "ldx": ldx, "y": 0, "ldy": ldy,
+                 "bias": 0 if gemm.bias is None else gemm.bias.data.ptr, "ws": gemm._workspace.data.ptr,
+                 "tickets": gemm._tickets.data.ptr, "M": m, "N": gemm.out_features, "K": gemm.in_features,
+                 "NT": gemm.tiles, "KB": gemm.k_blocks, "KSL": gemm.blocks_per_split, "S": gemm.splits, "x_vec": 0,
+                 "alpha": gemm.alpha, "act": _ACT_CODE[gemm.activation], "p0": p0, "p1": p1}
+        # one 8-byte slot per argument (pointers, int64); int32 and float32 values sit in a slot's low half
+        self._values = np.zeros(len(_PARAMS), np.uint64)
+        self._ints = self._values.view(np.int32)
+        floats = self._values.view(np.float32)
+        for i, name in enumerate(_PARAMS):
+            if name in _INT32:
+                self._ints[2 * i] = given[name]
+            elif name in _FLOAT32:
+                floats[2 * i] = given[name]
+            else:
+                self._values[i] = given[name]
+        base = self._values.ctypes.data
+        self._params = np.array([base + 8 * i for i in range(len(_PARAMS))], np.uint64)
+        self._params_at = self._params.ctypes.data
+        # 16-byte loads of x need 16-byte aligned rows: the row stride here, the address per call
+        self._vec_rows = ldx % 8 == 0
+        with cupy.cuda.Device(self.device):
+            self._fn = gemm._kernels[mb].kernel.ptr
+        grid = gemm._grid
+        self._dims = (grid[0], grid[1], 1, WARPS * 32, 1, 1, gemm._smem(mb))
+        self._get_device = cupy.cuda.runtime.getDevice
+        # the buffers its arguments point at stay alive with it (a later set_splits may allocate others)
+        self._keep = (gemm.packed, gemm.bias, gemm._workspace, gemm._tickets)
+        from cupy_backends.cuda.api import driver
+
+        self._launch = driver.launchKernel  # cuLaunchKernel; raises on a failed launch
+
+    def __call__(self, x_ptr: int, y_ptr: int, stream_ptr: int) -> None:
+        if self.gemm.packed is None:
+            raise ClosedError("the decode kernel's weight was closed")
+        values = self._values
+        values[1] = x_ptr
+        values[3] = y_ptr
+        self._ints[30] = self._vec_rows and x_ptr % 16 == 0  # x_vec: argument 15
+        if self._get_device() != self.device:
+            cupy = gpu.cupy()
+
+            with cupy.cuda.Device(self.device):
+                self._launch(self._fn, *self._dims, stream_ptr, self._params_at, 0)
+        else:
+            self._launch(self._fn, *self._dims, stream_ptr, self._params_at, 0)
+
+    def __repr__(self) -> str:
+        return f"<DecodeLauncher of {self.m} rows on {self.gemm!r}>"
 
 
 def time_call(gemm: DecodeGemm, x: Any, out: Any, *, repeats: int = 50, warmup: int = 5) -> float:

@@ -42,6 +42,7 @@ import os
 import stat
 import struct
 import tempfile
+import warnings
 import zipfile
 import zlib
 from typing import Any
@@ -55,7 +56,7 @@ from ..errors import LayerFileError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MEMBERS", "CONTAINERS", "META_FIELDS", "MAX_ARCHIVE_MEMBERS",
            "container_of", "expected_arrays", "read", "write", "layer_contents", "layer_fields", "bits", "json_float",
-           "dtype_named", "config_key", "entry_ident", "config_entry", "find_config"]
+           "dtype_named", "load_target", "config_key", "entry_ident", "config_entry", "find_config"]
 
 #: The meta's ``format`` and ``version``: what :func:`read` accepts.
 FORMAT_NAME = "pycusparselt.SparseLinear"
@@ -464,6 +465,25 @@ def dtype_named(name: str) -> np.dtype:
 def json_float(v: float) -> Any:
     """``v`` as JSON holds it: infinities as strings."""
     return v if math.isfinite(v) else str(v)
+
+
+def load_target(on_device: bool | None, device: int | None) -> tuple[bool, int | None]:
+    """Where :meth:`SparseLinear.load <pycusparselt.SparseLinear.load>` puts a layer: ``(on_device, device)``.
+    ``on_device`` None: the GPU where one is usable, else the reference, with a :class:`RuntimeWarning` saying
+    why; ``device`` None on the GPU: CuPy's current device."""
+    if on_device is None:
+        from .._native.devices import gpu_unavailable_reason
+
+        reason = gpu_unavailable_reason()
+        on_device = reason is None
+        if reason is not None:
+            warnings.warn(f"SparseLinear.load: no usable GPU ({reason}); the layer runs on the NumPy reference",
+                          RuntimeWarning, stacklevel=3)
+    if device is None and on_device:
+        from .._native import gpu
+
+        device = gpu.cupy().cuda.Device().id
+    return on_device, device if on_device else None
 
 
 def config_key(ident: tuple) -> tuple:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -27,7 +26,7 @@ from .._native import gpu
 from .. import _arrays, reference
 from ..gemm import dtypes
 from ..types import BF16 as _BF16, F16 as _F16, F32 as _F32, I8 as _I8, U8 as _U8
-from . import layer_files, layer_plans, layer_values, quantization
+from . import layer_files, layer_plans, layer_values, quantization, small_batch
 from .layer_files import config_entry as _config_entry
 from .layer_files import config_key as _config_key
 from .layer_files import entry_ident as _entry_ident
@@ -298,6 +297,7 @@ class SparseLinear:
         # per signature (address left out) and stream: a route to re-aim at new addresses without the checks
         self._prototypes: dict[tuple, Route] = {}
         self._stages: dict[tuple, Any] = {}
+        self._decoder: small_batch.LayerDecoder | None | bool = None  # False: the decode kernel cannot serve
         self._tuned: set[tuple] = set()
         self._epilogue_cache: dict[str, Any] | None = None
         self._perm_device: Any = None
@@ -490,25 +490,8 @@ class SparseLinear:
 
     def _gemm_input(self, x: Any, xp: Any) -> Any:
         """The GEMM's dense operand: x in the layer's type (quantized here if given as floats)."""
-        dt = np.dtype(x.dtype)
-        if not self.quantized:
-            if dt != self.dtype:
-                raise TypeError(f"x: expected {self.dtype.name} (the layer's type), got {dt}")
-            return x
-        fp8 = quantization.FORMATS[self.format][0]
-        if (self.mode == "int8" and dt == _I8) or (self.mode == "fp8" and dt in (fp8, _U8)):
-            if dt == _U8 and xp is np:
-                return x.view(fp8)
-            return x  # already quantized, with this layer's input scale
-        if dt not in _FLOATS:
-            raise TypeError(
-                f"x: expected float16, bfloat16 or float32 values (or {self.format} values already quantized), got {dt}"
-            )
-        self._epilogue()  # raises without an input scale
-        inv = np.float32(1.0) / np.float32(self._input_scale)
-        if xp is np:
-            return quantization.quantize_on_host(x, inv, self.format)
-        return quantization.quantize_on_device(x, inv, self.format)
+        return quantization.gemm_operand(x, xp, mode=self.mode, dtype=self.dtype, fmt=self.format,
+                                         input_scale=self._input_scale)
 
     def _finish(self, y: Any, xp: Any) -> Any:
         """Post-GEMM steps in float32 (GELU, per-channel FP8 scales), then the output type."""
@@ -607,19 +590,21 @@ class SparseLinear:
             raise TypeError(f"x: expected float16, bfloat16 or float32 values (or {self.format} values already "
                             f"quantized), got {given}")
         storage = _U8 if self.mode == "fp8" else self._gemm_dtype()
-        padded_rows = self._padded_rows(rows)
-        contiguous = view.flags.c_contiguous and view.data.ptr % 16 == 0
-        direct = not needs_quant and self.permutation is None and rows == padded_rows and contiguous
         if any(st < 0 for st in view.strides) or rows == 0:
             return None
         with cupy.cuda.Device(self._device), on_stream(sp) as cstream:
+            launch = self._decode_launcher(rows, sp)
+            plan = None
+            padded_rows = rows if launch is not None else self._padded_rows(rows)  # the decode kernel: as given
+            contiguous = view.flags.c_contiguous and view.data.ptr % 16 == 0
+            direct = not needs_quant and self.permutation is None and rows == padded_rows and contiguous
             stage_c = None if direct else stage_buffer(self._stages, x, padded_rows, self.in_features, storage,
                                                        self._device, sp)
-            example = view.view(storage) if direct else stage_c
-            state = self._shape_state(example, sp)
-            if state is None:
-                return None
-            plan, launch = state
+            if launch is None:
+                state = self._shape_state(view.view(storage) if direct else stage_c, sp)
+                if state is None:
+                    return None
+                plan, launch = state
             perm = None if self.permutation is None else self._permutation_device()
             inv = np.float32(np.float32(1.0) / np.float32(self._input_scale)) if needs_quant else None
             fmt = self.format if needs_quant else None
@@ -653,9 +638,11 @@ class SparseLinear:
     def direct_launcher(self, rows: int, stream: int) -> tuple[Any, int] | None:
         """The prepared product for inputs of ``rows`` rows on stream ``stream`` (a pointer), for callers that
         stage their own input: ``(launcher, padded_rows)``, where ``launcher(x_ptr, d_ptr, stream_ptr)``
-        (a :class:`~pycusparselt.gemm.plan.Launcher`) reads a C-contiguous, 16-byte aligned
-        (padded_rows, in_features) input of the layer's dtype and writes the (padded_rows, out_features)
-        result; rows past ``rows`` are the caller's (zeros, or any values: their results are discarded).
+        (a :class:`~pycusparselt.gemm.plan.Launcher`, or the decode kernel's
+        :class:`~pycusparselt.gemm.decode.DecodeLauncher` where it serves ``rows``: then ``padded_rows`` is
+        ``rows``) reads a C-contiguous, 16-byte aligned (padded_rows, in_features) input of the layer's dtype
+        and writes the (padded_rows, out_features) result; rows past ``rows`` are the caller's (zeros, or any
+        values: their results are discarded).
 
         None where a call needs more than the product: quantized modes (the input is quantized first), a
         permutation, post-processing (GELU, per-channel FP8 scales), a weight cuSPARSELt takes only padded, a
@@ -665,13 +652,37 @@ class SparseLinear:
             return None
         cupy = gpu.cupy()
 
-        padded_rows = self._padded_rows(rows)
         with cupy.cuda.Device(self._device), on_stream(stream):
-            state = self._shapes.get(self._shape_key((padded_rows, self.in_features)), False)
-            if state is False:  # not made yet: an example input of that shape (the tuner times on its values)
-                example = cupy.random.standard_normal((padded_rows, self.in_features), dtype=np.float32)
-                state = self._shape_state(example.astype(self.dtype), stream)
-        return None if state is None else (state[1], padded_rows)
+            launch = self._decode_launcher(rows, stream)
+            if launch is not None:
+                return launch, rows
+            padded_rows = self._padded_rows(rows)
+            launch = self._prepared_launcher(padded_rows, stream)
+        return None if launch is None else (launch, padded_rows)
+
+    def _prepared_launcher(self, padded_rows: int, sp: int) -> Any:
+        """The cuSPARSELt launcher for inputs of ``padded_rows`` rows, made (and tuned) on a random example input
+        if not yet made; None where the plan pads. In the layer's device and stream context."""
+        cupy = gpu.cupy()
+
+        state = self._shapes.get(self._shape_key((padded_rows, self.in_features)), False)
+        if state is False:  # not made yet: an example input of that shape (the tuner times on its values)
+            example = cupy.random.standard_normal((padded_rows, self.in_features), dtype=np.float32)
+            state = self._shape_state(example.astype(self.dtype), sp)
+        return None if state is None else state[1]
+
+    def _decode_launcher(self, rows: int, sp: int) -> Any:
+        """The decode kernel's launcher for inputs of ``rows`` rows where it serves this layer's small batches
+        (:mod:`pycusparselt.nn.small_batch` chooses), else None. In the layer's device and stream context."""
+        if self._decoder is None:
+            self._decoder = small_batch.unsupported_reason(
+                on_device=self.on_device, quantized=self.quantized, dtype=self.dtype, post=self._post,
+                device=self._device) is None and small_batch.LayerDecoder(
+                self.weight, self.bias, activation=self._fused_activation, relu_threshold=self.relu_threshold,
+                relu_upper_bound=self.relu_upper_bound, device=self._device, tune=bool(self._autotune))
+        if rows > SMALL_BATCH_ROWS or not self._decoder:
+            return None
+        return self._decoder.launcher(rows, sp, lambda: self._prepared_launcher(SMALL_BATCH_ROWS, sp))
 
     def _shape_state(self, example: Any, sp: int) -> tuple | None:
         """(plan, launcher) for inputs of ``example``'s shape: made, tuned and given the compressed weight on
@@ -837,21 +848,10 @@ class SparseLinear:
         """
         meta, arrays = layer_files.read(path, container)
         fields = _loaded_fields(meta, arrays, path)
-        if on_device is None:
-            from .._native.devices import gpu_unavailable_reason
-
-            reason = gpu_unavailable_reason()
-            on_device = reason is None
-            if reason is not None:
-                warnings.warn(f"SparseLinear.load: no usable GPU ({reason}); the layer runs on the NumPy reference",
-                              RuntimeWarning, stacklevel=2)
-        if device is None and on_device:
-            cupy = gpu.cupy()
-
-            device = cupy.cuda.Device().id
+        on_device, device = layer_files.load_target(on_device, device)
         layer = cls.__new__(cls)
         try:
-            layer._setup(**fields, on_device=on_device, device=device if on_device else None, autotune=autotune)
+            layer._setup(**fields, on_device=on_device, device=device, autotune=autotune)
         except (TypeError, ValueError) as exc:
             raise layer_files.LayerFileError(f"{os.fspath(path)!r}: {exc}") from None
         layer._prune = None
@@ -866,6 +866,9 @@ class SparseLinear:
         self._shapes.clear()
         self._stages.clear()
         self._perm_device = None
+        if self._decoder:
+            self._decoder.close()
+        self._decoder = None
         for plan in self._plans.values():
             plan.close()
         for compressed in self._compressed.values():

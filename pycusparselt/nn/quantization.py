@@ -58,6 +58,7 @@ __all__ = [
     "relu32",
     "epilogue_values",
     "float_forward",
+    "gemm_operand",
     "check_batch",
     "calibrate_layer",
     "calibrate_chain",
@@ -581,6 +582,34 @@ def relu32(z: Any, threshold: float, upper: float, xp: Any) -> Any:
 # -- a SparseLinear layer's GEMM epilogue --------------------------------------------------------------------
 
 
+def _no_input_scale(mode: str | None) -> ValueError:
+    return ValueError(f"input_scale: this {mode} layer has no input scale yet; call calibrate(batches) or set "
+                      f"input_scale")
+
+
+def gemm_operand(x: Any, xp: Any, *, mode: str | None, dtype: np.dtype, fmt: str | None,
+                 input_scale: float | None) -> Any:
+    """A :class:`~pycusparselt.SparseLinear` layer's GEMM input: ``x`` as given for a float layer (of its
+    ``dtype``), or as given when already quantized (int8; FP8, or its uint8 bytes), else float values quantized
+    here with ``input_scale`` (``xp``: NumPy or CuPy, where ``x`` lives). TypeError for any other dtype,
+    ValueError for a quantized layer without an input scale."""
+    dt = np.dtype(x.dtype)
+    if fmt is None:
+        if dt != dtype:
+            raise TypeError(f"x: expected {np.dtype(dtype).name} (the layer's type), got {dt}")
+        return x
+    fp8 = FORMATS[fmt][0]
+    if (mode == "int8" and dt == _I8) or (mode == "fp8" and dt in (fp8, types.U8)):
+        return x.view(fp8) if dt == types.U8 and xp is np else x  # already quantized, with this input scale
+    if dt not in (types.F16, _BF16, _F32):
+        raise TypeError(f"x: expected float16, bfloat16 or float32 values (or {fmt} values already quantized), "
+                        f"got {dt}")
+    if input_scale is None:
+        raise _no_input_scale(mode)
+    inv = np.float32(1.0) / np.float32(input_scale)
+    return quantize_on_host(x, inv, fmt) if xp is np else quantize_on_device(x, inv, fmt)
+
+
 def epilogue_values(mode: str | None, weight_scale: Any, input_scale: float | None, output_scale: float | None,
                     bias: np.ndarray | None, relu: dict[str, float], *, quantized: bool, gemm_out: np.dtype,
                     out_dtype: np.dtype, channel_fp8: bool, fused_bias: bool) -> tuple[Any, Any, dict[str, float]]:
@@ -619,9 +648,7 @@ def epilogue_values(mode: str | None, weight_scale: Any, input_scale: float | No
     alpha: Any = 1.0
     if quantized:
         if input_scale is None:
-            raise ValueError(
-                f"input_scale: this {mode} layer has no input scale yet; call calibrate(batches) or set input_scale"
-            )
+            raise _no_input_scale(mode)
         if out_dtype == _I8 and output_scale is None:
             raise ValueError("output_scale: an int8 output needs a scale; call calibrate(batches) or set output_scale")
         out_scale = 1.0

@@ -1,0 +1,266 @@
+"""Which kernel runs a :class:`~pycusparselt.SparseLinear` layer's inputs of 1 to 16 rows (a decode step):
+cuSPARSELt's plan of 16 rows (inputs padded to it) or the decode kernel (:mod:`pycusparselt.gemm.decode`) on
+the rows given.
+
+The decode kernel has two forms (up to 8 rows, and 9 to 16), so the choice is made per *bucket* of rows, on the
+bucket's largest row count (its slowest). On the first small input of a bucket the layer times the decode
+kernel at each of its split-K settings against the layer's tuned cuSPARSELt plan, on the same input, in
+alternation, each call after the L2 cache is overwritten (a network's weights are not in it when their layer
+runs). The faster one serves the bucket, and the choice and both times are stored in the tuning cache
+(:class:`~pycusparselt.tuning.cache.TuningCache`, keyed by GPU, library, weight shape, dtype, epilogue and
+bucket), so a later process chooses without timing. Cache entries are checked as untrusted input: one that
+does not hold a valid choice is ignored with a warning.
+
+``PYCUSPARSELT_DECODE_KERNEL`` sets the policy: ``auto`` (the default: timed as above), ``on`` (the decode
+kernel wherever it can serve, untimed) or ``off`` (cuSPARSELt only). Layers that do not tune
+(``autotune=False``) use cuSPARSELt unless the setting is ``on``.
+
+The kernel serves float16 and bfloat16 layers whose product is the whole layer: no quantization, no GELU (the
+layer applies GELU after rounding the product; the kernel would apply it before), on a GPU it runs on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from .._native import gpu
+from ..gemm import decode
+from ..tuning.cache import TuningCache, TuningCacheWarning
+from ..types import BF16, F16
+from .layer_plans import device_identity
+
+__all__ = ["BUCKETS", "SETTING", "POLICIES", "Choice", "LayerDecoder", "policy", "bucket_of", "unsupported_reason",
+           "cache_key", "choice_from_entry", "choose"]
+
+#: The buckets of input rows that one choice serves: (fewest, most).
+BUCKETS = ((1, 8), (9, 16))
+#: The environment variable that sets the policy, and its values.
+SETTING = "PYCUSPARSELT_DECODE_KERNEL"
+POLICIES = ("auto", "on", "off")
+#: Timed calls of each candidate (the median counts).
+_REPEATS = 15
+
+
+class Choice(NamedTuple):
+    """The kernel that serves one bucket: ``backend`` ``"decode"`` (with its ``splits``) or ``"cusparselt"``,
+    the median times that decided it (None where not timed) and where it came from (``"timed"``, ``"cache"``,
+    ``"setting"``)."""
+
+    backend: str
+    splits: int | None
+    decode_us: float | None
+    cusparselt_us: float | None
+    source: str
+
+
+def policy(env: Any = None) -> str:
+    """The policy ``PYCUSPARSELT_DECODE_KERNEL`` sets: ``"auto"`` when unset or empty; ValueError naming the
+    variable for a value that is not one of :data:`POLICIES`."""
+    value = (os.environ if env is None else env).get(SETTING, "").strip().lower()
+    if not value:
+        return "auto"
+    if value not in POLICIES:
+        raise ValueError(f"{SETTING}={value!r}: expected one of {', '.join(POLICIES)}")
+    return value
+
+
+def bucket_of(rows: int) -> int:
+    """The index in :data:`BUCKETS` of the bucket holding ``rows`` (1..16)."""
+    for index, (low, high) in enumerate(BUCKETS):
+        if low <= rows <= high:
+            return index
+    raise ValueError(f"rows: expected 1..{BUCKETS[-1][1]}, got {rows}")
+
+
+def unsupported_reason(*, on_device: bool, quantized: bool, dtype: np.dtype, post: bool,
+                       device: int | None) -> str | None:
+    """None where the decode kernel can serve a layer of these properties; else why not."""
+    if not on_device:
+        return "the layer runs on the NumPy reference"
+    if quantized:
+        return "the layer is quantized"
+    if np.dtype(dtype) not in (F16, BF16):
+        return f"the layer is {np.dtype(dtype).name} (the kernel takes float16 and bfloat16)"
+    if post:
+        return "the layer applies GELU after its product"
+    return decode.unavailable_reason(device or 0)
+
+
+def cache_key(identity: tuple, out_features: int, in_features: int, dtype: np.dtype, activation: str | None,
+              bias: bool, bucket: int) -> dict[str, Any]:
+    """The tuning-cache key of a choice: ``identity`` is ``(GPU name, compute capability, cuSPARSELt
+    version)`` (:func:`pycusparselt.nn.layer_plans.device_identity`)."""
+    gpu_name, cc, version = identity
+    low, high = BUCKETS[bucket]
+    return {"kind": "small-batch kernel", "gpu": gpu_name, "cc": cc, "cusparselt": version,
+            "n": int(out_features), "k": int(in_features), "dtype": np.dtype(dtype).name,
+            "activation": activation, "bias": bool(bias), "rows": f"{low}-{high}"}
+
+
+def choice_from_entry(value: Any, max_splits: int) -> Choice | None:
+    """The choice a cache entry's value holds, checked (a backend of ours, splits of 1..``max_splits`` for the
+    decode kernel and None for cuSPARSELt, times positive and finite or absent); None, warned, for anything
+    else."""
+    try:
+        backend, splits = value["backend"], value["splits"]
+        times = [value.get("decode_us"), value.get("cusparselt_us")]
+        ok = backend in ("decode", "cusparselt") and all(
+            t is None or (type(t) in (int, float) and math.isfinite(t) and t > 0) for t in times)
+        if backend == "decode":
+            ok = ok and type(splits) is int and 1 <= splits <= max_splits
+        elif splits is not None:
+            ok = False
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        warnings.warn(f"tuning cache: a small-batch kernel entry holds no valid choice ({value!r:.200}); ignored",
+                      TuningCacheWarning, stacklevel=3)
+        return None
+    return Choice(backend, splits, times[0], times[1], "cache")
+
+
+def _median_cold_us(calls: dict[str, Callable[[int], None]], stream_ptr: int, scrub: Any) -> dict[str, float]:
+    """The median time of each call, in microseconds: each timed call after ``scrub`` (a buffer larger than the
+    L2 cache) is overwritten, the candidates in alternation (so clock drift favours none)."""
+    cupy = gpu.cupy()
+
+    runtime = cupy.cuda.runtime
+    stream = cupy.cuda.ExternalStream(stream_ptr)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up: first launches load modules and raise the clocks
+        call(stream_ptr)
+    for _ in range(_REPEATS):
+        for name, call in calls.items():
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            runtime.memsetAsync(scrub.data.ptr, 0, scrub.nbytes, stream_ptr)
+            start.record(stream)
+            call(stream_ptr)
+            stop.record(stream)
+            stop.synchronize()
+            times[name].append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None], x16: Any, y16: Any,
+           bucket: int, stream_ptr: int, key: dict[str, Any] | None, cache: TuningCache | None = None) -> Choice:
+    """Time the decode kernel ``gemm`` (at each of its split-K settings) against the cuSPARSELt launcher
+    ``cusparselt`` (``launcher(x_ptr, y_ptr, stream_ptr)`` on 16 rows) for ``bucket``, on ``x16`` (16 rows of
+    the layer's input) and ``y16`` (16 rows of output), on the stream ``stream_ptr`` of ``gemm``'s device;
+    leave ``gemm`` on the winning splits, store the choice under ``key`` (None: not stored) and return it."""
+    cupy = gpu.cupy()
+
+    rows = BUCKETS[bucket][1]
+    x_ptr, y_ptr = x16.data.ptr, y16.data.ptr
+    props = cupy.cuda.runtime.getDeviceProperties(gemm.device)
+    scrub = cupy.empty(2 * int(props.get("l2CacheSize", 64 << 20)) or (128 << 20), np.uint8)
+    calls: dict[str, Callable[[int], None]] = {}
+    for splits in sorted(set(gemm.split_choices(gemm.out_features, gemm.in_features) + [gemm.splits])):
+        gemm.set_splits(splits)
+        launch = gemm.launcher(rows)
+        calls[f"decode/{gemm.splits}"] = lambda sp, launch=launch: launch(x_ptr, y_ptr, sp)
+    calls["cusparselt"] = lambda sp: cusparselt(x_ptr, y_ptr, sp)
+    times = _median_cold_us(calls, stream_ptr, scrub)
+    best = min((t, name) for name, t in times.items() if name.startswith("decode/"))
+    decode_us, splits = best[0], int(best[1].split("/")[1])
+    backend = "decode" if decode_us < times["cusparselt"] else "cusparselt"
+    gemm.set_splits(splits)
+    choice = Choice(backend, splits if backend == "decode" else None, round(decode_us, 3),
+                    round(times["cusparselt"], 3), "timed")
+    if key is not None:
+        (cache or TuningCache()).put(key, {"backend": choice.backend, "splits": choice.splits,
+                                           "decode_us": choice.decode_us, "cusparselt_us": choice.cusparselt_us})
+    return choice
+
+
+class LayerDecoder:
+    """One layer's decode kernel (made on its first small input) and its choice per bucket; the layer
+    (:class:`~pycusparselt.SparseLinear`) asks :meth:`launcher` for each new small input signature.
+
+    Parameters
+    ----------
+    weight, bias : CuPy arrays
+        The layer's pruned weight (out_features, in_features) and bias (or None), of its dtype, on ``device``.
+    activation, relu_threshold, relu_upper_bound
+        The layer's fused activation (None or "relu") and its bounds.
+    device : int
+    tune : bool
+        Whether the layer tunes (its ``autotune``): under the ``auto`` policy a layer that does not uses
+        cuSPARSELt.
+    """
+
+    def __init__(self, weight: Any, bias: Any, *, activation: str | None, relu_threshold: float,
+                 relu_upper_bound: float, device: int, tune: bool) -> None:
+        self.weight, self.bias, self.device, self.tune = weight, bias, device, tune
+        self.epilogue = dict(activation=activation)
+        if activation == "relu":
+            self.epilogue.update(relu_threshold=relu_threshold, relu_upper_bound=relu_upper_bound)
+        self.gemm: decode.DecodeGemm | None = None
+        #: bucket index -> the Choice that serves it
+        self.choices: dict[int, Choice] = {}
+        self._launchers: dict[tuple, Any] = {}
+
+    def launcher(self, rows: int, sp: int, cusparselt16: Callable[[], Any]) -> Any:
+        """The decode kernel's launcher for inputs of ``rows`` rows (1..16) on stream ``sp`` where it serves
+        their bucket, else None. ``cusparselt16()`` gives the layer's prepared cuSPARSELt launcher of 16 rows
+        (made and tuned on demand), for the timing. Raises RuntimeError where a choice would be timed during
+        CUDA graph capture."""
+        bucket = bucket_of(rows)
+        choice = self.choices.get(bucket)
+        if choice is None:
+            choice = self.choices[bucket] = self._choose(bucket, sp, cusparselt16)
+        if choice.backend != "decode":
+            return None
+        launch = self._launchers.get((rows, choice.splits))
+        if launch is None:
+            gemm = self._gemm()
+            gemm.set_splits(choice.splits)
+            launch = self._launchers[(rows, choice.splits)] = gemm.launcher(rows)
+        return launch
+
+    def _gemm(self) -> decode.DecodeGemm:
+        if self.gemm is None:
+            self.gemm = decode.DecodeGemm(self.weight, self.bias, device=self.device, **self.epilogue)
+        return self.gemm
+
+    def _choose(self, bucket: int, sp: int, cusparselt16: Callable[[], Any]) -> Choice:
+        cupy = gpu.cupy()
+
+        mode = policy()
+        if mode == "off" or (mode == "auto" and not self.tune):
+            return Choice("cusparselt", None, None, None, "setting")
+        if mode == "on":
+            return Choice("decode", self._gemm().splits, None, None, "setting")
+        n, k = self.weight.shape
+        key = cache_key(device_identity(self.device), n, k, self.weight.dtype, self.epilogue["activation"],
+                        self.bias is not None, bucket)
+        cache = TuningCache()
+        stored = cache.get(key)
+        if stored is not None:
+            found = choice_from_entry(stored, -(-k // 256))
+            if found is not None:
+                return found
+        if cupy.cuda.runtime.streamIsCapturing(sp):
+            low, high = BUCKETS[bucket]
+            raise RuntimeError(
+                f"x: the first call with {low} to {high} input rows times the decode kernel against cuSPARSELt, "
+                f"which cannot happen during CUDA graph capture; call the layer once with such an input before "
+                f"capturing")
+        launch16 = cusparselt16()
+        if launch16 is None:
+            return Choice("cusparselt", None, None, None, "setting")
+        x16 = cupy.random.standard_normal((16, k), dtype=np.float32).astype(self.weight.dtype)
+        y16 = cupy.empty((16, n), self.weight.dtype)
+        return choose(self._gemm(), launch16, x16, y16, bucket, sp, key, cache)
+
+    def close(self) -> None:
+        """Release the decode kernel's packed weight (its launchers then raise ClosedError); choices are kept."""
+        if self.gemm is not None:
+            self.gemm.close()
+        self.gemm = None
+        self._launchers.clear()
