@@ -7,11 +7,15 @@ variable                       kind        meaning
 ``PYCUSPARSELT_CACHE_DIR``     path        the tuning cache's directory (else the user cache directory)
 ``PYCUSPARSELT_TUNING_CACHE``  flag        0 disables the tuning cache (default 1)
 ``PYCUSPARSELT_FAST_CALL``     flag        0 makes product calls go through cffi's ABI mode (default 1)
+``PYCUSPARSELT_DECODE_KERNEL`` choice      ``auto`` (default): layers time the decode kernel against
+                                           cuSPARSELt for 1-16 rows; ``on``: use it wherever it can serve;
+                                           ``off``: cuSPARSELt only (``pycusparselt.nn.small_batch``)
 ============================== =========== ===========================================================
 
 A *flag* is ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case, blanks around it
 ignored); anything else raises ``ValueError`` naming the variable, instead of being taken for either. A
-*path* has ``~`` and ``$VARS`` expanded; an empty value counts as unset.
+*path* has ``~`` and ``$VARS`` expanded; an empty value counts as unset. A *choice* is one of the values
+named (any case, blanks around it ignored; empty counts as unset); anything else raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "flag", "path", "integer", "parse_flag"]
+__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "DECODE_KERNEL", "flag", "path", "integer", "choice",
+           "parse_flag"]
 
 LIBRARY = "PYCUSPARSELT_LIBRARY"
 CACHE_DIR = "PYCUSPARSELT_CACHE_DIR"
 TUNING_CACHE = "PYCUSPARSELT_TUNING_CACHE"
 FAST_CALL = "PYCUSPARSELT_FAST_CALL"
+DECODE_KERNEL = "PYCUSPARSELT_DECODE_KERNEL"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -46,6 +52,17 @@ def flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool
     if value is None or not value.strip():
         return default
     return parse_flag(name, value)
+
+
+def choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] | None = None) -> str:
+    """The variable ``name``, one of ``choices`` (lower case); ``choices[0]`` when unset or empty; ValueError
+    naming the variable for anything else."""
+    value = (os.environ if env is None else env).get(name, "").strip().lower()
+    if not value:
+        return choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def path(name: str, env: Mapping[str, str] | None = None) -> str | None:

@@ -22,14 +22,13 @@ layer applies GELU after rounding the product; the kernel would apply it before)
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import warnings
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from .._native import gpu
+from .._native import gpu, settings
 from ..gemm import decode
 from ..tuning.cache import TuningCache, TuningCacheWarning
 from ..types import BF16, F16
@@ -41,7 +40,7 @@ __all__ = ["BUCKETS", "SETTING", "POLICIES", "Choice", "LayerDecoder", "policy",
 #: The buckets of input rows that one choice serves: (fewest, most).
 BUCKETS = ((1, 8), (9, 16))
 #: The environment variable that sets the policy, and its values.
-SETTING = "PYCUSPARSELT_DECODE_KERNEL"
+SETTING = settings.DECODE_KERNEL
 POLICIES = ("auto", "on", "off")
 #: Timed calls of each candidate (the median counts).
 _REPEATS = 15
@@ -62,12 +61,7 @@ class Choice(NamedTuple):
 def policy(env: Any = None) -> str:
     """The policy ``PYCUSPARSELT_DECODE_KERNEL`` sets: ``"auto"`` when unset or empty; ValueError naming the
     variable for a value that is not one of :data:`POLICIES`."""
-    value = (os.environ if env is None else env).get(SETTING, "").strip().lower()
-    if not value:
-        return "auto"
-    if value not in POLICIES:
-        raise ValueError(f"{SETTING}={value!r}: expected one of {', '.join(POLICIES)}")
-    return value
+    return settings.choice(SETTING, POLICIES, env)
 
 
 def bucket_of(rows: int) -> int:
