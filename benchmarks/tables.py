@@ -10,6 +10,11 @@
     PNG given with ``--plot`` is linked where matplotlib is missing.
 ``inference RESULTS.json [--plot PNG]``
     The tables of ``docs/inference.md`` (printed) from a ``benchmarks/bench_inference.py`` JSON, and its plot.
+``decode RESULTS.json [--check]``
+    The decode kernel's tables in ``docs/inference.md``, between the ``<!-- decode-tables:start -->`` and
+    ``<!-- decode-tables:end -->`` markers, from a ``benchmarks/bench_decode.py`` JSON: one GEMM per shape and
+    row count (ours, cuSPARSELt, dense cuBLAS) and the captured decode stack; backends the JSON lacks are
+    "not measured". ``--check`` only reports (exit 1) when the page's tables are out of date.
 ``quantization [--check]``
     The accuracy and BERT FFN speed tables between the ``.. <name>:start`` / ``.. <name>:end`` markers of
     ``docs/quantization.rst`` (``accuracy-table``, ``speed-table``) and ``docs/linear.rst`` (``bert-ffn-table``),
@@ -167,6 +172,155 @@ def plot_inference(src: str, dst: str) -> None:
     fig.suptitle(f"{result['device']}, cuSPARSELt {result['cusparselt']}, PyTorch {result['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
+
+
+# -- docs/inference.md: the decode kernel against cuSPARSELt and cuBLAS -----------------------------------
+
+
+DECODE_PAGE = ROOT / "docs" / "inference.md"
+DECODE_REGION = "decode-tables"
+NOT_MEASURED = "not measured"
+
+
+def markdown_markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def markdown_region(text: str, name: str) -> str:
+    """What a Markdown page holds between its ``<!-- name:start -->`` and ``<!-- name:end -->`` markers."""
+    start, end = markdown_markers(name)
+    if start not in text or end not in text:
+        raise ValueError(f"the markers '{start}' and '{end}' are missing")
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def replace_markdown_region(text: str, name: str, body: list[str]) -> str:
+    """``text`` with ``body`` (lines) between its ``<!-- name:start -->`` and ``<!-- name:end -->`` markers."""
+    start, end = markdown_markers(name)
+    head, rest = text.split(start, 1) if start in text else (None, None)
+    if head is None or end not in rest:
+        raise ValueError(f"the markers '{start}' and '{end}' are missing")
+    _, tail = rest.split(end, 1)
+    return head + start + "\n\n" + "\n".join(body) + "\n\n" + end + tail
+
+
+def decode_labels(result: dict) -> list[str]:
+    """The cuSPARSELt backends of a decode results JSON: the run's label first (``--backend-label``, default
+    ``cusparselt``), then any other ``cusparselt*`` label its GEMM rows carry (rows merged from other runs)."""
+    label = result.get("backend_label", "cusparselt")
+    others = {r["backend"] for r in result.get("rows", []) if r["backend"].startswith("cusparselt")} - {label}
+    return [label, *sorted(others)]
+
+
+def _backend_name(label: str, result: dict) -> str:
+    if label == result.get("backend_label", "cusparselt") and result.get("cusparselt"):
+        return f"cuSPARSELt {result['cusparselt']}"
+    return "cuSPARSELt" if label == "cusparselt" else label
+
+
+def _us(row: dict | None) -> str:
+    return NOT_MEASURED if row is None else f"{row['us']:.1f} us"
+
+
+def _speedup(slow: dict | None, fast: dict | None, key: str = "us") -> str:
+    return NOT_MEASURED if slow is None or fast is None else f"{slow[key] / fast[key]:.2f}x"
+
+
+def decode_gemm_table(result: dict) -> list[str]:
+    """One GEMM per (N, K) and m: ours at its fastest split (GB/s and share of the copy bandwidth), each
+    cuSPARSELt label, dense cuBLAS, and the ratios to dense; "not measured" where the JSON has no row."""
+    rows = [r for r in result.get("rows", []) if "split_k" not in r]
+    labels = decode_labels(result)
+    names = [_backend_name(label, result) for label in labels]
+    by = {(r["n"], r["k"], r["m"], r["backend"]): r for r in rows}
+    copy_gbps = result.get("copy_gbps")
+    lines = ["| N x K | m | ours-best (splits) | ours GB/s | % of copy | " + " | ".join(names)
+             + " | dense (cuBLAS) | ours vs dense | " + " | ".join(f"{name} vs dense" for name in names) + " |",
+             "|---" * (7 + 2 * len(labels)) + "|"]
+    for n, k in dict.fromkeys((r["n"], r["k"]) for r in rows):
+        for m in sorted({r["m"] for r in rows if (r["n"], r["k"]) == (n, k)}):
+            ours, dense = by.get((n, k, m, "ours-best")), by.get((n, k, m, "dense"))
+            theirs = [by.get((n, k, m, label)) for label in labels]
+            cells = [f"{n} x {k}", str(m)]
+            if ours is None:
+                cells += [NOT_MEASURED] * 3
+            else:
+                share = f"{100 * ours['gbps'] / copy_gbps:.0f} %" if copy_gbps else NOT_MEASURED
+                cells += [f"{ours['us']:.1f} us ({ours['splits']})", f"{ours['gbps']:.0f}", share]
+            cells += [_us(row) for row in theirs] + [_us(dense), _speedup(dense, ours)]
+            cells += [_speedup(dense, row) for row in theirs]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def decode_stack_table(result: dict) -> list[str]:
+    """The captured decode stack per m: dense, cuSPARSELt and ours, and the speed-ups."""
+    name = _backend_name(result.get("backend_label", "cusparselt"), result)
+    lines = [f"| m | dense | {name} | ours | ours vs dense | {name} vs dense | ours vs {name} |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result.get("stack", []):
+        ms = {b: row.get(f"{b}_ms") for b in ("dense", "cusparselt", "ours")}
+        cells = [str(row["m"])] + [NOT_MEASURED if v is None else f"{v:.3f} ms" for v in ms.values()]
+        for slow, fast in (("dense", "ours"), ("dense", "cusparselt"), ("cusparselt", "ours")):
+            cells.append(NOT_MEASURED if ms[slow] is None or ms[fast] is None else f"{ms[slow] / ms[fast]:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def decode_tables(result: dict) -> list[list[str]]:
+    """The decode section's two tables, in page order."""
+    return [decode_gemm_table(result), decode_stack_table(result)]
+
+
+def decode_region(result: dict, source: str) -> list[str]:
+    """The lines between the decode markers of ``docs/inference.md``: where the numbers come from, the two
+    tables, and the run's notes."""
+    version = f", cuSPARSELt {result['cusparselt']}" if result.get("cusparselt") else ""
+    copy_gbps = result.get("copy_gbps")
+    copy_text = f"{copy_gbps} GB/s" if copy_gbps else NOT_MEASURED
+    lines = [
+        f"Measured on the {result['gpu']} ({result['date']}{version}), FP16: `{result['command']}`, results "
+        f"`{source}`; tables generated by `python benchmarks/tables.py decode {source}`.",
+        "",
+        f"One GEMM `y = x @ W.T`, microseconds per call in CUDA-graph replays over weight copies rotated past the "
+        f"L2. ours-best is the decode kernel at its fastest split of K (in brackets); GB/s counts the packed weight "
+        f"(0.5625 of dense) plus x and y, against the device-to-device copy bandwidth of the same run, "
+        f"{copy_text} (bytes read + written). cuSPARSELt is `SparseLinear` (tuned; 1-16 rows padded to 16), dense "
+        f"is cuBLAS through `torch.matmul`.",
+        "",
+        *decode_gemm_table(result),
+        "",
+    ]
+    stack = result.get("stack")
+    if stack:
+        blocks, distinct = stack[0].get("blocks"), stack[0].get("distinct_weights")
+        what = f"{blocks} blocks" if blocks else "blocks"
+        lines += [f"The LLM decode stack, {what} of 4096 -> 11008 (bias, ReLU) -> 4096 (bias)"
+                  + (f" ({distinct} distinct weight pairs)" if distinct else "")
+                  + ", each backend captured whole in one CUDA graph, milliseconds per pass:", "",
+                  *decode_stack_table(result)]
+    else:
+        lines.append(f"The LLM decode stack: {NOT_MEASURED}.")
+    if result.get("notes"):
+        lines += ["", f"Notes on the run: {result['notes']}"]
+    return lines
+
+
+def decode_page(results_path: str, check: bool = False, page: Path = DECODE_PAGE) -> int:
+    """Rewrite (or, with ``check``, compare) the decode tables of ``page`` from a results JSON."""
+    path = Path(results_path).resolve()
+    source = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else results_path
+    result = json.loads(path.read_text())
+    text = page.read_text()
+    new = replace_markdown_region(text, DECODE_REGION, decode_region(result, source))
+    if new == text:
+        return 0
+    if check:
+        print(f"out of date: {page.relative_to(ROOT) if page.is_relative_to(ROOT) else page}: {DECODE_REGION}")
+        return 1
+    page.write_text(new)
+    print(f"updated: {page}: {DECODE_REGION}")
+    return 0
 
 
 # -- docs/quantization.rst and docs/linear.rst: accuracy and BERT FFN speed -------------------------------
@@ -409,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     inference = commands.add_parser("inference", help="the tables (and plot) of docs/inference.md")
     inference.add_argument("results", help="JSON written by benchmarks/bench_inference.py")
     inference.add_argument("--plot", metavar="PNG", help="also draw the plot (needs matplotlib)")
+    decode = commands.add_parser("decode", help="the decode kernel's tables of docs/inference.md")
+    decode.add_argument("results", help="JSON written by benchmarks/bench_decode.py")
+    decode.add_argument("--check", action="store_true", help="report out-of-date tables without writing")
     quant = commands.add_parser("quantization", help="the accuracy and speed tables of the quantization pages")
     quant.add_argument("--check", action="store_true", help="report out-of-date tables without writing")
     support = commands.add_parser("support-matrix", help="docs/support_matrix.rst and README.md's table")
@@ -423,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             plot_inference(args.results, args.plot)
         return 0
+    if args.command == "decode":
+        return decode_page(args.results, check=args.check)
     if args.command == "quantization":
         stale = render(check=args.check)
         for item in stale:

@@ -143,3 +143,83 @@ def test_the_hugging_face_table_is_the_committed_result(monkeypatch):
     assert results["command"] in text.replace("``", "")  # the command the page names made the file
     measured = {(r["model"], r.get("batch", r.get("tokens")), r["mode"]) for r in results["rows"]}
     assert len(measured) == len(results["rows"]) and all("rel_err" in r for r in results["rows"])
+
+
+def test_the_decode_tables_are_the_committed_result():
+    """docs/inference.md carries, between its decode markers, exactly what benchmarks/tables.py makes of the
+    results JSON the region names."""
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    text = (ROOT / "docs" / "inference.md").read_text()
+    region = tables.markdown_region(text, tables.DECODE_REGION)
+    source = re.search(r"results `(benchmarks/results/decode_[^`]+\.json)`", region).group(1)
+    results = json.loads((ROOT / source).read_text())
+    assert tables.replace_markdown_region(text, tables.DECODE_REGION, tables.decode_region(results, source)) == text
+    assert results["command"] in region  # the command the page names made the file
+    on_page = _markdown_tables(text)
+    for table in tables.decode_tables(results):
+        assert table in on_page
+    # the GEMM rows the run did not measure validly are shown as such, not as numbers
+    for backend in results.get("not_measured", {}).get("gemm", []):
+        assert not [r for r in results["rows"] if r["backend"] == backend]
+    assert tables.NOT_MEASURED in region
+
+
+def _decode_result(backends=("ours-best", "cusparselt", "dense"), stack=True) -> dict:
+    us = {"ours-best": 10.0, "cusparselt": 20.0, "cusparselt-0.10": 16.0, "dense": 30.0}
+    rows = [{"m": m, "n": 4096, "k": 4096, "dtype": "float16", "backend": b, "us": us[b] * (1 + m / 16),
+             "gbps": 1000.0 / (1 + m / 16), **({"splits": 8, "default": True} if b == "ours-best" else {})}
+            for m in (1, 16) for b in backends]
+    result = {"gpu": "GPU", "date": "2026-12-06", "command": "python benchmarks/bench_decode.py --out x.json",
+              "backend_label": "cusparselt", "cusparselt": "0.8.0", "copy_gbps": 2000.0, "rows": rows}
+    if stack:
+        result["stack"] = [{"m": 1, "blocks": 32, "distinct_weights": 4, "dense_ms": 2.0, "cusparselt_ms": 1.6,
+                            "ours_ms": 1.25}]
+    return result
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_the_decode_tables_compute_their_ratios():
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    gemm = tables.decode_gemm_table(_decode_result())
+    assert _cells(gemm[0])[5:7] == ["cuSPARSELt 0.8.0", "dense (cuBLAS)"]
+    assert gemm[2] == ("| 4096 x 4096 | 1 | 10.6 us (8) | 941 | 47 % | 21.2 us | 31.9 us | 3.00x | 1.50x |")
+    assert len(gemm) == 4
+    (stack,) = tables.decode_stack_table(_decode_result())[2:]
+    assert stack == "| 1 | 2.000 ms | 1.600 ms | 1.250 ms | 1.60x | 1.25x | 1.28x |"
+
+
+def test_the_decode_tables_cope_with_missing_backends():
+    """A JSON without cuSPARSELt or dense rows (or without the stack) gives "not measured" cells, not errors;
+    rows of another cuSPARSELt label get columns of their own."""
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    gemm = tables.decode_gemm_table(_decode_result(backends=("ours-best",)))
+    cells = _cells(gemm[2])
+    assert cells[2] == "10.6 us (8)" and cells[5:] == [tables.NOT_MEASURED] * 4
+    only_theirs = tables.decode_gemm_table(_decode_result(backends=("dense", "cusparselt-0.10")))
+    assert "cusparselt-0.10 vs dense" in only_theirs[0]
+    cells = _cells(only_theirs[2])
+    assert cells[2:5] == [tables.NOT_MEASURED] * 3 and cells[5:] == [tables.NOT_MEASURED, "17.0 us", "31.9 us",
+                                                                     tables.NOT_MEASURED, tables.NOT_MEASURED,
+                                                                     "1.88x"]
+    region = tables.decode_region(_decode_result(stack=False), "benchmarks/results/x.json")
+    assert f"The LLM decode stack: {tables.NOT_MEASURED}." in region
+    partial = _decode_result()
+    del partial["stack"][0]["cusparselt_ms"]
+    assert tables.decode_stack_table(partial)[2].count(tables.NOT_MEASURED) == 3
+
+
+def test_a_changed_decode_cell_is_caught(tmp_path):
+    """A page whose table differs from the JSON by one number fails the comparison."""
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    result = _decode_result()
+    body = tables.decode_region(result, "benchmarks/results/x.json")
+    page = tables.replace_markdown_region("# Page\n\n<!-- decode-tables:start -->\n<!-- decode-tables:end -->\n",
+                                          tables.DECODE_REGION, body)
+    result["rows"][0]["us"] *= 1.01
+    assert tables.replace_markdown_region(page, tables.DECODE_REGION,
+                                          tables.decode_region(result, "benchmarks/results/x.json")) != page
+    with pytest.raises(ValueError, match="markers"):
+        tables.replace_markdown_region("# no markers\n", tables.DECODE_REGION, body)
