@@ -2,7 +2,7 @@
 
 At decode a GEMM reads its whole weight once, so its time is the weight's bytes over memory bandwidth. This
 kernel streams the compressed weight (0.5625 of the dense FP16 bytes) once, in the layout of
-:mod:`pycusparselt.gemm.decode_layout`, with 16-byte loads that hand each lane its registers for the Sparse
+``pycusparselt.gemm.decode_layout``, with 16-byte loads that hand each lane its registers for the Sparse
 Tensor Core instruction ``mma.sp.m16n8k32`` (FP32 accumulation). It is CUDA C++ compiled at run time by
 NVRTC through ``cupy.RawModule`` (cached by CuPy), so it needs no compiler.
 

@@ -60,7 +60,7 @@ class Choice(NamedTuple):
 
 def policy(env: Any = None) -> str:
     """The policy ``PYCUSPARSELT_DECODE_KERNEL`` sets: ``"auto"`` when unset or empty; ValueError naming the
-    variable for a value that is not one of :data:`POLICIES`."""
+    variable for a value that is not one of ``POLICIES``."""
     return settings.choice(SETTING, POLICIES, env)
 
 
@@ -89,7 +89,7 @@ def unsupported_reason(*, on_device: bool, quantized: bool, dtype: np.dtype, pos
 def cache_key(identity: tuple, out_features: int, in_features: int, dtype: np.dtype, activation: str | None,
               bias: bool, bucket: int) -> dict[str, Any]:
     """The tuning-cache key of a choice: ``identity`` is ``(GPU name, compute capability, cuSPARSELt
-    version)`` (:func:`pycusparselt.nn.layer_plans.device_identity`)."""
+    version)`` (``pycusparselt.nn.layer_plans.device_identity``)."""
     gpu_name, cc, version = identity
     low, high = BUCKETS[bucket]
     return {"kind": "small-batch kernel", "gpu": gpu_name, "cc": cc, "cusparselt": version,
