@@ -461,8 +461,9 @@ class DecodeGemm:
         return self.packed is None
 
     def close(self) -> None:
-        """Release the packed weight and the buffers now (the garbage collector would too); launchers made from
-        this object then raise :class:`~pycusparselt.errors.ClosedError` instead of launching."""
+        """Drop this object's packed weight and buffers (the garbage collector would too); launchers made from it
+        then raise :class:`~pycusparselt.errors.ClosedError` instead of launching, and the memory returns to
+        CuPy's pool once they are dropped as well (each keeps the buffers its arguments point at)."""
         self.packed = self.bias = self._workspace = self._tickets = None
         self._launchers.clear()
 
@@ -583,7 +584,8 @@ class DecodeLauncher:
     it on raw device addresses (x: ``m`` rows of stride ``ldx``; y: ``m`` rows of stride ``ldy``) through the
     CUDA driver, with every other argument packed once. Made by :meth:`DecodeGemm.launcher`. A call checks that
     the weight is open and the device current (switching to it if not), nothing else; it allocates nothing and
-    never synchronises, so it can be captured in a CUDA graph."""
+    never synchronises, so it can be captured in a CUDA graph. Its argument block and its kernel's split-K
+    workspace are shared by its calls: one thread and one stream at a time."""
 
     __slots__ = ("gemm", "m", "ldx", "ldy", "device", "_values", "_ints", "_params", "_fn", "_dims", "_get_device",
                  "_vec_rows", "_keep", "_launch", "_params_at")
@@ -628,6 +630,7 @@ class DecodeLauncher:
         self._launch = driver.launchKernel  # cuLaunchKernel; raises on a failed launch
 
     def __call__(self, x_ptr: int, y_ptr: int, stream_ptr: int) -> None:
+        """Launch on input ``x_ptr`` and output ``y_ptr`` (device addresses) on stream ``stream_ptr``."""
         if self.gemm.packed is None:
             raise ClosedError("the decode kernel's weight was closed")
         values = self._values

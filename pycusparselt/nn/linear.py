@@ -52,8 +52,8 @@ _on_device = _arrays.is_device
 _to_numpy = _arrays.to_numpy
 _to_cupy = _arrays.as_cupy
 
-#: Inputs of up to this many rows run on one plan of this many rows (a decode step's batch of 1 to 16 tokens
-#: costs what 16 cost: the GEMM is bound by reading the weight), so those batch sizes share a plan and tuning.
+#: Inputs of up to this many rows run on the decode kernel or on one cuSPARSELt plan of this many rows (a decode
+#: step's batch of 1 to 16 tokens costs what 16 cost: the GEMM reads the weight), chosen by nn.small_batch.
 SMALL_BATCH_ROWS = 16
 
 
@@ -679,7 +679,7 @@ class SparseLinear:
                 on_device=self.on_device, quantized=self.quantized, dtype=self.dtype, post=self._post,
                 device=self._device) is None and small_batch.LayerDecoder(
                 self.weight, self.bias, activation=self._fused_activation, relu_threshold=self.relu_threshold,
-                relu_upper_bound=self.relu_upper_bound, device=self._device, tune=bool(self._autotune))
+                relu_upper_bound=self.relu_upper_bound, device=self._device, tune=self._autotune is not False)
         if rows > SMALL_BATCH_ROWS or not self._decoder:
             return None
         return self._decoder.launcher(rows, sp, lambda: self._prepared_launcher(SMALL_BATCH_ROWS, sp))
@@ -761,7 +761,8 @@ class SparseLinear:
     def compressed_nbytes(self) -> int:
         """Bytes of the compressed weights the layer holds on the GPU (0 before its first call): one per plan
         (inputs of 1 to 16 rows share one) and configuration it ran; each 0.5625 of the dense FP16/BF16
-        weight's bytes (0.625 for 8-bit types)."""
+        weight's bytes (0.625 for 8-bit types). The decode kernel's packed weight, where it serves small
+        batches, is not counted (another 0.5625: ``pycusparselt.nn.small_batch``)."""
         return sum(c.nbytes for c in self._compressed.values() if not c.closed)
 
     @property
@@ -867,8 +868,7 @@ class SparseLinear:
         self._stages.clear()
         self._perm_device = None
         if self._decoder:
-            self._decoder.close()
-        self._decoder = None
+            self._decoder.close()  # its choices stay, like the tuned configurations
         for plan in self._plans.values():
             plan.close()
         for compressed in self._compressed.values():

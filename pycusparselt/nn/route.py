@@ -2,9 +2,11 @@
 
 :class:`~pycusparselt.SparseLinear` makes a :class:`Route` on the first call with an input of a given address,
 shape, strides, dtype and stream (and re-aims it at inputs of the same signature at new addresses). A route is
-the plan's :class:`~pycusparselt.gemm.plan.Launcher` plus the input staging: :func:`filler` writes the input
-into the staging buffer where it needs converting, padding or permuting, and the route allocates the output in
-the input's framework (or checks and fills the caller's ``out``). After the first call a call does identity
+the product's launcher (the plan's :class:`~pycusparselt.gemm.plan.Launcher`, or the decode kernel's
+:class:`~pycusparselt.gemm.decode.DecodeLauncher` for inputs of 1 to 16 rows it serves) plus the input
+staging: :func:`filler` writes the input into the staging buffer where it needs converting, padding or
+permuting, and the route allocates the output in the input's framework (or checks and fills the caller's
+``out``). After the first call a call does identity
 checks only: nothing is checked or converted again, and nothing is synchronised.
 """
 
@@ -105,7 +107,8 @@ class Route:
     """One input signature's calls (address, shape, strides and dtype of ``x``, and the stream ``sp``): the
     checked, prepared product. A call fills the staging buffer where the input needs converting, padding or
     permuting (``fill``, made by :func:`filler`), allocates the output in the input's framework (unless ``out``
-    is given), and launches the GEMM (``launch``, the plan's :class:`~pycusparselt.gemm.plan.Launcher`).
+    is given), and launches the GEMM (``launch``: the plan's :class:`~pycusparselt.gemm.plan.Launcher` or a
+    :class:`~pycusparselt.gemm.decode.DecodeLauncher`).
 
     Made by :class:`~pycusparselt.SparseLinear` on an input's first call, with what its calls need: ``view``
     (the input's CuPy view, 2-D), ``stage`` (the staging buffer of ``padded_rows`` rows, or None where the GEMM

@@ -16,7 +16,11 @@ kernel wherever it can serve, untimed) or ``off`` (cuSPARSELt only). Layers that
 (``autotune=False``) use cuSPARSELt unless the setting is ``on``.
 
 The kernel serves float16 and bfloat16 layers whose product is the whole layer: no quantization, no GELU (the
-layer applies GELU after rounding the product; the kernel would apply it before), on a GPU it runs on.
+layer applies GELU after rounding the product; the kernel would apply it before), on a GPU it runs on. The
+first small input of a layer chooses for both buckets (so one small call before a CUDA graph capture prepares
+every row count): the kernel is compiled once per process and device (NVRTC, cached on disk by CuPy), and under
+``auto`` each candidate is timed 16 times. A layer served by the decode kernel runs on one stream at a time
+(the kernel's split-K workspace is the layer's), as its cuSPARSELt plan's workspace is.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ _REPEATS = 15
 class Choice(NamedTuple):
     """The kernel that serves one bucket: ``backend`` ``"decode"`` (with its ``splits``) or ``"cusparselt"``,
     the median times that decided it (None where not timed) and where it came from (``"timed"``, ``"cache"``,
-    ``"setting"``)."""
+    ``"setting"``, or ``"untimed"`` where cuSPARSELt's plan must pad the weight and the decode kernel serves)."""
 
     backend: str
     splits: int | None
@@ -202,20 +206,36 @@ class LayerDecoder:
     def launcher(self, rows: int, sp: int, cusparselt16: Callable[[], Any]) -> Any:
         """The decode kernel's launcher for inputs of ``rows`` rows (1..16) on stream ``sp`` where it serves
         their bucket, else None. ``cusparselt16()`` gives the layer's prepared cuSPARSELt launcher of 16 rows
-        (made and tuned on demand), for the timing. Raises RuntimeError where a choice would be timed during
-        CUDA graph capture."""
-        bucket = bucket_of(rows)
-        choice = self.choices.get(bucket)
-        if choice is None:
-            choice = self.choices[bucket] = self._choose(bucket, sp, cusparselt16)
+        (made and tuned on demand; None where its plan pads the weight), for the timing. The first call chooses
+        for every bucket, so one small input before a CUDA graph capture prepares them all; RuntimeError where
+        a choice or the packed weight would be made during capture."""
+        if not self.choices:
+            self._refuse_during_capture(sp)
+            for bucket in range(len(BUCKETS)):
+                self.choices[bucket] = self._choose(bucket, sp, cusparselt16)
+            if all(choice.backend != "decode" for choice in self.choices.values()):
+                self.close()  # the packed weight was made for the timing only
+        choice = self.choices[bucket_of(rows)]
         if choice.backend != "decode":
             return None
         launch = self._launchers.get((rows, choice.splits))
         if launch is None:
+            if self.gemm is None:
+                self._refuse_during_capture(sp)
             gemm = self._gemm()
             gemm.set_splits(choice.splits)
             launch = self._launchers[(rows, choice.splits)] = gemm.launcher(rows)
         return launch
+
+    @staticmethod
+    def _refuse_during_capture(sp: int) -> None:
+        cupy = gpu.cupy()
+
+        if cupy.cuda.runtime.streamIsCapturing(sp):
+            raise RuntimeError(
+                "x: the first call with 1 to 16 input rows chooses between the decode kernel and cuSPARSELt and "
+                "packs the decode kernel's weight, which cannot happen during CUDA graph capture; call the layer "
+                "once with such an input before capturing")
 
     def _gemm(self) -> decode.DecodeGemm:
         if self.gemm is None:
@@ -239,21 +259,16 @@ class LayerDecoder:
             found = choice_from_entry(stored, -(-k // 256))
             if found is not None:
                 return found
-        if cupy.cuda.runtime.streamIsCapturing(sp):
-            low, high = BUCKETS[bucket]
-            raise RuntimeError(
-                f"x: the first call with {low} to {high} input rows times the decode kernel against cuSPARSELt, "
-                f"which cannot happen during CUDA graph capture; call the layer once with such an input before "
-                f"capturing")
         launch16 = cusparselt16()
-        if launch16 is None:
-            return Choice("cusparselt", None, None, None, "setting")
+        if launch16 is None:  # cuSPARSELt takes this weight only padded, through its checked path: no contest
+            return Choice("decode", self._gemm().splits, None, None, "untimed")
         x16 = cupy.random.standard_normal((16, k), dtype=np.float32).astype(self.weight.dtype)
         y16 = cupy.empty((16, n), self.weight.dtype)
         return choose(self._gemm(), launch16, x16, y16, bucket, sp, key, cache)
 
     def close(self) -> None:
-        """Release the decode kernel's packed weight (its launchers then raise ClosedError); choices are kept."""
+        """Release the decode kernel's packed weight (launchers made before then raise ClosedError; the next
+        launcher packs it again); the choices are kept."""
         if self.gemm is not None:
             self.gemm.close()
         self.gemm = None

@@ -29,6 +29,7 @@ def _weights(rng, n, k, dtype):
 def decode_on(monkeypatch, tmp_path):
     monkeypatch.setenv(small_batch.SETTING, "on")
     monkeypatch.setenv("PYCUSPARSELT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PYCUSPARSELT_TUNING_CACHE", "1")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
@@ -76,11 +77,18 @@ def test_graph_capture_replays_the_decode_kernel(decode_on):
     w, b = _weights(rng, 256, 512, np.float16)
     layer = SparseLinear(cp.asarray(w), cp.asarray(b), activation="relu", autotune=False)
     twin = SparseLinear(w, b, activation="relu")
-    x = cp.asarray(rng.standard_normal((4, 512)).astype(np.float16))
-    out = cp.empty((4, 256), np.float16)
+    x = cp.asarray(rng.standard_normal((12, 512)).astype(np.float16))
+    out = cp.empty((12, 256), np.float16)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
-        layer(x, out=out)  # prepared outside the capture
+        fresh = SparseLinear(cp.asarray(w), cp.asarray(b), activation="relu", autotune=False)
+        stream.begin_capture()
+        with pytest.raises(RuntimeError, match="before capturing"):  # no choice, no packed weight yet
+            fresh(x[:2])
+        stream.end_capture()  # refused before anything was enqueued: an empty graph
+        layer(x[:1])  # one small call outside the capture prepares both buckets (here 12 rows)
+        layer.close()  # the packed weight goes, the choices stay
+        layer(x[:1])
         stream.begin_capture()
         layer(x, out=out)
         graph = stream.end_capture()
@@ -123,6 +131,7 @@ def test_the_off_setting_and_unsupported_layers_use_cusparselt(monkeypatch):
 def test_the_timed_choice_is_the_faster_kernel_and_is_stored_and_read_back(monkeypatch, tmp_path):
     monkeypatch.setenv(small_batch.SETTING, "auto")
     monkeypatch.setenv("PYCUSPARSELT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PYCUSPARSELT_TUNING_CACHE", "1")
     rng = np.random.default_rng(10)
     n, k = 4096, 4096
     w, b = _weights(rng, n, k, np.float16)
