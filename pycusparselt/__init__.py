@@ -45,9 +45,10 @@ Importing the package loads nothing native: the library is found and loaded on f
   (a layer's scales and ReLU bounds, checked as float32).
 - distributed and PyTorch (imported on demand): :mod:`pycusparselt.distributed` with
   :mod:`pycusparselt.distributed.sharding`, :mod:`pycusparselt.distributed.engines`,
-  :mod:`pycusparselt.distributed.groups` and :mod:`pycusparselt.distributed.parallel` (tensor-parallel
-  SparseLinear layers over NCCL; ``python -m pycusparselt.distributed``, ``pycusparselt.distributed.__main__``,
-  says how to start a job); :mod:`pycusparselt.torch` with ``pycusparselt.torch.pruning``,
+  :mod:`pycusparselt.distributed.groups`, :mod:`pycusparselt.distributed.parallel` and
+  :mod:`pycusparselt.distributed.data` (tensor-parallel SparseLinear layers over NCCL, data parallelism;
+  ``python -m pycusparselt.distributed``, ``pycusparselt.distributed.__main__``, says how to start a job);
+  :mod:`pycusparselt.torch` with ``pycusparselt.torch.pruning``,
   ``pycusparselt.torch.channels``, ``pycusparselt.torch.modules`` and ``pycusparselt.torch.compact`` (the 2:4
   retraining workflow and the sparse ``nn.Module`` for PyTorch models, its state in a compact form).
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,

@@ -2,7 +2,10 @@
 
 Megatron-style tensor parallelism for 2:4 sparse layers: :class:`ColumnParallelSparseLinear` shards the
 output features, :class:`RowParallelSparseLinear` the input features (on multiples of the 2:4 group and of
-the plans' alignment), and :class:`ParallelSparseMLP` chains them with one all-reduce. Collectives run on
+the plans' alignment), and :class:`ParallelSparseMLP` chains them with one all-reduce, or in the
+sequence-parallel form (``form="sequence"``) with an all-gather of the token rows in and a reduce-scatter out,
+chunk by chunk. :class:`DataParallel` (:mod:`~pycusparselt.distributed.data`) runs a whole model on each
+rank's share of the batch instead, for models that fit one GPU. Collectives run on
 NCCL through CuPy (``cupy.cuda.nccl``), one process per GPU, started the way multi-GPU jobs already start::
 
     torchrun --nproc_per_node 4 train.py ...            # PyTorch's launcher (torch.distributed engine)
@@ -22,15 +25,17 @@ NumPy reference, without a GPU. Importing this package loads neither CuPy, NCCL,
 
 from __future__ import annotations
 
-from . import engines, sharding
+from . import data, engines, sharding
+from .data import DataParallel, batch_share, gather_rows
 from .engines import choose_engine, pin_local_gpu
 from .groups import Group, HostGroup, NcclGroup, env_config, init_process_group, load_nccl
-from .parallel import ColumnParallelSparseLinear, ParallelSparseMLP, RowParallelSparseLinear
-from .sharding import aligned_multiple, row_parallel_bounds, shard_bounds
+from .parallel import FORMS, ColumnParallelSparseLinear, ParallelSparseMLP, RowParallelSparseLinear
+from .sharding import aligned_multiple, row_parallel_bounds, sequence_bounds, shard_bounds
 
 __all__ = [
     "sharding",
     "engines",
+    "data",
     "choose_engine",
     "pin_local_gpu",
     "Group",
@@ -42,7 +47,12 @@ __all__ = [
     "ColumnParallelSparseLinear",
     "RowParallelSparseLinear",
     "ParallelSparseMLP",
+    "FORMS",
+    "DataParallel",
+    "batch_share",
+    "gather_rows",
     "shard_bounds",
     "aligned_multiple",
     "row_parallel_bounds",
+    "sequence_bounds",
 ]

@@ -1,4 +1,5 @@
-"""Process groups: the ranks of a tensor-parallel job and their collectives (all-reduce, all-gather).
+"""Process groups: the ranks of a tensor-parallel job and their collectives (all-reduce, all-gather,
+reduce-scatter).
 
 Two backends behind one interface, :class:`Group`:
 
@@ -214,6 +215,16 @@ class Group:
         whose ``[r]`` is rank ``r``'s (a plain array for a single local rank, else a list)."""
         raise NotImplementedError
 
+    def reduce_scatter(self, arrays: Any, *, stream: Any = None) -> Any:
+        """Sum the arrays of all ranks and give each rank its block of the sum.
+
+        ``arrays``: one C-contiguous array of shape ``(world_size, *shape)`` per local rank (a plain array for a
+        single local rank), of the same shape and dtype on every rank. Returns, per local rank ``r``, an array
+        of shape ``shape``: the sum over every rank's ``array[r]`` (a plain array for a single local rank, else
+        a list). The all-reduce's result split by rows, at the cost of one block per rank.
+        """
+        raise NotImplementedError
+
     def barrier(self) -> None:
         """Wait until every rank reaches this point (host-side)."""
         self.check_open()
@@ -302,10 +313,32 @@ class HostGroup(Group):
         result = [gathered.copy() for _ in items]
         return result[0] if not isinstance(arrays, (list, tuple)) else result
 
+    def reduce_scatter(self, arrays: Any, *, stream: Any = None) -> Any:
+        items = self._arrays(arrays, "reduce_scatter")
+        _check_blocks(items[0], self.world_size, "reduce_scatter")
+        everyone = self._exchange(items, "reduce_scatter")
+        result = []
+        for rank in self.ranks:
+            total = everyone[0][rank].copy()
+            with np.errstate(over="ignore"):  # as all_reduce: rank order, rounded at every step
+                for array in everyone[1:]:
+                    total = total + array[rank]
+            result.append(total)
+        return result if isinstance(arrays, (list, tuple)) else result[0]
+
     def replicate(self, array: Any) -> Any:
         self.check_open()
         array = np.asarray(array)
         return array if len(self.ranks) == 1 else [array] * len(self.ranks)
+
+
+def _check_blocks(array: Any, world_size: int, what: str) -> None:
+    """ValueError unless ``array`` has one leading block per rank."""
+    if array.ndim < 1 or array.shape[0] != world_size:
+        raise ValueError(
+            f"{what}: expected an array of shape (world_size={world_size}, ...), one block per rank, got shape "
+            f"{tuple(array.shape)}"
+        )
 
 
 def _same_layout(items: list, what: str) -> list:
@@ -388,15 +421,18 @@ class NcclGroup(Group):
             if several:
                 self._nccl.groupEnd()
 
-    def all_reduce(self, arrays: Any, *, stream: Any = None) -> None:
-        items = self._arrays(arrays, "all_reduce")
-        dtype = items[0].dtype
+    def _sum_code(self, dtype: Any, what: str) -> int:
+        """NCCL's code for ``dtype``, or TypeError where NCCL cannot add it."""
         if dtype not in _NCCL_TYPES:
             names = ", ".join(str(d) for d in _NCCL_TYPES)
-            raise TypeError(f"all_reduce: NCCL cannot add {dtype} arrays (supported: {names})")
+            raise TypeError(f"{what}: NCCL cannot add {dtype} arrays (supported: {names})")
         if dtype == types.BF16 and self.nccl_version < _NCCL_BF16_VERSION:
-            raise TypeError(f"all_reduce: bfloat16 needs NCCL 2.10 or newer, this is {self.nccl_version}")
-        code, streams = _NCCL_TYPES[dtype], self._streams(stream)
+            raise TypeError(f"{what}: bfloat16 needs NCCL 2.10 or newer, this is {self.nccl_version}")
+        return _NCCL_TYPES[dtype]
+
+    def all_reduce(self, arrays: Any, *, stream: Any = None) -> None:
+        items = self._arrays(arrays, "all_reduce")
+        code, streams = self._sum_code(items[0].dtype, "all_reduce"), self._streams(stream)
         self._grouped([
             (lambda c=comm, a=array, s=s: c.allReduce(a.data.ptr, a.data.ptr, a.size, code, _NCCL_SUM, s))
             for comm, array, s in zip(self._comms, items, streams, strict=True)
@@ -414,6 +450,25 @@ class NcclGroup(Group):
         # gathered as bytes: any dtype (float8 storage included) travels unchanged
         self._grouped([
             (lambda c=comm, a=array, r=result, s=s: c.allGather(a.data.ptr, r.data.ptr, a.nbytes, 1, s))
+            for comm, array, result, s in zip(self._comms, items, results, streams, strict=True)
+        ])
+        return results if isinstance(arrays, (list, tuple)) else results[0]
+
+    def reduce_scatter(self, arrays: Any, *, stream: Any = None) -> Any:
+        cupy = gpu.cupy()
+
+        items = self._arrays(arrays, "reduce_scatter")
+        _check_blocks(items[0], self.world_size, "reduce_scatter")
+        code, streams = self._sum_code(items[0].dtype, "reduce_scatter"), self._streams(stream)
+        block = items[0].shape[1:]
+        count = items[0].size // self.world_size
+        results = []
+        for device, s in zip(self.devices, streams, strict=True):
+            with cupy.cuda.Device(device), on_stream(s):  # CuPy's pool reuses it only after this stream
+                results.append(cupy.empty(block, dtype=items[0].dtype))
+        # ncclReduceScatter: rank r receives the sum of every rank's r-th block of `count` elements
+        self._grouped([
+            (lambda c=comm, a=array, r=result, s=s: c.reduceScatter(a.data.ptr, r.data.ptr, count, code, _NCCL_SUM, s))
             for comm, array, result, s in zip(self._comms, items, results, streams, strict=True)
         ])
         return results if isinstance(arrays, (list, tuple)) else results[0]

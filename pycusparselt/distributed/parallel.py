@@ -7,7 +7,10 @@
   computes a partial ``x[:, k0:k1] @ W[:, k0:k1].T``; an all-reduce sums the partials. The bias is fused into
   rank 0's product, so it is added once; an activation cannot be fused (it acts on the sum).
 - :class:`ParallelSparseMLP` chains the two (``fc2(act(fc1(x)))``): the hidden features stay sharded between
-  them, so the block needs one all-reduce.
+  them, so the block needs one all-reduce (``form="allreduce"``), or, in the sequence-parallel form
+  (``form="sequence"``, as Megatron-LM's sequence parallelism), an all-gather of the token rows in and a
+  reduce-scatter of them out, chunk by chunk so that one chunk's communication can run beside the next
+  chunk's products.
 
 Each shard is a :class:`~pycusparselt.nn.linear.SparseLinear` built from its slice of the full weight with the
 layer's keyword arguments (activation, pruning, autotuning, and whatever modes SparseLinear offers), on its
@@ -26,10 +29,14 @@ from .._native import gpu
 from .. import _arrays
 from ..nn.linear import SparseLinear
 from . import sharding
-from .._native.streams import on_device, on_given_stream
+from .._native.streams import on_device, on_given_stream, on_stream, stream_ptr
 from .groups import Group, as_list
 
-__all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSparseMLP"]
+__all__ = ["ColumnParallelSparseLinear", "RowParallelSparseLinear", "ParallelSparseMLP", "FORMS"]
+
+#: The forms of :class:`ParallelSparseMLP`: every rank holds every token ("allreduce"), or its share of them
+#: ("sequence").
+FORMS = ("allreduce", "sequence")
 
 # SparseLinear keywords that leave the GEMM's input type as the weight's; any other keyword may select a
 # quantized mode, so shards then fall on boundaries aligned for every input type.
@@ -370,11 +377,23 @@ def _namespace(array: Any) -> Any:
 
 
 class ParallelSparseMLP:
-    """A tensor-parallel feed-forward block ``y = act(x @ W1.T + b1) @ W2.T + b2`` with one all-reduce.
+    """A tensor-parallel feed-forward block ``y = act(x @ W1.T + b1) @ W2.T + b2``.
 
     ``fc1`` is a :class:`ColumnParallelSparseLinear` (activation fused, output kept sharded), ``fc2`` a
     :class:`RowParallelSparseLinear` reading those shards; both split the hidden features at the same
     ``bounds``, on multiples that suit both (the 2:4 groups of ``fc2`` and each shard's alignment).
+
+    Two forms move the activations (:data:`FORMS`):
+
+    - ``"allreduce"`` (the default): every rank passes every token row and gets the whole output; one
+      all-reduce after ``fc2``.
+    - ``"sequence"`` (Megatron-LM's sequence parallelism): each rank passes its share of the token rows
+      (:func:`~.sharding.sequence_bounds`) and gets the output of those rows. The rows are all-gathered before
+      ``fc1`` and the partial products of ``fc2`` reduce-scattered back, in ``chunks`` pieces along the token
+      rows: with one GPU per process (an NCCL group of one local rank) the collectives run on a second stream
+      of the block's, so that chunk ``i``'s reduce-scatter and chunk ``i + 1``'s all-gather run beside the
+      products of the chunk between; elsewhere (host groups, one process driving several GPUs) the chunks run
+      in order on the current stream. The same products and sums as the all-reduce form, row by row.
 
     Parameters
     ----------
@@ -387,6 +406,11 @@ class ParallelSparseMLP:
         Fused into ``fc1``.
     bounds, multiple
         The hidden features' split (as for the layers).
+    form : {"allreduce", "sequence"}
+        How the block's activations travel (above).
+    chunks : int
+        The sequence form's pieces along each rank's token rows (1: no overlap). A rank holding fewer rows than
+        ``chunks`` uses one piece per row.
     fc1_kwargs, fc2_kwargs : dict, optional
         Keywords for one layer's shards only, over ``layer_kwargs`` (a quantized mode's ``input_scale``
         differs between the two layers).
@@ -405,10 +429,16 @@ class ParallelSparseMLP:
         activation: str | None = "relu",
         bounds: Sequence[tuple[int, int]] | None = None,
         multiple: int | None = None,
+        form: str = "allreduce",
+        chunks: int = 1,
         fc1_kwargs: dict | None = None,
         fc2_kwargs: dict | None = None,
         **layer_kwargs: Any,
     ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form: expected one of {', '.join(repr(f) for f in FORMS)}, got {form!r}")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks: expected a positive int, got {chunks!r}")
         for name, extra in (("layer_kwargs", layer_kwargs), ("fc1_kwargs", fc1_kwargs or {}),
                             ("fc2_kwargs", fc2_kwargs or {})):
             if "activation" in extra or "permutation" in extra:
@@ -443,10 +473,144 @@ class ParallelSparseMLP:
         self.fc2 = RowParallelSparseLinear(w2, b2, group=group, input_is_parallel=True, bounds=bounds, **kwargs2)
         self.group = group
         self.bounds = self.fc2.bounds
+        self.form = form
+        self.chunks = chunks
+        self._comm_stream: Any = None  # the sequence form's collectives' stream (one GPU per process)
 
-    def __call__(self, x: Any, *, stream: Any = None) -> Any:
-        """The block's output (batch, out_features) on every rank."""
-        return self.fc2(self.fc1(x, stream=stream), stream=stream)
+    def __call__(self, x: Any, *, stream: Any = None, tokens: int | None = None) -> Any:
+        """The block's output for each local rank's ``x``.
+
+        All-reduce form: ``x`` is every token row, (batch, in_features), and so is the output (batch,
+        out_features), on every rank. Sequence form: ``x`` is the rank's share of the token rows, (rows,
+        in_features), and the output is those rows' (rows, out_features). ``tokens`` (sequence form) is the
+        job's token count: the ranks' shares are then :func:`~.sharding.sequence_bounds` ``(tokens,
+        world_size)`` (uneven shares allowed, each checked); without it every rank must pass the same number of
+        rows (the host group checks; NCCL cannot).
+        """
+        if self.form == "allreduce":
+            if tokens is not None:
+                raise ValueError("tokens: only the sequence form (form='sequence') takes a token count")
+            return self.fc2(self.fc1(x, stream=stream), stream=stream)
+        return self._sequence(x, stream, tokens)
+
+    def _sequence(self, x: Any, stream: Any, tokens: int | None) -> Any:
+        group = self.group
+        inputs = self.fc1._inputs(x, stream)
+        for item in inputs:
+            if item.ndim != 2 or item.shape[-1] != self.fc1.in_features:
+                raise ValueError(
+                    f"x: expected (rows, {self.fc1.in_features}) token rows, got shape {tuple(item.shape)}"
+                )
+        if tokens is None:
+            rows = {int(item.shape[0]) for item in inputs}
+            if len(rows) != 1 or 0 in rows:
+                raise ValueError(
+                    f"x: without tokens= every rank passes one non-zero number of rows, got {sorted(rows)}"
+                )
+            share = rows.pop()
+        else:
+            shares = sharding.shard_sizes(sharding.sequence_bounds(tokens, group.world_size))
+            for rank, item in zip(group.ranks, inputs, strict=True):
+                if item.shape[0] != shares[rank]:
+                    raise ValueError(
+                        f"x: rank {rank}'s share of {tokens} tokens is {shares[rank]} rows "
+                        f"(sequence_bounds({tokens}, {group.world_size})), got {item.shape[0]}"
+                    )
+            share = max(shares)
+        pieces = sharding.shard_bounds(share, min(self.chunks, share))
+        padded, outputs = [], []
+        for rank, item in zip(group.ranks, inputs, strict=True):
+            device = group.device_of(rank)
+            with on_device(device), on_given_stream(stream, device):
+                xp = _namespace(item)
+                if item.shape[0] != share or not item.flags.c_contiguous:  # shorter shares travel padded
+                    full = xp.zeros((share, item.shape[1]), dtype=item.dtype)
+                    full[: item.shape[0]] = item
+                    item = full
+                padded.append(item)
+        if group.backend == "nccl" and len(group.ranks) == 1:
+            outputs = [self._sequence_overlapped(padded[0], pieces, stream)]
+        else:
+            outputs = self._sequence_in_order(padded, pieces, stream)
+        results = [y[: item.shape[0]] for y, item in zip(outputs, inputs, strict=True)]
+        return results if isinstance(x, (list, tuple)) else results[0]
+
+    def _chunk(self, rank: int, gathered: Any, stream: Any) -> Any:
+        """One chunk of the block on one rank: every rank's rows of it in, this rank's partial sums out, as
+        (world_size, rows, out_features) blocks for the reduce-scatter."""
+        world, rows = gathered.shape[0], gathered.shape[1]
+        hidden = self.fc1.shards[rank](gathered.reshape(world * rows, gathered.shape[2]), stream=stream)
+        partial = self.fc2.shards[rank](hidden, stream=stream)
+        dtype = np.dtype(partial.dtype)
+        if dtype not in _SUMMABLE:
+            raise TypeError(
+                f"the shards produce {dtype}, which the reduce-scatter cannot add without overflow; choose an output "
+                f"type of float16, bfloat16, float32 or int32"
+            )
+        return _namespace(partial).ascontiguousarray(partial).reshape(world, rows, partial.shape[-1])
+
+    def _sequence_in_order(self, padded: list, pieces: tuple, stream: Any) -> list:
+        group = self.group
+        outputs = []
+        for rank, item in zip(group.ranks, padded, strict=True):
+            device = group.device_of(rank)
+            with on_device(device), on_given_stream(stream, device):
+                outputs.append(_namespace(item).empty((item.shape[0], self.fc2.out_features), dtype=item.dtype))
+        several = len(group.ranks) > 1
+        for c0, c1 in pieces:
+            gathered = group.all_gather([item[c0:c1] for item in padded] if several else padded[0][c0:c1],
+                                        stream=stream)
+            partials = []
+            for rank, g in zip(group.ranks, gathered if several else [gathered], strict=True):
+                with on_device(group.device_of(rank)):
+                    partials.append(self._chunk(rank, g, stream))
+            mine = group.reduce_scatter(partials if several else partials[0], stream=stream)
+            for rank, y, piece in zip(group.ranks, outputs, mine if several else [mine], strict=True):
+                device = group.device_of(rank)
+                with on_device(device), on_given_stream(stream, device):
+                    y[c0:c1] = piece
+        return outputs
+
+    def _sequence_overlapped(self, item: Any, pieces: tuple, stream: Any) -> Any:
+        """The chunks on one GPU: products on the block's stream, collectives on a second one, ordered by
+        events. Every buffer lives until the block's stream has waited for the last collective, so CuPy's pool
+        cannot hand one to other work while a stream still reads it."""
+        cupy = gpu.cupy()
+
+        group, rank = self.group, self.group.rank
+        device = group.device_of(rank)
+        with cupy.cuda.Device(device):
+            compute = on_stream(stream_ptr(stream, device))
+            if self._comm_stream is None:
+                _, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
+                self._comm_stream = cupy.cuda.Stream(non_blocking=True, priority=greatest)
+            comm = self._comm_stream
+            with compute:
+                y = cupy.empty((item.shape[0], self.fc2.out_features), dtype=item.dtype)
+            comm.wait_event(compute.record())  # the input and output exist before the collectives touch them
+            gathered, kept = [], []
+
+            def gather(index: int) -> Any:
+                c0, c1 = pieces[index]
+                gathered.append(group.all_gather(item[c0:c1], stream=comm))
+                return comm.record()
+
+            ready = [gather(0)]
+            for index, (c0, c1) in enumerate(pieces):
+                if index + 1 < len(pieces):
+                    ready.append(gather(index + 1))  # the next chunk's rows travel while this one computes
+                compute.wait_event(ready[index])
+                with compute:
+                    partial = self._chunk(rank, gathered[index], compute)
+                comm.wait_event(compute.record())
+                piece = group.reduce_scatter(partial, stream=comm)
+                with comm:
+                    y[c0:c1] = piece
+                kept.append((partial, piece))
+            compute.wait_event(comm.record())
+            gathered.clear()  # freed only now: later work on either stream follows every use
+            kept.clear()
+        return y
 
     def close(self) -> None:
         """Release both layers' plans and compressed weights."""
@@ -460,4 +624,4 @@ class ParallelSparseMLP:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ParallelSparseMLP(fc1={self.fc1!r}, fc2={self.fc2!r})"
+        return f"ParallelSparseMLP(fc1={self.fc1!r}, fc2={self.fc2!r}, form={self.form!r}, chunks={self.chunks})"

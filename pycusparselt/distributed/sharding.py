@@ -31,6 +31,7 @@ __all__ = [
     "shard_bounds",
     "check_bounds",
     "shard_sizes",
+    "sequence_bounds",
     "row_parallel_bounds",
 ]
 
@@ -147,6 +148,25 @@ def check_bounds(bounds: Sequence[Sequence[int]], total: int, multiple: int, wha
 def shard_sizes(bounds: Sequence[tuple[int, int]]) -> tuple[int, ...]:
     """The size of each shard."""
     return tuple(stop - start for start, stop in bounds)
+
+
+def sequence_bounds(tokens: int, world_size: int) -> tuple[tuple[int, int], ...]:
+    """Each rank's token rows in the sequence-parallel form (and in data parallelism, each rank's batch rows).
+
+    ``tokens`` rows split into ``world_size`` contiguous shares whose sizes differ by at most one, the first
+    ranks taking one more row where they do not divide evenly (:func:`shard_bounds` on multiples of 1). Every
+    rank gets at least one row.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Arguments that are not positive ints, or fewer tokens than ranks.
+    """
+    tokens = _positive_int(tokens, "tokens")
+    world_size = _positive_int(world_size, "world_size")
+    if tokens < world_size:
+        raise ValueError(f"tokens: expected at least one row per rank ({world_size}), got {tokens}")
+    return shard_bounds(tokens, world_size, 1)
 
 
 def row_parallel_bounds(
