@@ -383,7 +383,7 @@ class ParallelSparseMLP:
     :class:`RowParallelSparseLinear` reading those shards; both split the hidden features at the same
     ``bounds``, on multiples that suit both (the 2:4 groups of ``fc2`` and each shard's alignment).
 
-    Two forms move the activations (:data:`FORMS`):
+    Two forms move the activations (:data:`~pycusparselt.distributed.FORMS`):
 
     - ``"allreduce"`` (the default): every rank passes every token row and gets the whole output; one
       all-reduce after ``fc2``.

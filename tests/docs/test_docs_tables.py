@@ -224,3 +224,65 @@ def test_a_changed_decode_cell_is_caught(tmp_path):
                                           tables.decode_region(result, "benchmarks/results/x.json")) != page
     with pytest.raises(ValueError, match="markers"):
         tables.replace_markdown_region("# no markers\n", tables.DECODE_REGION, body)
+
+
+def _forms_result() -> dict:
+    """A two-GPU result with every form: one GPU 2.0 ms, all-reduce 1.6, sequence 1.5 (2 chunks) and 1.25 (4),
+    data 1.05, at LLM 8192 tokens only."""
+    base = {"shape": "llm", "hidden": 4096, "ffn": 14336, "tokens": 8192}
+    rows = [{**base, "gpus": 1, "form": "allreduce", "chunks": 1, "parallel_ms": 2.0, "gemm_ms": 2.0,
+             "exposed_ms": 0.0},
+            {**base, "gpus": 2, "form": "allreduce", "chunks": 1, "parallel_ms": 1.6, "gemm_ms": 1.0,
+             "exposed_ms": 0.6},
+            {**base, "gpus": 2, "form": "sequence", "chunks": 2, "parallel_ms": 1.5, "gemm_ms": 1.1, "exposed_ms": 0.4},
+            {**base, "gpus": 2, "form": "sequence", "chunks": 4, "parallel_ms": 1.25, "gemm_ms": 1.2,
+             "exposed_ms": 0.05},
+            {**base, "gpus": 2, "form": "data", "chunks": 1, "parallel_ms": 1.05, "gemm_ms": 1.05, "exposed_ms": 0.0}]
+    env = {"device": "NVIDIA H200", "visible_gpus": 2, "cusparselt": "0.8.0", "nccl": 22809}
+    return {"environment": env, "rows": rows, "not_run": []}
+
+
+def test_the_forms_table_is_the_committed_result():
+    """docs/distributed.rst carries, between its scaling-forms markers, what benchmarks/tables.py makes of the
+    newest two-GPU result with forms ("not measured" rows while there is none); the all-reduce table stays."""
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    path = tables.forms_result_path()
+    text = (ROOT / "docs" / "distributed.rst").read_text()
+    result = None if path is None else json.loads(path.read_text())
+    source = None if path is None else str(path.relative_to(ROOT))
+    assert tables.replace_region(text, tables.FORMS_REGION, tables.forms_table(result, source)) == text
+    region = text.split(".. scaling-forms-table:start", 1)[1].split(".. scaling-forms-table:end", 1)[0]
+    assert (tables.NOT_MEASURED_RUN in region) == (path is None)
+    assert tables.scaling_forms(check=True) == 0
+
+
+def test_the_forms_table_computes_speedups_and_picks_the_best_chunks():
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    lines = tables.forms_table(_forms_result(), "benchmarks/results/mlp_scaling_2xh200_x.json")
+    assert lines[0].startswith("NVIDIA H200 x2, cuSPARSELt 0.8.0, NCCL 22809, ``benchmarks/results/")
+    rows = [line.strip() for line in lines if line.startswith("   LLM, 8192")]
+    assert rows == ["LLM, 8192, all-reduce (tensor), 2.000, 1.600, 1.25x, 0.600, >= 1.75x",
+                    "LLM, 8192, sequence (tensor; 4 chunks), 2.000, 1.250, 1.60x, 0.050, >= 1.75x",
+                    "LLM, 8192, data, 2.000, 1.050, 1.90x, 0.000, -"]
+    assert all(line.count(tables.NOT_MEASURED_RUN) == 4 for line in lines if line.startswith("   BERT-large"))
+
+
+def test_a_changed_forms_cell_is_caught(tmp_path):
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    page = tmp_path / "page.rst"
+    page.write_text("Page\n\n.. scaling-forms-table:start\n.. scaling-forms-table:end\n")
+    assert tables.scaling_forms(check=True, page=page) == 1  # an empty region is out of date
+    assert tables.scaling_forms(page=page) == 0  # written
+    assert tables.scaling_forms(check=True, page=page) == 0
+    page.write_text(page.read_text().replace(">= 1.90x", ">= 1.50x"))
+    assert tables.scaling_forms(check=True, page=page) == 1
+
+
+def test_the_newest_result_with_forms_is_chosen(tmp_path):
+    tables = _module(ROOT / "benchmarks" / "tables.py")
+    assert tables.forms_result_path(tmp_path) is None
+    (tmp_path / "mlp_scaling_2xh200_2026-11-30.json").write_text(json.dumps({"rows": [{"gpus": 2}]}))  # no forms
+    assert tables.forms_result_path(tmp_path) is None
+    for date in ("2026-12-01", "2026-12-09"):
+        (tmp_path / f"mlp_scaling_2xh100_{date}.json").write_text(json.dumps(_forms_result()))
+    assert tables.forms_result_path(tmp_path).name == "mlp_scaling_2xh100_2026-12-09.json"
