@@ -4,8 +4,8 @@ Megatron-style tensor parallelism for 2:4 sparse layers: :class:`ColumnParallelS
 output features, :class:`RowParallelSparseLinear` the input features (on multiples of the 2:4 group and of
 the plans' alignment), and :class:`ParallelSparseMLP` chains them with one all-reduce, or in the
 sequence-parallel form (``form="sequence"``) with an all-gather of the token rows in and a reduce-scatter out,
-chunk by chunk. :class:`~pycusparselt.distributed.DataParallel` (:mod:`~pycusparselt.distributed.data`) runs a whole model on each
-rank's share of the batch instead, for models that fit one GPU. Collectives run on
+chunk by chunk. :class:`~pycusparselt.distributed.DataParallel` (:mod:`~pycusparselt.distributed.data`) runs
+a whole model on each rank's share of the batch instead, for models that fit one GPU. Collectives run on
 NCCL through CuPy (``cupy.cuda.nccl``), one process per GPU, started the way multi-GPU jobs already start::
 
     torchrun --nproc_per_node 4 train.py ...            # PyTorch's launcher (torch.distributed engine)
