@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._native import gpu
+from .. import _arrays
 from .._native.streams import on_device, on_given_stream
 from . import sharding
 from .groups import Group, as_list
@@ -36,10 +36,6 @@ def _check_group(group: Any) -> Group:
     return group
 
 
-def _xp(array: Any) -> Any:
-    if isinstance(array, np.ndarray):
-        return np
-    return gpu.cupy()
 
 
 def batch_share(x: Any, *, group: Group, rank: int | None = None) -> Any:
@@ -50,6 +46,7 @@ def batch_share(x: Any, *, group: Group, rank: int | None = None) -> Any:
     x : array, shape (batch, ...)
         The whole batch, the same on every rank.
     group : Group
+        The ranks the batch is shared across.
     rank : int, optional
         Default: this process's rank (when it holds one).
 
@@ -85,7 +82,13 @@ def gather_rows(shares: Any, *, group: Group, batch: int, stream: Any = None) ->
     Returns
     -------
     array or list of arrays, shape (batch, ...)
-        A plain array for a single local rank, else one per local rank.
+        A plain array for a single local rank, else one per local rank; in each share's framework (a CUDA
+        tensor for a tensor), NumPy on a host group.
+
+    Raises
+    ------
+    ValueError
+        A share of another number of rows than its rank's.
     """
     group = _check_group(group)
     bounds = sharding.sequence_bounds(batch, group.world_size)
@@ -99,17 +102,18 @@ def gather_rows(shares: Any, *, group: Group, batch: int, stream: Any = None) ->
             raise ValueError(f"shares: rank {rank}'s share of {batch} rows is {sizes[rank]} rows, got {got}")
         device = group.device_of(rank)
         with on_device(device), on_given_stream(stream, device):
-            xp = _xp(item)
-            send = xp.zeros((widest, *item.shape[1:]), dtype=item.dtype)  # shorter shares travel padded
-            send[: item.shape[0]] = item
+            array, xp = _arrays.namespace(item)  # a CUDA tensor as a CuPy view, zero-copy
+            send = xp.zeros((widest, *array.shape[1:]), dtype=array.dtype)  # shorter shares travel padded
+            send[: array.shape[0]] = array
             sends.append(send)
     several = len(group.ranks) > 1
     gathered = group.all_gather(sends if several else sends[0], stream=stream)
     results = []
-    for rank, g in zip(group.ranks, gathered if several else [gathered], strict=True):
+    for rank, g, item in zip(group.ranks, gathered if several else [gathered], items, strict=True):
         device = group.device_of(rank)
         with on_device(device), on_given_stream(stream, device):
-            results.append(_xp(g).concatenate([g[r, : sizes[r]] for r in range(group.world_size)]))
+            whole = _arrays.namespace(g)[1].concatenate([g[r, : sizes[r]] for r in range(group.world_size)])
+        results.append(whole if isinstance(whole, np.ndarray) else _arrays.like(whole, item))
     return results if isinstance(shares, (list, tuple)) else results[0]
 
 
@@ -136,7 +140,11 @@ class DataParallel:
 
     def __init__(self, model: Callable | Sequence[Callable], *, group: Group) -> None:
         self.group = _check_group(group)
-        models = list(model) if isinstance(model, (list, tuple)) else [model] * len(group.ranks)
+        devices = [group.device_of(rank) for rank in group.ranks]
+        if not isinstance(model, (list, tuple)) and len(group.ranks) > 1 and any(d is not None for d in devices):
+            raise TypeError(f"model: this process holds {len(group.ranks)} ranks, one per device: expected one "
+                            f"model per local rank, each built on its rank's device, got one {type(model).__name__}")
+        models = list(model) if isinstance(model, (list, tuple)) else [model] * len(group.ranks)  # host ranks
         if len(models) != len(group.ranks):
             raise ValueError(f"model: expected one model per local rank ({len(group.ranks)}), got {len(models)}")
         for item in models:
@@ -145,10 +153,30 @@ class DataParallel:
         self.models = models
 
     def __call__(self, x: Any, *, gather: bool = True, stream: Any = None) -> Any:
-        """The model's output for the whole batch ``x`` (the same on every rank; a list per local rank where
-        the process holds several): each rank runs its share. ``gather=False`` returns each rank's share of
-        the output (its rows, :func:`batch_share`); True, the whole batch's output on every rank. ``stream`` is
-        passed to :func:`gather_rows` only (the model runs on the current stream)."""
+        """The model's output for the whole batch ``x``: each rank runs its share.
+
+        Parameters
+        ----------
+        x : array, or list of arrays (one per local rank), shape (batch, ...)
+            The whole batch, the same on every rank.
+        gather : bool
+            True: the whole batch's output on every rank (:func:`gather_rows`); False: each rank's share of
+            the output (its rows, :func:`batch_share`).
+        stream : optional
+            The stream the model and the gather run on (a group of one local rank on a GPU; default: the
+            current stream): the model is called with it as CuPy's current stream, so the gather follows a
+            CuPy model's work (a PyTorch model runs on PyTorch's current stream: make it the same one).
+
+        Returns
+        -------
+        array, or list of arrays (one per local rank)
+            In the model's output framework (a CUDA tensor for a tensor model); NumPy on a host group.
+
+        Raises
+        ------
+        ValueError
+            Local ranks given batches of different sizes, or a batch that is not an array.
+        """
         group = self.group
         group.check_open()
         items = as_list(x, len(group.ranks), "x")
@@ -158,7 +186,8 @@ class DataParallel:
         rows = batch.pop()
         outputs = []
         for rank, model, item in zip(group.ranks, self.models, items, strict=True):
-            with on_device(group.device_of(rank)):
+            device = group.device_of(rank)
+            with on_device(device), on_given_stream(stream, device):  # the gather then follows the model's work
                 outputs.append(model(batch_share(item, group=group, rank=rank)))
         several = len(group.ranks) > 1
         if gather:

@@ -136,7 +136,9 @@ class _ParallelLinear:
         """The size of each rank's shard of the sharded dimension."""
         return sharding.shard_sizes(self.bounds)
 
-    def _inputs(self, x: Any, stream: Any) -> list:
+    def local_inputs(self, x: Any, stream: Any = None) -> list:
+        """Each local rank's input ``x`` (one array, or one per local rank), checked: NumPy for a host rank, a
+        device array on the rank's device otherwise (other device arrays viewed as CuPy, zero-copy)."""
         self.group.check_open()
         if stream is not None and len(self.group.ranks) > 1:
             raise ValueError("stream: a group of several local ranks runs on each device's current stream")
@@ -232,7 +234,7 @@ class ColumnParallelSparseLinear(_ParallelLinear):
     def __call__(self, x: Any, *, stream: Any = None) -> Any:
         """The layer's output for ``x`` (batch, in_features) or (in_features,): one per local rank (a list
         when the process holds several ranks)."""
-        inputs = self._inputs(x, stream)
+        inputs = self.local_inputs(x, stream)
         outputs = []
         for rank, item in zip(self.group.ranks, inputs, strict=True):
             with on_device(self.group.device_of(rank)):
@@ -338,7 +340,7 @@ class RowParallelSparseLinear(_ParallelLinear):
 
     def __call__(self, x: Any, *, stream: Any = None) -> Any:
         """The summed output (batch, out_features) on every rank, for each local rank's ``x``."""
-        inputs = self._inputs(x, stream)
+        inputs = self.local_inputs(x, stream)
         partials = []
         for rank, item in zip(self.group.ranks, inputs, strict=True):
             device = self.group.device_of(rank)
@@ -476,6 +478,8 @@ class ParallelSparseMLP:
         self.form = form
         self.chunks = chunks
         self._comm_stream: Any = None  # the sequence form's collectives' stream (one GPU per process)
+        # buffers a captured sequence-form call uses: its graph reads and writes them at every replay
+        self._graph_buffers: list = []
 
     def __call__(self, x: Any, *, stream: Any = None, tokens: int | None = None) -> Any:
         """The block's output for each local rank's ``x``.
@@ -495,7 +499,7 @@ class ParallelSparseMLP:
 
     def _sequence(self, x: Any, stream: Any, tokens: int | None) -> Any:
         group = self.group
-        inputs = self.fc1._inputs(x, stream)
+        inputs = self.fc1.local_inputs(x, stream)
         for item in inputs:
             if item.ndim != 2 or item.shape[-1] != self.fc1.in_features:
                 raise ValueError(
@@ -543,9 +547,10 @@ class ParallelSparseMLP:
         partial = self.fc2.shards[rank](hidden, stream=stream)
         dtype = np.dtype(partial.dtype)
         if dtype not in _SUMMABLE:
+            names = ", ".join(sorted(d.name for d in _SUMMABLE))
             raise TypeError(
-                f"the shards produce {dtype}, which the reduce-scatter cannot add without overflow; choose an output "
-                f"type of float16, bfloat16, float32 or int32"
+                f"fc2's out_dtype: the shards produce {dtype}, which the reduce-scatter cannot add without "
+                f"overflow; expected one of {names}"
             )
         return _namespace(partial).ascontiguousarray(partial).reshape(world, rows, partial.shape[-1])
 
@@ -555,7 +560,8 @@ class ParallelSparseMLP:
         for rank, item in zip(group.ranks, padded, strict=True):
             device = group.device_of(rank)
             with on_device(device), on_given_stream(stream, device):
-                outputs.append(_namespace(item).empty((item.shape[0], self.fc2.out_features), dtype=item.dtype))
+                outputs.append(_namespace(item).empty((item.shape[0], self.fc2.out_features),
+                                                      dtype=self.fc2.shards[rank].out_dtype))
         several = len(group.ranks) > 1
         for c0, c1 in pieces:
             gathered = group.all_gather([item[c0:c1] for item in padded] if several else padded[0][c0:c1],
@@ -586,7 +592,7 @@ class ParallelSparseMLP:
                 self._comm_stream = cupy.cuda.Stream(non_blocking=True, priority=greatest)
             comm = self._comm_stream
             with compute:
-                y = cupy.empty((item.shape[0], self.fc2.out_features), dtype=item.dtype)
+                y = cupy.empty((item.shape[0], self.fc2.out_features), dtype=self.fc2.shards[rank].out_dtype)
             comm.wait_event(compute.record())  # the input and output exist before the collectives touch them
             gathered, kept = [], []
 
@@ -608,14 +614,19 @@ class ParallelSparseMLP:
                     y[c0:c1] = piece
                 kept.append((partial, piece))
             compute.wait_event(comm.record())
+            if cupy.cuda.runtime.streamIsCapturing(compute.ptr):
+                # a graph keeps the addresses: the buffers must outlive it (until close()), not return to the pool
+                self._graph_buffers.append((item, list(gathered), list(kept)))
             gathered.clear()  # freed only now: later work on either stream follows every use
             kept.clear()
         return y
 
     def close(self) -> None:
-        """Release both layers' plans and compressed weights."""
+        """Release both layers' plans and compressed weights, and the buffers of captured sequence-form calls
+        (graphs captured from this block must not be replayed after it)."""
         self.fc1.close()
         self.fc2.close()
+        self._graph_buffers.clear()
 
     def __enter__(self) -> ParallelSparseMLP:
         return self

@@ -212,6 +212,36 @@ def test_data_parallel_runs_the_whole_model_on_each_share(world, batch):
         assert np.array_equal(y, expected[a:b])
 
 
+def test_sequence_form_outputs_the_type_fc2_outputs():
+    """A block whose fc2 outputs another type than its input (FP8 fc2, float32 out, float16 in): the sequence
+    form's output has fc2's type and the all-reduce form's values, not the input's type."""
+    rng = np.random.default_rng(11)
+    w1, b1, w2, b2 = _weights(rng, draw=lambda r, s: (r.standard_normal(s) / 4).astype(F16))
+    b2 = b2.astype(F32)
+    x = rng.standard_normal((10, 64)).astype(F16)
+    group = dist.HostGroup.local(2)
+    fc2 = {"mode": "fp8", "input_scale": 0.05, "out_dtype": np.float32}
+    allreduce = dist.ParallelSparseMLP(w1, b1, w2, b2, group=group, fc2_kwargs=fc2)
+    sequence = dist.ParallelSparseMLP(w1, b1, w2, b2, group=group, fc2_kwargs=fc2, form="sequence", chunks=2)
+    whole = allreduce([x, x])[0]
+    assert whole.dtype == F32
+    ys = sequence([x[a:b] for a, b in dist.sequence_bounds(10, 2)], tokens=10)
+    assert all(y.dtype == F32 for y in ys)
+    assert np.array_equal(np.concatenate(ys), whole)
+
+
+def test_data_parallel_needs_one_model_per_device_rank():
+    class TwoDevices(dist.HostGroup):
+        def device_of(self, rank):
+            return rank
+
+    group = TwoDevices.local(2)
+    with pytest.raises(TypeError, match="model: this process holds 2 ranks, one per device: expected one model "
+                                        "per local rank"):
+        dist.DataParallel(abs, group=group)
+    assert len(dist.DataParallel([abs, abs], group=group).models) == 2
+
+
 def test_data_parallel_errors_name_the_argument():
     group = dist.HostGroup.local(2)
     with pytest.raises(ValueError, match=r"model: expected one model per local rank \(2\), got 3"):
