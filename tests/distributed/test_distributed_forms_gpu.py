@@ -139,9 +139,12 @@ _JOB = textwrap.dedent("""
     ints = lambda shape: rng.integers(-2, 3, size=shape).astype(np.float16)
     w1, b1, w2, b2 = ints((512, 128)), ints(512), ints((64, 512)), ints(64)
     fc1, fc2 = SparseLinear(w1, b1, activation="relu"), SparseLinear(w2, b2)  # the CPU's one-device block
-    piece = group.reduce_scatter(cp.full((2, 5), r + 1, cp.float32))
+    # rank q sends arange(10).reshape(2, 5) + 10 (q + 1): rank r's block of the sum is 30 + 2 * arange(5r, 5r + 5)
+    blocks = cp.arange(10, dtype=cp.float32).reshape(2, 5) + 10 * (r + 1)
+    piece = group.reduce_scatter(blocks)
     cp.cuda.get_current_stream().synchronize()
-    lines = [f"reduce_scatter {'ok' if float(piece.sum()) == 15.0 else 'WRONG'}"]
+    want = 30 + 2 * (np.arange(5, dtype=np.float32) + 5 * r)
+    lines = [f"reduce_scatter {'ok' if np.array_equal(cp.asnumpy(piece), want) else 'WRONG'}"]
     for tokens, chunks in ((17, 1), (17, 3), (1024, 4)):
         x = ints((tokens, 128))
         one = fc2(fc1(x))
