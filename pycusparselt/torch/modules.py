@@ -32,6 +32,7 @@ from ..reference import is_2to4
 from . import compact
 from .channels import shared_weights
 from .pruning import MASK_NAME
+from .siblings import SiblingProjection, find_sibling_groups, merged_name
 
 __all__ = ["SparseLinear", "SparseLinearModule", "SparsifyReport", "sparsify"]
 
@@ -180,6 +181,7 @@ class SparseLinear(torch.nn.Module):
         self._row_bytes = in_features * self._dtype.itemsize
         self._watched: tuple = ()  # the buffers the product was made from, and their versions then
         self._built_from: tuple = ()
+        self._shared: _Shared | None = None  # the last product forward_shared made, and what it was made from
         self._register()
         # the output dtype, known without building the product (the fake operator needs it)
         self.output_dtype = self._output_dtype()
@@ -250,12 +252,14 @@ class SparseLinear(torch.nn.Module):
         state = dict(self.__dict__)
         state["_native"] = None  # a cache of the GPU's plans: never copied or pickled
         state["_watched"], state["_built_from"], state["_direct"], state["_stages"] = (), (), {}, {}
+        state["_shared"] = None  # a product of one input of this process (and a weak reference): not state
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._native = None
         self._direct, self._stages = {}, {}
+        self._shared = None
         self._register()  # a copy is a module of its own
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -273,6 +277,7 @@ class SparseLinear(torch.nn.Module):
             if new.dtype != old.dtype:
                 setattr(self, name, old.to(new.device))
         self._native = None
+        self._shared = None
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -424,6 +429,51 @@ class SparseLinear(torch.nn.Module):
             return self.product(x)
         return self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
+    def forward_shared(self, x: torch.Tensor, reader: Any) -> torch.Tensor:
+        """:meth:`forward` of ``x``, shared by the readers of one input: the product a reader asked for is
+        returned to the next reader that asks for it with the same tensor, unchanged since, without a new GEMM
+        (what merged sibling projections call, each asking for its slice).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            As :meth:`forward`.
+        reader : hashable
+            Who asks. A reader that asks again with the same tensor gets a new product: a model calling a
+            projection twice on one input, or capturing a CUDA graph after a warm-up call on the capture's
+            input, computes (and records) the product again.
+
+        Returns
+        -------
+        torch.Tensor
+            The product; the same tensor for every reader it is shared with (readers must not edit it in
+            place; an edit makes the next reader compute its own).
+
+        Notes
+        -----
+        One product is kept, with a weak reference to its input: it is reused only for the very tensor it was
+        made from (``is``), with the same version counter (no in-place edit since), shape, strides, dtype and
+        device, on the same stream, inside or outside CUDA graph capture alike, while the module's state is
+        unchanged and the product itself unedited. Inference tensors (``torch.inference_mode``) count no
+        edits, so their products are never reused: each reader computes the whole product. Under tracing
+        (``torch.compile``, ``torch.export``, ``torch.fx``) this is :meth:`forward`, the operator, and nothing
+        is kept.
+        """
+        if _tracing(x):
+            return self.forward(x)
+        native = self.native()
+        key = _input_key(x)
+        last = self._shared
+        if (key is not None and last is not None and last.source() is x and last.key == key
+                and last.native is native and _version(last.product) == last.product_version
+                and reader not in last.readers):
+            last.readers.add(reader)
+            return last.product
+        y = self.forward(x)
+        self._shared = None if key is None or y.is_inference() else \
+            _Shared(weakref.ref(x), key, native, y, _version(y), {reader})
+        return y
+
     def warm_up(self, rows: Iterable[int]) -> None:
         """Prepare (and tune, where ``autotune``) the product for inputs of these numbers of rows, so that the
         first call with them costs what any call does. Rows of 1 to 16 share one prepared product."""
@@ -440,6 +490,31 @@ class SparseLinear(torch.nn.Module):
                 f"mode={self.mode!r}{act}{', conv 1x1' if self.conv else ''}")
 
 
+@dataclass
+class _Shared:
+    """A product :meth:`SparseLinear.forward_shared` keeps for the input's other readers."""
+
+    source: Any  # weakref.ref to the input: the cache keeps no input alive
+    key: tuple
+    native: Any  # the product's maker: a new one (new state) makes the product stale
+    product: torch.Tensor
+    product_version: int
+    readers: set
+
+
+def _input_key(x: torch.Tensor) -> tuple | None:
+    """What must be the same for a kept product to be ``x``'s: None where ``x`` counts no in-place edits."""
+    if x.is_inference():
+        return None
+    if x.is_cuda:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        # a product made outside capture is not in the graph, and one made in capture holds no values yet
+        capturing = torch.cuda.is_current_stream_capturing()
+    else:
+        stream = capturing = None
+    return (_version(x), tuple(x.shape), x.stride(), x.dtype, x.device, stream, capturing)
+
+
 #: The name this class had before it was public.
 SparseLinearModule = SparseLinear
 
@@ -454,17 +529,25 @@ def _check_scales(module: SparseLinear, where: str) -> None:
 
 @dataclass
 class SparsifyReport:
-    """What :func:`sparsify` replaced, what it fused, and what it left dense (each with the reason)."""
+    """What :func:`sparsify` replaced, what it fused and merged, and what it left dense (each with the reason).
+
+    ``merged`` maps each merged module's name to its siblings' names (``merge_siblings=True``);
+    ``not_merged`` maps each sibling group found but not merged (``attn.{q_proj,k_proj,v_proj}``) to the reason.
+    """
 
     replaced: list = field(default_factory=list)
     dense: dict = field(default_factory=dict)
     fused: list = field(default_factory=list)  # "linear + activation" names
     not_fused: dict = field(default_factory=dict)  # activation name -> why it runs on its own
+    merged: dict = field(default_factory=dict)  # merged module name -> its siblings' names
+    not_merged: dict = field(default_factory=dict)  # group label -> why its members run on their own
 
     def __str__(self) -> str:
         lines = [f"sparse: {', '.join(self.replaced) or 'nothing'}"]
         lines += [f"fused: {pair}" for pair in self.fused]
         lines += [f"not fused: {name} ({why})" for name, why in self.not_fused.items()]
+        lines += [f"merged: {' + '.join(members)} -> {name}" for name, members in self.merged.items()]
+        lines += [f"not merged: {label} ({why})" for label, why in self.not_merged.items()]
         return "\n".join(lines + [f"dense: {name} ({why})" for name, why in self.dense.items()])
 
 
@@ -512,6 +595,7 @@ def sparsify(
     fuse: bool = True,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     warm_up: Sequence[int] = (),
+    merge_siblings: bool = False,
     **layer_options: Any,
 ) -> SparsifyReport:
     """Replace ``model``'s ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers by :class:`SparseLinear` in place.
@@ -544,6 +628,19 @@ def sparsify(
     warm_up : sequence of int
         Numbers of input rows (batch x tokens) to prepare and tune every layer for now, on the GPU, so that
         the first forward with them costs what any forward does.
+    merge_siblings : bool
+        Run sibling ``nn.Linear`` layers that read one input (Q, K and V; gate and up of a gated MLP) as one
+        product over their concatenated weights: "fp16" and "bf16" only. Siblings are the Linear children of
+        one parent named by a group of :data:`pycusparselt.torch.siblings.SIBLING_GROUPS`, with the same
+        in_features, dtype, device and bias presence, none fused with an activation, registered under two
+        names or sharing a parameter. The parent gets a :class:`SparseLinear` child
+        ``merged_<names joined by _>`` (``merged_q_proj_k_proj_v_proj``: the state dict's entries for the
+        group) and each sibling becomes a :class:`pycusparselt.torch.siblings.SiblingProjection`, a view of
+        its output features of the merged product, with no state of its own. Siblings called on the same
+        tensor share one product; a sibling called on another tensor computes the merged product of that one.
+        The report lists every merge and every group refused, with the reason. Off by default: not yet
+        measured on a GPU. Use the same value to load a ``state_dict`` (a group whose merged entry the state
+        lacks is not merged).
     **layer_options
         Passed to every :class:`SparseLinear` (``relu_upper_bound``, ``out_dtype``, ``fp8_format``, ...).
 
@@ -584,6 +681,20 @@ def sparsify(
                     del candidates[id(m)]
                     report.dense[n] = f"its weight is also used by {', '.join(outside)}, which stays dense"
     fusions = _activations(model, candidates, names) if fuse else {}
+    groups: list = []
+    if merge_siblings:
+        fused = {name for name, (_, kind) in fusions.items() if kind is not None}
+        groups, report.not_merged = find_sibling_groups(model, candidates, names, fused)
+        if quantized:  # per-layer input and output scales (FP8: one weight scale) have no merged form
+            report.not_merged.update((group.label, f"{mode} layers keep scales of their own: merged in 'fp16' "
+                                      f"and 'bf16' only") for group in groups)
+            groups = []
+        if state_dict is not None:
+            for group in [g for g in groups if f"{g.merged}.values" not in state_dict]:
+                report.not_merged[group.label] = (f"the state dict has no {group.merged}.values: saved without "
+                                                  f"merge_siblings, it holds the members one by one")
+                groups.remove(group)
+    members = {id(mod): group for group in groups for mod in group.modules}
     for act_name, kind in fusions.values():
         if kind is None:
             report.not_fused[act_name] = ("GELU runs as a separate float32 step after the product here, slower than "
@@ -609,7 +720,11 @@ def sparsify(
         if activation != "relu":  # ReLU bounds are options of fused ReLUs only
             options.pop("relu_upper_bound", None)
             options.pop("relu_threshold", None)
-        if state_dict is not None:
+        if state_dict is not None and key in members:
+            # an empty layer of the member's shape, to be concatenated into the merged one the state fills
+            new = SparseLinear(mod.in_features, mod.out_features, mod.bias is not None, mode=mode,
+                               device=mod.weight.device, **options)
+        elif state_dict is not None:
             new = _from_state(mod, name, mode, state_dict, options)
             if new is None:
                 report.dense[name] = "dense in the state dict (left dense when it was sparsified)"
@@ -637,6 +752,9 @@ def sparsify(
             setattr(model.get_submodule(parent_name) if parent_name else model, child, torch.nn.Identity())
             report.fused.append(f"{name} + {act_name}")
         report.replaced.append(name)
+    for group in groups:
+        _merge(group, layer_options, autotune)
+        report.merged[group.merged] = group.names
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     if warm_up:
@@ -644,6 +762,28 @@ def sparsify(
             if isinstance(mod, SparseLinear):
                 mod.warm_up(warm_up)
     return report
+
+
+def _merge(group: Any, layer_options: dict, autotune: Any) -> None:
+    """Put in place of the group's (sparse, already made) members one :class:`SparseLinear` of their concatenated
+    state, registered as the parent's ``merged_...`` child, and a :class:`SiblingProjection` of it for each."""
+    parts = [getattr(group.parent, child) for child in group.children]
+    first = parts[0]
+    options = dict(layer_options, autotune=autotune)
+    options.pop("relu_upper_bound", None)  # options of fused ReLUs only, and no member has one
+    options.pop("relu_threshold", None)
+    merged = SparseLinear(first.in_features, sum(p.out_features for p in parts), first.bias is not None,
+                          mode=first.mode, device=first.values.device, **options)
+    with torch.no_grad():  # the compact form is per output feature: rows concatenate as they are
+        merged.values.copy_(torch.cat([p.values for p in parts]))
+        merged.indices.copy_(torch.cat([p.indices for p in parts]))
+        if merged.bias is not None:
+            merged.bias.copy_(torch.cat([p.bias for p in parts]))
+    setattr(group.parent, merged_name(group.children), merged)
+    start = 0
+    for child, part in zip(group.children, parts, strict=True):
+        setattr(group.parent, child, SiblingProjection(merged, start, start + part.out_features))
+        start += part.out_features
 
 
 def _from_state(mod: Any, name: str, mode: str, state_dict: Mapping[str, torch.Tensor],
