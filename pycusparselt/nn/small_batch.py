@@ -26,7 +26,6 @@ every row count): the kernel is compiled once per process and device (NVRTC, cac
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -35,6 +34,7 @@ import numpy as np
 from .._native import gpu, settings
 from ..gemm import decode
 from ..tuning.cache import TuningCache, TuningCacheWarning
+from ..tuning.timing import time_gpu_interleaved
 from ..types import BF16, F16
 from .layer_plans import device_identity
 
@@ -123,28 +123,6 @@ def choice_from_entry(value: Any, max_splits: int) -> Choice | None:
     return Choice(backend, splits, times[0], times[1], "cache")
 
 
-def _median_cold_us(calls: dict[str, Callable[[int], None]], stream_ptr: int, scrub: Any) -> dict[str, float]:
-    """The median time of each call, in microseconds: each timed call after ``scrub`` (a buffer larger than the
-    L2 cache) is overwritten, the candidates in alternation (so clock drift favours none)."""
-    cupy = gpu.cupy()
-
-    runtime = cupy.cuda.runtime
-    stream = cupy.cuda.ExternalStream(stream_ptr)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():  # warm-up: first launches load modules and raise the clocks
-        call(stream_ptr)
-    for _ in range(_REPEATS):
-        for name, call in calls.items():
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            runtime.memsetAsync(scrub.data.ptr, 0, scrub.nbytes, stream_ptr)
-            start.record(stream)
-            call(stream_ptr)
-            stop.record(stream)
-            stop.synchronize()
-            times[name].append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None], x16: Any, y16: Any,
            bucket: int, stream_ptr: int, key: dict[str, Any] | None, cache: TuningCache | None = None) -> Choice:
     """Time the decode kernel ``gemm`` (at each of its split-K settings) against the cuSPARSELt launcher
@@ -161,9 +139,15 @@ def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None],
     for splits in sorted(set(gemm.split_choices(gemm.out_features, gemm.in_features) + [gemm.splits])):
         gemm.set_splits(splits)
         launch = gemm.launcher(rows)
-        calls[f"decode/{gemm.splits}"] = lambda sp, launch=launch: launch(x_ptr, y_ptr, sp)
-    calls["cusparselt"] = lambda sp: cusparselt(x_ptr, y_ptr, sp)
-    times = _median_cold_us(calls, stream_ptr, scrub)
+        calls[f"decode/{gemm.splits}"] = lambda _, launch=launch: launch(x_ptr, y_ptr, stream_ptr)
+    calls["cusparselt"] = lambda _: cusparselt(x_ptr, y_ptr, stream_ptr)
+    stream = cupy.cuda.ExternalStream(stream_ptr)
+    runtime = cupy.cuda.runtime
+    # every sample after the L2 is overwritten (a network's weights are not in it), the candidates alternating
+    timings = time_gpu_interleaved(
+        calls, repeats=_REPEATS, warmup=1, lead=0, streams=dict.fromkeys(calls, stream),
+        before=lambda _: runtime.memsetAsync(scrub.data.ptr, 0, scrub.nbytes, stream_ptr))
+    times = {name: timing.median_ms * 1e3 for name, timing in timings.items()}
     best = min((t, name) for name, t in times.items() if name.startswith("decode/"))
     decode_us, splits = best[0], int(best[1].split("/")[1])
     backend = "decode" if decode_us < times["cusparselt"] else "cusparselt"

@@ -125,6 +125,7 @@ def time_gpu_interleaved(
     warmup: int = 3,
     lead: int = 1,
     streams: Mapping[str, Any] | None = None,
+    before: Callable[[str], Any] | None = None,
 ) -> dict[str, Timing]:
     """Time several functions on the GPU in alternation, so that drift (clocks, temperature) favours none.
 
@@ -149,6 +150,10 @@ def time_gpu_interleaved(
         back-to-back samples do.
     streams : mapping of str to cupy.cuda.Stream, optional
         Where each function's events are recorded; CuPy's current stream for a function not in it.
+    before : callable, optional
+        Called as ``before(key)`` just before each timed call (after the lead calls, before the first event):
+        untimed work it enqueues on the function's stream precedes the call, for example overwriting the L2
+        cache so that every sample starts cold.
 
     Returns
     -------
@@ -182,6 +187,8 @@ def time_gpu_interleaved(
             start, stop = cupy.cuda.Event(), cupy.cuda.Event()
             for _ in range(lead):
                 call(key)
+            if before is not None:
+                before(key)
             start.record(stream[key])
             call(key)
             stop.record(stream[key])

@@ -17,6 +17,7 @@ import textwrap
 import ml_dtypes
 import numpy as np
 import pytest
+from gpus import needs_gpus
 
 from pycusparselt import SparseLinear
 from pycusparselt import distributed as dist
@@ -27,37 +28,12 @@ cp = pytest.importorskip("cupy")
 F16, BF16, F32 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
 
 
-def _needs(gpus: int) -> None:
-    have = cp.cuda.runtime.getDeviceCount()
-    if have < gpus:
-        pytest.skip(f"needs {gpus} GPUs, this machine has {have}")
-
-
-@pytest.fixture(scope="module")
-def nccl():
-    try:
-        return dist.load_nccl()
-    except ImportError as exc:
-        pytest.skip(f"NCCL cannot be loaded here: {exc}")
-
-
 def _ints(rng, shape):
     return rng.integers(-2, 3, size=shape).astype(F16)
 
 
 def _block(rng):
     return _ints(rng, (512, 128)), _ints(rng, 512), _ints(rng, (64, 512)), _ints(rng, 64)
-
-
-@pytest.fixture
-def one_rank(nccl, monkeypatch):
-    """A process group of one rank on GPU 0: the sequence form's two-stream path, on one GPU."""
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    group = dist.init_process_group("nccl")
-    yield group
-    group.close()
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
@@ -83,7 +59,7 @@ def test_sequence_form_one_rank_on_two_streams_eager_and_captured(one_rank, chun
 
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])
 def test_reduce_scatter_across_two_gpus(nccl, dtype):
-    _needs(2)
+    needs_gpus(2)
     rng = np.random.default_rng(1)
     hosts = [rng.integers(-50, 51, size=(2, 3, 40)).astype(dtype) for _ in range(2)]
     with dist.NcclGroup.local([0, 1]) as group:
@@ -103,7 +79,7 @@ def test_reduce_scatter_across_two_gpus(nccl, dtype):
 
 @pytest.mark.parametrize("tokens, chunks", [(16, 1), (17, 3), (64, 4)])
 def test_sequence_form_with_two_gpus_in_one_process(nccl, tokens, chunks):
-    _needs(2)
+    needs_gpus(2)
     rng = np.random.default_rng(tokens)
     w1, b1, w2, b2 = _block(rng)
     x = _ints(rng, (tokens, 128))
@@ -194,19 +170,12 @@ def _expected_lines() -> list[str]:
     return sorted(f"rank {r} {case} ok" for r in (0, 1) for case in cases)
 
 
-def test_sequence_form_one_gpu_per_process_on_two_streams(tmp_path):
-    """One process per GPU: the overlapped path (collectives on a second stream), eagerly."""
-    _needs(2)
-    result = _torchrun(tmp_path, "eager")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
-    assert lines == _expected_lines(), result.stdout + result.stderr[-2000:]
-
-
-def test_sequence_form_captured_in_one_cuda_graph(tmp_path):
-    """The whole chunked block, both streams and every collective, captured once and replayed."""
-    _needs(2)
-    result = _torchrun(tmp_path, "capture")
+@pytest.mark.parametrize("how", ["eager", "capture"])
+def test_sequence_form_one_gpu_per_process_on_two_streams(tmp_path, how):
+    """One process per GPU: the overlapped path (collectives on a second stream), eagerly, and the whole
+    chunked block (both streams and every collective) captured once in a CUDA graph and replayed."""
+    needs_gpus(2)
+    result = _torchrun(tmp_path, how)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
     assert lines == _expected_lines(), result.stdout + result.stderr[-2000:]

@@ -21,6 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from gpus import needs_gpus
 
 from pycusparselt import SparseLinear, reference
 from pycusparselt import distributed as dist
@@ -30,35 +31,6 @@ cp = pytest.importorskip("cupy")
 
 F16, BF16 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _gpu_count() -> int:
-    return cp.cuda.runtime.getDeviceCount()
-
-
-def _needs(gpus: int) -> None:
-    have = _gpu_count()
-    if have < gpus:
-        pytest.skip(f"needs {gpus} GPUs, this machine has {have}")
-
-
-@pytest.fixture(scope="module")
-def nccl():
-    try:
-        return dist.load_nccl()
-    except ImportError as exc:
-        pytest.skip(f"NCCL cannot be loaded here: {exc}")
-
-
-@pytest.fixture
-def one_rank(nccl, monkeypatch):
-    """A process group of one rank on GPU 0, made from the environment as the launcher sets it."""
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    group = dist.init_process_group("nccl")
-    yield group
-    group.close()
 
 
 def _draw(rng, shape, dtype):
@@ -194,7 +166,7 @@ def _worlds():
 @pytest.mark.parametrize("world", _worlds())
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_column_parallel_across_gpus(nccl, world, dtype):
-    _needs(world)
+    needs_gpus(world)
     rng = np.random.default_rng(world)
     out = 96 * world + 32  # uneven shards: the gather pads them to the widest
     w, b, x = _draw(rng, (out, 256), dtype), _draw(rng, out, dtype), _draw(rng, (48, 256), dtype)
@@ -214,7 +186,7 @@ def test_column_parallel_across_gpus(nccl, world, dtype):
 @pytest.mark.parametrize("world", _worlds())
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_row_parallel_across_gpus(nccl, world, dtype):
-    _needs(world)
+    needs_gpus(world)
     rng = np.random.default_rng(10 + world)
     w, b, x = _draw(rng, (128, 160 * world), dtype), _draw(rng, 128, dtype), _draw(rng, (64, 160 * world), dtype)
     with dist.NcclGroup.local(list(range(world))) as group:
@@ -230,7 +202,7 @@ def test_row_parallel_across_gpus(nccl, world, dtype):
 
 @pytest.mark.parametrize("world", _worlds())
 def test_mlp_across_gpus_exact_on_small_integers(nccl, world):
-    _needs(world)
+    needs_gpus(world)
     rng = np.random.default_rng(20 + world)
     w1 = rng.integers(-2, 3, size=(256 * world, 128)).astype(F16)
     w2 = rng.integers(-2, 3, size=(64, 256 * world)).astype(F16)
@@ -268,7 +240,7 @@ def _run(command: list[str], timeout: float = 300) -> subprocess.CompletedProces
 @pytest.mark.parametrize("kind, engine", [("torchrun", "torch"), ("mpirun", "mpi")])
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_example_on_several_gpus(kind, engine, world):
-    _needs(world)
+    needs_gpus(world)
     result = _run([*_launcher(kind, world), str(EXAMPLES / "tensor_parallel_mlp.py"), "--backend", "nccl",
                    "--tokens", "512"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -302,7 +274,7 @@ group.close()
 
 @pytest.mark.parametrize("kind, engine", [("torchrun", "torch"), ("torchrun", "cupyx"), ("mpirun", "mpi")])
 def test_process_groups_across_gpus(tmp_path, kind, engine):
-    _needs(2)
+    needs_gpus(2)
     if engine == "cupyx":
         pytest.importorskip("cupyx.distributed", reason="CuPy's distributed module is missing")
     script = tmp_path / "job.py"
@@ -316,7 +288,7 @@ def test_process_groups_across_gpus(tmp_path, kind, engine):
 def test_a_rank_that_dies_stops_the_job(tmp_path):
     """Rank 1 fails after joining while rank 0 waits in a collective: torchrun ends the job, with rank 1's
     error, in well under 30 s, and no process of the job is left."""
-    _needs(2)
+    needs_gpus(2)
     marker = f"job_{uuid.uuid4().hex}"
     script = tmp_path / f"{marker}.py"
     script.write_text(
