@@ -43,6 +43,8 @@ FORMS = ("allreduce", "sequence")
 _FLOAT_KEYWORDS = frozenset({"activation", "relu_upper_bound", "relu_threshold", "prune", "permutation", "autotune"})
 # Output types whose partial sums the all-reduce adds (8-bit outputs would overflow).
 _SUMMABLE = frozenset((types.F16, types.BF16, types.F32, types.F64, types.I32, types.I64))
+#: A stream priority below every device's range: CUDA clamps it to the greatest priority there is.
+_HIGHEST_PRIORITY = -(1 << 20)
 
 
 def _as_array(array: Any, what: str) -> Any:
@@ -588,8 +590,8 @@ class ParallelSparseMLP:
         with cupy.cuda.Device(device):
             compute = on_stream(stream_ptr(stream, device))
             if self._comm_stream is None:
-                _, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
-                self._comm_stream = cupy.cuda.Stream(non_blocking=True, priority=greatest)
+                # CUDA clamps a priority past the device's range to its greatest (CuPy 14 does not expose the range)
+                self._comm_stream = cupy.cuda.Stream(non_blocking=True, priority=_HIGHEST_PRIORITY)
             comm = self._comm_stream
             with compute:
                 y = cupy.empty((item.shape[0], self.fc2.out_features), dtype=self.fc2.shards[rank].out_dtype)

@@ -13,6 +13,7 @@ import weakref
 from .._native import gpu
 from .. import bindings
 from ..errors import ClosedError
+from . import selections
 
 __all__ = ["Handle", "handle_for_device", "release_plan_objects"]
 
@@ -68,21 +69,24 @@ def handle_for_device(device: int) -> Handle:
 
 
 def release_plan_objects(handle: Handle, device: int, objects: list) -> None:
-    """Destroy a plan's native objects (plans, algorithm selections, descriptors: in the order given), once each,
-    with its device current, then drop the plan's reference to ``handle``, which therefore outlives them. What a
+    """Release a plan's native objects in the order given, once each, with its device current (plans are
+    destroyed; its algorithm selection and descriptors are given back to ``pycusparselt.gemm.selections``),
+    then drop the plan's reference to ``handle``, which therefore outlives them. What a
     :class:`~pycusparselt.SparseMatmulPlan` releases with (its finalizer too)."""
     cupy = gpu.cupy()
 
     with cupy.cuda.Device(device):
+        # the plan goes with its selection, the selection and descriptors may be shared: given back, destroyed
+        # by their last holder
+        plans = [obj for obj in objects if isinstance(obj, bindings.RawPlan) and obj.initialized]
         for obj in objects:
-            if not obj.initialized:
-                continue
-            if isinstance(obj, bindings.RawPlan):
-                bindings.matmul_plan_destroy(obj)
-            elif isinstance(obj, bindings.RawAlgSelection):
-                bindings.matmul_alg_selection_destroy(obj)
-            elif isinstance(obj, bindings.RawMatDescriptor):
-                bindings.mat_descriptor_destroy(obj)
-            elif isinstance(obj, bindings.RawMatmulDescriptor):
-                obj.release()
+            if isinstance(obj, selections.Selection):
+                for plan in plans[:-1]:
+                    selections.retire(obj, plan)
+                selections.release(obj, plans[-1] if plans else None)
+                plans = []
+            elif isinstance(obj, selections.Descriptors):
+                selections.release_descriptors(obj)
+        for plan in plans:  # no selection given: destroyed now
+            bindings.matmul_plan_destroy(plan)
     del handle  # held until here so the handle outlives the plan's objects

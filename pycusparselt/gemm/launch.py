@@ -149,7 +149,7 @@ class TimedCall(NamedTuple):
 class TuningTarget:
     """What :func:`pycusparselt.tuning.autotune` tunes: one plan on the operands of one call.
 
-    The tuner sets ``config`` to each candidate, calls :meth:`prepare` (which compresses the sparse
+    The tuner sets each candidate with :meth:`try_config`, calls :meth:`prepare` (which compresses the sparse
     operand for that configuration and checks the call once) and times ``run`` on copies of the operands;
     :meth:`search` runs ``cusparseLtMatmulSearch`` on the default configuration. The sparse operand is the
     caller's dense one when given, else data with its layout made of the dense operand's values (the
@@ -177,6 +177,10 @@ class TuningTarget:
     @config.setter
     def config(self, config: PlanConfig) -> None:
         self.plan.config = config
+
+    def try_config(self, config: PlanConfig) -> None:
+        """Set a candidate's configuration (:meth:`SparseMatmulPlan.try_config`: on the plan's own selection)."""
+        self.plan.try_config(config)
 
     def problem_signature(self) -> dict[str, Any]:
         """The plan's :meth:`~SparseMatmulPlan.problem_signature`."""
@@ -247,7 +251,7 @@ class TuningTarget:
         choice, which the tuner sets again (re-initialising: a plan the search changed in place is never used,
         see :meth:`pycusparselt.SparseMatmulPlan.autotune`)."""
         plan = self.plan
-        plan.config = plan.default_config
+        plan.try_config(plan.default_config)
         self.prepare(stream)
         plan.run_search(self._call_args(stream))
 
@@ -293,6 +297,8 @@ def autotune_plan(plan: Any, call: MatmulArgs, *, method: str = "timed", repeats
                 f"CUDA_VISIBLE_DEVICES"
             )
         with cupy.cuda.Device(plan.device):
+            # the search changes the selection: the plan's own, before anything is compressed for the plan
+            plan.try_config(plan.config)
             sparse_arg = a if plan.sparse == "a" else b
             temporary = None
             if type(sparse_arg) is not CompressedOperand:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._native import gpu
 from .. import _arrays, bindings
-from . import dtypes
+from . import dtypes, selections
 from .handles import handle_for_device, release_plan_objects
 from .launch import (COMPRESSED_SLACK, BoundMatmul, CompressedOperand, Launcher, MatmulArgs, TimedCall, TuningTarget,
                      autotune_plan, check_compressed)
@@ -178,6 +178,9 @@ class SparseMatmulPlan:
         self._problem_key = (x_mat, y_mat)
         self.sparse_key = (device, problem.sparse_layout, s_mat, problem.dtype, problem.out_dtype,
                            int(problem.compute_type))
+        # plans of one problem share their algorithm selection (gemm.selections): what the descriptors hold
+        self.selection_key = (self.sparse_key, self._problem_key, self._batch, opts.activation, opts.relu_upper_bound,
+                              opts.relu_threshold, opts.gelu_scaling, opts.bias, opts.alpha_vector)
         self._compressed_size = None  # bytes, for the current configuration
         self._has_bias, self._has_alpha_vector = opts.bias, opts.alpha_vector
         self._compute_type = problem.compute_type
@@ -209,13 +212,11 @@ class SparseMatmulPlan:
         h = handle.raw
         self._handle = handle
         self._s_desc, self._x_desc, self._y_desc = (bindings.RawMatDescriptor() for _ in range(3))
-        self._desc, self._sel, self._plan = (
-            bindings.RawMatmulDescriptor(),
-            bindings.RawAlgSelection(),
-            bindings.RawPlan(),
-        )
-        # plan and selection first: release_plan_objects destroys in this order
-        self._objects = [self._plan, self._sel, self._s_desc, self._x_desc, self._y_desc, self._desc]
+        self._desc, self._plan, self._selection = bindings.RawMatmulDescriptor(), bindings.RawPlan(), None
+        self._descriptors = selections.Descriptors([self._s_desc, self._x_desc, self._y_desc, self._desc],
+                                                   self.device)
+        # plan, selection, descriptors: release_plan_objects releases in this order
+        self._objects = [self._plan, None, self._descriptors]
         self._finalizer = weakref.finalize(self, release_plan_objects, handle, self.device, self._objects)
         in_type, out_type = dtypes.data_type(self.dtype), dtypes.data_type(out_dt)
         with cupy.cuda.Device(self.device):
@@ -237,9 +238,11 @@ class SparseMatmulPlan:
                     h, self._desc, _N, _N, self._s_desc, self._x_desc, self._y_desc, self._y_desc, compute_type
                 )
                 self._set_epilogue(h, activation, upper, threshold, scaling, out_dt)
-                bindings.matmul_alg_selection_init(h, self._sel, self._desc)
-                bindings.matmul_plan_init(h, self._plan, self._desc, self._sel)
-                self._max_alg_id = bindings.matmul_alg_get_attribute(h, self._sel, MatmulAlgAttribute.ALG_CONFIG_MAX_ID)
+                self._selection = self._objects[1] = selections.acquire(handle, self.device, self.selection_key,
+                                                                        self._descriptors, None)
+                bindings.matmul_plan_init(h, self._plan, self._desc, self._selection.raw)
+                self._max_alg_id = bindings.matmul_alg_get_attribute(h, self._selection.raw,
+                                                                     MatmulAlgAttribute.ALG_CONFIG_MAX_ID)
                 self._allocate_workspace()
             except BaseException:
                 self._finalizer()
@@ -369,50 +372,52 @@ class SparseMatmulPlan:
         Setting it re-initialises the plan with that configuration, which can change cuSPARSELt's compressed
         form: operands compressed before are then refused (compress again) unless the algorithm id is
         unchanged. :meth:`autotune` re-initialises the plan the same way (both methods), so tune first,
-        then compress.
+        then compress. Plans of one problem and configuration share one algorithm selection
+        (``pycusparselt.gemm.selections``), so that only the first pays for making it.
         """
-        h = self._live()
-        get = bindings.matmul_alg_get_attribute
-        return PlanConfig(
-            get(h, self._sel, MatmulAlgAttribute.ALG_CONFIG_ID),
-            get(h, self._sel, MatmulAlgAttribute.SPLIT_K),
-            get(h, self._sel, MatmulAlgAttribute.SPLIT_K_MODE),
-            get(h, self._sel, MatmulAlgAttribute.SPLIT_K_BUFFERS),
-        )
+        h, raw = self._live(), self._selection.raw
+        return PlanConfig(*(bindings.matmul_alg_get_attribute(h, raw, a) for a in selections.ATTRIBUTES))
 
     @config.setter
     def config(self, config: PlanConfig | int) -> None:
-        cupy = gpu.cupy()
+        config = self._checked_config(config)
+        sel = selections.acquire(self._handle, self.device, self.selection_key, self._descriptors, config)
+        self._use(sel, config)
 
-        h = self._live()
+    def try_config(self, config: PlanConfig | int) -> None:
+        """Set :attr:`config` on a selection of this plan's own, changed in place from one call to the next where
+        that is safe: what a tuner does for each candidate (re-initialising the plan takes about 1 ms then,
+        against about 0.23 s for a new selection; see ``pycusparselt.gemm.selections``)."""
+        config = self._checked_config(config)
+        sel = self._selection
+        if not selections.reconfigure(sel, config):
+            sel = selections.private(self._handle, self.device, self._descriptors, config)
+        self._use(sel, config)
+
+    def _checked_config(self, config: PlanConfig | int) -> PlanConfig:
+        self._live()
         config = PlanConfig(config) if isinstance(config, int) else PlanConfig(*config)
         if not 0 <= config.alg_id < self._max_alg_id:
             raise ValueError(f"config.alg_id: expected 0 .. {self._max_alg_id - 1}, got {config.alg_id}")
-        # A fresh selection and plan, as NVIDIA's samples do: re-initialising a destroyed plan over a
-        # searched selection crashed cuSPARSELt 0.8.0.
-        selection, plan = bindings.RawAlgSelection(), bindings.RawPlan()
-        attributes = (
-            (MatmulAlgAttribute.ALG_CONFIG_ID, config.alg_id),
-            (MatmulAlgAttribute.SPLIT_K, config.split_k),
-            (MatmulAlgAttribute.SPLIT_K_MODE, config.split_k_mode),
-            (MatmulAlgAttribute.SPLIT_K_BUFFERS, config.split_k_buffers),
-        )
+        return config
+
+    def _use(self, sel: selections.Selection, config: PlanConfig) -> None:
+        """Re-initialise the plan over ``sel`` (a new plan object, as NVIDIA's samples do) and give back the
+        selection it had, unless it is ``sel``."""
+        cupy = gpu.cupy()
+
+        plan = bindings.RawPlan()
         with cupy.cuda.Device(self.device):
             try:
-                bindings.matmul_alg_selection_init(h, selection, self._desc)
-                for attribute, value in attributes:
-                    if value is not None:
-                        bindings.matmul_alg_set_attribute(h, selection, attribute, value)
-                bindings.matmul_plan_init(h, plan, self._desc, selection)
+                bindings.matmul_plan_init(self._handle.raw, plan, self._desc, sel.raw)
             except BaseException:
-                release_plan_objects(self._handle, self.device, [plan, selection])
+                if sel is not self._selection:
+                    selections.release(sel)
                 raise
-            old = [self._plan, self._sel]
-            self._plan, self._sel = plan, selection
-            self._compressed_size = None
-            self._format = config.alg_id
-            self._objects[:2] = [plan, selection]  # what the finalizer releases
-            release_plan_objects(self._handle, self.device, old)
+            old_plan, old_sel = self._plan, self._selection
+            self._objects[:2] = self._plan, self._selection = plan, sel  # what the finalizer releases
+            self._compressed_size, self._format = None, config.alg_id
+            selections.retire(sel, old_plan) if old_sel is sel else selections.release(old_sel, old_plan)
             self._allocate_workspace()
 
     # -- the sparse operand -------------------------------------------------------------------------
@@ -731,8 +736,12 @@ class SparseMatmulPlan:
 
     def run_search(self, args: MatmulArgs) -> Any:
         """One ``cusparseLtMatmulSearch`` on these operands, checked as :meth:`matmul` checks them; returns D. It
-        changes the initialised plan's configuration in place: the tuner
-        (:class:`~pycusparselt.gemm.plan.TuningTarget`, :meth:`autotune`) sets :attr:`config` afterwards."""
+        changes the initialised plan's configuration in place, so it needs a selection of the plan's own, never
+        searched: call :meth:`try_config` before compressing for it (re-initialising the plan here would leave
+        the compressed operand behind). The tuner sets :attr:`config` afterwards."""
+        if self._selection.key is not None or self._selection.searched:
+            raise RuntimeError("run_search: the plan runs a shared or searched selection; call try_config first")
+        self._selection.searched = True
         return self._run(bindings.matmul_search, args)
 
     def _run(self, function: Any, args: MatmulArgs) -> Any:

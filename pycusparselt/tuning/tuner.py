@@ -95,7 +95,10 @@ class Tunable(Protocol):
     default_config: PlanConfig
     max_alg_id: int
     padded: bool
-    config: PlanConfig  # setting it re-initialises the plan
+    config: PlanConfig  # setting it re-initialises the plan (on a selection shared by the problem's plans)
+
+    def try_config(self, config: PlanConfig) -> None:
+        """Set one candidate's configuration (on a selection of the plan's own, changed in place)."""
 
     def problem_signature(self) -> dict[str, Any]:
         """What the tuning cache keys the problem by."""
@@ -254,7 +257,7 @@ def autotune(
             tried.add(tuple(config))
             setup = time.perf_counter()
             try:
-                target.config = config
+                target.try_config(config)
                 run, sets = prepare()
                 setup = (time.perf_counter() - setup) * 1e3
                 median = _measure(run, sets, tuning_stream, repeats, warmup)
@@ -292,7 +295,7 @@ def autotune(
         # the closest few timed again with twice the repeats, so noise in one short measurement decides less
         for cand in sorted((c for c in results if c.median_ms is not None), key=lambda c: c.median_ms)[:RETIMED]:
             try:
-                target.config = cand.config
+                target.try_config(cand.config)
                 run, sets = prepare()
                 median = _measure(run, sets, tuning_stream, 2 * repeats, warmup)
             except CuSparseLtError:

@@ -92,7 +92,7 @@ def test_graph_capture_replays_the_decode_kernel(decode_on):
         stream.begin_capture()
         layer(x, out=out)
         graph = stream.end_capture()
-        new = rng.standard_normal((4, 512)).astype(np.float16)
+        new = rng.standard_normal((12, 512)).astype(np.float16)
         x[...] = cp.asarray(new)
         out.fill(np.nan)
         graph.launch(stream)

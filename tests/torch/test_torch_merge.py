@@ -368,5 +368,8 @@ def test_merged_siblings_in_a_cuda_graph_equal_eager():
             assert torch.equal(out, eager)
             want = plain(new).float()
             assert float((out.float() - want).abs().max()) <= 1e-2 * float(want.abs().max())
-        compiled = torch.compile(merged, fullgraph=True)
-        assert torch.equal(compiled(x), merged(x))
+        # aot_eager keeps eager's arithmetic, so the operator path must give the same bits; inductor fuses
+        # the block's other operations and rounds them differently
+        assert torch.equal(torch.compile(merged, backend="aot_eager", fullgraph=True)(x), merged(x))
+        want, got = merged(x).float(), torch.compile(merged, fullgraph=True)(x).float()
+        assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())

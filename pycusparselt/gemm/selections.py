@@ -1,0 +1,229 @@
+"""Algorithm selections (``cusparseLtMatmulAlgSelection_t``), shared by the plans of one problem and
+configuration.
+
+``cusparseLtMatmulAlgSelectionInit`` takes about 0.23 s, whatever the problem, where
+``cusparseLtMatmulPlanInit`` takes about 1 ms (H100, cuSPARSELt 0.8.0, FP16 problems of BERT-large's shapes).
+One selection per plan cost a model of 145 layers half a minute at its first forward, and a tuner trying 50
+configurations twelve seconds. So:
+
+- Plans of one problem (equal descriptors but for their buffers' addresses, on one handle) and one
+  configuration share one selection (:func:`acquire`). It is made once, its attributes set once, and never
+  changed after. The last :data:`IDLE_KEPT` selections that no plan holds are kept for the next plan of their
+  problem.
+- A tuner's candidates run on one *private* selection of the plan (:func:`private`, :func:`reconfigure`),
+  whose attributes are set again for each candidate. A searched selection (``cusparseLtMatmulSearch``) is
+  never changed or shared: re-initialising a plan over one crashed cuSPARSELt 0.8.0.
+
+Each plan still has its own descriptors and its own plan object: a plan shared by several weights after
+tuning gave every weight after the first the first one's product. A selection keeps the descriptors it was
+made from (:class:`Descriptors`) until it is destroyed: the library reads them again when a plan is
+initialised over it, and a selection that outlived its first plan's descriptors ended processes with
+segmentation faults.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from .._native import gpu
+from .. import bindings
+from ..enums import MatmulAlgAttribute
+
+__all__ = ["Descriptors", "Selection", "IDLE_KEPT", "ATTRIBUTES", "release_descriptors", "acquire", "private",
+           "reconfigure", "retire", "release", "held_count", "PLANS_KEPT"]
+
+#: Selections no plan holds, kept for the next plan of their problem and configuration.
+IDLE_KEPT = 64
+#: Plans given back to a shared selection, at most, before it is destroyed with them once no plan holds it.
+PLANS_KEPT = 256
+
+#: The attributes a configuration sets, in :class:`~pycusparselt.tuning.PlanConfig`'s order.
+ATTRIBUTES = (MatmulAlgAttribute.ALG_CONFIG_ID, MatmulAlgAttribute.SPLIT_K, MatmulAlgAttribute.SPLIT_K_MODE,
+               MatmulAlgAttribute.SPLIT_K_BUFFERS)
+
+
+class Descriptors:
+    """A plan's descriptors, in the order they are destroyed (the matrix descriptors, then the matmul
+    descriptor, :attr:`matmul`), held by the plan and by every selection made from them; destroyed by the last
+    holder's :func:`release_descriptors`."""
+
+    __slots__ = ("objects", "device", "holders")
+
+    def __init__(self, objects: list, device: int) -> None:
+        self.objects, self.device, self.holders = objects, device, 1
+
+    @property
+    def matmul(self) -> bindings.RawMatmulDescriptor:
+        return self.objects[-1]
+
+
+def release_descriptors(descriptors: Descriptors) -> None:
+    """One holder gives ``descriptors`` back; the last destroys them (its device current)."""
+    with _lock:
+        descriptors.holders -= 1
+        if descriptors.holders > 0:
+            return
+    cupy = gpu.cupy()
+
+    with cupy.cuda.Device(descriptors.device):
+        for obj in descriptors.objects:
+            if not obj.initialized:
+                continue
+            if isinstance(obj, bindings.RawMatDescriptor):
+                bindings.mat_descriptor_destroy(obj)
+            else:
+                obj.release()
+
+
+class Selection:
+    """One initialised selection: the native object, the handle it was made with and the descriptors it was
+    made from (both kept alive by it), the shared key (None: private to one plan), the plans holding it, and
+    whether it was searched."""
+
+    __slots__ = ("raw", "handle", "device", "descriptors", "key", "holders", "searched", "plans")
+
+    def __init__(self, raw: bindings.RawAlgSelection, handle: Any, device: int, descriptors: Descriptors,
+                 key: tuple | None) -> None:
+        self.raw, self.handle, self.device, self.descriptors, self.key = raw, handle, device, descriptors, key
+        self.holders = 1
+        self.searched = False
+        self.plans: list = []  # plans made over it and given back: destroyed with it
+
+
+_lock = threading.Lock()
+_shared: dict[tuple, Selection] = {}
+_idle: OrderedDict[tuple, Selection] = OrderedDict()
+
+
+def _set(handle: Any, raw: bindings.RawAlgSelection, config: tuple) -> None:
+    for attribute, value in zip(ATTRIBUTES, config, strict=True):
+        if value is not None:
+            bindings.matmul_alg_set_attribute(handle.raw, raw, attribute, value)
+
+
+def _make(handle: Any, device: int, descriptors: Descriptors, config: tuple | None,
+          key: tuple | None) -> Selection:
+    cupy = gpu.cupy()
+
+    raw = bindings.RawAlgSelection()
+    with cupy.cuda.Device(device):
+        bindings.matmul_alg_selection_init(handle.checked(), raw, descriptors.matmul)
+        try:
+            if config is not None:
+                _set(handle, raw, config)
+        except BaseException:
+            bindings.matmul_alg_selection_destroy(raw)
+            raise
+    with _lock:
+        descriptors.holders += 1
+    return Selection(raw, handle, device, descriptors, key)
+
+
+def _destroy(selections: list) -> None:
+    """Destroy each selection after the plans made over it, then give back its descriptors."""
+    cupy = gpu.cupy()
+
+    for sel in selections:
+        if sel.raw.initialized:
+            with cupy.cuda.Device(sel.device):
+                for plan in sel.plans:
+                    if plan.initialized:
+                        bindings.matmul_plan_destroy(plan)
+                sel.plans.clear()
+                bindings.matmul_alg_selection_destroy(sel.raw)
+            release_descriptors(sel.descriptors)
+
+
+def acquire(handle: Any, device: int, problem: tuple, descriptors: Descriptors, config: tuple | None) -> Selection:
+    """The shared selection of ``problem`` (a plan's :attr:`~pycusparselt.SparseMatmulPlan.selection_key`) on
+    ``handle`` with ``config`` (a :class:`~pycusparselt.tuning.PlanConfig`, or None for the library's default),
+    made from ``descriptors`` if no plan holds one and none is kept. Give it back with :func:`release`."""
+    key = (id(handle), problem, None if config is None else tuple(config))
+    with _lock:
+        sel = _shared.get(key)
+        if sel is None:
+            sel = _idle.pop(key, None)
+            if sel is not None:
+                sel.holders = 0
+                _shared[key] = sel
+        if sel is not None:
+            sel.holders += 1
+            return sel
+    made = _make(handle, device, descriptors, None if config is None else tuple(config), key)
+    with _lock:
+        sel = _shared.get(key)
+        if sel is None:  # another thread may have made one meanwhile: the first registered is shared
+            _shared[key] = made
+            return made
+        sel.holders += 1
+    _destroy([made])
+    return sel
+
+
+def private(handle: Any, device: int, descriptors: Descriptors, config: tuple | None) -> Selection:
+    """A selection of one plan's own, made from ``descriptors`` with ``config``: what a tuner changes."""
+    return _make(handle, device, descriptors, None if config is None else tuple(config), None)
+
+
+def reconfigure(sel: Selection, config: tuple) -> bool:
+    """Set ``config`` on a private selection in place, when that is safe: never searched, and every field of
+    ``config`` given (an attribute left out would keep the previous candidate's value). Returns whether it
+    was done; if not, make a new :func:`private` one."""
+    if sel.key is not None or sel.searched or any(value is None for value in config):
+        return False
+    cupy = gpu.cupy()
+
+    with cupy.cuda.Device(sel.device):
+        _set(sel.handle, sel.raw, tuple(config))
+    return True
+
+
+def retire(sel: Selection, plan: Any) -> None:
+    """``plan`` (a ``RawPlan`` made over ``sel``) is no longer run: it is destroyed with ``sel``, never
+    before (a plan destroyed while its selection served other plans ended processes with segmentation
+    faults)."""
+    with _lock:
+        sel.plans.append(plan)
+
+
+def release(sel: Selection, plan: Any = None) -> None:
+    """One plan gives ``sel`` back, with its ``RawPlan`` (:func:`retire`). A private or searched selection is
+    destroyed; a shared one when no plan holds it and it falls out of the :data:`IDLE_KEPT` kept, or has
+    outlived :data:`PLANS_KEPT` plans."""
+    gone = []
+    with _lock:
+        if plan is not None:
+            sel.plans.append(plan)
+        sel.holders -= 1
+        if sel.holders > 0:
+            return
+        if _shared.get(sel.key) is sel:
+            del _shared[sel.key]
+        if sel.key is None or sel.searched or len(sel.plans) > PLANS_KEPT:
+            gone.append(sel)
+        else:
+            _idle[sel.key] = sel
+            while len(_idle) > IDLE_KEPT:
+                gone.append(_idle.popitem(last=False)[1])
+    _destroy(gone)
+
+
+def held_count() -> tuple[int, int]:
+    """``(shared selections some plan holds, selections kept idle)``: for tests and leak checks."""
+    with _lock:
+        return len(_shared), len(_idle)
+
+
+@atexit.register
+def _drop_idle() -> None:
+    """At exit the kept selections go before the handles they hold."""
+    with _lock:
+        gone = list(_idle.values())
+        _idle.clear()
+    try:
+        _destroy(gone)
+    except Exception:  # noqa: BLE001 - the driver may be gone at exit; the process ends anyway
+        pass

@@ -1,0 +1,139 @@
+"""The bookkeeping of shared algorithm selections (pycusparselt.gemm.selections) with the library calls recorded
+instead of made: one selection per problem, handle and configuration; kept idle up to IDLE_KEPT; private
+selections changed in place only when that is safe; searched ones never kept."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import pytest
+
+from pycusparselt.gemm import selections
+
+
+class _Raw:
+    def __init__(self):
+        self.initialized = False
+        self.attributes = {}
+
+
+class _MatmulDescriptor:
+    """What a plan's matmul descriptor offers here: released once."""
+
+    def __init__(self):
+        self.initialized = True
+
+    def release(self):
+        self.initialized = False
+
+
+def _descriptors():
+    return selections.Descriptors([_MatmulDescriptor()], 0)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    log = []
+
+    def init(handle, raw, descriptor):
+        raw.initialized = True
+        log.append(("init", descriptor))
+
+    def set_attribute(handle, raw, attribute, value):
+        raw.attributes[attribute] = value
+
+    def destroy(raw):
+        raw.initialized = False
+        log.append(("destroy", raw))
+
+    fake = types.SimpleNamespace(RawAlgSelection=_Raw, RawMatDescriptor=type("RawMatDescriptor", (), {}),
+                                 matmul_alg_selection_init=init,
+                                 matmul_alg_set_attribute=set_attribute, matmul_alg_selection_destroy=destroy)
+    monkeypatch.setattr(selections, "bindings", fake)
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda device: contextlib.nullcontext()))
+    monkeypatch.setattr(selections.gpu, "cupy", lambda: cupy)
+    monkeypatch.setattr(selections, "_shared", {})
+    monkeypatch.setattr(selections, "_idle", selections.OrderedDict())
+    return log
+
+
+class _Handle:
+    raw = "handle"
+
+    def checked(self):
+        return self.raw
+
+
+def _inits(log):
+    return sum(1 for what, _ in log if what == "init")
+
+
+def test_plans_of_one_problem_and_configuration_share_one_selection(calls):
+    handle = _Handle()
+    a = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    b = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    assert a is b and a.holders == 2 and _inits(calls) == 1
+    c = selections.acquire(handle, 0, ("p",), _descriptors(), (3, 1, 0, 0))  # another configuration
+    d = selections.acquire(handle, 0, ("q",), _descriptors(), None)  # another problem
+    e = selections.acquire(_Handle(), 0, ("p",), _descriptors(), None)  # another handle (thread)
+    assert len({id(s) for s in (a, c, d, e)}) == 4 and _inits(calls) == 4
+    assert c.raw.attributes == dict(zip(selections.ATTRIBUTES, (3, 1, 0, 0), strict=True))
+    assert selections.held_count() == (4, 0)
+
+
+def test_a_released_selection_is_kept_idle_for_the_next_plan_of_its_problem(calls, monkeypatch):
+    monkeypatch.setattr(selections, "IDLE_KEPT", 2)
+    handle = _Handle()
+    first = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    selections.release(first)
+    assert first.raw.initialized and selections.held_count() == (0, 1)
+    again = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    assert again is first and again.holders == 1 and _inits(calls) == 1
+    selections.release(again)
+    others = [selections.acquire(handle, 0, (n,), _descriptors(), None) for n in "qr"]
+    for sel in others:
+        selections.release(sel)
+    # three idle, two kept: the oldest is destroyed
+    assert selections.held_count() == (0, 2) and not first.raw.initialized
+    assert all(sel.raw.initialized for sel in others)
+
+
+def test_a_selection_held_by_two_plans_lives_until_both_give_it_back(calls):
+    handle = _Handle()
+    a = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    selections.release(a)
+    assert selections.held_count() == (1, 0) and a.holders == 1
+    selections.release(a)
+    assert selections.held_count() == (0, 1)
+
+
+def test_private_selections_change_in_place_only_when_safe_and_are_never_kept(calls):
+    handle = _Handle()
+    shared = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    assert not selections.reconfigure(shared, (1, 1, 0, 0))  # shared: never changed
+    mine = selections.private(handle, 0, _descriptors(), (1, 1, 0, 0))
+    assert selections.reconfigure(mine, (2, 1, 0, 0)) and mine.raw.attributes[selections.ATTRIBUTES[0]] == 2
+    assert not selections.reconfigure(mine, (2, 4, 1, None))  # a field left to the library: a new one
+    mine.searched = True
+    assert not selections.reconfigure(mine, (3, 1, 0, 0))  # searched: never re-initialised over
+    selections.release(mine)
+    assert not mine.raw.initialized and selections.held_count() == (1, 0)
+
+
+def test_the_descriptors_a_selection_was_made_from_live_until_the_plan_and_the_selection_are_gone(calls,
+                                                                                                  monkeypatch):
+    monkeypatch.setattr(selections, "IDLE_KEPT", 0)  # a selection no plan holds is destroyed at once
+    handle = _Handle()
+    mine, other = _descriptors(), _descriptors()
+    sel = selections.acquire(handle, 0, ("p",), mine, None)
+    again = selections.acquire(handle, 0, ("p",), other, None)  # made from the first plan's descriptors
+    assert again is sel and mine.holders == 2 and other.holders == 1
+    selections.release_descriptors(mine)  # the first plan closes
+    selections.release(sel)
+    assert mine.matmul.initialized  # the selection, held by the second plan, still reads them
+    selections.release_descriptors(other)  # the second plan closes
+    assert not other.matmul.initialized and mine.matmul.initialized
+    selections.release(again)
+    assert not sel.raw.initialized and not mine.matmul.initialized

@@ -1,0 +1,78 @@
+"""Algorithm selections shared by the plans of one problem (pycusparselt.gemm.selections), on the GPU: each plan
+still computes its own product, with its own weight and bias, under the default and under a chosen
+configuration, after tuning, and after the plan that made the selection is closed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pycusparselt as psl
+from pycusparselt import reference
+from pycusparselt.gemm import selections
+from pycusparselt.tuning import PlanConfig
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+
+def _problem(rng, n=512, k=256, rows=128):
+    w = reference.prune_2to4(rng.standard_normal((n, k)).astype(np.float32)).astype(np.float16)
+    b = rng.standard_normal(n).astype(np.float16)
+    return w, b, rng.standard_normal((rows, k)).astype(np.float16)
+
+
+def _check(plan, w, b, x):
+    """The plan's product of x (rows, k) with its own weight w (n, k) and bias b, against the oracle."""
+    wt = cp.asarray(np.ascontiguousarray(w.T))
+    compressed = plan.compress(wt)
+    y = plan.matmul(cp.asarray(x), compressed, bias=cp.asarray(b))
+    reference.assert_close(cp.asnumpy(y).T, reference.matmul(w, x.T, bias=b), a=w, b=x.T, bias=b)
+    compressed.close()
+
+
+def _plan(x, w):
+    return psl.SparseMatmulPlan(cp.asarray(x), cp.asarray(np.ascontiguousarray(w.T)), sparse="b", bias=True)
+
+
+def test_plans_of_one_problem_share_one_selection_and_each_computes_its_own_product():
+    rng = np.random.default_rng(0)
+    cases = [_problem(rng) for _ in range(3)]
+    before = selections.held_count()[0]
+    plans = [_plan(x, w) for w, _, x in cases]
+    assert selections.held_count()[0] == before + 1  # one selection for the three
+    w2, _, x2 = _problem(rng, 256, 256, 64)
+    other = _plan(x2, w2)  # another problem: a selection of its own
+    assert selections.held_count()[0] == before + 2
+    other.close()
+    alg = 1 if plans[0].max_alg_id > 1 else 0
+    for plan, (w, b, x) in zip(plans, cases, strict=True):
+        _check(plan, w, b, x)
+        plan.config = PlanConfig(alg, *plans[0].default_config[1:])  # one shared selection for this one too
+    assert selections.held_count()[0] == before + 1
+    assert all(plan.config.alg_id == alg for plan in plans)
+    plans[0].close()  # the plan the selection was made for goes; the others keep running it
+    for plan, (w, b, x) in zip(plans[1:], cases[1:], strict=True):
+        _check(plan, w, b, x)
+    for plan in plans[1:]:
+        plan.close()
+    assert selections.held_count()[0] == before
+
+
+def test_a_tuned_plan_and_later_plans_of_its_problem_each_compute_their_own_product(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYCUSPARSELT_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(1)
+    cases = [_problem(rng, 1024, 1024, 384) for _ in range(3)]
+    first = _plan(cases[0][2], cases[0][0])
+    w, b, x = cases[0]
+    best = first.autotune(cp.asarray(x), cp.asarray(np.ascontiguousarray(w.T)), bias=cp.asarray(b), budget_s=1.0)
+    assert first.tuning_report.source == "timed"
+    _check(first, w, b, x)
+    later = [_plan(x, w) for w, _, x in cases[1:]]
+    for plan, (w, b, x) in zip(later, cases[1:], strict=True):
+        plan.autotune(cp.asarray(x), cp.asarray(np.ascontiguousarray(w.T)), bias=cp.asarray(b))
+        assert plan.tuning_report.source == "cache" and plan.config == best
+    for plan, (w, b, x) in zip([first, *later], cases, strict=True):
+        _check(plan, w, b, x)
+    for plan in (first, *later):
+        plan.close()
