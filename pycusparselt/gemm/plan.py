@@ -190,8 +190,6 @@ class SparseMatmulPlan:
         self._build(problem.compute_type, problem.out_dtype, opts.activation, opts.relu_upper_bound,
                     opts.relu_threshold, opts.gelu_scaling)
 
-    # -- construction ------------------------------------------------------------------------------
-
     @staticmethod
     def _check_arch(device: int, rules: dtypes.TypeRules, dtype: np.dtype) -> None:
         cupy = gpu.cupy()
@@ -284,8 +282,6 @@ class SparseMatmulPlan:
         self._workspace_size = size
         # the per-call path: arguments converted once, for this plan object and workspace
         self.matmul_call = bindings.MatmulCall(self._handle.raw, self._plan, self._workspace.data.ptr)
-
-    # -- state -------------------------------------------------------------------------------------
 
     def _live(self) -> bindings.RawHandle:
         if self._closed:
@@ -382,17 +378,23 @@ class SparseMatmulPlan:
     def config(self, config: PlanConfig | int) -> None:
         config = self._checked_config(config)
         sel = selections.acquire(self._handle, self.device, self.selection_key, self._descriptors, config)
+        if sel is self._selection:  # runs it already: the plan holds it once
+            selections.release(sel)
         self._use(sel, config)
 
     def try_config(self, config: PlanConfig | int) -> None:
-        """Set :attr:`config` on a selection of this plan's own, changed in place from one call to the next where
-        that is safe: what a tuner does for each candidate (re-initialising the plan takes about 1 ms then,
-        against about 0.23 s for a new selection; see ``pycusparselt.gemm.selections``)."""
-        config = self._checked_config(config)
-        sel = self._selection
-        if not selections.reconfigure(sel, config):
+        """Set :attr:`config` on a selection of the plan's own, changed in place where safe: a tuner's candidates
+        (about 1 ms each, against 0.23 s for a new selection; see ``pycusparselt.gemm.selections``)."""
+        config, sel = self._checked_config(config), self._selection
+        previous = selections.reconfigure(sel, config)
+        if previous is None:
             sel = selections.private(self._handle, self.device, self._descriptors, config)
-        self._use(sel, config)
+        try:
+            self._use(sel, config)
+        except BaseException:
+            if previous is not None:  # the running plan's selection as it was
+                selections.reconfigure(sel, previous)
+            raise
 
     def _checked_config(self, config: PlanConfig | int) -> PlanConfig:
         self._live()
@@ -402,8 +404,7 @@ class SparseMatmulPlan:
         return config
 
     def _use(self, sel: selections.Selection, config: PlanConfig) -> None:
-        """Re-initialise the plan over ``sel`` (a new plan object, as NVIDIA's samples do) and give back the
-        selection it had, unless it is ``sel``."""
+        """Re-initialise the plan over ``sel`` (a new plan object) and give back the selection it had."""
         cupy = gpu.cupy()
 
         plan = bindings.RawPlan()
@@ -419,8 +420,6 @@ class SparseMatmulPlan:
             self._compressed_size, self._format = None, config.alg_id
             selections.retire(sel, old_plan) if old_sel is sel else selections.release(old_sel, old_plan)
             self._allocate_workspace()
-
-    # -- the sparse operand -------------------------------------------------------------------------
 
     def _storage_view(self, arr: Any) -> Any:
         """``arr`` as the plan stores it (CuPy cannot copy float8: its bytes are copied instead)."""
@@ -552,8 +551,6 @@ class SparseMatmulPlan:
             # them only after the stream is done with them
             bindings.spmma_compress(h, self._plan, src, buffer.data.ptr, scratch.data.ptr, stream_ptr)
         return CompressedOperand(buffer, self.compressed_key, op.shape, op.dtype, self.sparse)
-
-    # -- execution ---------------------------------------------------------------------------------
 
     def _known(self, role: str, arr: Any) -> bool:
         """Whether ``arr`` (a CuPy array or CUDA tensor) already passed this role's checks: the per-call fast

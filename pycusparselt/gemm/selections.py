@@ -93,7 +93,9 @@ class Selection:
         self.plans: list = []  # plans made over it and given back: destroyed with it
 
 
-_lock = threading.Lock()
+# re-entrant: a plan's finalizer, run by the garbage collector, may give back a selection on a thread that holds it
+_lock = threading.RLock()
+_exit_hook = False
 _shared: dict[tuple, Selection] = {}
 _idle: OrderedDict[tuple, Selection] = OrderedDict()
 
@@ -106,7 +108,12 @@ def _set(handle: Any, raw: bindings.RawAlgSelection, config: tuple) -> None:
 
 def _make(handle: Any, device: int, descriptors: Descriptors, config: tuple | None,
           key: tuple | None) -> Selection:
+    global _exit_hook
     cupy = gpu.cupy()
+
+    if not _exit_hook:  # registered after the first handle's finalizer, so that it runs before it at exit
+        _exit_hook = True
+        atexit.register(_drop_idle)
 
     raw = bindings.RawAlgSelection()
     with cupy.cuda.Device(device):
@@ -168,17 +175,23 @@ def private(handle: Any, device: int, descriptors: Descriptors, config: tuple | 
     return _make(handle, device, descriptors, None if config is None else tuple(config), None)
 
 
-def reconfigure(sel: Selection, config: tuple) -> bool:
+def reconfigure(sel: Selection, config: tuple) -> tuple | None:
     """Set ``config`` on a private selection in place, when that is safe: never searched, and every field of
-    ``config`` given (an attribute left out would keep the previous candidate's value). Returns whether it
-    was done; if not, make a new :func:`private` one."""
+    ``config`` given (an attribute left out would keep the previous candidate's value). Returns the
+    configuration it had (to set back if the plan cannot be initialised over it), or None where nothing was
+    done: make a new :func:`private` one then. A refused attribute leaves the selection as it was."""
     if sel.key is not None or sel.searched or any(value is None for value in config):
-        return False
+        return None
     cupy = gpu.cupy()
 
     with cupy.cuda.Device(sel.device):
-        _set(sel.handle, sel.raw, tuple(config))
-    return True
+        previous = tuple(bindings.matmul_alg_get_attribute(sel.handle.raw, sel.raw, a) for a in ATTRIBUTES)
+        try:
+            _set(sel.handle, sel.raw, tuple(config))
+        except BaseException:
+            _set(sel.handle, sel.raw, previous)
+            raise
+    return previous
 
 
 def retire(sel: Selection, plan: Any) -> None:
@@ -187,6 +200,14 @@ def retire(sel: Selection, plan: Any) -> None:
     faults)."""
     with _lock:
         sel.plans.append(plan)
+        _retire_if_full(sel)
+
+
+def _retire_if_full(sel: Selection) -> None:
+    """A shared selection that has outlived :data:`PLANS_KEPT` plans serves no new plan (they make a fresh
+    one); its last holder destroys it with them."""
+    if len(sel.plans) > PLANS_KEPT and sel.key is not None and _shared.get(sel.key) is sel:
+        del _shared[sel.key]
 
 
 def release(sel: Selection, plan: Any = None) -> None:
@@ -197,6 +218,7 @@ def release(sel: Selection, plan: Any = None) -> None:
     with _lock:
         if plan is not None:
             sel.plans.append(plan)
+            _retire_if_full(sel)
         sel.holders -= 1
         if sel.holders > 0:
             return
@@ -217,9 +239,8 @@ def held_count() -> tuple[int, int]:
         return len(_shared), len(_idle)
 
 
-@atexit.register
 def _drop_idle() -> None:
-    """At exit the kept selections go before the handles they hold."""
+    """At exit the kept selections (and the plans retired into them) go before the handles they hold."""
     with _lock:
         gone = list(_idle.values())
         _idle.clear()

@@ -47,8 +47,16 @@ def calls(monkeypatch):
         raw.initialized = False
         log.append(("destroy", raw))
 
+    def get_attribute(handle, raw, attribute):
+        return raw.attributes.get(attribute, 0)
+
+    def plan_destroy(plan):
+        plan.initialized = False
+        log.append(("plan destroy", plan))
+
     fake = types.SimpleNamespace(RawAlgSelection=_Raw, RawMatDescriptor=type("RawMatDescriptor", (), {}),
-                                 matmul_alg_selection_init=init,
+                                 matmul_alg_selection_init=init, matmul_alg_get_attribute=get_attribute,
+                                 matmul_plan_destroy=plan_destroy,
                                  matmul_alg_set_attribute=set_attribute, matmul_alg_selection_destroy=destroy)
     monkeypatch.setattr(selections, "bindings", fake)
     cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda device: contextlib.nullcontext()))
@@ -114,7 +122,8 @@ def test_private_selections_change_in_place_only_when_safe_and_are_never_kept(ca
     shared = selections.acquire(handle, 0, ("p",), _descriptors(), None)
     assert not selections.reconfigure(shared, (1, 1, 0, 0))  # shared: never changed
     mine = selections.private(handle, 0, _descriptors(), (1, 1, 0, 0))
-    assert selections.reconfigure(mine, (2, 1, 0, 0)) and mine.raw.attributes[selections.ATTRIBUTES[0]] == 2
+    assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)  # what it had, to set back
+    assert mine.raw.attributes[selections.ATTRIBUTES[0]] == 2
     assert not selections.reconfigure(mine, (2, 4, 1, None))  # a field left to the library: a new one
     mine.searched = True
     assert not selections.reconfigure(mine, (3, 1, 0, 0))  # searched: never re-initialised over
@@ -137,3 +146,54 @@ def test_the_descriptors_a_selection_was_made_from_live_until_the_plan_and_the_s
     assert not other.matmul.initialized and mine.matmul.initialized
     selections.release(again)
     assert not sel.raw.initialized and not mine.matmul.initialized
+
+
+class _Plan:
+    def __init__(self):
+        self.initialized = True
+
+
+def test_a_refused_attribute_leaves_the_selection_as_it_was(calls, monkeypatch):
+    mine = selections.private(_Handle(), 0, _descriptors(), (1, 1, 0, 0))
+    original = selections.bindings.matmul_alg_set_attribute
+
+    def refuse_split_k(handle, raw, attribute, value):
+        if attribute == selections.ATTRIBUTES[1] and value == 4:
+            raise ValueError("refused")
+        original(handle, raw, attribute, value)
+
+    monkeypatch.setattr(selections.bindings, "matmul_alg_set_attribute", refuse_split_k)
+    with pytest.raises(ValueError, match="refused"):
+        selections.reconfigure(mine, (7, 4, 0, 0))
+    assert tuple(mine.raw.attributes[a] for a in selections.ATTRIBUTES) == (1, 1, 0, 0)
+
+
+def test_plans_given_back_are_destroyed_with_their_selection_never_before(calls, monkeypatch):
+    monkeypatch.setattr(selections, "IDLE_KEPT", 0)
+    handle = _Handle()
+    sel = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    old = _Plan()
+    selections.retire(sel, old)  # re-made over the same selection
+    other = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    last = _Plan()
+    selections.release(other, last)  # the second plan closes
+    assert old.initialized and last.initialized and sel.raw.initialized
+    selections.release(sel, _Plan())
+    assert not old.initialized and not last.initialized and not sel.raw.initialized
+    kinds = [what for what, _ in calls if what != "init"]
+    assert kinds == ["plan destroy"] * 3 + ["destroy"]  # the plans first, then the selection
+
+
+def test_a_selection_that_outlived_plans_kept_serves_no_new_plan(calls, monkeypatch):
+    monkeypatch.setattr(selections, "PLANS_KEPT", 2)
+    handle = _Handle()
+    sel = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    for _ in range(2):
+        selections.retire(sel, _Plan())
+    assert selections.acquire(handle, 0, ("p",), _descriptors(), None) is sel
+    selections.release(sel)
+    selections.retire(sel, _Plan())  # over the limit: new plans make a fresh one
+    fresh = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    assert fresh is not sel
+    selections.release(sel)  # its last holder: destroyed with its plans, not kept
+    assert not sel.raw.initialized and selections.held_count() == (1, 0)

@@ -51,6 +51,7 @@ def test_plans_of_one_problem_share_one_selection_and_each_computes_its_own_prod
         plan.config = PlanConfig(alg, *plans[0].default_config[1:])  # one shared selection for this one too
     assert selections.held_count()[0] == before + 1
     assert all(plan.config.alg_id == alg for plan in plans)
+    plans[1].config = plans[1].config  # the configuration it runs: the plan still holds its selection once
     plans[0].close()  # the plan the selection was made for goes; the others keep running it
     for plan, (w, b, x) in zip(plans[1:], cases[1:], strict=True):
         _check(plan, w, b, x)
