@@ -316,15 +316,21 @@ def decode_page(results_path: str, check: bool = False, page: Path = DECODE_PAGE
     path = Path(results_path).resolve()
     source = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else results_path
     result = json.loads(path.read_text())
+    return _update_page(page, DECODE_REGION, lambda text: replace_markdown_region(
+        text, DECODE_REGION, decode_region(result, source)), check)
+
+
+def _update_page(page: Path, region: str, rewrite, check: bool) -> int:
+    """Rewrite ``region`` of ``page`` with ``rewrite(text)``; with ``check`` only report a difference (1)."""
     text = page.read_text()
-    new = replace_markdown_region(text, DECODE_REGION, decode_region(result, source))
+    new = rewrite(text)
     if new == text:
         return 0
     if check:
-        print(f"out of date: {page.relative_to(ROOT) if page.is_relative_to(ROOT) else page}: {DECODE_REGION}")
+        print(f"out of date: {page.relative_to(ROOT) if page.is_relative_to(ROOT) else page}: {region}")
         return 1
     page.write_text(new)
-    print(f"updated: {page}: {DECODE_REGION}")
+    print(f"updated: {page}: {region}")
     return 0
 
 
@@ -551,16 +557,8 @@ def scaling_forms(check: bool = False, page: Path = FORMS_PAGE) -> int:
     path = forms_result_path()
     result = None if path is None else json.loads(path.read_text())
     source = None if path is None else str(path.relative_to(ROOT))
-    text = page.read_text()
-    new = replace_region(text, FORMS_REGION, forms_table(result, source))
-    if new == text:
-        return 0
-    if check:
-        print(f"out of date: {page}: {FORMS_REGION}")
-        return 1
-    page.write_text(new)
-    print(f"updated: {page}: {FORMS_REGION}")
-    return 0
+    return _update_page(page, FORMS_REGION, lambda text: replace_region(text, FORMS_REGION,
+                                                                       forms_table(result, source)), check)
 
 
 # -- docs/support_matrix.rst and README.md: what the GPU check verified -----------------------------------

@@ -76,17 +76,15 @@ def release_plan_objects(handle: Handle, device: int, objects: list) -> None:
     cupy = gpu.cupy()
 
     with cupy.cuda.Device(device):
-        # the plan goes with its selection, the selection and descriptors may be shared: given back, destroyed
-        # by their last holder
-        plans = [obj for obj in objects if isinstance(obj, bindings.RawPlan) and obj.initialized]
+        plan = None
         for obj in objects:
-            if isinstance(obj, selections.Selection):
-                for plan in plans[:-1]:
-                    selections.retire(obj, plan)
-                selections.release(obj, plans[-1] if plans else None)
-                plans = []
-            elif isinstance(obj, selections.Descriptors):
+            if isinstance(obj, bindings.RawPlan):
+                plan = obj if obj.initialized else None
+            elif isinstance(obj, selections.Selection):  # shared: the plan is destroyed with it, never before
+                selections.release(obj, plan)
+                plan = None
+            elif isinstance(obj, selections.Descriptors):  # shared with the selections made from them
                 selections.release_descriptors(obj)
-        for plan in plans:  # no selection given: destroyed now
+        if plan is not None:  # no selection to go with
             bindings.matmul_plan_destroy(plan)
     del handle  # held until here so the handle outlives the plan's objects

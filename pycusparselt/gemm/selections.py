@@ -120,7 +120,7 @@ def _make(handle: Any, device: int, descriptors: Descriptors, config: tuple | No
         bindings.matmul_alg_selection_init(handle.checked(), raw, descriptors.matmul)
         try:
             if config is not None:
-                _set(handle, raw, config)
+                _set(handle, raw, tuple(config))
         except BaseException:
             bindings.matmul_alg_selection_destroy(raw)
             raise
@@ -159,7 +159,7 @@ def acquire(handle: Any, device: int, problem: tuple, descriptors: Descriptors, 
         if sel is not None:
             sel.holders += 1
             return sel
-    made = _make(handle, device, descriptors, None if config is None else tuple(config), key)
+    made = _make(handle, device, descriptors, config, key)
     with _lock:
         sel = _shared.get(key)
         if sel is None:  # another thread may have made one meanwhile: the first registered is shared
@@ -172,7 +172,7 @@ def acquire(handle: Any, device: int, problem: tuple, descriptors: Descriptors, 
 
 def private(handle: Any, device: int, descriptors: Descriptors, config: tuple | None) -> Selection:
     """A selection of one plan's own, made from ``descriptors`` with ``config``: what a tuner changes."""
-    return _make(handle, device, descriptors, None if config is None else tuple(config), None)
+    return _make(handle, device, descriptors, config, None)
 
 
 def reconfigure(sel: Selection, config: tuple) -> tuple | None:
@@ -217,8 +217,7 @@ def release(sel: Selection, plan: Any = None) -> None:
     gone = []
     with _lock:
         if plan is not None:
-            sel.plans.append(plan)
-            _retire_if_full(sel)
+            retire(sel, plan)
         sel.holders -= 1
         if sel.holders > 0:
             return

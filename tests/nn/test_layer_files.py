@@ -16,6 +16,7 @@ from pycusparselt import SparseLinear
 from pycusparselt._native import devices
 from pycusparselt.nn import layer_files
 from pycusparselt.errors import LayerFileError
+from layer_file_members import read_members
 
 
 def _layer(mode=None, **kw):
@@ -28,12 +29,6 @@ def _layer(mode=None, **kw):
     return layer
 
 
-def _members(path):
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    return json.loads(str(arrays.pop("meta"))), arrays
-
-
 def _write(path, meta, arrays, **raw):
     with open(path, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays, **raw)
@@ -43,7 +38,7 @@ def _write(path, meta, arrays, **raw):
 def _tampered(tmp_path, layer, meta_change=None, array_change=None):
     path = tmp_path / "layer.npz"
     layer.save(path)
-    meta, arrays = _members(path)
+    meta, arrays = read_members(path)
     meta.update(meta_change or {})
     arrays.update(array_change or {})
     return _write(path, meta, {k: v for k, v in arrays.items() if v is not None})
@@ -121,7 +116,7 @@ def test_unknown_members_are_refused_without_being_read(tmp_path):
     layer = _layer()
     path = tmp_path / "layer.npz"
     layer.save(path)
-    meta, arrays = _members(path)
+    meta, arrays = read_members(path)
     big = np.zeros(64 << 20, np.uint8)  # 64 MiB of zeros, a few hundred KiB compressed
     with open(path, "wb") as f:
         np.savez_compressed(f, meta=np.array(json.dumps(meta)), junk=big, **arrays)
@@ -136,7 +131,7 @@ def test_a_member_larger_than_its_meta_says_is_refused_before_reading(tmp_path):
     layer = _layer()
     path = tmp_path / "layer.npz"
     layer.save(path)
-    meta, arrays = _members(path)
+    meta, arrays = read_members(path)
     arrays["weight"] = np.zeros((32 * 1024, 64), np.float16)  # what a hostile file could hold, compressed
     with open(path, "wb") as f:
         np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)

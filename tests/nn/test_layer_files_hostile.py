@@ -19,6 +19,7 @@ import pytest
 from pycusparselt import SparseLinear
 from pycusparselt.errors import LayerFileError
 from pycusparselt.nn import layer_files
+from layer_file_members import read_members
 
 
 def _layer(mode=None):
@@ -28,12 +29,6 @@ def _layer(mode=None):
     if mode == "int8":
         layer.calibrate([rng.standard_normal((16, 64)).astype(np.float16)])
     return layer
-
-
-def _members(path):
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    return json.loads(str(arrays.pop("meta"))), arrays
 
 
 def _refused(path, match=None, *, seconds=1.0, megabytes=100):
@@ -71,7 +66,7 @@ def _saved(tmp_path, mode=None):
     return path
 
 
-def _raw_members(path):
+def _rawmembers(path):
     with zipfile.ZipFile(path) as z:
         return {name: z.read(name) for name in z.namelist()}
 
@@ -80,7 +75,7 @@ def _raw_members(path):
 
 
 def test_an_npy_header_declaring_a_huge_shape_is_refused_before_reading(tmp_path):
-    members = _raw_members(_saved(tmp_path))
+    members = _rawmembers(_saved(tmp_path))
     # the member's size fits the meta, its header declares 2**40 elements
     good = members["weight.npy"]
     members["weight.npy"] = _npy_header((2**40,)).ljust(len(good), b"\0")
@@ -93,10 +88,10 @@ def test_an_npy_header_declaring_a_huge_shape_is_refused_before_reading(tmp_path
 
 def test_meta_dimensions_far_beyond_the_members_are_refused(tmp_path):
     path = _saved(tmp_path)
-    meta, arrays = _members(path)
+    meta, arrays = read_members(path)
     meta.update(in_features=2**20, out_features=2**20)
-    members = _raw_members(path)
-    members["meta.npy"] = _raw_members(_zip_meta(tmp_path, meta))["meta.npy"]
+    members = _rawmembers(path)
+    members["meta.npy"] = _rawmembers(_zip_meta(tmp_path, meta))["meta.npy"]
     members["weight.npy"] = _npy_header((2**20, 2**20)) + b"\0" * 64
     del members["bias.npy"]
     _refused(_zip(tmp_path / "c.npz", members), "member 'weight' declares")
@@ -125,7 +120,7 @@ def _member_data_span(path, name):
 @pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA])
 def test_bit_flips_in_compressed_members_raise_layer_file_errors(tmp_path, compression):
     rng = np.random.default_rng(0)
-    path = _zip(tmp_path / "packed.npz", _raw_members(_saved(tmp_path)), compression)
+    path = _zip(tmp_path / "packed.npz", _rawmembers(_saved(tmp_path)), compression)
     data = bytearray(path.read_bytes())
     start, end = _member_data_span(path, "weight.npy")
     bad = tmp_path / "flipped.npz"
@@ -168,7 +163,7 @@ def test_encrypted_members_and_unknown_compression_methods_are_refused(tmp_path)
 ])
 def test_json_numbers_beyond_float_are_refused(tmp_path, field, text):
     path = _saved(tmp_path, "int8")
-    meta, arrays = _members(path)
+    meta, arrays = read_members(path)
     meta[field] = "PLACEHOLDER"
     raw = json.dumps(meta).replace('"PLACEHOLDER"', text)
     with open(path, "wb") as f:
@@ -180,7 +175,7 @@ def test_json_numbers_beyond_float_are_refused(tmp_path, field, text):
 def test_every_missing_meta_field_is_refused(tmp_path, field):
     for mode in (None, "int8"):
         path = _saved(tmp_path, mode)
-        meta, arrays = _members(path)
+        meta, arrays = read_members(path)
         del meta[field]
         with open(path, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
@@ -190,7 +185,7 @@ def test_every_missing_meta_field_is_refused(tmp_path, field):
 # -- archives of many members ------------------------------------------------------------------------
 
 
-def _many_empty_members(path, count):
+def _many_emptymembers(path, count):
     """A zip of ``count`` empty stored members, written directly (zipfile takes far longer)."""
     local, directory, offset = [], [], 0
     for i in range(count):
@@ -207,7 +202,7 @@ def _many_empty_members(path, count):
 
 
 def test_an_archive_of_many_members_is_refused_before_its_directory_is_read(tmp_path):
-    path = _many_empty_members(tmp_path / "many.npz", 60_000)
+    path = _many_emptymembers(tmp_path / "many.npz", 60_000)
     # zipfile's own reading of this directory costs about 40 MB; the end record alone says enough
     _refused(path, "declares 60000 members", seconds=0.5, megabytes=5)
     # a directory larger than its end record admits to is refused by its size
