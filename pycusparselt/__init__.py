@@ -50,9 +50,10 @@ Importing the package loads nothing native: the library is found and loaded on f
   :mod:`pycusparselt.distributed.data` (tensor-parallel SparseLinear layers over NCCL, data parallelism;
   ``python -m pycusparselt.distributed``, ``pycusparselt.distributed.__main__``, says how to start a job);
   :mod:`pycusparselt.torch` with ``pycusparselt.torch.pruning``,
-  ``pycusparselt.torch.channels``, ``pycusparselt.torch.modules``, ``pycusparselt.torch.compact`` and
-  ``pycusparselt.torch.siblings`` (the 2:4 retraining workflow and the sparse ``nn.Module`` for PyTorch models,
-  its state in a compact form, sibling projections merged into one product).
+  ``pycusparselt.torch.channels``, ``pycusparselt.torch.modules``, ``pycusparselt.torch.conversion``,
+  ``pycusparselt.torch.compact`` and ``pycusparselt.torch.siblings`` (the 2:4 retraining workflow, the sparse
+  ``nn.Module`` for PyTorch models and ``sparsify``, its state in a compact form, sibling projections merged
+  into one product).
 - tools: :mod:`pycusparselt.bench` with ``pycusparselt.bench.cases``, ``pycusparselt.bench.environment``,
   ``pycusparselt.bench.inputs``,
   ``pycusparselt.bench.runner``, ``pycusparselt.bench.report`` and ``pycusparselt.bench.__main__``

@@ -31,6 +31,12 @@ capture, or after :meth:`DecodeGemm.warm_up`). One instance serves one stream at
 workspace is shared by its calls). :func:`available` says whether it can run here; :func:`time_call` times
 one configuration with CUDA events, for a tuner.
 
+``DecodeGemm.from_compact(values, indices, bias=None, ...)`` reads a weight kept in the compact form of
+``pycusparselt.torch.compact`` (the kept values and their positions, row-major; K a multiple of 256) where it
+is, packing nothing: a lane loads 16-byte pieces of two rows and picks its registers from them, which reads
+the weight's columns in the order ``decode_layout.compact_columns`` gives; the kernel stages x in that order
+too, so the product is the same.
+
 ``gemm.launcher(m)`` gives a :class:`DecodeLauncher` for callers that checked their arrays once (a layer's
 prepared call): ``launcher(x_ptr, y_ptr, stream_ptr)`` on raw addresses, one ``cuLaunchKernel`` with the other
 arguments packed once. ``gemm.set_splits(s)`` changes the split of K (a tuner's choice), ``gemm.close()``
@@ -53,12 +59,15 @@ from .. import _arrays
 from ..errors import ClosedError
 from . import decode_layout as layout
 
-__all__ = ["DecodeGemm", "DecodeLauncher", "available", "unavailable_reason", "time_call", "ACTIVATIONS", "WARPS"]
+__all__ = ["DecodeGemm", "DecodeLauncher", "available", "unavailable_reason", "time_call", "ACTIVATIONS", "WARPS",
+           "COMPACT_K_MULTIPLE"]
 
 #: The epilogue activations (None: none).
 ACTIVATIONS = (None, "relu", "gelu")
 #: Warps per block; each owns one 16-row tile of W.
 WARPS = 4
+#: The compact form (:meth:`DecodeGemm.from_compact`) is read in whole 256-column blocks.
+COMPACT_K_MULTIPLE = 256
 _ACT_CODE = {None: 0, "relu": 1, "gelu": 2}
 #: Shared memory for the x slice, at most: 4 KiB per k-block and 8 rows of x.
 _MAX_SMEM = 64 * 1024
@@ -66,7 +75,7 @@ _MAX_SMEM = 64 * 1024
 _MAX_LAUNCHERS = 64
 #: The kernel's arguments, in order, with the C type of each (what a launcher packs once).
 _PARAMS = ("w", "x", "ldx", "y", "ldy", "bias", "ws", "tickets", "M", "N", "K", "NT", "KB", "KSL", "S", "x_vec",
-           "alpha", "act", "p0", "p1")
+           "alpha", "act", "p0", "p1", "wi")
 _INT32 = frozenset(("M", "N", "K", "NT", "KB", "KSL", "S", "x_vec", "act"))
 _FLOAT32 = frozenset(("alpha", "p0", "p1"))
 
@@ -118,7 +127,10 @@ __device__ __forceinline__ void mma_sp(float* c, const uint4& a, const uint4& b,
 
 // x[0:M, k0 : k0 + nkb * 256] -> xs in B-fragment order: uint4 index (step * MB + mb) * 32 + (lane ^ (step & 7)),
 // word j of lane (g, t) = x[8 mb + g][k0 + 32 step + 2 t + 8 j .. + 1]; zeros past M and K.
-template <int MB>
+// COMPACT: the weight's columns are read in the order of decode_layout.compact_columns, so x is staged in it:
+// segment sg (8 columns, groups 2 sg and 2 sg + 1 of its 256-column block) is logical step
+// 2 ((sg & 31) >> 3) + (sg & 1), slots t' and t' + 4 (t' = (sg >> 1) & 3).
+template <int MB, int COMPACT>
 __device__ __forceinline__ void stage_x(u32* xs, const u16* __restrict__ x, long long ldx, int M, int K,
                                         int k0, int nkb, int vec) {
     const int segs_per_row = nkb * 32;             // 8-element segments per row of the slice
@@ -141,14 +153,72 @@ __device__ __forceinline__ void stage_x(u32* xs, const u16* __restrict__ x, long
                 }
             }
         }
-        const int step = sg >> 2, j = sg & 3, mb = m >> 3, g = m & 7;
+        const int mb = m >> 3, g = m & 7;
+        if (COMPACT) {
+            const int sgb = sg & 31, tp = (sgb >> 1) & 3;
+            const int step = (sg >> 5) * 8 + 2 * (sgb >> 3) + (sgb & 1);
+            const int lane = g * 4 + 2 * (tp & 1), j = tp >> 1;
+            u32* base = xs + ((step * MB + mb) * 32) * 4;
 #pragma unroll
-        for (int p = 0; p < 4; ++p) {
-            const int lane = g * 4 + p;
-            xs[(((step * MB + mb) * 32) + (lane ^ (step & 7))) * 4 + j] = w[p];
+            for (int p = 0; p < 4; ++p)
+                base[((lane + (p & 1)) ^ (step & 7)) * 4 + j + 2 * (p >> 1)] = w[p];
+        } else {
+            const int step = sg >> 2, j = sg & 3;
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int lane = g * 4 + p;
+                xs[(((step * MB + mb) * 32) + (lane ^ (step & 7))) * 4 + j] = w[p];
+            }
         }
     }
 }
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One 16-row by 256-column chunk of W as a lane holds it.
+// Packed (decode_layout's chunks): the metadata words and the 8 steps' A fragments, loaded as they are.
+// Compact (pycusparselt.torch.compact's values and indices, row-major): lane (g, t) loads 16-byte pieces
+// 4q + t (q = 0..3) of rows g and g + 8 of the block's values, and the block's 32 bytes of positions of both
+// rows; step s takes words 2 (s & 1) and 2 (s & 1) + 1 of piece s >> 1 (the column order of
+// decode_layout.compact_columns), and metadata word J takes nibble t of each byte pair of words 2J, 2J + 1.
+template <int COMPACT> struct Chunk;
+
+template <> struct Chunk<0> {
+    uint4 m, v[8];
+    __device__ __forceinline__ void load(const uint4* p) {
+        m = ld_stream(p);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = ld_stream(p + 32 + 32 * i);
+    }
+    __device__ __forceinline__ uint4 frag(int st) const { return v[st]; }
+    __device__ __forceinline__ u32 meta(int j, int) const { return word_of(m, j); }
+};
+
+__device__ __forceinline__ u32 nibbles_of(u32 a, u32 b, int t) {
+    const int s = 4 * t;
+    return ((a >> s) & 0xFu) | (((a >> (16 + s)) & 0xFu) << 4) | (((b >> s) & 0xFu) << 8) |
+           (((b >> (16 + s)) & 0xFu) << 12);
+}
+
+template <> struct Chunk<1> {
+    uint4 v[8], m[4];
+    __device__ __forceinline__ void load(const uint4* v0, const uint4* v1, const uint4* i0, const uint4* i1) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) { v[q] = ld_stream(v0 + 4 * q); v[4 + q] = ld_stream(v1 + 4 * q); }
+        m[0] = __ldg(i0); m[1] = __ldg(i0 + 1); m[2] = __ldg(i1); m[3] = __ldg(i1 + 1);
+    }
+    __device__ __forceinline__ uint4 frag(int st) const {
+        const int q = st >> 1, h = 2 * (st & 1);
+        return make_uint4(word_of(v[q], h), word_of(v[4 + q], h), word_of(v[q], h + 1), word_of(v[4 + q], h + 1));
+    }
+    __device__ __forceinline__ u32 meta(int j, int t) const {
+        const int h = 2 * (j & 1);
+        return nibbles_of(word_of(m[j >> 1], h), word_of(m[j >> 1], h + 1), t) |
+               (nibbles_of(word_of(m[2 + (j >> 1)], h), word_of(m[2 + (j >> 1)], h + 1), t) << 16);
+    }
+};
 
 template <int BF16>
 __device__ __forceinline__ float epilogue(float acc, float alpha, const u16* __restrict__ bias, int n, int act,
@@ -166,12 +236,12 @@ __device__ __forceinline__ float epilogue(float acc, float alpha, const u16* __r
     return v;
 }
 
-template <int BF16, int MB>
+template <int BF16, int MB, int COMPACT>
 __global__ void __launch_bounds__(WARPS * 32)
 decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ldx, u16* __restrict__ y,
             long long ldy, const u16* __restrict__ bias, float* __restrict__ ws, u32* __restrict__ tickets,
             int M, int N, int K, int NT, int KB, int KSL, int S, int x_vec, float alpha, int act, float p0,
-            float p1) {
+            float p1, const uint4* __restrict__ wi) {
     extern __shared__ uint4 xs[];
     __shared__ int s_last;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -181,14 +251,19 @@ decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ld
     const int nt = group * WARPS + warp;
     const bool active = nt < NT;
 
+    const int g = lane >> 2, t = lane & 3;
+    // packed: this warp's chunks; compact: its rows g and g + 8 (rows past N read row N - 1, never written)
     const uint4* wp = w + ((long long)(active ? nt : 0) * KB + kb0) * CHUNK_U4 + lane;
-    uint4 cm, cv[8];
+    const long long r0 = min(nt * 16 + g, N - 1), r1 = min(nt * 16 + g + 8, N - 1);
+    const uint4* v0 = w + r0 * (K >> 4) + kb0 * 16 + t;
+    const uint4* v1 = w + r1 * (K >> 4) + kb0 * 16 + t;
+    const uint4* i0 = wi + r0 * (K >> 7) + kb0 * 2;
+    const uint4* i1 = wi + r1 * (K >> 7) + kb0 * 2;
+    Chunk<COMPACT> cur;
     if (active) {
-        cm = ld_stream(wp);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) cv[i] = ld_stream(wp + 32 + 32 * i);
+        if constexpr (COMPACT) cur.load(v0, v1, i0, i1); else cur.load(wp);
     }
-    stage_x<MB>(reinterpret_cast<u32*>(xs), x, ldx, M, K, kb0 * 256, nkb, x_vec);
+    stage_x<MB, COMPACT>(reinterpret_cast<u32*>(xs), x, ldx, M, K, kb0 * 256, nkb, x_vec);
     __syncthreads();
 
     float acc[MB][4];
@@ -197,34 +272,30 @@ decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ld
 
     if (active) {
         for (int c = 0; c < nkb; ++c) {
-            uint4 nm, nv[8];
+            Chunk<COMPACT> nxt;
             const bool more = c + 1 < nkb;
             if (more) {
-                const uint4* q = wp + (c + 1) * CHUNK_U4;
-                nm = ld_stream(q);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) nv[i] = ld_stream(q + 32 + 32 * i);
+                if constexpr (COMPACT)
+                    nxt.load(v0 + (c + 1) * 16, v1 + (c + 1) * 16, i0 + (c + 1) * 2, i1 + (c + 1) * 2);
+                else
+                    nxt.load(wp + (c + 1) * CHUNK_U4);
             }
             const uint4* xc = xs + c * 8 * MB * 32;
 #pragma unroll
             for (int st = 0; st < 8; ++st) {
-                const u32 e = (st >> 1) == 0 ? cm.x : (st >> 1) == 1 ? cm.y : (st >> 1) == 2 ? cm.z : cm.w;
+                const u32 e = cur.meta(st >> 1, t);
+                const uint4 a = cur.frag(st);
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb) {
                     const uint4 b = xc[(st * MB + mb) * 32 + (lane ^ st)];
-                    if (st & 1) mma_sp<BF16, 1>(acc[mb], cv[st], b, e);
-                    else        mma_sp<BF16, 0>(acc[mb], cv[st], b, e);
+                    if (st & 1) mma_sp<BF16, 1>(acc[mb], a, b, e);
+                    else        mma_sp<BF16, 0>(acc[mb], a, b, e);
                 }
             }
-            if (more) {
-                cm = nm;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) cv[i] = nv[i];
-            }
+            if (more) cur = nxt;
         }
     }
 
-    const int g = lane >> 2, t = lane & 3;
     const int Np = NT * 16;
     if (S > 1) {
         // this slice's partial sums -> the workspace; the last slice of the row group finishes
@@ -283,7 +354,7 @@ decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ld
 }
 """
 
-_NAMES = [f"decode_gemm<{bf},{mb}>" for bf in (0, 1) for mb in (1, 2)]
+_NAMES = [f"decode_gemm<{bf},{mb},{c}>" for bf in (0, 1) for mb in (1, 2) for c in (0, 1)]
 _modules: dict[int, Any] = {}
 
 
@@ -388,6 +459,74 @@ class DecodeGemm:
                  splits: int | None = None, device: int | None = None) -> None:
         cupy = gpu.cupy()
 
+        if device is None:
+            device = _view(weight, "weight")[4] if _arrays.is_device(weight) else cupy.cuda.runtime.getDevice()
+        wdt = _arrays.dtype_of(weight) if hasattr(weight, "dtype") else np.asarray(weight).dtype
+        if wdt not in layout.DTYPES:
+            raise TypeError(f"weight: expected float16 or bfloat16, got {wdt}")
+        wshape = tuple(weight.shape) if hasattr(weight, "shape") else np.shape(weight)
+        if len(wshape) != 2 or 0 in wshape:
+            raise ValueError(f"weight: expected a non-empty (N, K) matrix, got shape {wshape}")
+        self._setup(wshape, wdt, int(device), activation, alpha, relu_threshold, relu_upper_bound, gelu_scaling)
+        with cupy.cuda.Device(self.device):
+            self.packed = layout.pack_bits(_bits_on_device(weight, self.dtype), cupy)
+        self.layout, self._weight = "packed", (self.packed,)
+        self._finish(bias, splits)
+
+    @classmethod
+    def from_compact(cls, values: Any, indices: Any, bias: Any = None, *, activation: str | None = None,
+                     alpha: float = 1.0, relu_threshold: float = 0.0, relu_upper_bound: float = math.inf,
+                     gelu_scaling: float = 1.0, splits: int | None = None) -> DecodeGemm:
+        """The kernel on a weight kept in the compact form of ``pycusparselt.torch.compact`` (a 2:4 weight's
+        kept values and their positions, row-major), read where it is: nothing is packed or copied, so the
+        weight's GPU memory is that form's alone (0.5625 of the dense bytes).
+
+        Parameters
+        ----------
+        values : CUDA tensor or CuPy array, shape (N, K / 2), float16 or bfloat16
+        indices : CUDA tensor or CuPy array, shape (N, K / 8), uint8
+            C-contiguous, 16-byte aligned, on one GPU; ``K`` a multiple of 256 (:data:`COMPACT_K_MULTIPLE`).
+            They are read, not validated (the caller's form is valid by construction), and must outlive this
+            object unchanged in place: a later edit is read by the next call.
+        bias, activation, alpha, relu_threshold, relu_upper_bound, gelu_scaling, splits
+            As the constructor; the device is the values'.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Arrays not on a GPU, of other dtypes, shapes, strides or alignment (the argument is named).
+        """
+        vp, vshape, vstrides, vdt, vdev = _view(values, "values")
+        ip, ishape, istrides, idt, idev = _view(indices, "indices")
+        if vdt not in layout.DTYPES:
+            raise TypeError(f"values: expected float16 or bfloat16, got {vdt}")
+        if idt != np.uint8:
+            raise TypeError(f"indices: expected uint8, got {idt}")
+        if len(vshape) != 2 or 0 in vshape:
+            raise ValueError(f"values: expected a non-empty (N, K / 2) matrix, got shape {vshape}")
+        n, k = vshape[0], 2 * vshape[1]
+        if k % COMPACT_K_MULTIPLE:
+            raise ValueError(f"values: the compact kernel needs K (2 x {vshape[1]} = {k}) to be a multiple of "
+                             f"{COMPACT_K_MULTIPLE}")
+        if ishape != (n, k // 8):
+            raise ValueError(f"indices: expected shape {(n, k // 8)} for values of shape {vshape}, got {ishape}")
+        if idev != vdev:
+            raise ValueError(f"indices: on device {idev}, values on device {vdev}")
+        for name, ptr, shape, strides in (("values", vp, vshape, vstrides), ("indices", ip, ishape, istrides)):
+            if strides != (shape[1], 1) or ptr % 16:
+                raise ValueError(f"{name}: expected a C-contiguous, 16-byte aligned array, got strides {strides} "
+                                 f"(elements) at address {ptr:#x}")
+        self = cls.__new__(cls)
+        self._setup((n, k), vdt, int(vdev), activation, alpha, relu_threshold, relu_upper_bound, gelu_scaling)
+        self.packed = None
+        self.layout, self._weight = "compact", (values, indices)
+        self._pointers = (vp, ip)
+        self._finish(bias, splits)
+        return self
+
+    def _setup(self, shape: tuple, dtype: np.dtype, device: int, activation: str | None, alpha: float,
+               relu_threshold: float, relu_upper_bound: float, gelu_scaling: float) -> None:
+        """The epilogue, checked, and the weight's facts."""
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected None, 'relu' or 'gelu', got {activation!r}")
         if activation != "relu" and (relu_threshold != 0.0 or relu_upper_bound != math.inf):
@@ -397,26 +536,22 @@ class DecodeGemm:
         self.alpha = float(np.float32(alpha))
         if activation == "gelu" and self.alpha == 0.0:
             raise ValueError("alpha: must be non-zero with activation='gelu' (GELU acts on x / alpha)")
-        if device is None:
-            device = _view(weight, "weight")[4] if _arrays.is_device(weight) else cupy.cuda.runtime.getDevice()
-        self.device = int(device)
-        wdt = _arrays.dtype_of(weight) if hasattr(weight, "dtype") else np.asarray(weight).dtype
-        if wdt not in layout.DTYPES:
-            raise TypeError(f"weight: expected float16 or bfloat16, got {wdt}")
-        wshape = tuple(weight.shape) if hasattr(weight, "shape") else np.shape(weight)
-        if len(wshape) != 2 or 0 in wshape:
-            raise ValueError(f"weight: expected a non-empty (N, K) matrix, got shape {wshape}")
-        self.dtype = np.dtype(wdt)
-        self.out_features, self.in_features = wshape
+        self.device = device
+        self.dtype = np.dtype(dtype)
+        self.out_features, self.in_features = shape
         self.activation = activation
         self.relu_threshold = float(np.float32(relu_threshold))
         self.relu_upper_bound = float(np.float32(relu_upper_bound))
         self.gelu_scaling = float(np.float32(gelu_scaling))
-        self.tiles, self.k_blocks = layout.packed_shape(*wshape)[:2]
+        self.tiles, self.k_blocks = layout.packed_shape(*shape)[:2]
+
+    def _finish(self, bias: Any, splits: int | None) -> None:
+        """The bias, the split-K tickets and the compiled kernels."""
+        cupy = gpu.cupy()
+
         props = cupy.cuda.runtime.getDeviceProperties(self.device)
         self._sms = int(props["multiProcessorCount"])
         with cupy.cuda.Device(self.device):
-            self.packed = layout.pack_bits(_bits_on_device(weight, self.dtype), cupy)
             self.bias = None
             if bias is not None:
                 b = _arrays.to_numpy(bias)
@@ -429,11 +564,21 @@ class DecodeGemm:
         self._launchers: dict[tuple, DecodeLauncher] = {}
         self._kernels = {}
         mod = _module(self.device)
+        compact = int(self.layout == "compact")
         for mb in (1, 2):
-            kernel = mod.get_function(f"decode_gemm<{int(self.dtype != np.float16)},{mb}>")
+            kernel = mod.get_function(f"decode_gemm<{int(self.dtype != np.float16)},{mb},{compact}>")
             kernel.max_dynamic_shared_size_bytes = _MAX_SMEM  # any split's slice of x fits
             self._kernels[mb] = kernel
         self.set_splits(_default_splits(self.tiles, self.k_blocks, self._sms) if splits is None else splits)
+
+    @property
+    def weight_pointers(self) -> tuple[int, int]:
+        """The device addresses the kernel reads the weight from: ``(packed, 0)`` or ``(values, indices)``."""
+        if self._weight is None:
+            raise ClosedError("the decode kernel's weight was closed")
+        if self.layout == "packed":
+            return int(self.packed.data.ptr), 0
+        return self._pointers
 
     def set_splits(self, splits: int) -> None:
         """Run on ``splits`` slices of K from now on (a tuner's choice; :meth:`split_choices` lists the ones
@@ -457,14 +602,14 @@ class DecodeGemm:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` has released the packed weight."""
-        return self.packed is None
+        """Whether :meth:`close` has released the weight."""
+        return self._weight is None
 
     def close(self) -> None:
         """Drop this object's packed weight and buffers (the garbage collector would too); launchers made from it
         then raise :class:`~pycusparselt.errors.ClosedError` instead of launching, and the memory returns to
         CuPy's pool once they are dropped as well (each keeps the buffers its arguments point at)."""
-        self.packed = self.bias = self._workspace = self._tickets = None
+        self.packed = self._weight = self.bias = self._workspace = self._tickets = None
         self._launchers.clear()
 
     def __enter__(self) -> DecodeGemm:
@@ -502,8 +647,11 @@ class DecodeGemm:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed weight on the GPU."""
-        return int(self.packed.nbytes)
+        """Bytes of the weight the kernel reads (the packed buffer, or the compact form's two arrays)."""
+        if self.layout == "packed":
+            return int(self.packed.nbytes)
+        return self.out_features * self.in_features * self.dtype.itemsize // 2 + self.out_features * (
+            self.in_features // 8)
 
     def warm_up(self) -> None:
         """Compile and load the kernel now (outside any CUDA graph capture); the constructor already does."""
@@ -575,7 +723,7 @@ class DecodeGemm:
 
     def __repr__(self) -> str:
         act = f", activation={self.activation!r}" if self.activation else ""
-        return (f"DecodeGemm({self.out_features} x {self.in_features}, {self.dtype.name}{act}, "
+        return (f"DecodeGemm({self.out_features} x {self.in_features}, {self.dtype.name}{act}, {self.layout}, "
                 f"splits={self.splits}, {self.nbytes} bytes)")
 
 
@@ -597,7 +745,8 @@ class DecodeLauncher:
         mb = 1 if m <= 8 else 2
         p0, p1 = ((gemm.relu_threshold, gemm.relu_upper_bound) if gemm.activation == "relu"
                   else (gemm.gelu_scaling, 0.0))
-        given = {"w": gemm.packed.data.ptr, "x": 0, "ldx": ldx, "y": 0, "ldy": ldy,
+        w_ptr, wi_ptr = gemm.weight_pointers
+        given = {"w": w_ptr, "wi": wi_ptr, "x": 0, "ldx": ldx, "y": 0, "ldy": ldy,
                  "bias": 0 if gemm.bias is None else gemm.bias.data.ptr, "ws": gemm._workspace.data.ptr,
                  "tickets": gemm._tickets.data.ptr, "M": m, "N": gemm.out_features, "K": gemm.in_features,
                  "NT": gemm.tiles, "KB": gemm.k_blocks, "KSL": gemm.blocks_per_split, "S": gemm.splits, "x_vec": 0,
@@ -624,14 +773,14 @@ class DecodeLauncher:
         self._dims = (grid[0], grid[1], 1, WARPS * 32, 1, 1, gemm._smem(mb))
         self._get_device = cupy.cuda.runtime.getDevice
         # the buffers its arguments point at stay alive with it (a later set_splits may allocate others)
-        self._keep = (gemm.packed, gemm.bias, gemm._workspace, gemm._tickets)
+        self._keep = (gemm._weight, gemm.bias, gemm._workspace, gemm._tickets)
         from cupy_backends.cuda.api import driver
 
         self._launch = driver.launchKernel  # cuLaunchKernel; raises on a failed launch
 
     def __call__(self, x_ptr: int, y_ptr: int, stream_ptr: int) -> None:
         """Launch on input ``x_ptr`` and output ``y_ptr`` (device addresses) on stream ``stream_ptr``."""
-        if self.gemm.packed is None:
+        if self.gemm._weight is None:
             raise ClosedError("the decode kernel's weight was closed")
         values = self._values
         values[1] = x_ptr

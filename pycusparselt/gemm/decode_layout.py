@@ -24,6 +24,16 @@ chunks in row-major order of (n-tile, k-block); each chunk is 512 bytes of metad
   ``i0 < i1``. A group with fewer than two non-zeros keeps zeros at its lowest free positions (an all-zero
   group is ``0b0100``).
 
+Compact form
+------------
+The kernel also reads a weight kept in the compact form of ``pycusparselt.torch.compact`` (``values`` (N, K/2),
+``indices`` (N, K/8), row-major, K a multiple of 256) as it is: lane ``(g, t)`` loads the 16-byte pieces
+``4q + t`` (q = 0..3, four groups each) of rows ``g`` and ``g + 8`` of a 256-column block's values, and the
+block's 32 bytes of positions of both rows. Step ``s`` takes the groups ``2 (s % 2)`` and ``2 (s % 2) + 1`` of
+piece ``s // 2`` as its slots ``t`` and ``t + 4``, so the kernel multiplies the block's columns in the order
+:func:`compact_columns` gives, and stages x in that order too. :func:`compact_fragments` and :func:`staged_x`
+emulate those reads.
+
 Bytes: ``Np * Kp * 9 / 16`` for 16-bit types, 0.5625 of the dense weight (exactly so when ``N % 16 == 0`` and
 ``K % 256 == 0``, as in the usual LLM shapes).
 """
@@ -49,7 +59,11 @@ __all__ = [
     "pack_weight",
     "pack_bits",
     "unpack_weight",
+    "fields",
     "emulate",
+    "compact_columns",
+    "compact_fragments",
+    "staged_x",
 ]
 
 #: Rows of W per chunk (the instruction's M).
@@ -157,8 +171,9 @@ def pack_bits(bits: Any, xp: Any = np) -> Any:
     return out
 
 
-def _fields(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(values uint16[nt, kb, step, lane, 8], metadata uint32[nt, kb, lane, 4])`` of a packed buffer."""
+def fields(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values uint16[nt, kb, step, lane, 8], metadata uint32[nt, kb, lane, 4])`` of a packed buffer: each
+    lane's A fragments per step and its metadata words."""
     packed = np.ascontiguousarray(packed)
     if packed.ndim != 3 or packed.shape[2] != CHUNK_BYTES or packed.dtype != np.uint8:
         raise ValueError(f"packed: expected uint8[NT, KB, {CHUNK_BYTES}], got {packed.dtype}{list(packed.shape)}")
@@ -172,7 +187,7 @@ def unpack_weight(packed: Any, n: int, k: int, dtype: Any) -> np.ndarray:
     """The dense weight (N, K) back from its packed buffer: the inverse of :func:`pack_weight`, read the way
     the kernel reads it (lane by lane, selector by selector)."""
     dtype = np.dtype(dtype)
-    vals, meta = _fields(np.asarray(packed))
+    vals, meta = fields(np.asarray(packed))
     nt, kb = vals.shape[:2]
     if (nt, kb) != packed_shape(n, k)[:2]:
         raise ValueError(f"packed: shape {vals.shape[:2]} does not hold a {n} x {k} weight")
@@ -212,3 +227,90 @@ def emulate(packed: Any, x: Any, n: int, k: int) -> np.ndarray:
     x = np.asarray(x)
     w = unpack_weight(packed, n, k, x.dtype)
     return x.astype(np.float64) @ w.astype(np.float64).T
+
+
+def compact_columns(k: int) -> np.ndarray:
+    """The order in which the kernel multiplies the columns of a compact-form weight of ``k`` columns (a
+    multiple of 256): logical column ``c`` (step ``c // 32`` of its block, slot ``j = c % 32 // 4``, position
+    ``c % 4``) is the weight's column ``256 b + 4 G + c % 4``, group ``G = 16 (s // 2) + 4 (j % 4) + 2 (s % 2) +
+    j // 4`` of its block ``b`` (``s`` the step within the block)."""
+    if k % COLS_PER_BLOCK:
+        raise ValueError(f"k: expected a multiple of {COLS_PER_BLOCK}, got {k}")
+    c = np.arange(k)
+    block, s, j, p = c // COLS_PER_BLOCK, c % COLS_PER_BLOCK // 32, c % 32 // 4, c % 4
+    group = 16 * (s // 2) + 4 * (j % 4) + 2 * (s % 2) + j // 4
+    return block * COLS_PER_BLOCK + 4 * group + p
+
+
+def _nibbles_of(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    s = (4 * t).astype(np.uint32)
+    f = np.uint32(0xF)
+    return ((a >> s) & f) | (((a >> (s + 16)) & f) << 4) | (((b >> s) & f) << 8) | (((b >> (s + 16)) & f) << 12)
+
+
+def compact_fragments(values: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The registers the kernel gives each lane from a compact-form weight, computed as the kernel computes
+    them: ``(A fragments uint16[NT, KB, step, lane, 8], metadata uint32[NT, KB, lane, 4])``, the shapes of a
+    packed buffer's fields. Rows past N read row N - 1 (their results are never written).
+
+    Parameters
+    ----------
+    values : uint16[N, K / 2]
+        The kept values' bit patterns.
+    indices : uint8[N, K / 8]
+    """
+    v = np.ascontiguousarray(values).view(np.uint16)
+    ind = np.ascontiguousarray(indices, dtype=np.uint8)
+    n, k = v.shape[0], 2 * v.shape[1]
+    nt, kb = -(-n // ROWS_PER_TILE), k // COLS_PER_BLOCK
+    # 16-byte pieces (8 values) and 32-bit words of positions, per row and block
+    pieces = v.reshape(n, kb, 16, 8)
+    words = ind.reshape(n, kb, 32).copy().view(np.uint32)  # (n, kb, 8)
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    tiles = np.arange(nt)[:, None]
+    r0 = np.minimum(tiles * 16 + g, n - 1)  # (nt, 32)
+    r1 = np.minimum(tiles * 16 + g + 8, n - 1)
+    frags = np.empty((nt, kb, _STEPS, 32, 8), np.uint16)
+    for st in range(_STEPS):
+        q, h = st // 2, 2 * (st % 2)
+        a = pieces[r0, :, 4 * q + t]  # (nt, 32, kb, 8): lane's piece of row g
+        b = pieces[r1, :, 4 * q + t]
+        regs = [a[..., 2 * h:2 * h + 2], b[..., 2 * h:2 * h + 2], a[..., 2 * h + 2:2 * h + 4],
+                b[..., 2 * h + 2:2 * h + 4]]
+        frags[:, :, st] = np.concatenate(regs, axis=-1).transpose(0, 2, 1, 3)
+    meta = np.empty((nt, kb, 32, 4), np.uint32)
+    w0, w1 = words[r0].transpose(0, 2, 1, 3), words[r1].transpose(0, 2, 1, 3)  # (nt, kb, 32, 8)
+    for j in range(4):
+        meta[..., j] = _nibbles_of(w0[..., 2 * j], w0[..., 2 * j + 1], t) | (
+            _nibbles_of(w1[..., 2 * j], w1[..., 2 * j + 1], t) << np.uint32(16))
+    return frags, meta
+
+
+def staged_x(x: Any, compact: bool) -> np.ndarray:
+    """The kernel's shared-memory image of ``x`` (M <= 16 rows, K a multiple of 256 columns), written as the
+    kernel's staging loop writes it: uint32[K / 32 steps, 2 (rows 0-7, 8-15), 32 lanes, 4 words], swizzle
+    undone. Word ``j`` of lane ``(g, t)`` at step ``s`` holds the logical columns ``32 s + 2 t + 8 j`` and the next
+    of row ``8 mb + g``: x's own columns, or with ``compact`` the columns :func:`compact_columns` names."""
+    x = np.ascontiguousarray(x).view(np.uint16)
+    m, k = x.shape
+    padded = np.zeros((16, k), np.uint16)
+    padded[:m] = x
+    steps = k // 32
+    out = np.zeros((steps, 2, 32, 4), np.uint32)
+    segs = padded.reshape(16, k // 8, 4, 2).copy().view(np.uint32)[..., 0]  # (row, segment, 4 words)
+    for row in range(16):
+        mb, g = row // 8, row % 8
+        for sg in range(k // 8):
+            w = segs[row, sg]
+            if compact:
+                sgb, tp = sg % 32, (sg % 32 >> 1) & 3
+                step = sg // 32 * 8 + 2 * (sgb >> 3) + (sgb & 1)
+                lane, j = g * 4 + 2 * (tp & 1), tp >> 1
+                for p in range(4):
+                    out[step, mb, lane + (p & 1), j + 2 * (p >> 1)] = w[p]
+            else:
+                step, j = sg // 4, sg % 4
+                for p in range(4):
+                    out[step, mb, g * 4 + p, j] = w[p]
+    return out

@@ -377,6 +377,10 @@ class SparseMatmulPlan:
     @config.setter
     def config(self, config: PlanConfig | int) -> None:
         config = self._checked_config(config)
+        if selections.shareable(self._selection, self.selection_key, config):  # a tuner's own: set and shared
+            self.try_config(config)
+            selections.share(self._selection, self.selection_key, config)
+            return
         sel = selections.acquire(self._handle, self.device, self.selection_key, self._descriptors, config)
         if sel is self._selection:  # runs it already: the plan holds it once
             selections.release(sel)

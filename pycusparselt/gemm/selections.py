@@ -194,6 +194,27 @@ def reconfigure(sel: Selection, config: tuple) -> tuple | None:
     return previous
 
 
+def shareable(sel: Selection, problem: tuple, config: tuple) -> bool:
+    """Whether ``sel``, a plan's private selection, could be set to ``config`` in place (:func:`reconfigure`)
+    and then serve as the shared selection of ``problem`` with it (:func:`share`): no selection of that key is
+    held or kept. A tuner's winner is then made shared without making a selection for it."""
+    key = (id(sel.handle), problem, tuple(config))
+    with _lock:
+        return (sel.key is None and not sel.searched and all(value is not None for value in config)
+                and key not in _shared and key not in _idle)
+
+
+def share(sel: Selection, problem: tuple, config: tuple) -> bool:
+    """Register the private ``sel``, which runs ``config`` (every field given), as the shared selection of
+    ``problem`` with it; False (nothing done) where it cannot be (:func:`shareable`)."""
+    if not shareable(sel, problem, config):
+        return False
+    with _lock:
+        sel.key = (id(sel.handle), problem, tuple(config))
+        _shared[sel.key] = sel
+    return True
+
+
 def retire(sel: Selection, plan: Any) -> None:
     """``plan`` (a ``RawPlan`` made over ``sel``) is no longer run: it is destroyed with ``sel``, never
     before (a plan destroyed while its selection served other plans ended processes with segmentation

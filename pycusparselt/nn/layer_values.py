@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from .. import reference
+from .._native import gpu
 from ..types import BF16, F16, F32, I8
 
 __all__ = ["SCALE_RANGE", "activation_scale", "weight_scales", "relu_upper_bound", "relu_threshold", "MODES",
-           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host", "prune_host"]
+           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host", "is_sparse_device", "prune_host"]
 
 _F32 = np.finfo(np.float32)
 #: The activation scales accepted: float32's normal positive numbers (a smaller scale's reciprocal, the
@@ -145,6 +146,20 @@ def is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
         p = padded(w, 1, 2).reshape(w.shape[0], -1, 2)
         return bool(((p != 0).sum(axis=-1) <= 1).all())
     return reference.is_2to4(padded(w, 1, 4), axis=-1)
+
+
+def is_sparse_device(w: Any, pairs: bool) -> bool:
+    """:func:`is_sparse_host` for a CuPy weight, checked on its device (one small transfer: the answer)."""
+    group = 2 if pairs else 4
+    out, inp = w.shape
+    bits = np.dtype(f"u{w.dtype.itemsize}")
+    magnitude = bits.type((1 << (8 * bits.itemsize - 1)) - 1)  # every bit but the sign
+    # -0.0 counts as zero and NaN as non-zero, as on the host; integer operations only (CuPy may not compute
+    # in bfloat16)
+    nonzero = (gpu.cupy().ascontiguousarray(w).view(bits) & magnitude) != 0
+    if inp % group:
+        nonzero = gpu.cupy().pad(nonzero, ((0, 0), (0, -inp % group)))
+    return bool((nonzero.reshape(out, -1, group).sum(axis=-1) <= group // 2).all())
 
 
 def prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:

@@ -173,8 +173,10 @@ class SparseLinear:
             raise ValueError(f"permutation: expected a permutation of range({in_features})")
 
         # The weight is pruned on the host, with the reference's rule, whatever the backend: .weight is the
-        # pruned weight at once, and a device layer prunes exactly as its CPU twin.
-        w_host = _to_numpy(weight)
+        # pruned weight at once, and a device layer prunes exactly as its CPU twin. A device weight given 2:4
+        # in a float mode is checked and copied where it is (no round trip through the host).
+        stays = on_device and prune is None and perm is None and mode not in ("int8", "fp8")
+        w_host = _to_cupy(weight) if stays else _to_numpy(weight)
         if w_host.dtype not in _FLOATS:
             raise TypeError(
                 f"weight: expected float16, bfloat16 or float32, got {w_host.dtype} (quantized weights are made "
@@ -186,10 +188,11 @@ class SparseLinear:
         pairs = mode is None and dtype == _F32
         if prune is not None:
             w_host = layer_values.prune_host(w_host, prune, pairs)
-        elif not _is_sparse_host(w_host, pairs):
+        elif not (layer_values.is_sparse_device if stays else _is_sparse_host)(w_host, pairs):
             rule = "1:2 (float32 weights run as TF32)" if pairs else "2:4"
             raise ValueError(f"weight: not {rule} along in_features; pass prune='strip' or 'tile'")
-        w_host = np.ascontiguousarray(w_host.astype(dtype, copy=False))
+        w_host = w_host.astype(dtype, order="C", copy=True) if stays else np.ascontiguousarray(
+            w_host.astype(dtype, copy=False))
 
         b_host = None if bias is None else _to_numpy(bias)
         if b_host is not None and mode is None and b_host.dtype != dtype:
@@ -635,14 +638,14 @@ class SparseLinear:
         """How the prepared products are keyed (``_shapes``): the GEMM input's shape, type and device."""
         return (shape, self._gemm_dtype().str, self._device)
 
-    def direct_launcher(self, rows: int, stream: int) -> tuple[Any, int] | None:
+    def direct_launcher(self, rows: int, stream: int, *, decode: bool = True) -> tuple[Any, int] | None:
         """The prepared product for inputs of ``rows`` rows on stream ``stream`` (a pointer), for callers that
         stage their own input: ``(launcher, padded_rows)``, where ``launcher(x_ptr, d_ptr, stream_ptr)``
         (a :class:`~pycusparselt.gemm.plan.Launcher`, or the decode kernel's
         :class:`~pycusparselt.gemm.decode.DecodeLauncher` where it serves ``rows``: then ``padded_rows`` is
         ``rows``) reads a C-contiguous, 16-byte aligned (padded_rows, in_features) input of the layer's dtype
         and writes the (padded_rows, out_features) result; rows past ``rows`` are the caller's (zeros, or any
-        values: their results are discarded).
+        values: their results are discarded). ``decode=False``: cuSPARSELt's, whatever serves small inputs.
 
         None where a call needs more than the product: quantized modes (the input is quantized first), a
         permutation, post-processing (GELU, per-channel FP8 scales), a weight cuSPARSELt takes only padded, a
@@ -653,7 +656,7 @@ class SparseLinear:
         cupy = gpu.cupy()
 
         with cupy.cuda.Device(self._device), on_stream(stream):
-            launch = self._decode_launcher(rows, stream)
+            launch = self._decode_launcher(rows, stream) if decode else None
             if launch is not None:
                 return launch, rows
             padded_rows = self._padded_rows(rows)

@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from .. import _arrays
 from .._native import gpu, settings
 from ..gemm import decode
 from ..tuning.cache import TuningCache, TuningCacheWarning
@@ -91,14 +92,18 @@ def unsupported_reason(*, on_device: bool, quantized: bool, dtype: np.dtype, pos
 
 
 def cache_key(identity: tuple, out_features: int, in_features: int, dtype: np.dtype, activation: str | None,
-              bias: bool, bucket: int) -> dict[str, Any]:
+              bias: bool, bucket: int, layout: str = "packed") -> dict[str, Any]:
     """The tuning-cache key of a choice: ``identity`` is ``(GPU name, compute capability, cuSPARSELt
-    version)`` (``pycusparselt.nn.layer_plans.device_identity``)."""
+    version)`` (``pycusparselt.nn.layer_plans.device_identity``); ``layout`` the weight form the decode kernel
+    reads (``"packed"``, or ``"compact"`` for :meth:`pycusparselt.gemm.decode.DecodeGemm.from_compact`)."""
     gpu_name, cc, version = identity
     low, high = BUCKETS[bucket]
-    return {"kind": "small-batch kernel", "gpu": gpu_name, "cc": cc, "cusparselt": version,
-            "n": int(out_features), "k": int(in_features), "dtype": np.dtype(dtype).name,
-            "activation": activation, "bias": bool(bias), "rows": f"{low}-{high}"}
+    key = {"kind": "small-batch kernel", "gpu": gpu_name, "cc": cc, "cusparselt": version,
+           "n": int(out_features), "k": int(in_features), "dtype": np.dtype(dtype).name,
+           "activation": activation, "bias": bool(bias), "rows": f"{low}-{high}"}
+    if layout != "packed":  # the packed kernel's keys stay as they were stored
+        key["layout"] = layout
+    return key
 
 
 def choice_from_entry(value: Any, max_splits: int) -> Choice | None:
@@ -174,11 +179,32 @@ class LayerDecoder:
     tune : bool
         Whether the layer tunes (its ``autotune``): under the ``auto`` policy a layer that does not uses
         cuSPARSELt.
+
+    :meth:`for_compact` makes one whose kernel reads a weight in the compact form where it is.
     """
 
     def __init__(self, weight: Any, bias: Any, *, activation: str | None, relu_threshold: float,
                  relu_upper_bound: float, device: int, tune: bool) -> None:
-        self.weight, self.bias, self.device, self.tune = weight, bias, device, tune
+        self._init(tuple(weight.shape), weight.dtype, bias, activation, relu_threshold, relu_upper_bound, device,
+                   tune, "packed")
+        self._make = lambda: decode.DecodeGemm(weight, bias, device=device, **self.epilogue)
+
+    @classmethod
+    def for_compact(cls, values: Any, indices: Any, bias: Any, *, in_features: int, activation: str | None,
+                    relu_threshold: float, relu_upper_bound: float, device: int, tune: bool) -> LayerDecoder:
+        """A decoder whose kernel reads the compact form ``values`` / ``indices`` (CUDA tensors or CuPy arrays,
+        :meth:`pycusparselt.gemm.decode.DecodeGemm.from_compact`) where they are: it keeps no weight of its own.
+        Its choices are stored under the ``"compact"`` layout."""
+        self = cls.__new__(cls)
+        self._init((int(values.shape[0]), int(in_features)), _arrays.dtype_of(values), bias, activation,
+                   relu_threshold, relu_upper_bound, device, tune, "compact")
+        self._make = lambda: decode.DecodeGemm.from_compact(values, indices, bias, **self.epilogue)
+        return self
+
+    def _init(self, shape: tuple, dtype: Any, bias: Any, activation: str | None, relu_threshold: float,
+              relu_upper_bound: float, device: int, tune: bool, layout: str) -> None:
+        self.shape, self.dtype, self.layout = shape, np.dtype(dtype), layout
+        self.bias, self.device, self.tune = bias, device, tune
         self.epilogue = dict(activation=activation)
         if activation == "relu":
             self.epilogue.update(relu_threshold=relu_threshold, relu_upper_bound=relu_upper_bound)
@@ -223,7 +249,7 @@ class LayerDecoder:
 
     def _gemm(self) -> decode.DecodeGemm:
         if self.gemm is None:
-            self.gemm = decode.DecodeGemm(self.weight, self.bias, device=self.device, **self.epilogue)
+            self.gemm = self._make()
         return self.gemm
 
     def _choose(self, bucket: int, sp: int, cusparselt16: Callable[[], Any]) -> Choice:
@@ -234,9 +260,9 @@ class LayerDecoder:
             return Choice("cusparselt", None, None, None, "setting")
         if mode == "on":
             return Choice("decode", self._gemm().splits, None, None, "setting")
-        n, k = self.weight.shape
-        key = cache_key(device_identity(self.device), n, k, self.weight.dtype, self.epilogue["activation"],
-                        self.bias is not None, bucket)
+        n, k = self.shape
+        key = cache_key(device_identity(self.device), n, k, self.dtype, self.epilogue["activation"],
+                        self.bias is not None, bucket, self.layout)
         cache = TuningCache()
         stored = cache.get(key)
         if stored is not None:
@@ -246,13 +272,13 @@ class LayerDecoder:
         launch16 = cusparselt16()
         if launch16 is None:  # cuSPARSELt takes this weight only padded, through its checked path: no contest
             return Choice("decode", self._gemm().splits, None, None, "untimed")
-        x16 = cupy.random.standard_normal((16, k), dtype=np.float32).astype(self.weight.dtype)
-        y16 = cupy.empty((16, n), self.weight.dtype)
+        x16 = cupy.random.standard_normal((16, k), dtype=np.float32).astype(self.dtype)
+        y16 = cupy.empty((16, n), self.dtype)
         return choose(self._gemm(), launch16, x16, y16, bucket, sp, key, cache)
 
     def close(self) -> None:
-        """Release the decode kernel's packed weight (launchers made before then raise ClosedError; the next
-        launcher packs it again); the choices are kept."""
+        """Release the decode kernel (its packed weight; launchers made before then raise ClosedError; the next
+        launcher makes it again); the choices are kept."""
         if self.gemm is not None:
             self.gemm.close()
         self.gemm = None

@@ -19,7 +19,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .channels import ChannelSpace, PermutationPlan, find_channel_spaces, permute_network
-from .modules import SparseLinear, SparseLinearModule, SparsifyReport, sparsify
+from .conversion import SparsifyReport, sparsify
+from .modules import SparseLinear, SparseLinearModule
 from .pruning import MASK_NAME, PruneReport, load_pruned, prune_trained_model, remove_masks
 
 __all__ = [

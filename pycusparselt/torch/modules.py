@@ -1,13 +1,15 @@
 """A PyTorch model run sparse: :class:`SparseLinear`, an ``nn.Module`` whose 2:4 weight lives in buffers PyTorch
-knows, and :func:`sparsify`, which puts it in place of a model's ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers.
+knows (``pycusparselt.torch.conversion``'s ``sparsify`` puts it in place of a model's layers).
 
 The module's state is its compact weight (:mod:`pycusparselt.torch.compact`: the kept values and their positions),
 its bias and, for INT8 and FP8, its scales: ``state_dict``, ``load_state_dict``, ``torch.save`` of the model,
 ``copy.deepcopy``, ``.to()`` / ``.cuda()`` / ``.cpu()`` and ``safetensors.torch.save_model`` all work on it. The
 product runs through a :class:`pycusparselt.SparseLinear` (cuSPARSELt on the GPU, the NumPy reference on the
 CPU) made from that state on the first call and again after the state moves or changes; it is a cache, never
-saved. Eager calls go straight to it; under ``torch.compile``, ``torch.export`` and ``torch.fx`` tracing the
-product is the custom operator ``torch.ops.pycusparselt.linear``.
+saved. Inputs of 1 to 16 rows run on the decode kernel reading the state where it is, where that kernel serves
+the layer (``pycusparselt.nn.small_batch`` chooses): then the state is the weight's only copy. Eager calls go
+straight to the product; under ``torch.compile``, ``torch.export`` and ``torch.fx`` tracing the product is the
+custom operator ``torch.ops.pycusparselt.linear``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import itertools
 import math
 import operator
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,23 +27,20 @@ import torch
 from .. import _arrays
 from .._native import gpu
 from ..errors import ClosedError
-from ..nn import layer_values
+from ..gemm import decode
+from ..nn import layer_values, small_batch
 from ..nn.linear import MODES
 from ..nn.linear import SparseLinear as NativeLinear
-from ..reference import is_2to4
 from . import compact
-from .channels import shared_weights
-from .pruning import MASK_NAME
-from .siblings import SiblingProjection, find_sibling_groups, merged_name
 
-__all__ = ["SparseLinear", "SparseLinearModule", "SparsifyReport", "sparsify"]
+__all__ = ["SparseLinear", "SparseLinearModule", "VALUE_DTYPES", "QUANTIZED_MODES"]
 
 _live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # layer_id -> SparseLinear, for the operator
 _ids = itertools.count(1)
 
 #: The dtype each mode keeps its values in (FP8 as its bytes: ``.half()`` must not convert them).
-_VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.uint8}
-_QUANTIZED = ("int8", "fp8")
+VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.uint8}
+QUANTIZED_MODES = ("int8", "fp8")
 _STATE = ("values", "indices", "bias", "weight_scale", "input_scale", "output_scale")  # the buffers
 #: Prepared entries a module keeps (one per number of rows, stream and device) before it starts again, as the
 #: layer's routes do: a model fed inputs of many lengths keeps a bounded number of stages.
@@ -159,15 +158,15 @@ class SparseLinear(torch.nn.Module):
             out_dtype = _arrays.torch_dtype(np.dtype(out_dtype))
         self.out_dtype = out_dtype
         self.autotune = autotune
-        quantized = mode in _QUANTIZED
-        self.register_buffer("values", torch.zeros((out_features, in_features // 2), dtype=_VALUE_DTYPES[mode],
+        quantized = mode in QUANTIZED_MODES
+        self.register_buffer("values", torch.zeros((out_features, in_features // 2), dtype=VALUE_DTYPES[mode],
                                                    device=device))
         # all-zero groups keep positions 0 and 1 (nibble 0x4); a last odd group leaves its byte's high nibble 0
         indices = torch.full((out_features, -(-in_features // 8)), 0x44, dtype=torch.uint8, device=device)
         if in_features % 8:
             indices[:, -1] = 0x04
         self.register_buffer("indices", indices)
-        bias_dtype = torch.float32 if quantized else _VALUE_DTYPES[mode]
+        bias_dtype = torch.float32 if quantized else VALUE_DTYPES[mode]
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         if quantized:
             scales = (out_features,) if mode == "int8" else ()
@@ -175,9 +174,11 @@ class SparseLinear(torch.nn.Module):
             self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=device))
             self.register_buffer("output_scale", torch.zeros((), dtype=torch.float32, device=device))
         self._native: NativeLinear | None = None
+        self._small: small_batch.LayerDecoder | bool | None = None  # 1-16 rows on the compact form; False: not
+        self._generation: object | None = None  # what the caches were made from; None: make them again
         self._direct: dict = {}
         self._stages: dict = {}  # (padded rows, stream, device) -> the stage of prepared calls
-        self._dtype = torch.float16 if quantized else _VALUE_DTYPES[mode]  # what the product reads
+        self._dtype = torch.float16 if quantized else VALUE_DTYPES[mode]  # what the product reads
         self._row_bytes = in_features * self._dtype.itemsize
         self._watched: tuple = ()  # the buffers the product was made from, and their versions then
         self._built_from: tuple = ()
@@ -208,7 +209,7 @@ class SparseLinear(torch.nn.Module):
         weight = weight.detach()
         if weight.dim() != 2:
             raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight.shape)}")
-        if mode in _QUANTIZED and calibration is None:
+        if mode in QUANTIZED_MODES and calibration is None:
             raise ValueError(f"calibration: a {mode} layer needs example inputs to choose its input scale")
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, bias is not None, mode=mode, device=weight.device, **options)
@@ -216,7 +217,7 @@ class SparseLinear(torch.nn.Module):
                               mode=mode, prune=prune, autotune=False, activation=module.activation,
                               relu_upper_bound=module.relu_upper_bound, relu_threshold=module.relu_threshold,
                               out_dtype=module._numpy_out_dtype(), fp8_format=module.fp8_format)
-        if calibration is not None and mode in _QUANTIZED:
+        if calibration is not None and mode in QUANTIZED_MODES:
             native.calibrate([_arrays.to_numpy(x.detach().reshape(-1, in_features).float()) for x in calibration])
         module._fill_from(native)
         return module
@@ -224,7 +225,7 @@ class SparseLinear(torch.nn.Module):
     def _fill_from(self, native: NativeLinear) -> None:
         """The state of a host (reference) layer's pruned, or quantized, weight."""
         with torch.no_grad():
-            if self.mode in _QUANTIZED:
+            if self.mode in QUANTIZED_MODES:
                 wq = np.ascontiguousarray(native.weight_q)
                 if wq.dtype != np.int8:  # FP8 bytes; a pruned -0.0 (0x80) is a zero of the 2:4 pattern
                     wq = np.where((wq.view(np.uint8) & 0x7F) == 0, np.uint8(0), wq.view(np.uint8))
@@ -240,7 +241,7 @@ class SparseLinear(torch.nn.Module):
             self.indices.copy_(indices)
             if self.bias is not None:
                 self.bias.copy_(_arrays.host_tensor(np.asarray(native.bias)).to(self.bias.dtype))
-        self._native = None
+        self._forget()
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -250,22 +251,22 @@ class SparseLinear(torch.nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_native"] = None  # a cache of the GPU's plans: never copied or pickled
+        state["_native"] = state["_small"] = state["_generation"] = None  # the GPU's caches: never copied
         state["_watched"], state["_built_from"], state["_direct"], state["_stages"] = (), (), {}, {}
         state["_shared"] = None  # a product of one input of this process (and a weak reference): not state
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._native = None
+        self._forget()
         self._direct, self._stages = {}, {}
         self._shared = None
         self._register()  # a copy is a module of its own
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if name in _STATE and "_native" in self.__dict__:  # a buffer replaced, not edited: made again
-            self.__dict__["_native"] = None
+        if name in _STATE and "_generation" in self.__dict__:  # a buffer replaced, not edited: made again
+            self._forget()
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         # a sparse layer computes in its mode: dtype conversions of the model (.half(), .to(dtype)) leave its
@@ -276,7 +277,7 @@ class SparseLinear(torch.nn.Module):
             old = before[name]
             if new.dtype != old.dtype:
                 setattr(self, name, old.to(new.device))
-        self._native = None
+        self._forget()
         self._shared = None
         return result
 
@@ -285,15 +286,15 @@ class SparseLinear(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         try:
-            if self.values.dtype != _VALUE_DTYPES[self.mode]:
-                raise ValueError(f"{prefix}values: a {self.mode!r} layer keeps {_VALUE_DTYPES[self.mode]}, got "
+            if self.values.dtype != VALUE_DTYPES[self.mode]:
+                raise ValueError(f"{prefix}values: a {self.mode!r} layer keeps {VALUE_DTYPES[self.mode]}, got "
                                  f"{self.values.dtype}")
             compact.check_pair(self.values, self.indices, self.out_features, self.in_features, prefix.rstrip("."))
-            if self.mode in _QUANTIZED:
+            if self.mode in QUANTIZED_MODES:
                 _check_scales(self, prefix.rstrip("."))
         except ValueError as exc:
             error_msgs.append(str(exc))
-        self._native = None
+        self._forget()
 
     def _numpy_out_dtype(self) -> Any:
         return None if self.out_dtype is None else _arrays.dtype_of(torch.empty(0, dtype=self.out_dtype))
@@ -301,7 +302,7 @@ class SparseLinear(torch.nn.Module):
     def _output_dtype(self) -> torch.dtype:
         if self.out_dtype is not None:
             return self.out_dtype
-        return torch.float16 if self.mode in _QUANTIZED else _VALUE_DTYPES[self.mode]
+        return torch.float16 if self.mode in QUANTIZED_MODES else VALUE_DTYPES[self.mode]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -311,23 +312,100 @@ class SparseLinear(torch.nn.Module):
 
     # -- running -------------------------------------------------------------------------------------
 
-    def native(self) -> NativeLinear:
-        """The :class:`pycusparselt.SparseLinear` that runs the product on the buffers' device, made on first use
-        and again after ``.to()``, ``load_state_dict`` or an in-place edit of the buffers."""
-        if self._native is None or self._built_from != _versions(self._watched):
+    def _forget(self) -> None:
+        """Drop what was made from the state (the state was replaced, moved or loaded)."""
+        self._native = self._small = self._generation = None
+
+    def _current(self) -> object:
+        """The caches' generation: the caches made from the state are dropped first where the state was
+        replaced, moved, loaded or edited in place since."""
+        if self._generation is None or self._built_from != _versions(self._watched):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
             self._direct = {}  # (rows, stream, device) -> what product() launches directly, or False
             self._stages = {}
-            self._native = self._build_native()
+            self._native = self._small = None
+            self._generation = object()
             self._built_from = _versions(self._watched)
+        return self._generation
+
+    def native(self) -> NativeLinear:
+        """The :class:`pycusparselt.SparseLinear` that runs the product on the buffers' device, made on first use
+        and again after ``.to()``, ``load_state_dict`` or an in-place edit of the buffers. Inputs of 1 to 16 rows
+        may not need it (:meth:`product`)."""
+        self._current()
+        if self._native is None:
+            self._native = self._build_native()
         return self._native
+
+    @property
+    def product_nbytes(self) -> int:
+        """GPU bytes held beside the state by what runs the product: the :class:`pycusparselt.SparseLinear`'s
+        dense weight (and quantized copy) and its compressed weights, once it is made (an input of more than 16
+        rows, or a layer the decode kernel does not serve). 0 while the decode kernel on the compact state has
+        served every input (its split-K workspace, a few FP32 partial sums per output, is not counted)."""
+        native = self._native
+        if native is None or not native.on_device:
+            return 0
+        copies = [native.weight] + ([] if native.weight_q is None else [native.weight_q])
+        return sum(int(c.nbytes) for c in copies) + native.compressed_nbytes
+
+    @property
+    def small_batch_choices(self) -> dict[tuple[int, int], small_batch.Choice]:
+        """What serves inputs of 1 to 16 rows, per bucket of rows (``(1, 8)``, ``(9, 16)``): the decode kernel
+        on the compact state or cuSPARSELt (:class:`pycusparselt.nn.small_batch.Choice`), once a small input has
+        chosen; empty before, and for layers the kernel does not serve."""
+        if not self._small:
+            return {}
+        return {small_batch.BUCKETS[b]: choice for b, choice in sorted(self._small.choices.items())}
+
+    def _small_reason(self) -> str | None:
+        """None where inputs of 1 to 16 rows can run on the decode kernel reading the compact state where it is
+        (no other copy of the weight); else why not."""
+        if not self.values.is_cuda:
+            return "the module is on the CPU"
+        if self.mode not in ("fp16", "bf16"):
+            return f"mode {self.mode!r} (the kernel takes fp16 and bf16)"
+        if self.activation == "gelu":
+            return "GELU follows the product's rounding"
+        if self.out_dtype not in (None, self._dtype):
+            return f"out_dtype {self.out_dtype}"
+        if self.in_features % decode.COMPACT_K_MULTIPLE:
+            return f"in_features {self.in_features} is not a multiple of {decode.COMPACT_K_MULTIPLE}"
+        if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (self.values, self.indices)):
+            return "values or indices are not contiguous and 16-byte aligned"
+        return small_batch.unsupported_reason(on_device=True, quantized=False, dtype=_arrays.dtype_of(self.values),
+                                              post=False, device=self.values.device.index)
+
+    def _small_launcher(self, rows: int, sp: int) -> Any:
+        """The decode kernel's launcher on the compact state for ``rows`` (1..16) rows on stream ``sp`` where it
+        serves them (:class:`pycusparselt.nn.small_batch.LayerDecoder` chooses, against cuSPARSELt), else None.
+        A product made only for that choice is dropped again when the kernel serves every small input."""
+        if self._small is None:
+            self._small = self._small_reason() is None and small_batch.LayerDecoder.for_compact(
+                self.values, self.indices, self.bias, in_features=self.in_features, activation=self.activation,
+                relu_threshold=self.relu_threshold, relu_upper_bound=self.relu_upper_bound,
+                device=self.values.device.index, tune=self.autotune is not False)
+        if not self._small:
+            return None
+        had_native = self._native is not None
+        with torch.cuda.device(self.values.device):
+            launch = self._small.launcher(rows, sp, lambda: self._cusparselt_launcher(sp))
+        if not had_native and self._native is not None and all(
+                choice.backend == "decode" for choice in self._small.choices.values()):
+            self._native.close()  # made for the timing only: the compact form serves every small input
+            self._native = None
+        return launch
+
+    def _cusparselt_launcher(self, sp: int) -> Any:
+        found = self.native().direct_launcher(small_batch.BUCKETS[-1][1], sp, decode=False)
+        return None if found is None else found[0]
 
     def _build_native(self) -> NativeLinear:
         on_device = self.values.is_cuda
         dense = compact.unpack(self.values, self.indices, self.in_features)
         options = dict(activation=self.activation, relu_upper_bound=self.relu_upper_bound,
                        relu_threshold=self.relu_threshold, autotune=self.autotune, out_dtype=self._numpy_out_dtype())
-        if self.mode in _QUANTIZED:
+        if self.mode in QUANTIZED_MODES:
             scale = lambda t: float(t) or None  # noqa: E731 - 0 means unset
             return NativeLinear.from_quantized(
                 dense, self.weight_scale, self.bias, mode=self.mode, fp8_format=self.fp8_format,
@@ -354,11 +432,14 @@ class SparseLinear(torch.nn.Module):
 
         The first call with a number of rows on a stream is checked in full by the
         :class:`pycusparselt.SparseLinear` beneath; later ones (C-contiguous, 16-byte aligned, of the layer's
-        dtype, with the input's device current) launch the prepared product directly.
+        dtype, with the input's device current) launch the prepared product directly. Inputs of 1 to 16 rows
+        of the layer's dtype run on the decode kernel reading the compact state where it is, when the kernel
+        can serve the layer and is chosen (:mod:`pycusparselt.nn.small_batch`); then nothing else holds the
+        weight.
         """
-        native = self.native()
+        self._current()
         if not x.is_cuda:
-            return _arrays.host_tensor(native(_arrays.to_numpy(x)))
+            return _arrays.host_tensor(self.native()(_arrays.to_numpy(x)))
         if not x.is_contiguous():
             x = x.contiguous()
         device = x.get_device()
@@ -382,14 +463,27 @@ class SparseLinear(torch.nn.Module):
                 self._direct.clear()
                 self._stages.clear()
                 direct = None
+        if (rows <= small_batch.BUCKETS[-1][1] and x.dtype is self._dtype and x.dim() == 2
+                and x.shape[1] == self.in_features and device == self.values.get_device()):
+            launch = self._small_launcher(rows, sp)
+            if launch is not None:  # the decode kernel on the compact state: no other copy of the weight
+                y = torch.empty((rows, self.out_features), dtype=self.output_dtype, device=x.device)
+                launch(x.data_ptr(), y.data_ptr(), sp)
+                if direct is None and not torch.cuda.is_current_stream_capturing():
+                    self._keep_direct(key, (launch, None, (rows, self.out_features), None, None))
+                return y
+        native = self.native()
         y = native(x)  # checks x in full; makes (and tunes) the product for this shape
         if direct is None and x.dtype is self._dtype and not torch.cuda.is_current_stream_capturing():
             # made outside graph capture only: its stage is then zeroed now, not at each replay
-            if len(self._direct) >= _MAX_DIRECT:  # many sizes (prompts of every length): start again
-                self._direct.clear()
-                self._stages.clear()
-            self._direct[key] = self._direct_entry(native, rows, sp, x.device)
+            self._keep_direct(key, self._direct_entry(native, rows, sp, x.device))
         return y
+
+    def _keep_direct(self, key: tuple, entry: tuple | bool) -> None:
+        if len(self._direct) >= _MAX_DIRECT:  # many sizes (prompts of every length): start again
+            self._direct.clear()
+            self._stages.clear()
+        self._direct[key] = entry
 
     def _direct_entry(self, native: NativeLinear, rows: int, sp: int, device: torch.device) -> tuple | bool:
         """What :meth:`product` needs to launch the prepared product for ``rows`` rows on stream ``sp``
@@ -461,24 +555,24 @@ class SparseLinear(torch.nn.Module):
         """
         if _tracing(x):
             return self.forward(x)
-        native = self.native()
+        generation = self._current()
         key = _input_key(x)
         last = self._shared
         if (key is not None and last is not None and last.source() is x and last.key == key
-                and last.native is native and _version(last.product) == last.product_version
+                and last.generation is generation and _version(last.product) == last.product_version
                 and reader not in last.readers):
             last.readers.add(reader)
             return last.product
         y = self.forward(x)
         self._shared = None if key is None or y.is_inference() else \
-            _Shared(weakref.ref(x), key, native, y, _version(y), {reader})
+            _Shared(weakref.ref(x), key, generation, y, _version(y), {reader})
         return y
 
     def warm_up(self, rows: Iterable[int]) -> None:
         """Prepare (and tune, where ``autotune``) the product for inputs of these numbers of rows, so that the
         first call with them costs what any call does. Rows of 1 to 16 share one prepared product."""
         device = self.values.device
-        dtype = torch.float16 if self.mode in _QUANTIZED else _VALUE_DTYPES[self.mode]
+        dtype = torch.float16 if self.mode in QUANTIZED_MODES else VALUE_DTYPES[self.mode]
         for n in dict.fromkeys(int(r) for r in rows):
             if n <= 0:
                 raise ValueError(f"rows: expected positive numbers of rows, got {n}")
@@ -496,7 +590,7 @@ class _Shared:
 
     source: Any  # weakref.ref to the input: the cache keeps no input alive
     key: tuple
-    native: Any  # the product's maker: a new one (new state) makes the product stale
+    generation: object  # the caches' generation it was made in: a new one (new state) makes it stale
     product: torch.Tensor
     product_version: int
     readers: set
@@ -525,281 +619,3 @@ def _check_scales(module: SparseLinear, where: str) -> None:
     layer_values.weight_scales(module.weight_scale.detach().cpu().numpy(), f"{where}.weight_scale")
     for name in ("input_scale", "output_scale"):
         layer_values.activation_scale(float(getattr(module, name)) or None, f"{where}.{name}")
-
-
-@dataclass
-class SparsifyReport:
-    """What :func:`sparsify` replaced, what it fused and merged, and what it left dense (each with the reason).
-
-    ``merged`` maps each merged module's name to its siblings' names (``merge_siblings=True``);
-    ``not_merged`` maps each sibling group found but not merged (``attn.{q_proj,k_proj,v_proj}``) to the reason.
-    """
-
-    replaced: list = field(default_factory=list)
-    dense: dict = field(default_factory=dict)
-    fused: list = field(default_factory=list)  # "linear + activation" names
-    not_fused: dict = field(default_factory=dict)  # activation name -> why it runs on its own
-    merged: dict = field(default_factory=dict)  # merged module name -> its siblings' names
-    not_merged: dict = field(default_factory=dict)  # group label -> why its members run on their own
-
-    def __str__(self) -> str:
-        lines = [f"sparse: {', '.join(self.replaced) or 'nothing'}"]
-        lines += [f"fused: {pair}" for pair in self.fused]
-        lines += [f"not fused: {name} ({why})" for name, why in self.not_fused.items()]
-        lines += [f"merged: {' + '.join(members)} -> {name}" for name, members in self.merged.items()]
-        lines += [f"not merged: {label} ({why})" for label, why in self.not_merged.items()]
-        return "\n".join(lines + [f"dense: {name} ({why})" for name, why in self.dense.items()])
-
-
-def _why_dense(mod: Any) -> str | None:
-    if isinstance(mod, torch.nn.Conv2d):
-        if mod.kernel_size != (1, 1) or mod.stride != (1, 1) or mod.padding not in ((0, 0), "valid") \
-                or mod.dilation != (1, 1) or mod.groups != 1:
-            return "a convolution other than 1x1 (stride 1, no padding, ungrouped) is not a single GEMM"
-    out_features, inputs = mod.weight.shape[:2]
-    if inputs == 0 or out_features == 0:
-        return f"an empty layer ({out_features} x {inputs}): nothing to multiply"
-    if inputs % 4:
-        return f"{inputs} input features: not a multiple of 4"
-    return None
-
-
-def _activations(model: Any, targets: dict, names: dict) -> dict:
-    """Which targets can take the activation that follows them into their product: in an ``nn.Sequential``, a
-    Linear followed by ``nn.ReLU``, both registered once. Returns {linear name: (activation name, kind)}."""
-    found: dict = {}
-    for parent_name, parent in model.named_modules():
-        if type(parent) is not torch.nn.Sequential:  # a subclass may have a forward of its own
-            continue
-        children = list(parent.named_children())
-        for (name, mod), (act_name, act) in zip(children, children[1:], strict=False):
-            full = f"{parent_name}.{name}" if parent_name else name
-            act_full = f"{parent_name}.{act_name}" if parent_name else act_name
-            if id(mod) not in targets or isinstance(mod, torch.nn.Conv2d):
-                continue
-            if isinstance(act, torch.nn.ReLU):
-                if len(names[id(mod)]) == 1 and len(names.get(id(act), [])) == 1:
-                    found[full] = (act_full, "relu")
-            elif isinstance(act, torch.nn.GELU):
-                found[full] = (act_full, None)
-    return found
-
-
-def sparsify(
-    model: Any,
-    mode: str = "fp16",
-    *,
-    calibration: Iterable[Any] | None = None,
-    prune: str = "strip",
-    autotune: bool | dict = True,
-    fuse: bool = True,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
-    warm_up: Sequence[int] = (),
-    merge_siblings: bool = False,
-    **layer_options: Any,
-) -> SparsifyReport:
-    """Replace ``model``'s ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers by :class:`SparseLinear` in place.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        On the GPU for cuSPARSELt (CPU models run the NumPy reference: for checking, not speed).
-    mode : {"fp16", "bf16", "int8", "fp8"}
-        The type the products read. "fp16"/"bf16" layers take inputs of that type (convert the model first,
-        e.g. ``model.half()``); "int8"/"fp8" layers quantize float inputs with the scales calibrated on
-        ``calibration``.
-    calibration : iterable of inputs, optional
-        Example inputs of ``model`` (each passed as ``model(x)``), needed by "int8" and "fp8" (unless
-        ``state_dict`` gives the scales): every replaced layer's scales come from what it receives on them.
-    prune : {"strip", "tile"}
-        How to prune weights that are not already 2:4 along their inputs (layers pruned by
-        :func:`prune_trained_model` are used as they are).
-    autotune : bool or dict
-        Passed to every layer (:class:`pycusparselt.SparseLinear`). Layers with the same problem share one
-        tuning: the tuner's cache remembers the winner, on disk and across processes.
-    fuse : bool
-        Fuse an ``nn.ReLU`` that follows a Linear in an ``nn.Sequential`` (and only there) into the product's
-        epilogue; the ReLU becomes ``nn.Identity``. The report lists each fusion and each refusal.
-    state_dict : mapping, optional
-        The state of a model sparsified before (``model.state_dict()`` after ``sparsify``, or a file of it):
-        ``model`` is a freshly built dense model of the same class; its layers are made from the state (no
-        pruning, quantization or calibration), after which the rest of the state is loaded too
-        (``load_state_dict(strict=True)``). Use the same ``mode`` and ``fuse`` as the first time.
-    warm_up : sequence of int
-        Numbers of input rows (batch x tokens) to prepare and tune every layer for now, on the GPU, so that
-        the first forward with them costs what any forward does.
-    merge_siblings : bool
-        Run sibling ``nn.Linear`` layers that read one input (Q, K and V; gate and up of a gated MLP) as one
-        product over their concatenated weights: "fp16" and "bf16" only. Siblings are the Linear children of
-        one parent named by a group of :data:`pycusparselt.torch.siblings.SIBLING_GROUPS`, with the same
-        in_features, dtype, device and bias presence, none fused with an activation, registered under two
-        names or sharing a parameter. The parent gets a :class:`SparseLinear` child
-        ``merged_<names joined by _>`` (``merged_q_proj_k_proj_v_proj``: the state dict's entries for the
-        group) and each sibling becomes a :class:`pycusparselt.torch.siblings.SiblingProjection`, a view of
-        its output features of the merged product, with no state of its own. Siblings called on the same
-        tensor share one product; a sibling called on another tensor computes the merged product of that one.
-        The report lists every merge and every group refused, with the reason. Off by default: not yet
-        measured on a GPU. Use the same value to load a ``state_dict`` (a group whose merged entry the state
-        lacks is not merged).
-    **layer_options
-        Passed to every :class:`SparseLinear` (``relu_upper_bound``, ``out_dtype``, ``fp8_format``, ...).
-
-    Returns
-    -------
-    SparsifyReport
-
-    Notes
-    -----
-    A module registered under several names is replaced under all of them by one sparse module. A layer whose
-    weight is also used by a module that is not replaced (a weight tied to an embedding, say) stays dense:
-    pruning it would change that module too, or untie the two. Empty layers and layers whose inputs are not
-    a multiple of 4 stay dense. The report says why for each.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    quantized = mode in _QUANTIZED
-    if quantized and calibration is None and state_dict is None:
-        raise ValueError(f"calibration: a {mode} model needs example inputs to choose its scales")
-    report = SparsifyReport()
-    names: dict = {}  # id(module) -> every name it is registered under
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), []).append(name)
-    candidates = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(mod, SparseLinear):
-            why = _why_dense(mod)
-            if why is None:
-                candidates[id(mod)] = (name, mod)
-            else:
-                report.dense[name] = why
-    # weights shared with modules that stay dense
-    for users in shared_weights(model).values():
-        outside = [n for n, m in users if id(m) not in candidates]
-        if outside:
-            for n, m in users:
-                if id(m) in candidates:
-                    del candidates[id(m)]
-                    report.dense[n] = f"its weight is also used by {', '.join(outside)}, which stays dense"
-    fusions = _activations(model, candidates, names) if fuse else {}
-    groups: list = []
-    if merge_siblings:
-        fused = {name for name, (_, kind) in fusions.items() if kind is not None}
-        groups, report.not_merged = find_sibling_groups(model, candidates, names, fused)
-        if quantized:  # per-layer input and output scales (FP8: one weight scale) have no merged form
-            report.not_merged.update((group.label, f"{mode} layers keep scales of their own: merged in 'fp16' "
-                                      f"and 'bf16' only") for group in groups)
-            groups = []
-        if state_dict is not None:
-            for group in [g for g in groups if f"{g.merged}.values" not in state_dict]:
-                report.not_merged[group.label] = (f"the state dict has no {group.merged}.values: saved without "
-                                                  f"merge_siblings, it holds the members one by one")
-                groups.remove(group)
-    members = {id(mod): group for group in groups for mod in group.modules}
-    for act_name, kind in fusions.values():
-        if kind is None:
-            report.not_fused[act_name] = ("GELU runs as a separate float32 step after the product here, slower than "
-                                          "PyTorch's own GELU kernel: left to PyTorch")
-    inputs: dict = {key: [] for key in candidates}
-    if quantized and state_dict is None:
-        hooks = [mod.register_forward_pre_hook(lambda m, args, key=key: inputs[key].append(args[0].detach()))
-                 for key, (_, mod) in candidates.items()]
-        try:
-            with torch.no_grad():
-                for x in calibration:
-                    model(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-    for key, (name, mod) in candidates.items():
-        conv = isinstance(mod, torch.nn.Conv2d)
-        activation = None
-        fused = fusions.get(name)
-        if fused is not None and fused[1] is not None:
-            activation = fused[1]
-        options = dict(layer_options, activation=activation, conv=conv, autotune=autotune)
-        if activation != "relu":  # ReLU bounds are options of fused ReLUs only
-            options.pop("relu_upper_bound", None)
-            options.pop("relu_threshold", None)
-        if state_dict is not None and key in members:
-            # an empty layer of the member's shape, to be concatenated into the merged one the state fills
-            new = SparseLinear(mod.in_features, mod.out_features, mod.bias is not None, mode=mode,
-                               device=mod.weight.device, **options)
-        elif state_dict is not None:
-            new = _from_state(mod, name, mode, state_dict, options)
-            if new is None:
-                report.dense[name] = "dense in the state dict (left dense when it was sparsified)"
-                continue
-        else:
-            weight = mod.weight.detach()
-            weight = weight.reshape(weight.shape[0], weight.shape[1]) if conv else weight
-            already = hasattr(mod, MASK_NAME) or is_2to4(_arrays.to_numpy(weight.float()), axis=-1)
-            batches = None
-            if quantized:
-                batches = [x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
-                           for x in inputs.pop(key)]
-                if not batches:
-                    report.dense[name] = "not called on the calibration inputs: no scale for its input"
-                    continue
-            new = SparseLinear.from_dense(weight, mod.bias, mode=mode, prune=None if already else prune,
-                                          calibration=batches, **options)
-        for full in names[key]:
-            parent_name, _, child = full.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
-        if activation is not None:
-            act_name = fused[0]
-            parent_name, _, child = act_name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, torch.nn.Identity())
-            report.fused.append(f"{name} + {act_name}")
-        report.replaced.append(name)
-    for group in groups:
-        _merge(group, layer_options, autotune)
-        report.merged[group.merged] = group.names
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    if warm_up:
-        for mod in model.modules():  # each module once, however often it is registered
-            if isinstance(mod, SparseLinear):
-                mod.warm_up(warm_up)
-    return report
-
-
-def _merge(group: Any, layer_options: dict, autotune: Any) -> None:
-    """Put in place of the group's (sparse, already made) members one :class:`SparseLinear` of their concatenated
-    state, registered as the parent's ``merged_...`` child, and a :class:`SiblingProjection` of it for each."""
-    parts = [getattr(group.parent, child) for child in group.children]
-    first = parts[0]
-    options = dict(layer_options, autotune=autotune)
-    options.pop("relu_upper_bound", None)  # options of fused ReLUs only, and no member has one
-    options.pop("relu_threshold", None)
-    merged = SparseLinear(first.in_features, sum(p.out_features for p in parts), first.bias is not None,
-                          mode=first.mode, device=first.values.device, **options)
-    with torch.no_grad():  # the compact form is per output feature: rows concatenate as they are
-        merged.values.copy_(torch.cat([p.values for p in parts]))
-        merged.indices.copy_(torch.cat([p.indices for p in parts]))
-        if merged.bias is not None:
-            merged.bias.copy_(torch.cat([p.bias for p in parts]))
-    setattr(group.parent, merged_name(group.children), merged)
-    start = 0
-    for child, part in zip(group.children, parts, strict=True):
-        setattr(group.parent, child, SiblingProjection(merged, start, start + part.out_features))
-        start += part.out_features
-
-
-def _from_state(mod: Any, name: str, mode: str, state_dict: Mapping[str, torch.Tensor],
-                options: dict) -> SparseLinear | None:
-    """An empty sparse layer shaped as ``mod`` (filled by the final ``load_state_dict``), checked against the
-    state's entries for ``name``; None where the state holds the layer dense."""
-    out_features, in_features = mod.weight.shape[:2]
-    prefix = f"{name}." if name else ""
-    if prefix + "values" not in state_dict and prefix + "weight" in state_dict:
-        return None
-    if prefix + "values" not in state_dict:
-        raise KeyError(f"state_dict: no '{prefix}values' for layer {name!r} (a state dict saved after sparsify "
-                       f"holds values and indices for every sparse layer)")
-    values = state_dict[prefix + "values"]
-    if values.dtype != _VALUE_DTYPES[mode]:
-        raise ValueError(f"state_dict: '{prefix}values' is {values.dtype}, a {mode!r} layer keeps "
-                         f"{_VALUE_DTYPES[mode]}: sparsify with the mode the state was saved with")
-    has_bias = prefix + "bias" in state_dict
-    return SparseLinear(in_features, out_features, has_bias, mode=mode, device=mod.weight.device, **options)

@@ -32,7 +32,10 @@ SPLIT_K_MODES = (SplitKMode.SPLIT_K_MODE_ONE_KERNEL, SplitKMode.SPLIT_K_MODE_TWO
 SPLIT_K_FINALISTS = 2
 MAX_ROTATION = 8
 RETIMED = 3
+#: Milliseconds the GPU is kept busy before timing the first candidate (clocks ramp up), and before each later
+#: one (the host re-initialises the plan in about a millisecond between them: the clocks stay up).
 WARM_MS = 25.0
+WARM_MS_NEXT = 5.0
 #: Host time allowed per timed call when holding the stream (generous: an enqueue costs 10-30 us).
 HOLD_US_PER_CALL = 50.0
 
@@ -168,7 +171,7 @@ def tuning_is_safe_on(device: int) -> bool:
     return device == 0
 
 
-def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
+def _measure(run, sets: list, stream: Any, repeats: int, warmup: int, warm_ms: float = WARM_MS) -> float:
     """Median GPU milliseconds per call of ``run`` over the rotating operand ``sets``.
 
     Calls are timed eagerly, behind a kernel that holds the stream until every timed call is queued
@@ -182,10 +185,10 @@ def _measure(run, sets: list, stream: Any, repeats: int, warmup: int) -> float:
     def one(i: int) -> None:
         run(*sets[i % n])
 
-    # Clocks drop while the host re-initialises the plan between candidates: keep the GPU busy for about
-    # WARM_MS before timing, whatever ``warmup`` says, so that every candidate is timed at the same clocks.
+    # Clocks drop while the GPU idles: keep it busy for about ``warm_ms`` before timing, whatever ``warmup``
+    # says, so that every candidate is timed at the same clocks.
     first = time_gpu(one, repeats=1, warmup=warmup, stream=stream, hold_us=HOLD_US_PER_CALL).median_ms
-    busy = min(2000, max(0, math.ceil(WARM_MS / max(first, 1e-3))))
+    busy = min(2000, max(0, math.ceil(warm_ms / max(first, 1e-3))))
     return time_gpu(one, repeats=repeats, warmup=busy, stream=stream, hold_us=HOLD_US_PER_CALL * repeats).median_ms
 
 
@@ -260,7 +263,7 @@ def autotune(
                 target.try_config(config)
                 run, sets = prepare()
                 setup = (time.perf_counter() - setup) * 1e3
-                median = _measure(run, sets, tuning_stream, repeats, warmup)
+                median = _measure(run, sets, tuning_stream, repeats, warmup, WARM_MS_NEXT if results else WARM_MS)
                 results.append(Candidate(config, source_name, median, None, setup))
             except CuSparseLtError as exc:
                 results.append(Candidate(config, source_name, None, f"{exc.function}: {exc.name}"))
@@ -297,7 +300,7 @@ def autotune(
             try:
                 target.try_config(cand.config)
                 run, sets = prepare()
-                median = _measure(run, sets, tuning_stream, 2 * repeats, warmup)
+                median = _measure(run, sets, tuning_stream, 2 * repeats, warmup, WARM_MS_NEXT)
             except CuSparseLtError:
                 continue
             results[results.index(cand)] = cand._replace(median_ms=median)

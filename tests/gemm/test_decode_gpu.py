@@ -47,7 +47,7 @@ def _check(y_host, w, x, b, ep):
     reference.assert_close(y_host.T, want, a=w, b=x.T, bias=bias, **kw)
 
 
-def _run_torch(w, x, b, ep, *, x_stride=None, splits=None):
+def _run_torch(w, x, b, ep, *, x_stride=None, splits=None, compact=False):
     import torch
 
     from pycusparselt._arrays import host_tensor
@@ -56,7 +56,13 @@ def _run_torch(w, x, b, ep, *, x_stride=None, splits=None):
     wt = host_tensor(w).to(dev)
     bt = host_tensor(b).to(dev) if ep.get("bias") else None
     kw = {key: v for key, v in ep.items() if key != "bias"}
-    gemm = decode.DecodeGemm(wt, bt, splits=splits, **kw)
+    if compact:  # the weight read in the module's compact form, where it is
+        from pycusparselt.torch import compact as compact_form
+
+        gemm = decode.DecodeGemm.from_compact(*compact_form.pack(wt), bt, splits=splits, **kw)
+        assert gemm.layout == "compact" and gemm.nbytes == w.size + w.size // 8
+    else:
+        gemm = decode.DecodeGemm(wt, bt, splits=splits, **kw)
     m, k = x.shape
     if x_stride is None:
         xt = host_tensor(x).to(dev)
@@ -166,3 +172,61 @@ def test_bad_inputs_are_refused_before_launching():
     with pytest.raises(ValueError, match="activation"):
         decode.DecodeGemm(cp.asarray(w), activation="silu")
     assert decode.available() and not math.isnan(0.0)
+
+
+# The compact form (DecodeGemm.from_compact): K a multiple of 256, any N.
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("m", range(1, 17))
+def test_compact_every_m_matches_the_reference(dtype, m):
+    rng = np.random.default_rng(300 * m + (dtype == BF16))
+    n, k = (203, 768) if m % 2 else (256, 1024)
+    ep = EPILOGUES[m % len(EPILOGUES)]
+    w, x, b = _case(rng, m, n, k, dtype)
+    y, _ = _run_torch(w, x, b, ep, compact=True)
+    _check(y, w, x, b, ep)
+
+
+@pytest.mark.parametrize("ep", EPILOGUES, ids=lambda e: "-".join(f"{a}" for a in e) or "plain")
+def test_compact_each_epilogue_and_strided_x(ep):
+    rng = np.random.default_rng(17)
+    w, x, b = _case(rng, 12, 130, 512, BF16)
+    y, _ = _run_torch(w, x, b, ep, compact=True, x_stride=517)
+    _check(y, w, x, b, ep)
+
+
+def test_compact_every_split_gives_the_packed_kernels_bits():
+    rng = np.random.default_rng(4)
+    w, x, b = _case(rng, 16, 200, 2048, F16)  # 8 blocks of 256 columns
+    for splits in (1, 3, 8):
+        y, _ = _run_torch(w, x, b, {"bias": True}, splits=splits, compact=True)
+        _check(y, w, x, b, {"bias": True})
+        y2, _ = _run_torch(w, x, b, {"bias": True}, splits=splits, compact=True)
+        assert np.array_equal(y.view(np.uint16), y2.view(np.uint16)), splits
+
+
+def test_compact_refuses_what_it_cannot_read():
+    import torch
+
+    from pycusparselt.torch import compact as compact_form
+
+    w = torch.from_numpy(reference.prune_2to4(np.random.default_rng(0).standard_normal((32, 512))
+                                              .astype(np.float16))).cuda()
+    values, indices = compact_form.pack(w)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        decode.DecodeGemm.from_compact(values[:, :128], indices[:, :32])
+    with pytest.raises(ValueError, match="indices: expected shape"):
+        decode.DecodeGemm.from_compact(values, indices[:16])
+    with pytest.raises(TypeError, match="uint8"):
+        decode.DecodeGemm.from_compact(values, indices.view(torch.int8))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        decode.DecodeGemm.from_compact(values.t().contiguous().t(), indices)
+    with pytest.raises(TypeError, match="CUDA tensor"):
+        decode.DecodeGemm.from_compact(values.cpu(), indices.cpu())
+    gemm = decode.DecodeGemm.from_compact(values, indices)
+    launch = gemm.launcher(1)
+    gemm.close()
+    from pycusparselt.errors import ClosedError
+
+    with pytest.raises(ClosedError):
+        launch(0, 0, 0)
