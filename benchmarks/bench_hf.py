@@ -22,6 +22,10 @@ batch 1 and 8: tokens per second) and ``generate-compiled`` (the same with a sta
 ``transformers`` compiles). Dense and sparse samples alternate; times are medians. ``rel_err`` is
 ``||sparse - dense|| / ||dense||`` of the last hidden state (BERT) or the logits (Llama).
 
+``--merge-siblings`` sparsifies with ``merge_siblings=True``. The JSON records ``memory_up_to_16_rows`` for
+the Llama (after its 1- and 16-token rows): the dense Linear weights' bytes, and the sparse layers' state and
+``product_nbytes``.
+
 The JSON also records ``first_forward``: seconds of the first forward at a new batch size (BERT-large, batch 8),
 dense and sparse, after ``sparsify`` (the sparse one prepares and tunes its layers then).
 """
@@ -51,7 +55,7 @@ PROMPT, NEW_TOKENS = 16, 32
 MODES = ("eager", "compile", "graph", "generate", "generate-compiled")
 
 
-def _models(torch, transformers, name: str, tune_budget: float | None = None):
+def _models(torch, transformers, name: str, tune_budget: float | None = None, merge: bool = False):
     """(dense, sparse, sparsify seconds): the pruned model and its sparsified deep copy."""
     import pycusparselt.torch as pst
 
@@ -66,7 +70,8 @@ def _models(torch, transformers, name: str, tune_budget: float | None = None):
     pst.remove_masks(model)
     sparse = copy.deepcopy(model)
     began = time.perf_counter()
-    pst.sparsify(sparse, "fp16", autotune=True if tune_budget is None else {"budget_s": tune_budget})
+    pst.sparsify(sparse, "fp16", autotune=True if tune_budget is None else {"budget_s": tune_budget},
+                 merge_siblings=merge)
     return model, sparse, time.perf_counter() - began
 
 
@@ -98,7 +103,21 @@ def _inputs(torch, name: str, size: int):
     return torch.randint(0, LLAMA["vocab_size"], (1, size), device="cuda")
 
 
-def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, keep) -> None:
+def weight_memory(torch, dense, sparse) -> dict:
+    """Bytes of the Linear weights: the dense model's, and the sparse model's state and what its products hold
+    beside it (``SparseLinear.product_nbytes``)."""
+    import pycusparselt.torch as pst
+
+    layers = [m for m in sparse.modules() if isinstance(m, pst.SparseLinear)]
+    dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in dense.modules()
+                      if isinstance(m, torch.nn.Linear))
+    state = sum(m.values.numel() * m.values.element_size() + m.indices.numel() for m in layers)
+    product = sum(m.product_nbytes for m in layers)
+    return {"dense_bytes": dense_bytes, "sparse_state_bytes": state, "sparse_product_bytes": product,
+            "sparse_over_dense": round((state + product) / dense_bytes, 4)}
+
+
+def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, keep, memory=None) -> None:
     key = "batch" if name == "bert" else "tokens"
     sizes = BERT_BATCHES if name == "bert" else LLAMA_TOKENS
     model_name = "bert-large" if name == "bert" else "llama-4x4096"
@@ -130,6 +149,8 @@ def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, kee
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(json.dumps(row), flush=True)
             keep(row)
+        if memory is not None and size == 16:  # every input so far of 1 to 16 rows
+            memory(weight_memory(torch, dense, sparse))
 
 
 def _generate_rows(torch, dense, sparse, modes: list, keep) -> None:
@@ -186,7 +207,7 @@ def _save(results: dict, path: str | None) -> None:
 
 
 def run(models: list, modes: list, repeat: int, path: str | None = None, tune_budget: float | None = None,
-        command: str = "") -> dict:
+        command: str = "", merge: bool = False) -> dict:
     """The benchmark; with ``path``, the results so far are written there after each row (a run cut short keeps
     what it measured)."""
     import torch
@@ -198,10 +219,10 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "cusparselt": ".".join(map(str, library_version())), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "repeat": repeat, "rows": [], "sparsify_s": {},
-        "tune_budget_s": tune_budget, "command": command,
+        "tune_budget_s": tune_budget, "merge_siblings": merge, "command": command,
     }
     for name in models:
-        dense, sparse, seconds = _models(torch, transformers, name, tune_budget)
+        dense, sparse, seconds = _models(torch, transformers, name, tune_budget, merge)
         results["sparsify_s"][name] = round(seconds, 2)
         if name == "bert":
             results["first_forward"] = _first_forward(torch, dense, sparse)
@@ -209,7 +230,12 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
             results["rows"].append(row)
             _save(results, path)
 
-        _forward_rows(torch, name, dense, sparse, modes, repeat, keep)
+        def memory(found: dict) -> None:
+            print(json.dumps({"memory_up_to_16_rows": found}), flush=True)
+            results["memory_up_to_16_rows"] = found
+            _save(results, path)
+
+        _forward_rows(torch, name, dense, sparse, modes, repeat, keep, memory if name == "llama" else None)
         if name == "llama":
             _generate_rows(torch, dense, sparse, modes, keep)
         del dense, sparse
@@ -242,6 +268,8 @@ def caption(results: dict) -> str:
     """The docs table's caption."""
     budget = results.get("tune_budget_s")
     tuning = "tuned in full" if budget is None else f"tuned {budget:g} s per problem"
+    if results.get("merge_siblings"):
+        tuning += ", sibling projections merged"
     return (f"Hugging Face models on {results['device']}, PyTorch {results['torch']}, transformers "
             f"{results['transformers']}, cuSPARSELt {results['cusparselt']}; {tuning}; medians of "
             f"{results['repeat']} samples")
@@ -268,6 +296,11 @@ def report(results: dict) -> str:
     lines = [f".. csv-table:: {caption(results)}",
              "   :header: model, size, mode, dense, sparse, speed-up, rel. difference", ""]
     lines += ["   " + ", ".join(row) for row in table_rows(results)]
+    memory = results.get("memory_up_to_16_rows")
+    if memory:
+        lines += ["", f"Linear weights of the Llama after its inputs of 1 and 16 tokens: dense {memory['dense_bytes']} "
+                      f"bytes; sparse state {memory['sparse_state_bytes']} bytes and "
+                      f"{memory['sparse_product_bytes']} bytes beside it ({memory['sparse_over_dense']:.4f} of dense)."]
     first = results.get("first_forward")
     if first:
         lines += ["", f"First forward of BERT-large at a new batch size (8), after ``sparsify``: dense "
@@ -287,13 +320,15 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--tune-budget", type=float, default=None,
                         help="seconds of tuning per problem (default: every configuration)")
+    parser.add_argument("--merge-siblings", action="store_true",
+                        help="sparsify(merge_siblings=True): Q/K/V and gate/up as one product each")
     args = parser.parse_args(argv)
     if args.report:
         with open(args.report) as f:
             print(report(json.load(f)))
         return 0
     command = " ".join(["python", "benchmarks/bench_hf.py", *(sys.argv[1:] if argv is None else argv)])
-    results = run(args.models, args.modes, args.repeat, args.json, args.tune_budget, command)
+    results = run(args.models, args.modes, args.repeat, args.json, args.tune_budget, command, args.merge_siblings)
     print(report(results))
     return 0
 

@@ -197,3 +197,22 @@ def test_a_selection_that_outlived_plans_kept_serves_no_new_plan(calls, monkeypa
     assert fresh is not sel
     selections.release(sel)  # its last holder: destroyed with its plans, not kept
     assert not sel.raw.initialized and selections.held_count() == (1, 0)
+
+
+def test_a_tuners_private_selection_becomes_the_shared_one_of_its_winner(calls):
+    handle = _Handle()
+    mine = selections.private(handle, 0, _descriptors(), (5, 1, 0, 0))
+    assert selections.shareable(mine, ("p",), (5, 1, 0, 0))
+    assert not selections.shareable(mine, ("p",), (5, 2, 1, None))  # a field left to the library
+    assert selections.share(mine, ("p",), (5, 1, 0, 0))
+    later = selections.acquire(handle, 0, ("p",), _descriptors(), (5, 1, 0, 0))
+    assert later is mine and mine.holders == 2 and _inits(calls) == 1  # no selection made for the winner
+    assert not selections.shareable(mine, ("p",), (6, 1, 0, 0))  # shared now: never changed in place
+    other = selections.private(handle, 0, _descriptors(), (5, 1, 0, 0))
+    assert not selections.share(other, ("p",), (5, 1, 0, 0))  # one is shared already: nothing done
+    searched = selections.private(handle, 0, _descriptors(), (7, 1, 0, 0))
+    searched.searched = True
+    assert not selections.shareable(searched, ("q",), (7, 1, 0, 0))
+    for sel in (later, mine, other, searched):
+        selections.release(sel)
+    assert selections.held_count() == (0, 1) and mine.raw.initialized  # the winner is kept idle
