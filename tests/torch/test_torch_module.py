@@ -390,3 +390,13 @@ def test_a_state_of_another_dtype_is_refused_when_assigned():
     state["0.values"] = state["0.values"].float()
     with pytest.raises(RuntimeError, match="0.values: a 'bf16' layer keeps torch.bfloat16, got torch.float32"):
         model.load_state_dict(state, assign=True)
+
+
+def test_the_operator_is_inference_only_like_the_eager_call():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64))
+    pst.sparsify(model, "fp16", autotune=False)
+    x = torch.randn(3, 256, dtype=torch.float16, requires_grad=True)
+    traced = torch.fx.symbolic_trace(model)
+    for y in (model(x), traced(x)):  # eager, and the operator
+        assert not y.requires_grad and y.shape == (3, 64)
+    assert torch.equal(model(x), traced(x))
