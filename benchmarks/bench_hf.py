@@ -113,8 +113,13 @@ def weight_memory(torch, dense, sparse) -> dict:
                       if isinstance(m, torch.nn.Linear))
     state = sum(m.values.numel() * m.values.element_size() + m.indices.numel() for m in layers)
     product = sum(m.product_nbytes for m in layers)
+    backends: dict = {}  # "1-8" -> {"decode": layers, "cusparselt": layers}
+    for m in layers:
+        for (low, high), choice in m.small_batch_choices.items():
+            counts = backends.setdefault(f"{low}-{high}", {})
+            counts[choice.backend] = counts.get(choice.backend, 0) + 1
     return {"dense_bytes": dense_bytes, "sparse_state_bytes": state, "sparse_product_bytes": product,
-            "sparse_over_dense": round((state + product) / dense_bytes, 4)}
+            "sparse_over_dense": round((state + product) / dense_bytes, 4), "small_batch_backends": backends}
 
 
 def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, keep, memory=None) -> None:

@@ -180,8 +180,8 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int i) {
 // One 16-row by 256-column chunk of W as a lane holds it.
 // Packed (decode_layout's chunks): the metadata words and the 8 steps' A fragments, loaded as they are.
 // Compact (pycusparselt.torch.compact's values and indices, row-major): lane (g, t) loads 16-byte pieces
-// 4q + t (q = 0..3) of rows g and g + 8 of the block's values, and the block's 32 bytes of positions of both
-// rows; step s takes words 2 (s & 1) and 2 (s & 1) + 1 of piece s >> 1 (the column order of
+// 4q + t (q = 0..3) of rows g and g + 8 of the block's values, and 16 of the 64 bytes of both rows' positions
+// (shared by shuffles); step s takes words 2 (s & 1) and 2 (s & 1) + 1 of piece s >> 1 (the column order of
 // decode_layout.compact_columns), and metadata word J takes nibble t of each byte pair of words 2J, 2J + 1.
 template <int COMPACT> struct Chunk;
 
@@ -202,21 +202,25 @@ __device__ __forceinline__ u32 nibbles_of(u32 a, u32 b, int t) {
            (((b >> (16 + s)) & 0xFu) << 12);
 }
 
+// The 64 bytes of positions of rows g and g + 8 are loaded once by the four lanes of g (lane t: row
+// g + 8 (t >> 1), half t & 1) and handed round by shuffles, so a lane keeps 16 bytes of them, not 64.
 template <> struct Chunk<1> {
-    uint4 v[8], m[4];
-    __device__ __forceinline__ void load(const uint4* v0, const uint4* v1, const uint4* i0, const uint4* i1) {
+    uint4 v[8], m;
+    __device__ __forceinline__ void load(const uint4* v0, const uint4* v1, const uint4* mi) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) { v[q] = ld_stream(v0 + 4 * q); v[4 + q] = ld_stream(v1 + 4 * q); }
-        m[0] = __ldg(i0); m[1] = __ldg(i0 + 1); m[2] = __ldg(i1); m[3] = __ldg(i1 + 1);
+        m = __ldg(mi);
     }
     __device__ __forceinline__ uint4 frag(int st) const {
         const int q = st >> 1, h = 2 * (st & 1);
         return make_uint4(word_of(v[q], h), word_of(v[4 + q], h), word_of(v[q], h + 1), word_of(v[4 + q], h + 1));
     }
-    __device__ __forceinline__ u32 meta(int j, int t) const {
-        const int h = 2 * (j & 1);
-        return nibbles_of(word_of(m[j >> 1], h), word_of(m[j >> 1], h + 1), t) |
-               (nibbles_of(word_of(m[2 + (j >> 1)], h), word_of(m[2 + (j >> 1)], h + 1), t) << 16);
+    // word j: words 2j, 2j + 1 of each row (in half j >> 1 of its 32 bytes); call with the whole warp
+    __device__ __forceinline__ u32 meta(int j, int lane) const {
+        const int h = 2 * (j & 1), g0 = (lane & ~3) | (j >> 1), g8 = g0 | 2, t = lane & 3;
+        const u32 a0 = __shfl_sync(~0u, word_of(m, h), g0), a1 = __shfl_sync(~0u, word_of(m, h + 1), g0);
+        const u32 c0 = __shfl_sync(~0u, word_of(m, h), g8), c1 = __shfl_sync(~0u, word_of(m, h + 1), g8);
+        return nibbles_of(a0, a1, t) | (nibbles_of(c0, c1, t) << 16);
     }
 };
 
@@ -257,11 +261,10 @@ decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ld
     const long long r0 = min(nt * 16 + g, N - 1), r1 = min(nt * 16 + g + 8, N - 1);
     const uint4* v0 = w + r0 * (K >> 4) + kb0 * 16 + t;
     const uint4* v1 = w + r1 * (K >> 4) + kb0 * 16 + t;
-    const uint4* i0 = wi + r0 * (K >> 7) + kb0 * 2;
-    const uint4* i1 = wi + r1 * (K >> 7) + kb0 * 2;
+    const uint4* mi = wi + ((t >> 1) ? r1 : r0) * (K >> 7) + kb0 * 2 + (t & 1);
     Chunk<COMPACT> cur;
     if (active) {
-        if constexpr (COMPACT) cur.load(v0, v1, i0, i1); else cur.load(wp);
+        if constexpr (COMPACT) cur.load(v0, v1, mi); else cur.load(wp);
     }
     stage_x<MB, COMPACT>(reinterpret_cast<u32*>(xs), x, ldx, M, K, kb0 * 256, nkb, x_vec);
     __syncthreads();
@@ -276,14 +279,17 @@ decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ld
             const bool more = c + 1 < nkb;
             if (more) {
                 if constexpr (COMPACT)
-                    nxt.load(v0 + (c + 1) * 16, v1 + (c + 1) * 16, i0 + (c + 1) * 2, i1 + (c + 1) * 2);
+                    nxt.load(v0 + (c + 1) * 16, v1 + (c + 1) * 16, mi + (c + 1) * 2);
                 else
                     nxt.load(wp + (c + 1) * CHUNK_U4);
             }
             const uint4* xc = xs + c * 8 * MB * 32;
+            u32 e4[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) e4[j] = cur.meta(j, lane);
 #pragma unroll
             for (int st = 0; st < 8; ++st) {
-                const u32 e = cur.meta(st >> 1, t);
+                const u32 e = e4[st >> 1];
                 const uint4 a = cur.frag(st);
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb) {

@@ -28,8 +28,9 @@ Compact form
 ------------
 The kernel also reads a weight kept in the compact form of ``pycusparselt.torch.compact`` (``values`` (N, K/2),
 ``indices`` (N, K/8), row-major, K a multiple of 256) as it is: lane ``(g, t)`` loads the 16-byte pieces
-``4q + t`` (q = 0..3, four groups each) of rows ``g`` and ``g + 8`` of a 256-column block's values, and the
-block's 32 bytes of positions of both rows. Step ``s`` takes the groups ``2 (s % 2)`` and ``2 (s % 2) + 1`` of
+``4q + t`` (q = 0..3, four groups each) of rows ``g`` and ``g + 8`` of a 256-column block's values; the four
+lanes of ``g`` load the block's 32 bytes of positions of both rows, 16 bytes each, and hand them round by
+shuffles. Step ``s`` takes the groups ``2 (s % 2)`` and ``2 (s % 2) + 1`` of
 piece ``s // 2`` as its slots ``t`` and ``t + 4``, so the kernel multiplies the block's columns in the order
 :func:`compact_columns` gives, and stages x in that order too. :func:`compact_fragments` and :func:`staged_x`
 emulate those reads.

@@ -507,13 +507,16 @@ class SparseLinear(torch.nn.Module):
             return launch, None, (padded, self.out_features), None, None
         # inputs of fewer rows than the product reads are copied (one cudaMemcpyAsync on the stream) into a
         # stage of the product's rows, one per padded size and stream: rows past an input's hold zeros or an
-        # earlier input's values, whose results are not returned
+        # earlier input's values, whose results are not returned. CuPy's memory, not PyTorch's: a stage made
+        # while torch.compile's CUDA graphs warm up must not be a live tensor of their memory pool
+        cupy = gpu.cupy()
         stage = self._stages.get((padded, sp, device.index))
         if stage is None:
-            stage = self._stages[(padded, sp, device.index)] = torch.zeros(
-                (padded, self.in_features), dtype=self._dtype, device=device)
-        runtime = gpu.cupy().cuda.runtime
-        return launch, stage.data_ptr(), (padded, self.out_features), runtime.memcpyAsync, \
+            with cupy.cuda.Device(device.index):
+                stage = self._stages[(padded, sp, device.index)] = cupy.empty(padded * self._row_bytes, np.uint8)
+                cupy.cuda.runtime.memsetAsync(stage.data.ptr, 0, stage.nbytes, sp)
+        runtime = cupy.cuda.runtime
+        return launch, stage.data.ptr, (padded, self.out_features), runtime.memcpyAsync, \
             runtime.memcpyDeviceToDevice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
