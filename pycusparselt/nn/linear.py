@@ -638,14 +638,14 @@ class SparseLinear:
         """How the prepared products are keyed (``_shapes``): the GEMM input's shape, type and device."""
         return (shape, self._gemm_dtype().str, self._device)
 
-    def direct_launcher(self, rows: int, stream: int, *, decode: bool = True) -> tuple[Any, int] | None:
+    def direct_launcher(self, rows: int, stream: int) -> tuple[Any, int] | None:
         """The prepared product for inputs of ``rows`` rows on stream ``stream`` (a pointer), for callers that
         stage their own input: ``(launcher, padded_rows)``, where ``launcher(x_ptr, d_ptr, stream_ptr)``
         (a :class:`~pycusparselt.gemm.plan.Launcher`, or the decode kernel's
         :class:`~pycusparselt.gemm.decode.DecodeLauncher` where it serves ``rows``: then ``padded_rows`` is
         ``rows``) reads a C-contiguous, 16-byte aligned (padded_rows, in_features) input of the layer's dtype
         and writes the (padded_rows, out_features) result; rows past ``rows`` are the caller's (zeros, or any
-        values: their results are discarded). ``decode=False``: cuSPARSELt's, whatever serves small inputs.
+        values: their results are discarded).
 
         None where a call needs more than the product: quantized modes (the input is quantized first), a
         permutation, post-processing (GELU, per-channel FP8 scales), a weight cuSPARSELt takes only padded, a
@@ -656,7 +656,7 @@ class SparseLinear:
         cupy = gpu.cupy()
 
         with cupy.cuda.Device(self._device), on_stream(stream):
-            launch = self._decode_launcher(rows, stream) if decode else None
+            launch = self._decode_launcher(rows, stream)
             if launch is not None:
                 return launch, rows
             padded_rows = self._padded_rows(rows)

@@ -32,16 +32,22 @@ MAX_ROUTES = 64
 
 def stage_buffer(stages: dict, x: Any, rows: int, in_features: int, storage: np.dtype, device: int, sp: int) -> Any:
     """The staging buffer (``rows`` x ``in_features``, of ``storage`` type) of the GEMM's dense operand, kept in
-    the layer's ``stages``: one per shape, type, stream ``sp`` and framework (``x``'s), made in the caller's
-    device and stream context (the layer's: its device, the call's stream). Inputs at new addresses reuse it
-    (allocating nothing, so an eager loop's activations keep landing at the addresses its routes know). Rows
-    past an input's stay zero."""
-    key = (rows, storage.str, sp, _arrays.is_torch(x))
+    the layer's ``stages``: one per shape, type and stream ``sp``, made in the caller's device and stream context
+    (the layer's: its device, the call's stream). Inputs at new addresses reuse it (allocating nothing, so an
+    eager loop's activations keep landing at the addresses its routes know). Rows past an input's stay zero.
+    CuPy's memory, unless made during a capture of ``x``'s framework (PyTorch's allocator is legal there): a
+    buffer kept from PyTorch's allocator while ``torch.compile``'s CUDA graphs warm up would be a live tensor
+    of their memory pool, which they refuse."""
+    cupy = gpu.cupy()
+
+    key = (rows, storage.str, sp)
     stage = stages.get(key)
     if stage is None:
-        owner = _arrays.empty(x, (rows, in_features), storage, device)
-        stage = _to_cupy(owner)
-        stage.fill(0)
+        if _arrays.is_torch(x) and cupy.cuda.runtime.streamIsCapturing(sp):
+            stage = _to_cupy(_arrays.empty(x, (rows, in_features), storage, device))
+            stage.fill(0)
+        else:
+            stage = cupy.zeros((rows, in_features), storage)
         stages[key] = stage
     return stage
 

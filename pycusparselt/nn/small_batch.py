@@ -11,6 +11,13 @@ runs). The faster one serves the bucket, and the choice and both times are store
 bucket), so a later process chooses without timing. Cache entries are checked as untrusted input: one that
 does not hold a valid choice is ignored with a warning.
 
+A layer whose weight the kernel reads in the compact form where it is (:meth:`LayerDecoder.for_compact`: the
+``pycusparselt.torch`` modules, whose state is that form) is served by the kernel for every small input it
+can, memory first: cuSPARSELt's product would keep two more copies of the weight (the dense one and the
+compressed one, 1.5625 of the dense bytes against the state's 0.5625). Only its split of K is timed. On an
+H100 that costs 8-15 % against cuSPARSELt's 16-row plan at 1 to 8 rows and 20-30 % at 9 to 16 (one call after
+the L2 cache is overwritten, Llama-shaped layers).
+
 ``PYCUSPARSELT_DECODE_KERNEL`` sets the policy: ``auto`` (the default: timed as above), ``on`` (the decode
 kernel wherever it can serve, untimed) or ``off`` (cuSPARSELt only). Layers that do not tune
 (``autotune=False``) use cuSPARSELt unless the setting is ``on``.
@@ -128,12 +135,13 @@ def choice_from_entry(value: Any, max_splits: int) -> Choice | None:
     return Choice(backend, splits, times[0], times[1], "cache")
 
 
-def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None], x16: Any, y16: Any,
+def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None] | None, x16: Any, y16: Any,
            bucket: int, stream_ptr: int, key: dict[str, Any] | None, cache: TuningCache | None = None) -> Choice:
     """Time the decode kernel ``gemm`` (at each of its split-K settings) against the cuSPARSELt launcher
-    ``cusparselt`` (``launcher(x_ptr, y_ptr, stream_ptr)`` on 16 rows) for ``bucket``, on ``x16`` (16 rows of
-    the layer's input) and ``y16`` (16 rows of output), on the stream ``stream_ptr`` of ``gemm``'s device;
-    leave ``gemm`` on the winning splits, store the choice under ``key`` (None: not stored) and return it."""
+    ``cusparselt`` (``launcher(x_ptr, y_ptr, stream_ptr)`` on 16 rows; None: the decode kernel serves, only its
+    splits are timed) for ``bucket``, on ``x16`` (16 rows of the layer's input) and ``y16`` (16 rows of output),
+    on the stream ``stream_ptr`` of ``gemm``'s device; leave ``gemm`` on the winning splits, store the choice
+    under ``key`` (None: not stored) and return it."""
     cupy = gpu.cupy()
 
     rows = BUCKETS[bucket][1]
@@ -145,7 +153,8 @@ def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None],
         gemm.set_splits(splits)
         launch = gemm.launcher(rows)
         calls[f"decode/{gemm.splits}"] = lambda _, launch=launch: launch(x_ptr, y_ptr, stream_ptr)
-    calls["cusparselt"] = lambda _: cusparselt(x_ptr, y_ptr, stream_ptr)
+    if cusparselt is not None:
+        calls["cusparselt"] = lambda _: cusparselt(x_ptr, y_ptr, stream_ptr)
     stream = cupy.cuda.ExternalStream(stream_ptr)
     runtime = cupy.cuda.runtime
     # every sample after the L2 is overwritten (a network's weights are not in it), the candidates alternating
@@ -155,10 +164,11 @@ def choose(gemm: decode.DecodeGemm, cusparselt: Callable[[int, int, int], None],
     times = {name: timing.median_ms * 1e3 for name, timing in timings.items()}
     best = min((t, name) for name, t in times.items() if name.startswith("decode/"))
     decode_us, splits = best[0], int(best[1].split("/")[1])
-    backend = "decode" if decode_us < times["cusparselt"] else "cusparselt"
+    cusparselt_us = times.get("cusparselt")
+    backend = "decode" if cusparselt_us is None or decode_us < cusparselt_us else "cusparselt"
     gemm.set_splits(splits)
     choice = Choice(backend, splits if backend == "decode" else None, round(decode_us, 3),
-                    round(times["cusparselt"], 3), "timed")
+                    None if cusparselt_us is None else round(cusparselt_us, 3), "timed")
     if key is not None:
         (cache or TuningCache()).put(key, {"backend": choice.backend, "splits": choice.splits,
                                            "decode_us": choice.decode_us, "cusparselt_us": choice.cusparselt_us})
@@ -256,9 +266,10 @@ class LayerDecoder:
         cupy = gpu.cupy()
 
         mode = policy()
-        if mode == "off" or (mode == "auto" and not self.tune):
+        memory_first = self.layout == "compact"  # the kernel reads the only copy of the weight
+        if mode == "off" or (mode == "auto" and not self.tune and not memory_first):
             return Choice("cusparselt", None, None, None, "setting")
-        if mode == "on":
+        if mode == "on" or not self.tune:
             return Choice("decode", self._gemm().splits, None, None, "setting")
         n, k = self.shape
         key = cache_key(device_identity(self.device), n, k, self.dtype, self.epilogue["activation"],
@@ -269,8 +280,8 @@ class LayerDecoder:
             found = choice_from_entry(stored, -(-k // 256))
             if found is not None:
                 return found
-        launch16 = cusparselt16()
-        if launch16 is None:  # cuSPARSELt takes this weight only padded, through its checked path: no contest
+        launch16 = None if memory_first else cusparselt16()
+        if launch16 is None and not memory_first:  # cuSPARSELt takes this weight only padded: no contest
             return Choice("decode", self._gemm().splits, None, None, "untimed")
         x16 = cupy.random.standard_normal((16, k), dtype=np.float32).astype(self.dtype)
         y16 = cupy.empty((16, n), self.dtype)

@@ -389,8 +389,8 @@ class SparseLinear(torch.nn.Module):
 
     def _small_launcher(self, rows: int, sp: int) -> Any:
         """The decode kernel's launcher on the compact state for ``rows`` (1..16) rows on stream ``sp`` where it
-        serves them (:class:`pycusparselt.nn.small_batch.LayerDecoder` chooses, against cuSPARSELt), else None.
-        A product made only for that choice is dropped again when the kernel serves every small input."""
+        serves them (:class:`pycusparselt.nn.small_batch.LayerDecoder`: memory first, the split of K timed),
+        else None."""
         if self._small is None:
             self._small = self._small_reason() is None and small_batch.LayerDecoder.for_compact(
                 self.values, self.indices, self.bias, in_features=self.in_features, activation=self.activation,
@@ -398,18 +398,8 @@ class SparseLinear(torch.nn.Module):
                 device=self.values.device.index, tune=self.autotune is not False)
         if not self._small:
             return None
-        had_native = self._native is not None
         with torch.cuda.device(self.values.device):
-            launch = self._small.launcher(rows, sp, lambda: self._cusparselt_launcher(sp))
-        if not had_native and self._native is not None and all(
-                choice.backend == "decode" for choice in self._small.choices.values()):
-            self._native.close()  # made for the timing only: the compact form serves every small input
-            self._native = None
-        return launch
-
-    def _cusparselt_launcher(self, sp: int) -> Any:
-        found = self.native().direct_launcher(small_batch.BUCKETS[-1][1], sp, decode=False)
-        return None if found is None else found[0]
+            return self._small.launcher(rows, sp, lambda: None)  # never timed against cuSPARSELt
 
     def _build_native(self) -> NativeLinear:
         on_device = self.values.is_cuda
