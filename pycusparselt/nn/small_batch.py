@@ -11,7 +11,7 @@ runs). The faster one serves the bucket, and the choice and both times are store
 bucket), so a later process chooses without timing. Cache entries are checked as untrusted input: one that
 does not hold a valid choice is ignored with a warning.
 
-A layer whose weight the kernel reads in the compact form where it is (:meth:`LayerDecoder.for_compact`: the
+A layer whose weight the kernel reads in the compact form where it is (``LayerDecoder.for_compact``: the
 ``pycusparselt.torch`` modules, whose state is that form) is served by the kernel for every small input it
 can, memory first: cuSPARSELt's product would keep two more copies of the weight (the dense one and the
 compressed one, 1.5625 of the dense bytes against the state's 0.5625). Only its split of K is timed. On an
@@ -102,7 +102,7 @@ def cache_key(identity: tuple, out_features: int, in_features: int, dtype: np.dt
               bias: bool, bucket: int, layout: str = "packed") -> dict[str, Any]:
     """The tuning-cache key of a choice: ``identity`` is ``(GPU name, compute capability, cuSPARSELt
     version)`` (``pycusparselt.nn.layer_plans.device_identity``); ``layout`` the weight form the decode kernel
-    reads (``"packed"``, or ``"compact"`` for :meth:`pycusparselt.gemm.decode.DecodeGemm.from_compact`)."""
+    reads (``"packed"``, or ``"compact"`` for ``DecodeGemm.from_compact``)."""
     gpu_name, cc, version = identity
     low, high = BUCKETS[bucket]
     key = {"kind": "small-batch kernel", "gpu": gpu_name, "cc": cc, "cusparselt": version,
