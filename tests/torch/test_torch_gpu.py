@@ -187,6 +187,9 @@ def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact(dtype, 
     fewer rows than the product's copied into a stage): equal to the checked path at every size, on inputs at
     new addresses; unaligned, strided and mis-shaped inputs, other streams, changed state and closed plans are
     handled as the checked path handles them."""
+    from pycusparselt.nn import small_batch
+
+    monkeypatch.setenv(small_batch.SETTING, "off")  # cuSPARSELt's product at every size: the stages are its
     torch.manual_seed(3)
     dense = nn.Linear(256, 512, bias=bias).cuda().to(dtype)
     pst.prune_trained_model(nn.Sequential(dense), permute=False)
