@@ -33,7 +33,7 @@ from .. import bindings
 from ..enums import MatmulAlgAttribute
 
 __all__ = ["Descriptors", "Selection", "IDLE_KEPT", "ATTRIBUTES", "release_descriptors", "acquire", "private",
-           "reconfigure", "retire", "release", "held_count", "PLANS_KEPT"]
+           "reconfigure", "shareable", "share", "retire", "release", "held_count", "PLANS_KEPT"]
 
 #: Selections no plan holds, kept for the next plan of their problem and configuration.
 IDLE_KEPT = 64
@@ -207,9 +207,9 @@ def shareable(sel: Selection, problem: tuple, config: tuple) -> bool:
 def share(sel: Selection, problem: tuple, config: tuple) -> bool:
     """Register the private ``sel``, which runs ``config`` (every field given), as the shared selection of
     ``problem`` with it; False (nothing done) where it cannot be (:func:`shareable`)."""
-    if not shareable(sel, problem, config):
-        return False
-    with _lock:
+    with _lock:  # re-entrant: the check and the registration are one step for other threads
+        if not shareable(sel, problem, config):
+            return False
         sel.key = (id(sel.handle), problem, tuple(config))
         _shared[sel.key] = sel
     return True

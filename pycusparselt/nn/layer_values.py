@@ -23,7 +23,8 @@ from .._native import gpu
 from ..types import BF16, F16, F32, I8
 
 __all__ = ["SCALE_RANGE", "activation_scale", "weight_scales", "relu_upper_bound", "relu_threshold", "MODES",
-           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host", "is_sparse_device", "prune_host"]
+           "MODE_DTYPE", "OUT_DTYPES", "padded", "is_sparse_host", "is_sparse_device", "device_copy",
+           "prune_host"]
 
 _F32 = np.finfo(np.float32)
 #: The activation scales accepted: float32's normal positive numbers (a smaller scale's reciprocal, the
@@ -149,17 +150,34 @@ def is_sparse_host(w: np.ndarray, pairs: bool) -> bool:
 
 
 def is_sparse_device(w: Any, pairs: bool) -> bool:
-    """:func:`is_sparse_host` for a CuPy weight, checked on its device (one small transfer: the answer)."""
+    """:func:`is_sparse_host` for a CuPy weight, checked on its device (one small transfer: the answer), after
+    the device's work so far (the weight may have been written on a stream CuPy's does not wait for, such as
+    PyTorch's)."""
+    cupy = gpu.cupy()
+
     group = 2 if pairs else 4
     out, inp = w.shape
     bits = np.dtype(f"u{w.dtype.itemsize}")
     magnitude = bits.type((1 << (8 * bits.itemsize - 1)) - 1)  # every bit but the sign
-    # -0.0 counts as zero and NaN as non-zero, as on the host; integer operations only (CuPy may not compute
-    # in bfloat16)
-    nonzero = (gpu.cupy().ascontiguousarray(w).view(bits) & magnitude) != 0
-    if inp % group:
-        nonzero = gpu.cupy().pad(nonzero, ((0, 0), (0, -inp % group)))
-    return bool((nonzero.reshape(out, -1, group).sum(axis=-1) <= group // 2).all())
+    with cupy.cuda.Device(w.device.id) as device:
+        device.synchronize()
+        # -0.0 counts as zero and NaN as non-zero, as on the host; integer operations only (CuPy may not
+        # compute in bfloat16)
+        nonzero = (cupy.ascontiguousarray(w).view(bits) & magnitude) != 0
+        if inp % group:
+            nonzero = cupy.pad(nonzero, ((0, 0), (0, -inp % group)))
+        return bool((nonzero.reshape(out, -1, group).sum(axis=-1) <= group // 2).all())
+
+
+def device_copy(w: Any) -> Any:
+    """A C-contiguous copy of a CuPy weight on its device, finished before returning (the caller may free or
+    reuse the source on a stream CuPy's does not wait for)."""
+    cupy = gpu.cupy()
+
+    with cupy.cuda.Device(w.device.id):
+        out = w.copy(order="C")
+        cupy.cuda.get_current_stream().synchronize()
+    return out
 
 
 def prune_host(w: np.ndarray, method: str, pairs: bool) -> np.ndarray:

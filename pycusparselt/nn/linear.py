@@ -186,13 +186,14 @@ class SparseLinear:
             w_host = w_host[:, perm]
         dtype = w_host.dtype if mode is None else _MODE_DTYPE.get(mode, w_host.dtype)
         pairs = mode is None and dtype == _F32
+        if stays and w_host.dtype != dtype:  # converted on the host, as any other weight
+            stays, w_host = False, _to_numpy(weight)
         if prune is not None:
             w_host = layer_values.prune_host(w_host, prune, pairs)
         elif not (layer_values.is_sparse_device if stays else _is_sparse_host)(w_host, pairs):
             rule = "1:2 (float32 weights run as TF32)" if pairs else "2:4"
             raise ValueError(f"weight: not {rule} along in_features; pass prune='strip' or 'tile'")
-        w_host = w_host.astype(dtype, order="C", copy=True) if stays else np.ascontiguousarray(
-            w_host.astype(dtype, copy=False))
+        w_host = layer_values.device_copy(w_host) if stays else np.ascontiguousarray(w_host.astype(dtype, copy=False))
 
         b_host = None if bias is None else _to_numpy(bias)
         if b_host is not None and mode is None and b_host.dtype != dtype:

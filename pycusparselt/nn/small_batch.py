@@ -20,7 +20,8 @@ the L2 cache is overwritten, Llama-shaped layers).
 
 ``PYCUSPARSELT_DECODE_KERNEL`` sets the policy: ``auto`` (the default: timed as above), ``on`` (the decode
 kernel wherever it can serve, untimed) or ``off`` (cuSPARSELt only). Layers that do not tune
-(``autotune=False``) use cuSPARSELt unless the setting is ``on``.
+(``autotune=False``) use cuSPARSELt unless the setting is ``on``, or the kernel reads their compact form
+(memory first, above: then the kernel, untimed).
 
 The kernel serves float16 and bfloat16 layers whose product is the whole layer: no quantization, no GELU (the
 layer applies GELU after rounding the product; the kernel would apply it before), on a GPU it runs on. The
@@ -197,7 +198,8 @@ class LayerDecoder:
                  relu_upper_bound: float, device: int, tune: bool) -> None:
         self._init(tuple(weight.shape), weight.dtype, bias, activation, relu_threshold, relu_upper_bound, device,
                    tune, "packed")
-        self._make = lambda: decode.DecodeGemm(weight, bias, device=device, **self.epilogue)
+        epilogue = self.epilogue  # not self: a decoder in a reference cycle would wait for the collector
+        self._make = lambda: decode.DecodeGemm(weight, bias, device=device, **epilogue)
 
     @classmethod
     def for_compact(cls, values: Any, indices: Any, bias: Any, *, in_features: int, activation: str | None,
@@ -208,7 +210,8 @@ class LayerDecoder:
         self = cls.__new__(cls)
         self._init((int(values.shape[0]), int(in_features)), _arrays.dtype_of(values), bias, activation,
                    relu_threshold, relu_upper_bound, device, tune, "compact")
-        self._make = lambda: decode.DecodeGemm.from_compact(values, indices, bias, **self.epilogue)
+        epilogue = self.epilogue
+        self._make = lambda: decode.DecodeGemm.from_compact(values, indices, bias, **epilogue)
         return self
 
     def _init(self, shape: tuple, dtype: Any, bias: Any, activation: str | None, relu_threshold: float,

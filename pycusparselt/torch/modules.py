@@ -49,15 +49,18 @@ _current_device = torch.cuda.current_device
 
 
 _version = operator.attrgetter("_version")  # a tensor's count of in-place changes
+_address = torch.Tensor.data_ptr
 
 
 def _versions(buffers: tuple) -> tuple:
-    """The buffers' counts of in-place changes; None for inference tensors (made under
-    ``torch.inference_mode``), which count none: their in-place edits are not seen."""
+    """The buffers' counts of in-place changes, then their addresses (``buf.data = other`` changes the memory
+    without counting a change); None for inference tensors (made under ``torch.inference_mode``), which count
+    none: their in-place edits are not seen."""
     try:
-        return tuple(map(_version, buffers))
+        return tuple(map(_version, buffers)) + tuple(map(_address, buffers))
     except RuntimeError:
-        return tuple(None if buf.is_inference() else buf._version for buf in buffers)
+        return tuple(None if buf.is_inference() else buf._version for buf in buffers) + tuple(
+            map(_address, buffers))
 
 
 def _module_for(layer_id: int) -> SparseLinear:
@@ -270,7 +273,6 @@ class SparseLinear(torch.nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._forget()
-        self._direct, self._stages = {}, {}
         self._shared = None
         self._register()  # a copy is a module of its own
 
@@ -324,8 +326,9 @@ class SparseLinear(torch.nn.Module):
     # -- running -------------------------------------------------------------------------------------
 
     def _forget(self) -> None:
-        """Drop what was made from the state (the state was replaced, moved or loaded)."""
+        """Drop what was made from the state (the state was replaced, moved or loaded), and what it holds."""
         self._native = self._small = self._generation = None
+        self._direct, self._stages = {}, {}
 
     def _current(self) -> object:
         """The caches' generation: the caches made from the state are dropped first where the state was
@@ -382,6 +385,9 @@ class SparseLinear(torch.nn.Module):
             return f"out_dtype {self.out_dtype}"
         if self.in_features % decode.COMPACT_K_MULTIPLE:
             return f"in_features {self.in_features} is not a multiple of {decode.COMPACT_K_MULTIPLE}"
+        want = (self.out_features, self.in_features // 2), (self.out_features, self.in_features // 8)
+        if (tuple(self.values.shape), tuple(self.indices.shape)) != want:  # buffers replaced by others
+            return f"values and indices have shapes {tuple(self.values.shape)} and {tuple(self.indices.shape)}"
         if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (self.values, self.indices)):
             return "values or indices are not contiguous and 16-byte aligned"
         return small_batch.unsupported_reason(on_device=True, quantized=False, dtype=_arrays.dtype_of(self.values),
@@ -464,7 +470,7 @@ class SparseLinear(torch.nn.Module):
                 self._direct.clear()
                 self._stages.clear()
                 direct = None
-        if (rows <= small_batch.BUCKETS[-1][1] and x.dtype is self._dtype and x.dim() == 2
+        if (0 < rows <= small_batch.BUCKETS[-1][1] and x.dtype is self._dtype and x.dim() == 2
                 and x.shape[1] == self.in_features and device == self.values.get_device()):
             launch = self._small_launcher(rows, sp)
             if launch is not None:  # the decode kernel on the compact state: no other copy of the weight
@@ -615,6 +621,7 @@ def _input_key(x: torch.Tensor) -> tuple | None:
 
 #: The name this class had before it was public.
 SparseLinearModule = SparseLinear
+
 
 
 def _check_scales(module: SparseLinear, where: str) -> None:

@@ -195,7 +195,7 @@ def test_compact_each_epilogue_and_strided_x(ep):
     _check(y, w, x, b, ep)
 
 
-def test_compact_every_split_gives_the_packed_kernels_bits():
+def test_compact_every_split_is_exact_and_gives_the_same_bits_again():
     rng = np.random.default_rng(4)
     w, x, b = _case(rng, 16, 200, 2048, F16)  # 8 blocks of 256 columns
     for splits in (1, 3, 8):

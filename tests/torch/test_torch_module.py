@@ -400,3 +400,12 @@ def test_the_operator_is_inference_only_like_the_eager_call():
     for y in (model(x), traced(x)):  # eager, and the operator
         assert not y.requires_grad and y.shape == (3, 64)
     assert torch.equal(model(x), traced(x))
+
+
+def test_memory_swapped_under_a_buffer_is_seen():
+    layer = pst.SparseLinear.from_dense(torch.randn(8, 16), torch.randn(8), mode="fp16")
+    x = torch.randn(3, 16, dtype=torch.float16)
+    before = layer(x)
+    layer.values.data = layer.values.detach() * 2  # new memory, no in-place change counted
+    assert torch.allclose(layer(x).float() - layer.bias.float(), 2 * (before.float() - layer.bias.float()),
+                          rtol=1e-2, atol=1e-2)

@@ -76,7 +76,7 @@ def test_auto_policy_serves_small_inputs_on_the_compact_state_memory_first(monke
     assert all(layer.product_nbytes == 0 for layer in layers)
 
 
-def test_graph_capture_replays_the_small_product_and_reads_edits_in_place(monkeypatch):
+def test_graph_capture_replays_the_small_product_and_eager_calls_see_edits(monkeypatch):
     monkeypatch.setenv(small_batch.SETTING, "on")
     layer = _layer(torch.float16, True)
     static = torch.randn(3, 512, device="cuda", dtype=torch.float16)
@@ -95,7 +95,7 @@ def test_graph_capture_replays_the_small_product_and_reads_edits_in_place(monkey
         _check(layer, static, out)
         eager = layer(static)
         assert torch.equal(eager, out)
-        layer.values.mul_(2)  # the kernel reads the state where it is; the module's caches are made again
+        layer.values.mul_(2)  # an in-place edit: the next eager call's caches are made again
         y = layer(static)
         _check(layer, static, y)
         assert not torch.equal(y, eager)
@@ -154,3 +154,16 @@ def test_cuda_graph_trees_of_torch_compile_take_the_sparse_model(monkeypatch):
             for _ in range(3):  # warm-up, recording, replay
                 got = compiled(x).clone()
             assert torch.allclose(got.float(), model(x).float(), rtol=2e-3, atol=2e-3), rows
+
+
+def test_an_empty_input_and_swapped_buffer_memory(monkeypatch):
+    monkeypatch.setenv(small_batch.SETTING, "on")
+    layer = _layer(torch.float16, True)
+    with torch.no_grad():
+        assert layer(torch.empty(0, 512, device="cuda", dtype=torch.float16)).shape == (0, 203)
+        x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+        before = layer(x)
+        layer.values.data = layer.values.detach() * 2  # new memory, no in-place change counted
+        after = layer(x)
+        _check(layer, x, after)
+        assert not torch.equal(before, after)
