@@ -4,7 +4,8 @@
 2. ``sparsify`` it: its ``nn.Linear`` layers become ``pycusparselt.torch.SparseLinear`` modules (the ReLU after
    the first is fused into its product), whose 2:4 weights live in buffers,
 3. save ``state_dict()``, build the dense model class again and load the sparse state into it with
-   ``sparsify(fresh, state_dict=...)``: the outputs are identical.
+   ``sparsify(fresh, state_dict=...)``: the outputs are identical, and inputs of 1 to 16 rows keep no weight
+   but the state (``product_nbytes``).
 
 On the GPU (FP16, cuSPARSELt) where PyTorch has one, else on the CPU (BF16, the NumPy reference):
 ``python examples/torch_sparse_model.py``.
@@ -44,6 +45,11 @@ print(f"state: {state_bytes} bytes, {state_bytes / dense_bytes:.3f} of the dense
 buffer.seek(0)
 fresh = build().to(device, dtype).eval()               # the dense class again, other weights
 pst.sparsify(fresh, mode, state_dict=torch.load(buffer))
+with torch.no_grad():
+    fresh(x[:4])  # a decode-sized input: on the GPU the decode kernel reads each layer's state where it is
+held = sum(m.product_nbytes for m in fresh.modules() if isinstance(m, pst.SparseLinear))
+print(f"after a 4-row input the sparse layers hold {held} bytes beside their state")
+assert held == 0
 with torch.no_grad():
     assert torch.equal(fresh(x), sparse)
 print("a fresh model loaded from the sparse state dict gives identical outputs")
