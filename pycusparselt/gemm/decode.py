@@ -491,7 +491,7 @@ class DecodeGemm:
         ----------
         values : CUDA tensor or CuPy array, shape (N, K / 2), float16 or bfloat16
         indices : CUDA tensor or CuPy array, shape (N, K / 8), uint8
-            C-contiguous, 16-byte aligned, on one GPU; ``K`` a multiple of 256 (:data:`COMPACT_K_MULTIPLE`).
+            C-contiguous, 16-byte aligned, on one GPU; ``K`` a multiple of 256 (``COMPACT_K_MULTIPLE``).
             They are read, not validated (the caller's form is valid by construction), and must outlive this
             object unchanged in place: a later edit is read by the next call.
         bias, activation, alpha, relu_threshold, relu_upper_bound, gelu_scaling, splits
