@@ -159,7 +159,8 @@ def is_sparse_device(w: Any, pairs: bool) -> bool:
     out, inp = w.shape
     bits = np.dtype(f"u{w.dtype.itemsize}")
     magnitude = bits.type((1 << (8 * bits.itemsize - 1)) - 1)  # every bit but the sign
-    with cupy.cuda.Device(w.device.id) as device:
+    device = cupy.cuda.Device(w.device.id)
+    with device:
         device.synchronize()
         # -0.0 counts as zero and NaN as non-zero, as on the host; integer operations only (CuPy may not
         # compute in bfloat16)
