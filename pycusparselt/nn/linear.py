@@ -175,7 +175,9 @@ class SparseLinear:
         # The weight is pruned on the host, with the reference's rule, whatever the backend: .weight is the
         # pruned weight at once, and a device layer prunes exactly as its CPU twin. A device weight given 2:4
         # in a float mode is checked and copied where it is (no round trip through the host).
-        stays = on_device and prune is None and perm is None and mode not in ("int8", "fp8")
+        given = _arrays.dtype_of(weight) if hasattr(weight, "dtype") else None
+        stays = (on_device and prune is None and perm is None and mode not in ("int8", "fp8")
+                 and given in _FLOATS and _MODE_DTYPE.get(mode, given) == given)  # no conversion
         w_host = _to_cupy(weight) if stays else _to_numpy(weight)
         if w_host.dtype not in _FLOATS:
             raise TypeError(
@@ -186,8 +188,6 @@ class SparseLinear:
             w_host = w_host[:, perm]
         dtype = w_host.dtype if mode is None else _MODE_DTYPE.get(mode, w_host.dtype)
         pairs = mode is None and dtype == _F32
-        if stays and w_host.dtype != dtype:  # converted on the host, as any other weight
-            stays, w_host = False, _to_numpy(weight)
         if prune is not None:
             w_host = layer_values.prune_host(w_host, prune, pairs)
         elif not (layer_values.is_sparse_device if stays else _is_sparse_host)(w_host, pairs):

@@ -375,12 +375,11 @@ class SparseLinear(torch.nn.Module):
     def _small_reason(self) -> str | None:
         """None where inputs of 1 to 16 rows can run on the decode kernel reading the compact state where it is
         (no other copy of the weight); else why not."""
-        if not self.values.is_cuda:
-            return "the module is on the CPU"
-        if self.mode not in ("fp16", "bf16"):
-            return f"mode {self.mode!r} (the kernel takes fp16 and bf16)"
-        if self.activation == "gelu":
-            return "GELU follows the product's rounding"
+        reason = small_batch.unsupported_reason(
+            on_device=self.values.is_cuda, quantized=self.mode in QUANTIZED_MODES,
+            dtype=_arrays.dtype_of(self.values), post=self.activation == "gelu", device=self.values.device.index)
+        if reason is not None:
+            return reason
         if self.out_dtype not in (None, self._dtype):
             return f"out_dtype {self.out_dtype}"
         if self.in_features % decode.COMPACT_K_MULTIPLE:
@@ -390,8 +389,7 @@ class SparseLinear(torch.nn.Module):
             return f"values and indices have shapes {tuple(self.values.shape)} and {tuple(self.indices.shape)}"
         if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (self.values, self.indices)):
             return "values or indices are not contiguous and 16-byte aligned"
-        return small_batch.unsupported_reason(on_device=True, quantized=False, dtype=_arrays.dtype_of(self.values),
-                                              post=False, device=self.values.device.index)
+        return None
 
     def _small_launcher(self, rows: int, sp: int) -> Any:
         """The decode kernel's launcher on the compact state for ``rows`` (1..16) rows on stream ``sp`` where it
