@@ -30,7 +30,8 @@ Importing the package loads nothing native: the library is found and loaded on f
   ``pycusparselt.gemm.options`` (the plan's options as one checked object),
   ``pycusparselt.gemm.operands`` (operand layouts), ``pycusparselt.gemm.handles`` (library handles per
   device and thread), ``pycusparselt.gemm.selections`` (algorithm selections shared by the plans of one
-  problem), :mod:`pycusparselt.gemm.dtypes` (type
+  problem), ``pycusparselt.gemm.descriptors`` (a problem's descriptors, made for each plan and each selection),
+  :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
   ``pycusparselt.gemm.decode`` (a 2:4 decode kernel of our own for 1-16 rows) with
   ``pycusparselt.gemm.decode_layout`` (its weight layout, NumPy),

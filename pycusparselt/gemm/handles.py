@@ -13,7 +13,7 @@ import weakref
 from .._native import gpu
 from .. import bindings
 from ..errors import ClosedError
-from . import selections
+from . import descriptors, selections
 
 __all__ = ["Handle", "handle_for_device", "release_plan_objects"]
 
@@ -70,7 +70,7 @@ def handle_for_device(device: int) -> Handle:
 
 def release_plan_objects(handle: Handle, device: int, objects: list) -> None:
     """Release a plan's native objects in the order given, once each, with its device current (plans are
-    destroyed; its algorithm selection and descriptors are given back to ``pycusparselt.gemm.selections``),
+    destroyed; its algorithm selection is given back to ``pycusparselt.gemm.selections``, its descriptors released),
     then drop the plan's reference to ``handle``, which therefore outlives them. What a
     :class:`~pycusparselt.SparseMatmulPlan` releases with (its finalizer too)."""
     cupy = gpu.cupy()
@@ -83,8 +83,8 @@ def release_plan_objects(handle: Handle, device: int, objects: list) -> None:
             elif isinstance(obj, selections.Selection):  # shared: the plan is destroyed with it, never before
                 selections.release(obj, plan)
                 plan = None
-            elif isinstance(obj, selections.Descriptors):  # shared with the selections made from them
-                selections.release_descriptors(obj)
+            elif isinstance(obj, descriptors.Descriptors):
+                descriptors.release_descriptors(obj)
         if plan is not None:  # no selection to go with
             bindings.matmul_plan_destroy(plan)
     del handle  # held until here so the handle outlives the plan's objects

@@ -17,6 +17,7 @@ operand once when it is compressed, the dense operands and D per call through bu
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Any, Mapping
@@ -25,15 +26,15 @@ import numpy as np
 
 from .._native import gpu
 from .. import _arrays, bindings
-from . import dtypes, selections
+from . import descriptors, dtypes, selections
 from .handles import handle_for_device, release_plan_objects
 from .launch import (COMPRESSED_SLACK, BoundMatmul, CompressedOperand, Launcher, MatmulArgs, TimedCall, TuningTarget,
                      autotune_plan, check_compressed)
-from ..enums import MatDescAttribute, MatmulAlgAttribute, MatmulDescAttribute, Operation, Order, PruneAlg
+from ..enums import MatmulAlgAttribute, PruneAlg
 from ..errors import ClosedError
 from .operands import ROW, Operand, as_operand
 from .options import PlanOptions, plan_options
-from .problem import ALIGN_BYTES, Matrix, Problem, plan_problem
+from .problem import Problem, plan_problem
 from .._native.streams import on_stream as _on_stream
 from .._native.streams import stream_ptr as _stream_ptr
 from ..tuning import PlanConfig, TuningReport
@@ -44,7 +45,6 @@ from ..tuning.cache import TuningCache
 __all__ = ["SparseMatmulPlan", "CompressedOperand", "PlanConfig", "BoundMatmul", "Launcher", "TuningReport",
            "MatmulArgs", "TuningTarget", "TimedCall"]
 
-_N = Operation.NON_TRANSPOSE
 _PRUNE = {"strip": PruneAlg.SPMMA_STRIP, "tile": PruneAlg.SPMMA_TILE}
 
 
@@ -65,10 +65,6 @@ def _empty_like(op: Operand, dtype: Any) -> Any:
     full = cupy.empty((op.batch, major, op.ld), dtype=dtype)[:, :, :minor]
     arr = full if op.order == ROW else full.swapaxes(-1, -2)
     return arr if op.ndim == 3 else arr[0]
-
-
-def _order(mat: Matrix) -> Order:
-    return Order.ROW if mat.order == ROW else Order.COL
 
 
 class SparseMatmulPlan:
@@ -205,39 +201,29 @@ class SparseMatmulPlan:
     def _build(self, compute_type, out_dt, activation, upper, threshold, scaling) -> None:
         cupy = gpu.cupy()
 
-        s_mat, x_mat, y_mat = self._mats
         handle = handle_for_device(self.device)
         h = handle.raw
         self._handle = handle
-        self._s_desc, self._x_desc, self._y_desc = (bindings.RawMatDescriptor() for _ in range(3))
-        self._desc, self._plan, self._selection = bindings.RawMatmulDescriptor(), bindings.RawPlan(), None
-        self._descriptors = selections.Descriptors([self._s_desc, self._x_desc, self._y_desc, self._desc],
-                                                   self.device)
+        self._plan, self._selection = bindings.RawPlan(), None
         # plan, selection, descriptors: release_plan_objects releases in this order
-        self._objects = [self._plan, None, self._descriptors]
+        self._objects = [self._plan, None, None]
         self._finalizer = weakref.finalize(self, release_plan_objects, handle, self.device, self._objects)
-        in_type, out_type = dtypes.data_type(self.dtype), dtypes.data_type(out_dt)
+        epilogue = descriptors.Epilogue(activation, upper, threshold, scaling,
+                                        dtypes.bias_dtype(out_dt) if self._has_bias else None, self._has_alpha_vector)
+        # the plan's own descriptors, and a maker of more for each selection made for its problem
+        self._describe = functools.partial(descriptors.make, h, self.device, self._mats, self._batch,
+                                           dtypes.data_type(self.dtype), dtypes.data_type(out_dt), compute_type,
+                                           epilogue)
         with cupy.cuda.Device(self.device):
             try:
-                bindings.structured_descriptor_init(
-                    h, self._s_desc, s_mat.rows, s_mat.cols, s_mat.ld, ALIGN_BYTES, in_type, _order(s_mat)
-                )
-                bindings.dense_descriptor_init(
-                    h, self._x_desc, x_mat.rows, x_mat.cols, x_mat.ld, ALIGN_BYTES, in_type, _order(x_mat)
-                )
-                bindings.dense_descriptor_init(
-                    h, self._y_desc, y_mat.rows, y_mat.cols, y_mat.ld, ALIGN_BYTES, out_type, _order(y_mat)
-                )
-                if self._batch > 1:
-                    for raw, mat in ((self._s_desc, s_mat), (self._x_desc, x_mat), (self._y_desc, y_mat)):
-                        bindings.mat_desc_set_attribute(h, raw, MatDescAttribute.NUM_BATCHES, self._batch)
-                        bindings.mat_desc_set_attribute(h, raw, MatDescAttribute.BATCH_STRIDE, mat.batch_stride)
-                bindings.matmul_descriptor_init(
-                    h, self._desc, _N, _N, self._s_desc, self._x_desc, self._y_desc, self._y_desc, compute_type
-                )
-                self._set_epilogue(h, activation, upper, threshold, scaling, out_dt)
+                self._descriptors = self._objects[2] = self._describe()
+                self._desc = self._descriptors.matmul
+                if self._has_bias:  # the plan's calls copy the caller's bias into its descriptors' buffer
+                    self._buffers["bias"] = self._descriptors.keep[0]
+                if self._has_alpha_vector:
+                    self._buffers["alpha"] = cupy.zeros(self._mats[0].rows, dtype=np.float32)
                 self._selection = self._objects[1] = selections.acquire(handle, self.device, self.selection_key,
-                                                                        self._descriptors, None)
+                                                                        self._describe, None)
                 bindings.matmul_plan_init(h, self._plan, self._desc, self._selection.raw)
                 self._max_alg_id = bindings.matmul_alg_get_attribute(h, self._selection.raw,
                                                                      MatmulAlgAttribute.ALG_CONFIG_MAX_ID)
@@ -247,32 +233,6 @@ class SparseMatmulPlan:
                 raise
         self._closed = False
         self.default_config = self.config
-
-    def _set_epilogue(self, h, activation, upper, threshold, scaling, out_dt) -> None:
-        cupy = gpu.cupy()
-
-        attr = MatmulDescAttribute
-        if activation == "relu":
-            bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_RELU, 1)
-            if upper != math.inf:
-                bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_RELU_UPPERBOUND, float(upper))
-            if threshold != 0.0:
-                bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_RELU_THRESHOLD, float(threshold))
-        elif activation == "gelu":
-            bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_GELU, 1)
-            if scaling != 1.0:
-                bindings.matmul_desc_set_attribute(h, self._desc, attr.ACTIVATION_GELU_SCALING, float(scaling))
-        s_rows = self._mats[0].rows
-        if self._has_bias:
-            # The plan owns the bias buffer; calls copy the caller's bias into it (the padding stays 0).
-            buf = cupy.zeros((self._batch, s_rows), dtype=dtypes.bias_dtype(out_dt))
-            self._buffers["bias"] = buf
-            bindings.matmul_desc_set_attribute(h, self._desc, attr.BIAS_POINTER, buf.data.ptr)
-            if self._batch > 1:
-                bindings.matmul_desc_set_attribute(h, self._desc, attr.BIAS_STRIDE, s_rows)
-        if self._has_alpha_vector:
-            self._buffers["alpha"] = cupy.zeros(s_rows, dtype=np.float32)
-            bindings.matmul_desc_set_attribute(h, self._desc, attr.ALPHA_VECTOR_SCALING, 1)
 
     def _allocate_workspace(self) -> None:
         cupy = gpu.cupy()
@@ -381,7 +341,7 @@ class SparseMatmulPlan:
             self.try_config(config)
             selections.share(self._selection, self.selection_key, config)
             return
-        sel = selections.acquire(self._handle, self.device, self.selection_key, self._descriptors, config)
+        sel = selections.acquire(self._handle, self.device, self.selection_key, self._describe, config)
         if sel is self._selection:  # runs it already: the plan holds it once
             selections.release(sel)
         self._use(sel, config)
@@ -392,7 +352,7 @@ class SparseMatmulPlan:
         config, sel = self._checked_config(config), self._selection
         previous = selections.reconfigure(sel, config)
         if previous is None:
-            sel = selections.private(self._handle, self.device, self._descriptors, config)
+            sel = selections.private(self._handle, self.device, self._describe, config)
         try:
             self._use(sel, config)
         except BaseException:

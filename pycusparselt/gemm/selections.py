@@ -15,10 +15,13 @@ configurations twelve seconds. So:
   never changed or shared: re-initialising a plan over one crashed cuSPARSELt 0.8.0.
 
 Each plan still has its own descriptors and its own plan object: a plan shared by several weights after
-tuning gave every weight after the first the first one's product. A selection keeps the descriptors it was
-made from (:class:`Descriptors`) until it is destroyed: the library reads them again when a plan is
-initialised over it, and a selection that outlived its first plan's descriptors ended processes with
-segmentation faults.
+tuning gave every weight after the first the first one's product. A selection is made from descriptors of its
+own (``pycusparselt.gemm.descriptors``), which no plan runs and which it keeps until it is destroyed: the
+library reads them again when a plan is initialised over it (a selection that outlived the descriptors it was
+made from ended processes with segmentation faults), and a plan running them computed a wrong product once
+another plan was initialised over the selection (configurations 34 to 47 of an FP16 problem, H100, 0.8.0).
+After each setting of its configuration a selection first serves a plan of its own (:func:`_prime`), made
+over those descriptors and destroyed with it, so that no caller's plan is the first made over a configuration.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from __future__ import annotations
 import atexit
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from .._native import gpu
 from .. import bindings
 from ..enums import MatmulAlgAttribute
+from .descriptors import Descriptors, release_descriptors
 
-__all__ = ["Descriptors", "Selection", "IDLE_KEPT", "ATTRIBUTES", "release_descriptors", "acquire", "private",
+__all__ = ["Selection", "IDLE_KEPT", "ATTRIBUTES", "acquire", "private",
            "reconfigure", "shareable", "share", "retire", "release", "held_count", "PLANS_KEPT"]
 
 #: Selections no plan holds, kept for the next plan of their problem and configuration.
@@ -45,43 +49,10 @@ ATTRIBUTES = (MatmulAlgAttribute.ALG_CONFIG_ID, MatmulAlgAttribute.SPLIT_K, Matm
                MatmulAlgAttribute.SPLIT_K_BUFFERS)
 
 
-class Descriptors:
-    """A plan's descriptors, in the order they are destroyed (the matrix descriptors, then the matmul
-    descriptor, :attr:`matmul`), held by the plan and by every selection made from them; destroyed by the last
-    holder's :func:`release_descriptors`."""
-
-    __slots__ = ("objects", "device", "holders")
-
-    def __init__(self, objects: list, device: int) -> None:
-        self.objects, self.device, self.holders = objects, device, 1
-
-    @property
-    def matmul(self) -> bindings.RawMatmulDescriptor:
-        return self.objects[-1]
-
-
-def release_descriptors(descriptors: Descriptors) -> None:
-    """One holder gives ``descriptors`` back; the last destroys them (its device current)."""
-    with _lock:
-        descriptors.holders -= 1
-        if descriptors.holders > 0:
-            return
-    cupy = gpu.cupy()
-
-    with cupy.cuda.Device(descriptors.device):
-        for obj in descriptors.objects:
-            if not obj.initialized:
-                continue
-            if isinstance(obj, bindings.RawMatDescriptor):
-                bindings.mat_descriptor_destroy(obj)
-            else:
-                obj.release()
-
-
 class Selection:
-    """One initialised selection: the native object, the handle it was made with and the descriptors it was
-    made from (both kept alive by it), the shared key (None: private to one plan), the plans holding it, and
-    whether it was searched."""
+    """One initialised selection: the native object, the handle it was made with and the descriptors of its own
+    it was made from (both kept alive by it), the shared key (None: private to one plan), the plans holding it,
+    and whether it was searched."""
 
     __slots__ = ("raw", "handle", "device", "descriptors", "key", "holders", "searched", "plans")
 
@@ -106,7 +77,16 @@ def _set(handle: Any, raw: bindings.RawAlgSelection, config: tuple) -> None:
             bindings.matmul_alg_set_attribute(handle.raw, raw, attribute, value)
 
 
-def _make(handle: Any, device: int, descriptors: Descriptors, config: tuple | None,
+def _prime(sel: Selection) -> None:
+    """A plan of the selection's own, made over it as it is configured now and destroyed with it: the first plan
+    over each configuration is never a caller's (see the module's notes)."""
+    plan = bindings.RawPlan()
+    bindings.matmul_plan_init(sel.handle.raw, plan, sel.descriptors.matmul, sel.raw)
+    with _lock:
+        sel.plans.append(plan)
+
+
+def _make(handle: Any, device: int, describe: Callable[[], Descriptors], config: tuple | None,
           key: tuple | None) -> Selection:
     global _exit_hook
     cupy = gpu.cupy()
@@ -117,16 +97,17 @@ def _make(handle: Any, device: int, descriptors: Descriptors, config: tuple | No
 
     raw = bindings.RawAlgSelection()
     with cupy.cuda.Device(device):
-        bindings.matmul_alg_selection_init(handle.checked(), raw, descriptors.matmul)
+        descriptors = describe()
+        sel = Selection(raw, handle, device, descriptors, key)
         try:
+            bindings.matmul_alg_selection_init(handle.checked(), raw, descriptors.matmul)
             if config is not None:
                 _set(handle, raw, tuple(config))
+            _prime(sel)
         except BaseException:
-            bindings.matmul_alg_selection_destroy(raw)
+            _destroy([sel])
             raise
-    with _lock:
-        descriptors.holders += 1
-    return Selection(raw, handle, device, descriptors, key)
+    return sel
 
 
 def _destroy(selections: list) -> None:
@@ -134,20 +115,24 @@ def _destroy(selections: list) -> None:
     cupy = gpu.cupy()
 
     for sel in selections:
-        if sel.raw.initialized:
-            with cupy.cuda.Device(sel.device):
-                for plan in sel.plans:
-                    if plan.initialized:
-                        bindings.matmul_plan_destroy(plan)
-                sel.plans.clear()
+        with cupy.cuda.Device(sel.device):
+            for plan in sel.plans:
+                if plan.initialized:
+                    bindings.matmul_plan_destroy(plan)
+            sel.plans.clear()
+            if sel.raw.initialized:
                 bindings.matmul_alg_selection_destroy(sel.raw)
+        if sel.descriptors is not None:
             release_descriptors(sel.descriptors)
+            sel.descriptors = None
 
 
-def acquire(handle: Any, device: int, problem: tuple, descriptors: Descriptors, config: tuple | None) -> Selection:
+def acquire(handle: Any, device: int, problem: tuple, describe: Callable[[], Descriptors],
+            config: tuple | None) -> Selection:
     """The shared selection of ``problem`` (a plan's :attr:`~pycusparselt.SparseMatmulPlan.selection_key`) on
     ``handle`` with ``config`` (a :class:`~pycusparselt.tuning.PlanConfig`, or None for the library's default),
-    made from ``descriptors`` if no plan holds one and none is kept. Give it back with :func:`release`."""
+    made from new descriptors of the problem (``describe()``) if no plan holds one and none is kept. Give it
+    back with :func:`release`."""
     key = (id(handle), problem, None if config is None else tuple(config))
     with _lock:
         sel = _shared.get(key)
@@ -159,7 +144,7 @@ def acquire(handle: Any, device: int, problem: tuple, descriptors: Descriptors, 
         if sel is not None:
             sel.holders += 1
             return sel
-    made = _make(handle, device, descriptors, config, key)
+    made = _make(handle, device, describe, config, key)
     with _lock:
         sel = _shared.get(key)
         if sel is None:  # another thread may have made one meanwhile: the first registered is shared
@@ -170,9 +155,10 @@ def acquire(handle: Any, device: int, problem: tuple, descriptors: Descriptors, 
     return sel
 
 
-def private(handle: Any, device: int, descriptors: Descriptors, config: tuple | None) -> Selection:
-    """A selection of one plan's own, made from ``descriptors`` with ``config``: what a tuner changes."""
-    return _make(handle, device, descriptors, config, None)
+def private(handle: Any, device: int, describe: Callable[[], Descriptors], config: tuple | None) -> Selection:
+    """A selection of one plan's own, made from new descriptors (``describe()``) with ``config``: what a tuner
+    changes."""
+    return _make(handle, device, describe, config, None)
 
 
 def reconfigure(sel: Selection, config: tuple) -> tuple | None:
@@ -188,8 +174,10 @@ def reconfigure(sel: Selection, config: tuple) -> tuple | None:
         previous = tuple(bindings.matmul_alg_get_attribute(sel.handle.raw, sel.raw, a) for a in ATTRIBUTES)
         try:
             _set(sel.handle, sel.raw, tuple(config))
+            _prime(sel)
         except BaseException:
             _set(sel.handle, sel.raw, previous)
+            _prime(sel)
             raise
     return previous
 

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from pycusparselt.gemm import selections
+from pycusparselt.gemm import descriptors, selections
 
 
 class _Raw:
@@ -28,8 +28,14 @@ class _MatmulDescriptor:
         self.initialized = False
 
 
-def _descriptors():
-    return selections.Descriptors([_MatmulDescriptor()], 0)
+def _describe():
+    """New descriptors, as a plan's maker of them gives a selection."""
+    return descriptors.Descriptors([_MatmulDescriptor()], 0)
+
+
+class _RawPlan:
+    def __init__(self):
+        self.initialized = False
 
 
 @pytest.fixture
@@ -54,11 +60,16 @@ def calls(monkeypatch):
         plan.initialized = False
         log.append(("plan destroy", plan))
 
+    def plan_init(handle, plan, descriptor, raw):
+        plan.initialized = True
+        log.append(("plan init", (descriptor, dict(raw.attributes))))
+
     fake = types.SimpleNamespace(RawAlgSelection=_Raw, RawMatDescriptor=type("RawMatDescriptor", (), {}),
                                  matmul_alg_selection_init=init, matmul_alg_get_attribute=get_attribute,
-                                 matmul_plan_destroy=plan_destroy,
+                                 matmul_plan_destroy=plan_destroy, RawPlan=_RawPlan, matmul_plan_init=plan_init,
                                  matmul_alg_set_attribute=set_attribute, matmul_alg_selection_destroy=destroy)
     monkeypatch.setattr(selections, "bindings", fake)
+    monkeypatch.setattr(descriptors, "bindings", fake)
     cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda device: contextlib.nullcontext()))
     monkeypatch.setattr(selections.gpu, "cupy", lambda: cupy)
     monkeypatch.setattr(selections, "_shared", {})
@@ -73,18 +84,18 @@ class _Handle:
         return self.raw
 
 
-def _inits(log):
-    return sum(1 for what, _ in log if what == "init")
+def _inits(log, kind="init"):
+    return sum(1 for what, _ in log if what == kind)
 
 
 def test_plans_of_one_problem_and_configuration_share_one_selection(calls):
     handle = _Handle()
-    a = selections.acquire(handle, 0, ("p",), _descriptors(), None)
-    b = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    a = selections.acquire(handle, 0, ("p",), _describe, None)
+    b = selections.acquire(handle, 0, ("p",), _describe, None)
     assert a is b and a.holders == 2 and _inits(calls) == 1
-    c = selections.acquire(handle, 0, ("p",), _descriptors(), (3, 1, 0, 0))  # another configuration
-    d = selections.acquire(handle, 0, ("q",), _descriptors(), None)  # another problem
-    e = selections.acquire(_Handle(), 0, ("p",), _descriptors(), None)  # another handle (thread)
+    c = selections.acquire(handle, 0, ("p",), _describe, (3, 1, 0, 0))  # another configuration
+    d = selections.acquire(handle, 0, ("q",), _describe, None)  # another problem
+    e = selections.acquire(_Handle(), 0, ("p",), _describe, None)  # another handle (thread)
     assert len({id(s) for s in (a, c, d, e)}) == 4 and _inits(calls) == 4
     assert c.raw.attributes == dict(zip(selections.ATTRIBUTES, (3, 1, 0, 0), strict=True))
     assert selections.held_count() == (4, 0)
@@ -93,13 +104,13 @@ def test_plans_of_one_problem_and_configuration_share_one_selection(calls):
 def test_a_released_selection_is_kept_idle_for_the_next_plan_of_its_problem(calls, monkeypatch):
     monkeypatch.setattr(selections, "IDLE_KEPT", 2)
     handle = _Handle()
-    first = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    first = selections.acquire(handle, 0, ("p",), _describe, None)
     selections.release(first)
     assert first.raw.initialized and selections.held_count() == (0, 1)
-    again = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    again = selections.acquire(handle, 0, ("p",), _describe, None)
     assert again is first and again.holders == 1 and _inits(calls) == 1
     selections.release(again)
-    others = [selections.acquire(handle, 0, (n,), _descriptors(), None) for n in "qr"]
+    others = [selections.acquire(handle, 0, (n,), _describe, None) for n in "qr"]
     for sel in others:
         selections.release(sel)
     # three idle, two kept: the oldest is destroyed
@@ -109,8 +120,8 @@ def test_a_released_selection_is_kept_idle_for_the_next_plan_of_its_problem(call
 
 def test_a_selection_held_by_two_plans_lives_until_both_give_it_back(calls):
     handle = _Handle()
-    a = selections.acquire(handle, 0, ("p",), _descriptors(), None)
-    selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    a = selections.acquire(handle, 0, ("p",), _describe, None)
+    selections.acquire(handle, 0, ("p",), _describe, None)
     selections.release(a)
     assert selections.held_count() == (1, 0) and a.holders == 1
     selections.release(a)
@@ -119,9 +130,9 @@ def test_a_selection_held_by_two_plans_lives_until_both_give_it_back(calls):
 
 def test_private_selections_change_in_place_only_when_safe_and_are_never_kept(calls):
     handle = _Handle()
-    shared = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    shared = selections.acquire(handle, 0, ("p",), _describe, None)
     assert not selections.reconfigure(shared, (1, 1, 0, 0))  # shared: never changed
-    mine = selections.private(handle, 0, _descriptors(), (1, 1, 0, 0))
+    mine = selections.private(handle, 0, _describe, (1, 1, 0, 0))
     assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)  # what it had, to set back
     assert mine.raw.attributes[selections.ATTRIBUTES[0]] == 2
     assert not selections.reconfigure(mine, (2, 4, 1, None))  # a field left to the library: a new one
@@ -131,21 +142,51 @@ def test_private_selections_change_in_place_only_when_safe_and_are_never_kept(ca
     assert not mine.raw.initialized and selections.held_count() == (1, 0)
 
 
-def test_the_descriptors_a_selection_was_made_from_live_until_the_plan_and_the_selection_are_gone(calls,
-                                                                                                  monkeypatch):
+def test_a_selection_is_made_from_descriptors_of_its_own_and_first_serves_a_plan_of_its_own(calls, monkeypatch):
     monkeypatch.setattr(selections, "IDLE_KEPT", 0)  # a selection no plan holds is destroyed at once
+    made = []
+
+    def describe():
+        made.append(_describe())
+        return made[-1]
+
     handle = _Handle()
-    mine, other = _descriptors(), _descriptors()
-    sel = selections.acquire(handle, 0, ("p",), mine, None)
-    again = selections.acquire(handle, 0, ("p",), other, None)  # made from the first plan's descriptors
-    assert again is sel and mine.holders == 2 and other.holders == 1
-    selections.release_descriptors(mine)  # the first plan closes
+    sel = selections.acquire(handle, 0, ("p",), describe, None)
+    again = selections.acquire(handle, 0, ("p",), describe, None)
+    assert again is sel and len(made) == 1 and sel.descriptors is made[0]
+    assert ("init", made[0].matmul) in calls  # made from its own descriptors, which no plan runs
+    # before any caller's plan, one of its own over its configuration, on those descriptors
+    assert [entry[1][0] for entry in calls if entry[0] == "plan init"] == [made[0].matmul]
     selections.release(sel)
-    assert mine.matmul.initialized  # the selection, held by the second plan, still reads them
-    selections.release_descriptors(other)  # the second plan closes
-    assert not other.matmul.initialized and mine.matmul.initialized
+    assert made[0].matmul.initialized  # held by the other plan
     selections.release(again)
-    assert not sel.raw.initialized and not mine.matmul.initialized
+    assert not sel.raw.initialized and not made[0].matmul.initialized and _inits(calls, "plan destroy") == 1
+
+
+def test_each_configuration_set_in_place_first_serves_a_plan_of_the_selections_own(calls):
+    mine = selections.private(_Handle(), 0, _describe, (1, 1, 0, 0))
+    assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)
+    primed = [entry[1][1] for entry in calls if entry[0] == "plan init"]
+    assert [attrs[selections.ATTRIBUTES[0]] for attrs in primed] == [1, 2] and len(mine.plans) == 2
+    selections.release(mine)
+    assert _inits(calls, "plan destroy") == 2
+
+
+def test_a_selection_whose_first_plan_fails_is_destroyed_with_its_descriptors(calls, monkeypatch):
+    made = []
+
+    def describe():
+        made.append(_describe())
+        return made[-1]
+
+    def refuse(handle, plan, descriptor, raw):
+        raise ValueError("refused")
+
+    monkeypatch.setattr(selections.bindings, "matmul_plan_init", refuse)
+    with pytest.raises(ValueError, match="refused"):
+        selections.acquire(_Handle(), 0, ("p",), describe, (3, 1, 0, 0))
+    assert selections.held_count() == (0, 0) and not made[0].matmul.initialized
+    assert _inits(calls, "destroy") == 1
 
 
 class _Plan:
@@ -154,7 +195,7 @@ class _Plan:
 
 
 def test_a_refused_attribute_leaves_the_selection_as_it_was(calls, monkeypatch):
-    mine = selections.private(_Handle(), 0, _descriptors(), (1, 1, 0, 0))
+    mine = selections.private(_Handle(), 0, _describe, (1, 1, 0, 0))
     original = selections.bindings.matmul_alg_set_attribute
 
     def refuse_split_k(handle, raw, attribute, value):
@@ -171,29 +212,28 @@ def test_a_refused_attribute_leaves_the_selection_as_it_was(calls, monkeypatch):
 def test_plans_given_back_are_destroyed_with_their_selection_never_before(calls, monkeypatch):
     monkeypatch.setattr(selections, "IDLE_KEPT", 0)
     handle = _Handle()
-    sel = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    sel = selections.acquire(handle, 0, ("p",), _describe, None)
     old = _Plan()
     selections.retire(sel, old)  # re-made over the same selection
-    other = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    other = selections.acquire(handle, 0, ("p",), _describe, None)
     last = _Plan()
     selections.release(other, last)  # the second plan closes
     assert old.initialized and last.initialized and sel.raw.initialized
     selections.release(sel, _Plan())
     assert not old.initialized and not last.initialized and not sel.raw.initialized
-    kinds = [what for what, _ in calls if what != "init"]
-    assert kinds == ["plan destroy"] * 3 + ["destroy"]  # the plans first, then the selection
+    kinds = [what for what, _ in calls if what in ("plan destroy", "destroy")]
+    assert kinds == ["plan destroy"] * 4 + ["destroy"]  # the plans first (its own too), then the selection
 
 
 def test_a_selection_that_outlived_plans_kept_serves_no_new_plan(calls, monkeypatch):
     monkeypatch.setattr(selections, "PLANS_KEPT", 2)
     handle = _Handle()
-    sel = selections.acquire(handle, 0, ("p",), _descriptors(), None)
-    for _ in range(2):
-        selections.retire(sel, _Plan())
-    assert selections.acquire(handle, 0, ("p",), _descriptors(), None) is sel
+    sel = selections.acquire(handle, 0, ("p",), _describe, None)  # its own plan: one of the two
+    selections.retire(sel, _Plan())
+    assert selections.acquire(handle, 0, ("p",), _describe, None) is sel
     selections.release(sel)
     selections.retire(sel, _Plan())  # over the limit: new plans make a fresh one
-    fresh = selections.acquire(handle, 0, ("p",), _descriptors(), None)
+    fresh = selections.acquire(handle, 0, ("p",), _describe, None)
     assert fresh is not sel
     selections.release(sel)  # its last holder: destroyed with its plans, not kept
     assert not sel.raw.initialized and selections.held_count() == (1, 0)
@@ -201,16 +241,16 @@ def test_a_selection_that_outlived_plans_kept_serves_no_new_plan(calls, monkeypa
 
 def test_a_tuners_private_selection_becomes_the_shared_one_of_its_winner(calls):
     handle = _Handle()
-    mine = selections.private(handle, 0, _descriptors(), (5, 1, 0, 0))
+    mine = selections.private(handle, 0, _describe, (5, 1, 0, 0))
     assert selections.shareable(mine, ("p",), (5, 1, 0, 0))
     assert not selections.shareable(mine, ("p",), (5, 2, 1, None))  # a field left to the library
     assert selections.share(mine, ("p",), (5, 1, 0, 0))
-    later = selections.acquire(handle, 0, ("p",), _descriptors(), (5, 1, 0, 0))
+    later = selections.acquire(handle, 0, ("p",), _describe, (5, 1, 0, 0))
     assert later is mine and mine.holders == 2 and _inits(calls) == 1  # no selection made for the winner
     assert not selections.shareable(mine, ("p",), (6, 1, 0, 0))  # shared now: never changed in place
-    other = selections.private(handle, 0, _descriptors(), (5, 1, 0, 0))
+    other = selections.private(handle, 0, _describe, (5, 1, 0, 0))
     assert not selections.share(other, ("p",), (5, 1, 0, 0))  # one is shared already: nothing done
-    searched = selections.private(handle, 0, _descriptors(), (7, 1, 0, 0))
+    searched = selections.private(handle, 0, _describe, (7, 1, 0, 0))
     searched.searched = True
     assert not selections.shareable(searched, ("q",), (7, 1, 0, 0))
     for sel in (later, mine, other, searched):

@@ -77,3 +77,30 @@ def test_a_tuned_plan_and_later_plans_of_its_problem_each_compute_their_own_prod
         _check(plan, w, b, x)
     for plan in (first, *later):
         plan.close()
+
+
+@pytest.mark.parametrize("made_by", ["tuner", "acquire"])
+def test_every_configuration_shared_by_three_plans_gives_each_its_own_product(made_by, monkeypatch):
+    """Each configuration id in turn: a plan sets it (as a tuner's winner, its own selection then shared; or on a
+    shared selection made for it), two more plans of the problem run it on that selection, then all three are
+    checked. With 0.8.0 on an H100, configurations 34 to 47 of this problem gave the first plan a wrong product
+    while the selection was made from its descriptors."""
+    if made_by == "acquire":
+        monkeypatch.setattr(selections, "shareable", lambda *args: False)
+    rng = np.random.default_rng(2)
+    probe = _plan(*_problem(rng, 1024, 1024, 384)[2::-2])
+    count, default = probe.max_alg_id, probe.default_config
+    probe.close()
+    for alg in range(count):
+        config = PlanConfig(alg, *default[1:])
+        cases = [_problem(rng, 1024, 1024, 384) for _ in range(3)]
+        plans = [_plan(x, w) for w, _, x in cases]
+        plans[0].try_config(PlanConfig((alg + 1) % count, *default[1:]))  # a candidate before the winner
+        plans[0].config = config
+        for plan in plans[1:]:
+            plan.config = config
+        for plan, (w, b, x) in zip(plans, cases, strict=True):
+            assert plan.config.alg_id == alg
+            _check(plan, w, b, x)
+        for plan in plans:
+            plan.close()
