@@ -732,23 +732,24 @@ class SparseLinear:
             if self.permutation is not None:
                 x = x[..., cupy.asarray(self.permutation)]
             xq = cupy.ascontiguousarray(self._gemm_input(x, cupy))
-            e = self._epilogue()
-            key = (xq.shape, xq.dtype.str, int(xq.device.id), "padded")
-            plan = self._plans.get(key)
-            w = self.weight if self.weight_q is None else self.weight_q
-            wt = w.T  # (in, out), F-contiguous: the sparse B in the TN form
-            if plan is None:
-                plan = self._plans[key] = SparseMatmulPlan(xq, wt, options=e["options"])
-            args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=stream)
-            if key not in self._tuned:
-                # before compressing: the compressed form depends on the configuration
-                layer_plans.tune_plan(plan, key, self._configs, self._autotune, xq, wt, args)
-                self._tuned.add(key)
-            compressed = layer_plans.compressed_for(self._compressed, plan, wt, stream)
-            direct = out if not self._post else None
-            y = plan.matmul(xq, compressed, out=direct, **args)
-            if not self._post:
-                return _arrays.like(y, template)
+            if xq.shape[0] == 0:  # cuSPARSELt takes no empty operand, and there is nothing to compute
+                y = cupy.empty((0, self.out_features), self._gemm_out)
+            else:
+                e = self._epilogue()
+                key = (xq.shape, xq.dtype.str, int(xq.device.id), "padded")
+                plan = self._plans.get(key)
+                wt = (self.weight if self.weight_q is None else self.weight_q).T  # (in, out) F-contiguous: B in TN
+                if plan is None:
+                    plan = self._plans[key] = SparseMatmulPlan(xq, wt, options=e["options"])
+                args = dict(alpha=e["alpha_device"], bias=e["bias_device"], stream=stream)
+                if key not in self._tuned:
+                    # before compressing: the compressed form depends on the configuration
+                    layer_plans.tune_plan(plan, key, self._configs, self._autotune, xq, wt, args)
+                    self._tuned.add(key)
+                compressed = layer_plans.compressed_for(self._compressed, plan, wt, stream)
+                y = plan.matmul(xq, compressed, out=out if not self._post else None, **args)
+                if not self._post:
+                    return _arrays.like(y, template)
             y = self._finish(y, cupy)
             if out is not None:
                 copy_out(y, out)

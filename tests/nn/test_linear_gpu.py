@@ -41,6 +41,22 @@ def test_device_layer_matches_the_reference(dtype, batch, activation):
     reference.assert_close(cp.asnumpy(y).T, y_cpu.T, a=w_pruned, b=x.T, bias=b, activation=activation)
 
 
+@pytest.mark.parametrize("out_features", [96, 93])  # 93: a weight cuSPARSELt takes only padded
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_an_empty_batch_gives_an_empty_result(out_features, activation):
+    rng = np.random.default_rng(3)
+    layer = SparseLinear(cp.asarray(rng.standard_normal((out_features, 128)).astype(np.float16)),
+                         activation=activation, autotune=False)
+    y = layer(cp.empty((0, 128), np.float16))
+    assert isinstance(y, cp.ndarray) and y.shape == (0, out_features) and y.dtype == np.float16
+    out = cp.empty((0, out_features), np.float16)
+    assert layer(cp.empty((0, 128), np.float16), out=out) is out
+    with pytest.raises(ValueError, match="out: expected shape"):
+        layer(cp.empty((0, 128), np.float16), out=cp.empty((1, out_features), np.float16))
+    with pytest.raises(TypeError, match="x: expected float16"):  # still checked
+        layer(cp.empty((0, 128), np.float32))
+
+
 def test_one_plan_per_input_shape_and_reuse(monkeypatch):
     monkeypatch.setenv("PYCUSPARSELT_DECODE_KERNEL", "off")  # cuSPARSELt's plans for small batches too
     rng = np.random.default_rng(5)
