@@ -372,6 +372,18 @@ class SparseLinear(torch.nn.Module):
             return {}
         return {small_batch.BUCKETS[b]: choice for b, choice in sorted(self._small.choices.items())}
 
+    @property
+    def prepared_shapes(self) -> list[tuple[int, ...]]:
+        """The input shapes whose calls launch a prepared product directly, in the order first prepared (on any
+        stream): a repeated call with one of them makes only identity checks."""
+        return list(dict.fromkeys(tuple(key[0]) for key, entry in self._direct.items() if entry))
+
+    @property
+    def stage_nbytes(self) -> int:
+        """Bytes of the stages the prepared products hold: an input of fewer rows than its product reads is
+        copied into one (one per padded size and stream)."""
+        return sum(stage.nbytes for stage in self._stages.values())
+
     def _small_reason(self) -> str | None:
         """None where inputs of 1 to 16 rows can run on the decode kernel reading the compact state where it is
         (no other copy of the weight); else why not."""
@@ -442,47 +454,63 @@ class SparseLinear(torch.nn.Module):
         can serve the layer and is chosen (:mod:`pycusparselt.nn.small_batch`); then nothing else holds the
         weight.
         """
+        if x.is_cuda:
+            device = x.get_device()
+            sp = _arrays.current_stream(x, device)
+            y = self._prepared(x, sp, device)
+            if y is not None:
+                return y
         self._current()
         if not x.is_cuda:
             return _arrays.host_tensor(self.native()(_arrays.to_numpy(x)))
         if not x.is_contiguous():
             x = x.contiguous()
-        device = x.get_device()
-        sp = _arrays.current_stream(x, device)
+            y = self._prepared(x, sp, device)
+            if y is not None:
+                return y
         rows = x.shape[0]
-        key = (rows, sp, device)  # stream 0 is every device's default stream
-        direct = self._direct.get(key)
-        if (direct and x.dtype is self._dtype and x.shape[1] == self.in_features and x.data_ptr() % 16 == 0
-                and _current_device() == device):  # the copy is issued on the current device's stream
-            # the prepared product alone: what a call checks was checked when this entry was made
-            launch, stage, shape, copy, kind = direct
-            y = torch.empty(shape, dtype=self.output_dtype, device=x.device)
-            try:
-                if stage is None:
-                    launch(x.data_ptr(), y.data_ptr(), sp)
-                    return y
-                copy(stage, x.data_ptr(), rows * self._row_bytes, kind, sp)
-                launch(stage, y.data_ptr(), sp)
-                return y[:rows]
-            except ClosedError:  # the product's plans were closed (native().close()): made again below
-                self._direct.clear()
-                self._stages.clear()
-                direct = None
+        key = (x.shape, sp, device)  # stream 0 is every device's default stream
+        known = key in self._direct  # prepared, or found to need more than the product: nothing to make
+        keep = not known and x.dtype is self._dtype and not torch.cuda.is_current_stream_capturing()
         if (0 < rows <= small_batch.BUCKETS[-1][1] and x.dtype is self._dtype and x.dim() == 2
                 and x.shape[1] == self.in_features and device == self.values.get_device()):
             launch = self._small_launcher(rows, sp)
             if launch is not None:  # the decode kernel on the compact state: no other copy of the weight
-                y = torch.empty((rows, self.out_features), dtype=self.output_dtype, device=x.device)
+                shape = (rows, self.out_features)
+                y = torch.empty(shape, dtype=self.output_dtype, device=x.device)
                 launch(x.data_ptr(), y.data_ptr(), sp)
-                if direct is None and not torch.cuda.is_current_stream_capturing():
-                    self._keep_direct(key, (launch, None, (rows, self.out_features), None, None))
+                if keep:
+                    self._keep_direct(key, (launch, None, None, None, 0, shape, rows, None))
                 return y
         native = self.native()
         y = native(x)  # checks x in full; makes (and tunes) the product for this shape
-        if direct is None and x.dtype is self._dtype and not torch.cuda.is_current_stream_capturing():
-            # made outside graph capture only: its stage is then zeroed now, not at each replay
+        if keep:  # made outside graph capture only: its stage is then zeroed now, not at each replay
             self._keep_direct(key, self._direct_entry(native, rows, sp, x.device))
         return y
+
+    def _prepared(self, x: torch.Tensor, sp: int, device: int) -> torch.Tensor | None:
+        """``x``'s result from the product prepared by a checked call with an input of ``x``'s shape on stream
+        ``sp``, launched directly where ``x`` is as that input was (the product's dtype, C-contiguous, 16-byte
+        aligned, its device current) and the state is unchanged since; else None (the checked path decides).
+        The identity checks are all a repeated call makes."""
+        entry = self._direct.get((x.shape, sp, device))
+        if (not entry or x.dtype is not self._dtype or not x.is_contiguous() or x.data_ptr() % 16
+                or _current_device() != device or self._built_from != _versions(self._watched)):
+            return None
+        launch, stage, copy, kind, nbytes, shape, rows, view = entry
+        y = x.new_empty(shape, dtype=self.output_dtype)
+        try:
+            if stage is None:
+                launch(x.data_ptr(), y.data_ptr(), sp)
+            else:  # the copy is issued on the current device's stream
+                copy(stage, x.data_ptr(), nbytes, kind, sp)
+                launch(stage, y.data_ptr(), sp)
+                y = y[:rows]
+        except ClosedError:  # the product's plans were closed (native().close()): made again by the checked path
+            self._direct.clear()
+            self._stages.clear()
+            return None
+        return y if view is None else y.view(view)
 
     def _keep_direct(self, key: tuple, entry: tuple | bool) -> None:
         if len(self._direct) >= _MAX_DIRECT:  # many sizes (prompts of every length): start again
@@ -498,7 +526,7 @@ class SparseLinear(torch.nn.Module):
             return False
         launch, padded = found
         if padded == rows:
-            return launch, None, (padded, self.out_features), None, None
+            return launch, None, None, None, 0, (padded, self.out_features), rows, None
         # inputs of fewer rows than the product reads are copied (one cudaMemcpyAsync on the stream) into a
         # stage of the product's rows, one per padded size and stream: rows past an input's hold zeros or an
         # earlier input's values, whose results are not returned. CuPy's memory, not PyTorch's: a stage made
@@ -510,8 +538,8 @@ class SparseLinear(torch.nn.Module):
                 stage = self._stages[(padded, sp, device.index)] = cupy.empty(padded * self._row_bytes, np.uint8)
                 cupy.cuda.runtime.memsetAsync(stage.data.ptr, 0, stage.nbytes, sp)
         runtime = cupy.cuda.runtime
-        return launch, stage.data.ptr, (padded, self.out_features), runtime.memcpyAsync, \
-            runtime.memcpyDeviceToDevice
+        return (launch, stage.data.ptr, runtime.memcpyAsync, runtime.memcpyDeviceToDevice, rows * self._row_bytes,
+                (padded, self.out_features), rows, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``activation(x @ W.T + b)`` over the last dimension of ``x`` (a 1x1 convolution: over dimension 1)."""
@@ -527,9 +555,19 @@ class SparseLinear(torch.nn.Module):
         if self.conv:
             y = self.product(x.permute(0, 2, 3, 1).reshape(-1, self.in_features))
             return y.view(x.shape[0], x.shape[2], x.shape[3], self.out_features).permute(0, 3, 1, 2)
-        if x.dim() == 2:
-            return self.product(x)
-        return self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if not x.is_cuda:
+            return self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        device = x.get_device()
+        sp = _arrays.current_stream(x, device)
+        y = self._prepared(x, sp, device)  # any shape (..., in_features): no reshape, no view, a repeated call
+        if y is not None or x.dim() == 2:
+            return self.product(x) if y is None else y
+        flat = x.reshape(-1, self.in_features)
+        y = self.product(flat).view(*x.shape[:-1], self.out_features)
+        entry = self._direct.get((flat.shape, sp, device))
+        if entry and (x.shape, sp, device) not in self._direct:  # the 2-D shape's product serves x's shape too
+            self._keep_direct((x.shape, sp, device), entry[:-1] + (y.shape,))
+        return y
 
     def forward_shared(self, x: torch.Tensor, reader: Any) -> torch.Tensor:
         """:meth:`forward` of ``x``, shared by the readers of one input: the product a reader asked for is

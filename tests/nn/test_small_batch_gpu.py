@@ -176,5 +176,5 @@ def test_pytorch_modules_run_small_batches_on_the_decode_kernel_without_a_stage(
                 want = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
                 assert got.shape == (rows, 512)
                 assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-2), rows
-    assert all(entry and entry[1] is None for entry in layer._direct.values())  # no stage: the rows as given
-    assert not layer._stages
+    assert layer.prepared_shapes == [(1, 256), (5, 256), (16, 256)]
+    assert layer.stage_nbytes == 0  # no stage: the rows as given

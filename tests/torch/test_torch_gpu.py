@@ -206,7 +206,7 @@ def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact(dtype, 
 
     def check(x):
         got = layer(x)
-        assert got.shape == (x.shape[0], 512) and got.dtype == dtype
+        assert got.shape == x.shape[:-1] + (512,) and got.dtype == dtype
         rtol = 2e-3 if dtype == torch.float16 else 1e-2  # the output's rounding
         assert torch.allclose(got.float(), want(x), rtol=rtol, atol=2e-2), tuple(x.shape)
 
@@ -216,8 +216,14 @@ def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact(dtype, 
             for _ in range(3):  # the first call prepares, the others launch directly at new addresses
                 check(torch.randn(rows, 256, device="cuda", dtype=dtype))
         assert len(checked) == len(sizes)  # one checked call per size, none after
-        assert {key[0] for key in layer._direct} == set(sizes) and all(layer._direct.values())
-        assert len(layer._stages) == 2  # one per padded size: 16 rows (for 1 and 5), 24 rows (for 17 and 20)
+        assert layer.prepared_shapes == [(rows, 256) for rows in sizes]
+        # one stage per padded size: 16 rows (for 1 and 5), 24 rows (for 17 and 20)
+        assert layer.stage_nbytes == (16 + 24) * 256 * dtype.itemsize
+        for rows in (20, 24):  # (2, rows / 2, 256): the 2-D shape's product, then a direct launch of its own
+            for _ in range(3):
+                check(torch.randn(2, rows // 2, 256, device="cuda", dtype=dtype))
+            assert (2, rows // 2, 256) in layer.prepared_shapes
+        assert len(checked) == len(sizes)
         checked.clear()
         base = torch.randn(17, 256, device="cuda", dtype=dtype)
         check(base.view(-1)[1:1 + 16 * 256].view(16, 256))  # 2 bytes past an aligned address: checked
