@@ -56,7 +56,7 @@ MODES = ("eager", "compile", "graph", "generate", "generate-compiled")
 MODEL_NAMES = {"bert": "bert-large", "llama": "llama-4x4096"}
 
 
-def _models(torch, transformers, name: str, tune_budget: float | None = None, merge: bool = False):
+def build_models(torch, transformers, name: str, tune_budget: float | None = None, merge: bool = False):
     """(dense, sparse, sparsify seconds): the pruned model and its sparsified deep copy."""
     import pycusparselt.torch as pst
 
@@ -98,7 +98,7 @@ def _rel(torch, got, want) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-def _inputs(torch, name: str, size: int):
+def inputs(torch, name: str, size: int):
     if name == "bert":
         return torch.randint(0, 30000, (size, SEQUENCE), device="cuda")
     return torch.randint(0, LLAMA["vocab_size"], (1, size), device="cuda")
@@ -129,7 +129,7 @@ def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, kee
     model_name = MODEL_NAMES[name]
     compiled = {}
     for size in sizes:
-        ids = _inputs(torch, name, size)
+        ids = inputs(torch, name, size)
         for mode in [m for m in modes if m in ("eager", "compile", "graph")]:
             row = {"model": model_name, key: size, "mode": mode}
             try:
@@ -193,7 +193,7 @@ def _generate_rows(torch, dense, sparse, modes: list, keep) -> None:
 
 def _first_forward(torch, dense, sparse, batch: int = 8) -> dict:
     """Seconds of the first forward at a batch size neither model has seen."""
-    ids = _inputs(torch, "bert", batch)
+    ids = inputs(torch, "bert", batch)
     result = {}
     with torch.no_grad():
         for name, model in (("dense", dense), ("sparse", sparse)):
@@ -228,7 +228,7 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
         "tune_budget_s": tune_budget, "merge_siblings": merge, "command": command,
     }
     for name in models:
-        dense, sparse, seconds = _models(torch, transformers, name, tune_budget, merge)
+        dense, sparse, seconds = build_models(torch, transformers, name, tune_budget, merge)
         results["sparsify_s"][name] = round(seconds, 2)
         if name == "bert":
             results["first_forward"] = _first_forward(torch, dense, sparse)

@@ -1,0 +1,40 @@
+"""The Hugging Face profile's arithmetic on the CPU: which kernels count as GEMMs, and the bound they give."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def profile(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports bench_hf, which imports its sibling
+    spec = importlib.util.spec_from_file_location("profile_hf", ROOT / "benchmarks" / "profile_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, gemm", [
+    ("nvjet_sm90_hsh_192x192_64x4_2x1_v_bz_coopB_TNN", True),  # cuBLAS
+    ("nvjet_hsh_128x256_64x5_2x1_h_bx_coopA_sp_TNT", True),  # cuSPARSELt
+    ("sm90_xmma_sparse_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256", True),
+    ("void decode_gemm<0, 1, 1>(uint4 const*, unsigned short const*)", True),  # the decode kernel
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob", False),  # attention
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>", False),
+    ("Memset (Device)", False),
+    ("fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)", False),
+])
+def test_gemm_kernels_are_told_from_the_rest(profile, name, gemm):
+    assert profile.is_gemm(name) is gemm
+
+
+def test_the_bound_keeps_the_rest_as_dense_ran_it(profile):
+    dense = {"gpu_ms": 8.0, "gemm_ms": 6.0, "other_ms": 2.0}
+    assert profile.bound(dense, 2.0) == pytest.approx(8.0 / 5.0, abs=1e-3)
+    assert profile.bound(dense, 1.0) == 1.0
+    assert profile.bound({"gpu_ms": 8.0, "gemm_ms": 0.0, "other_ms": 8.0}, 2.0) == 1.0  # no GEMM: no gain
