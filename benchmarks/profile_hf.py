@@ -7,10 +7,10 @@ Usage::
 The models of ``bench_hf.py`` (BERT-large at batch 1 and 8, sequence 384; the Llama-shaped LM at 2048 tokens),
 the pruned model dense and its sparsified copy, each forward run eagerly under ``torch.profiler`` after warm-up.
 Per model, size and side: the kernels' summed GPU time per forward (``gpu_ms``), the part in GEMM kernels
-(``gemm_ms``: cuBLAS, cuSPARSELt and the decode kernel), the rest (``other_ms``), the kernel count, and the
-host's time to enqueue one forward (``enqueue_ms``, no synchronisation; medians of 10). ``bound`` gives the
-whole forward's speed-up if the sparse GEMMs ran ``k`` times as fast as the dense ones and the rest stayed as
-dense ran it: what the GEMMs alone can give the model.
+(``gemm_ms``: cuBLAS, cuSPARSELt and the decode kernel), the rest (``other_ms``), the count of GPU activities
+(``kernels``: kernels, copies and fills), and the host's time to enqueue one forward (``enqueue_ms``, no
+synchronisation; medians of 10). ``bound`` gives the whole forward's speed-up if the sparse GEMMs ran ``k``
+times as fast as the dense ones and the rest stayed as dense ran it: what the GEMMs alone can give the model.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def run(tune_budget: float | None, command: str) -> dict:
         for name, size in CASES:
             if name not in built:
                 built.clear()  # one model on the GPU at a time
+                dense = sparse = None
                 built[name] = build_models(torch, transformers, name, tune_budget)[:2]
             dense, sparse = built[name]
             ids = inputs(torch, name, size)

@@ -39,7 +39,7 @@ class Descriptors:
         return self.objects[-1]
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # a finalizer run by the garbage collector may release descriptors inside
 
 
 def release_descriptors(descriptors: Descriptors) -> None:

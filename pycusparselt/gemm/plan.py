@@ -355,9 +355,12 @@ class SparseMatmulPlan:
             sel = selections.private(self._handle, self.device, self._describe, config)
         try:
             self._use(sel, config)
-        except BaseException:
+        except BaseException as failed:
             if previous is not None:  # the running plan's selection as it was
-                selections.reconfigure(sel, previous)
+                try:
+                    selections.reconfigure(sel, previous)
+                except BaseException as restoring:
+                    raise restoring from failed
             raise
 
     def _checked_config(self, config: PlanConfig | int) -> PlanConfig:

@@ -54,7 +54,7 @@ class Selection:
     it was made from (both kept alive by it), the shared key (None: private to one plan), the plans holding it,
     and whether it was searched."""
 
-    __slots__ = ("raw", "handle", "device", "descriptors", "key", "holders", "searched", "plans")
+    __slots__ = ("raw", "handle", "device", "descriptors", "key", "holders", "searched", "plans", "primed")
 
     def __init__(self, raw: bindings.RawAlgSelection, handle: Any, device: int, descriptors: Descriptors,
                  key: tuple | None) -> None:
@@ -62,6 +62,7 @@ class Selection:
         self.holders = 1
         self.searched = False
         self.plans: list = []  # plans made over it and given back: destroyed with it
+        self.primed: list = []  # its own plans (_prime), not counted against PLANS_KEPT: destroyed with it
 
 
 # re-entrant: a plan's finalizer, run by the garbage collector, may give back a selection on a thread that holds it
@@ -83,7 +84,7 @@ def _prime(sel: Selection) -> None:
     plan = bindings.RawPlan()
     bindings.matmul_plan_init(sel.handle.raw, plan, sel.descriptors.matmul, sel.raw)
     with _lock:
-        sel.plans.append(plan)
+        sel.primed.append(plan)
 
 
 def _make(handle: Any, device: int, describe: Callable[[], Descriptors], config: tuple | None,
@@ -97,10 +98,11 @@ def _make(handle: Any, device: int, describe: Callable[[], Descriptors], config:
 
     raw = bindings.RawAlgSelection()
     with cupy.cuda.Device(device):
+        checked = handle.checked()  # raises before anything is made where the handle is closed
         descriptors = describe()
         sel = Selection(raw, handle, device, descriptors, key)
         try:
-            bindings.matmul_alg_selection_init(handle.checked(), raw, descriptors.matmul)
+            bindings.matmul_alg_selection_init(checked, raw, descriptors.matmul)
             if config is not None:
                 _set(handle, raw, tuple(config))
             _prime(sel)
@@ -116,10 +118,11 @@ def _destroy(selections: list) -> None:
 
     for sel in selections:
         with cupy.cuda.Device(sel.device):
-            for plan in sel.plans:
+            for plan in sel.plans + sel.primed:
                 if plan.initialized:
                     bindings.matmul_plan_destroy(plan)
             sel.plans.clear()
+            sel.primed.clear()
             if sel.raw.initialized:
                 bindings.matmul_alg_selection_destroy(sel.raw)
         if sel.descriptors is not None:
@@ -175,9 +178,11 @@ def reconfigure(sel: Selection, config: tuple) -> tuple | None:
         try:
             _set(sel.handle, sel.raw, tuple(config))
             _prime(sel)
-        except BaseException:
-            _set(sel.handle, sel.raw, previous)
-            _prime(sel)
+        except BaseException as failed:
+            try:
+                _set(sel.handle, sel.raw, previous)  # primed when it was set: the running plan runs it
+            except BaseException as restoring:
+                raise restoring from failed  # both reported: the selection may be neither configuration
             raise
     return previous
 

@@ -19,7 +19,7 @@ import math
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -42,10 +42,24 @@ _ids = itertools.count(1)
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.uint8}
 QUANTIZED_MODES = ("int8", "fp8")
 _STATE = ("values", "indices", "bias", "weight_scale", "input_scale", "output_scale")  # the buffers
-#: Prepared entries a module keeps (one per number of rows, stream and device) before it starts again, as the
+#: Prepared entries a module keeps (one per input shape, stream and device) before it starts again, as the
 #: layer's routes do: a model fed inputs of many lengths keeps a bounded number of stages.
 _MAX_DIRECT = 64
 _current_device = torch.cuda.current_device
+
+
+class _Prepared(NamedTuple):
+    """What a repeated eager call with one input shape launches (:meth:`SparseLinear.product`)."""
+
+    launch: Any  # launch(x_ptr, y_ptr, stream_ptr)
+    stage: int | None  # where inputs are copied first (fewer rows than the product reads), or None
+    copy: Any  # cudaMemcpyAsync, where there is a stage
+    kind: Any  # its direction
+    nbytes: int  # bytes copied
+    shape: tuple  # the output as allocated
+    rows: int  # the input's rows (the output's leading rows, where there is a stage)
+    view: tuple | None  # the shape returned, where not ``shape``
+    stage_buffer: Any = None  # the stage's memory, alive while an entry uses it
 
 
 _version = operator.attrgetter("_version")  # a tensor's count of in-place changes
@@ -335,7 +349,7 @@ class SparseLinear(torch.nn.Module):
         replaced, moved, loaded or edited in place since."""
         if self._generation is None or self._built_from != _versions(self._watched):
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
-            self._direct = {}  # (rows, stream, device) -> what product() launches directly, or False
+            self._direct = {}  # (input shape, stream, device) -> a _Prepared, or False: the checked call
             self._stages = {}
             self._native = self._small = None
             self._generation = object()
@@ -447,13 +461,16 @@ class SparseLinear(torch.nn.Module):
         torch.Tensor
             (rows, out_features), of the type ``output_dtype`` names.
 
-        The first call with a number of rows on a stream is checked in full by the
+        The first call with an input shape on a stream is checked in full by the
         :class:`pycusparselt.SparseLinear` beneath; later ones (C-contiguous, 16-byte aligned, of the layer's
-        dtype, with the input's device current) launch the prepared product directly. Inputs of 1 to 16 rows
+        dtype, with the input's device current) launch the prepared product directly. Another number of
+        dimensions raises ValueError (:meth:`forward` takes any). Inputs of 1 to 16 rows
         of the layer's dtype run on the decode kernel reading the compact state where it is, when the kernel
         can serve the layer and is chosen (:mod:`pycusparselt.nn.small_batch`); then nothing else holds the
         weight.
         """
+        if x.dim() != 2:
+            raise ValueError(f"x: expected (rows, {self.in_features}), got shape {tuple(x.shape)}")
         if x.is_cuda:
             device = x.get_device()
             sp = _arrays.current_stream(x, device)
@@ -472,15 +489,15 @@ class SparseLinear(torch.nn.Module):
         key = (x.shape, sp, device)  # stream 0 is every device's default stream
         known = key in self._direct  # prepared, or found to need more than the product: nothing to make
         keep = not known and x.dtype is self._dtype and not torch.cuda.is_current_stream_capturing()
-        if (0 < rows <= small_batch.BUCKETS[-1][1] and x.dtype is self._dtype and x.dim() == 2
-                and x.shape[1] == self.in_features and device == self.values.get_device()):
+        if (0 < rows <= small_batch.BUCKETS[-1][1] and x.dtype is self._dtype and x.shape[1] == self.in_features
+                and device == self.values.get_device()):
             launch = self._small_launcher(rows, sp)
             if launch is not None:  # the decode kernel on the compact state: no other copy of the weight
                 shape = (rows, self.out_features)
                 y = torch.empty(shape, dtype=self.output_dtype, device=x.device)
                 launch(x.data_ptr(), y.data_ptr(), sp)
                 if keep:
-                    self._keep_direct(key, (launch, None, None, None, 0, shape, rows, None))
+                    self._keep_direct(key, _Prepared(launch, None, None, None, 0, shape, rows, None))
                 return y
         native = self.native()
         y = native(x)  # checks x in full; makes (and tunes) the product for this shape
@@ -497,7 +514,7 @@ class SparseLinear(torch.nn.Module):
         if (not entry or x.dtype is not self._dtype or not x.is_contiguous() or x.data_ptr() % 16
                 or _current_device() != device or self._built_from != _versions(self._watched)):
             return None
-        launch, stage, copy, kind, nbytes, shape, rows, view = entry
+        launch, stage, copy, kind, nbytes, shape, rows, view, _ = entry
         y = x.new_empty(shape, dtype=self.output_dtype)
         try:
             if stage is None:
@@ -512,13 +529,13 @@ class SparseLinear(torch.nn.Module):
             return None
         return y if view is None else y.view(view)
 
-    def _keep_direct(self, key: tuple, entry: tuple | bool) -> None:
+    def _keep_direct(self, key: tuple, entry: _Prepared | bool) -> None:
         if len(self._direct) >= _MAX_DIRECT:  # many sizes (prompts of every length): start again
             self._direct.clear()
             self._stages.clear()
         self._direct[key] = entry
 
-    def _direct_entry(self, native: NativeLinear, rows: int, sp: int, device: torch.device) -> tuple | bool:
+    def _direct_entry(self, native: NativeLinear, rows: int, sp: int, device: torch.device) -> _Prepared | bool:
         """What :meth:`product` needs to launch the prepared product for ``rows`` rows on stream ``sp``
         directly, or False where a call needs more (:meth:`pycusparselt.SparseLinear.direct_launcher`)."""
         found = native.direct_launcher(rows, sp)
@@ -526,7 +543,7 @@ class SparseLinear(torch.nn.Module):
             return False
         launch, padded = found
         if padded == rows:
-            return launch, None, None, None, 0, (padded, self.out_features), rows, None
+            return _Prepared(launch, None, None, None, 0, (padded, self.out_features), rows, None)
         # inputs of fewer rows than the product reads are copied (one cudaMemcpyAsync on the stream) into a
         # stage of the product's rows, one per padded size and stream: rows past an input's hold zeros or an
         # earlier input's values, whose results are not returned. CuPy's memory, not PyTorch's: a stage made
@@ -538,8 +555,9 @@ class SparseLinear(torch.nn.Module):
                 stage = self._stages[(padded, sp, device.index)] = cupy.empty(padded * self._row_bytes, np.uint8)
                 cupy.cuda.runtime.memsetAsync(stage.data.ptr, 0, stage.nbytes, sp)
         runtime = cupy.cuda.runtime
-        return (launch, stage.data.ptr, runtime.memcpyAsync, runtime.memcpyDeviceToDevice, rows * self._row_bytes,
-                (padded, self.out_features), rows, None)
+        # the entry holds the stage too: clearing _stages (at _MAX_DIRECT entries) must not free what it uses
+        return _Prepared(launch, stage.data.ptr, runtime.memcpyAsync, runtime.memcpyDeviceToDevice,
+                         rows * self._row_bytes, (padded, self.out_features), rows, None, stage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``activation(x @ W.T + b)`` over the last dimension of ``x`` (a 1x1 convolution: over dimension 1)."""
@@ -566,7 +584,9 @@ class SparseLinear(torch.nn.Module):
         y = self.product(flat).view(*x.shape[:-1], self.out_features)
         entry = self._direct.get((flat.shape, sp, device))
         if entry and (x.shape, sp, device) not in self._direct:  # the 2-D shape's product serves x's shape too
-            self._keep_direct((x.shape, sp, device), entry[:-1] + (y.shape,))
+            # allocated in x's shape where the product writes the output itself, viewed where a stage pads it
+            self._keep_direct((x.shape, sp, device), entry._replace(shape=y.shape) if entry.stage is None
+                              else entry._replace(view=y.shape))
         return y
 
     def forward_shared(self, x: torch.Tensor, reader: Any) -> torch.Tensor:

@@ -167,9 +167,26 @@ def test_each_configuration_set_in_place_first_serves_a_plan_of_the_selections_o
     mine = selections.private(_Handle(), 0, _describe, (1, 1, 0, 0))
     assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)
     primed = [entry[1][1] for entry in calls if entry[0] == "plan init"]
-    assert [attrs[selections.ATTRIBUTES[0]] for attrs in primed] == [1, 2] and len(mine.plans) == 2
+    assert [attrs[selections.ATTRIBUTES[0]] for attrs in primed] == [1, 2] and len(mine.primed) == 2
+    assert not mine.plans  # its own plans are not counted against PLANS_KEPT
     selections.release(mine)
     assert _inits(calls, "plan destroy") == 2
+
+
+def test_a_configuration_whose_own_plan_is_refused_is_set_back_and_the_refusal_raised(calls, monkeypatch):
+    mine = selections.private(_Handle(), 0, _describe, (1, 1, 0, 0))
+    original = selections.bindings.matmul_plan_init
+
+    def refuse_alg_7(handle, plan, descriptor, raw):
+        if raw.attributes[selections.ATTRIBUTES[0]] == 7:
+            raise ValueError("alg 7 refused")
+        original(handle, plan, descriptor, raw)
+
+    monkeypatch.setattr(selections.bindings, "matmul_plan_init", refuse_alg_7)
+    with pytest.raises(ValueError, match="alg 7 refused"):
+        selections.reconfigure(mine, (7, 1, 0, 0))
+    assert tuple(mine.raw.attributes[a] for a in selections.ATTRIBUTES) == (1, 1, 0, 0)
+    assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)  # still changed in place after
 
 
 def test_a_selection_whose_first_plan_fails_is_destroyed_with_its_descriptors(calls, monkeypatch):
@@ -228,8 +245,9 @@ def test_plans_given_back_are_destroyed_with_their_selection_never_before(calls,
 def test_a_selection_that_outlived_plans_kept_serves_no_new_plan(calls, monkeypatch):
     monkeypatch.setattr(selections, "PLANS_KEPT", 2)
     handle = _Handle()
-    sel = selections.acquire(handle, 0, ("p",), _describe, None)  # its own plan: one of the two
-    selections.retire(sel, _Plan())
+    sel = selections.acquire(handle, 0, ("p",), _describe, None)  # its own plan is not counted
+    for _ in range(2):
+        selections.retire(sel, _Plan())
     assert selections.acquire(handle, 0, ("p",), _describe, None) is sel
     selections.release(sel)
     selections.retire(sel, _Plan())  # over the limit: new plans make a fresh one

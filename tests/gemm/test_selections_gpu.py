@@ -87,6 +87,7 @@ def test_every_configuration_shared_by_three_plans_gives_each_its_own_product(ma
     while the selection was made from its descriptors."""
     if made_by == "acquire":
         monkeypatch.setattr(selections, "shareable", lambda *args: False)
+    monkeypatch.setattr(selections, "IDLE_KEPT", 0)  # every configuration's selection made here, none reused
     rng = np.random.default_rng(2)
     probe = _plan(*_problem(rng, 1024, 1024, 384)[2::-2])
     count, default = probe.max_alg_id, probe.default_config

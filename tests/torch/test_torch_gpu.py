@@ -219,11 +219,17 @@ def test_prepared_eager_calls_launch_the_product_directly_and_stay_exact(dtype, 
         assert layer.prepared_shapes == [(rows, 256) for rows in sizes]
         # one stage per padded size: 16 rows (for 1 and 5), 24 rows (for 17 and 20)
         assert layer.stage_nbytes == (16 + 24) * 256 * dtype.itemsize
+        flat = []  # the 2-D products forward asks for
+        product = layer.product
+        monkeypatch.setattr(layer, "product", lambda x: flat.append(tuple(x.shape)) or product(x))
         for rows in (20, 24):  # (2, rows / 2, 256): the 2-D shape's product, then a direct launch of its own
             for _ in range(3):
                 check(torch.randn(2, rows // 2, 256, device="cuda", dtype=dtype))
             assert (2, rows // 2, 256) in layer.prepared_shapes
+        assert flat == [(20, 256), (24, 256)]  # only the first call with each shape
         assert len(checked) == len(sizes)
+        with pytest.raises(ValueError, match="x: expected"):
+            product(torch.randn(256, device="cuda", dtype=dtype))  # the product is of 2-D inputs only
         checked.clear()
         base = torch.randn(17, 256, device="cuda", dtype=dtype)
         check(base.view(-1)[1:1 + 16 * 256].view(16, 256))  # 2 bytes past an aligned address: checked
