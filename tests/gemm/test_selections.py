@@ -173,22 +173,6 @@ def test_each_configuration_set_in_place_first_serves_a_plan_of_the_selections_o
     assert _inits(calls, "plan destroy") == 2
 
 
-def test_a_configuration_whose_own_plan_is_refused_is_set_back_and_the_refusal_raised(calls, monkeypatch):
-    mine = selections.private(_Handle(), 0, _describe, (1, 1, 0, 0))
-    original = selections.bindings.matmul_plan_init
-
-    def refuse_alg_7(handle, plan, descriptor, raw):
-        if raw.attributes[selections.ATTRIBUTES[0]] == 7:
-            raise ValueError("alg 7 refused")
-        original(handle, plan, descriptor, raw)
-
-    monkeypatch.setattr(selections.bindings, "matmul_plan_init", refuse_alg_7)
-    with pytest.raises(ValueError, match="alg 7 refused"):
-        selections.reconfigure(mine, (7, 1, 0, 0))
-    assert tuple(mine.raw.attributes[a] for a in selections.ATTRIBUTES) == (1, 1, 0, 0)
-    assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)  # still changed in place after
-
-
 def test_a_selection_whose_first_plan_fails_is_destroyed_with_its_descriptors(calls, monkeypatch):
     made = []
 
@@ -211,19 +195,24 @@ class _Plan:
         self.initialized = True
 
 
-def test_a_refused_attribute_leaves_the_selection_as_it_was(calls, monkeypatch):
+@pytest.mark.parametrize("step", ["matmul_alg_set_attribute", "matmul_plan_init"])
+def test_a_refused_step_leaves_the_selection_as_it_was_and_raises(calls, monkeypatch, step):
+    """A configuration refused as it is set (split-K 4) or when its own first plan is made (alg 7)."""
     mine = selections.private(_Handle(), 0, _describe, (1, 1, 0, 0))
-    original = selections.bindings.matmul_alg_set_attribute
+    original = getattr(selections.bindings, step)
 
-    def refuse_split_k(handle, raw, attribute, value):
-        if attribute == selections.ATTRIBUTES[1] and value == 4:
+    def refuse(handle, raw, *rest):
+        refused = (rest[0] == selections.ATTRIBUTES[1] and rest[1] == 4 if step == "matmul_alg_set_attribute"
+                   else rest[1].attributes[selections.ATTRIBUTES[0]] == 7)
+        if refused:
             raise ValueError("refused")
-        original(handle, raw, attribute, value)
+        original(handle, raw, *rest)
 
-    monkeypatch.setattr(selections.bindings, "matmul_alg_set_attribute", refuse_split_k)
+    monkeypatch.setattr(selections.bindings, step, refuse)
     with pytest.raises(ValueError, match="refused"):
         selections.reconfigure(mine, (7, 4, 0, 0))
     assert tuple(mine.raw.attributes[a] for a in selections.ATTRIBUTES) == (1, 1, 0, 0)
+    assert selections.reconfigure(mine, (2, 1, 0, 0)) == (1, 1, 0, 0)  # still changed in place after
 
 
 def test_plans_given_back_are_destroyed_with_their_selection_never_before(calls, monkeypatch):
