@@ -53,3 +53,6 @@ assert held == 0
 with torch.no_grad():
     assert torch.equal(fresh(x), sparse)
 print("a fresh model loaded from the sparse state dict gives identical outputs")
+first = next(m for m in fresh.modules() if isinstance(m, pst.SparseLinear))
+# on the GPU a repeated call with one of these shapes makes identity checks and the launch only (none on the CPU)
+print(f"input shapes the first sparse layer launches directly: {first.prepared_shapes}")

@@ -85,6 +85,7 @@ def test_torch_sparse_model_example():
     assert "fused: 0 + 1" in result.stdout
     assert "a fresh model loaded from the sparse state dict gives identical outputs" in result.stdout
     assert "after a 4-row input the sparse layers hold 0 bytes beside their state" in result.stdout
+    assert "input shapes the first sparse layer launches directly: [" in result.stdout
 
 
 def test_every_example_is_tested():
