@@ -206,10 +206,20 @@ def _first_forward(torch, dense, sparse, batch: int = 8) -> dict:
     return result
 
 
-def _save(results: dict, path: str | None) -> None:
+def save(results: dict, path: str | None) -> None:
+    """Write ``results`` to ``path`` as JSON (nothing where ``path`` is None)."""
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def environment(torch, transformers) -> dict:
+    """What a result was measured on: the GPU, the libraries, Python and the date."""
+    from pycusparselt import library_version
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cusparselt": ".".join(map(str, library_version())),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def run(models: list, modes: list, repeat: int, path: str | None = None, tune_budget: float | None = None,
@@ -219,14 +229,8 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
     import torch
     import transformers
 
-    from pycusparselt._native.library import library_version
-
-    results = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cusparselt": ".".join(map(str, library_version())), "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"), "repeat": repeat, "rows": [], "sparsify_s": {},
-        "tune_budget_s": tune_budget, "merge_siblings": merge, "command": command,
-    }
+    results = {**environment(torch, transformers), "repeat": repeat, "rows": [], "sparsify_s": {},
+               "tune_budget_s": tune_budget, "merge_siblings": merge, "command": command}
     for name in models:
         dense, sparse, seconds = build_models(torch, transformers, name, tune_budget, merge)
         results["sparsify_s"][name] = round(seconds, 2)
@@ -234,12 +238,12 @@ def run(models: list, modes: list, repeat: int, path: str | None = None, tune_bu
             results["first_forward"] = _first_forward(torch, dense, sparse)
         def keep(row: dict) -> None:
             results["rows"].append(row)
-            _save(results, path)
+            save(results, path)
 
         def memory(found: dict) -> None:
             print(json.dumps({"memory_up_to_16_rows": found}), flush=True)
             results["memory_up_to_16_rows"] = found
-            _save(results, path)
+            save(results, path)
 
         _forward_rows(torch, name, dense, sparse, modes, repeat, keep, memory if name == "llama" else None)
         if name == "llama":

@@ -23,12 +23,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
-from bench_hf import build_models, inputs  # noqa: E402
+from bench_hf import build_models, environment, inputs, save  # noqa: E402
 
 #: Kernel-name fragments of GEMMs: cuBLAS (nvjet, cutlass, gemm), cuSPARSELt (xmma sparse, nvjet ``_sp_``) and
 #: the decode kernel.
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma")
-CASES = (("bert", 1), ("bert", 8), ("llama", 2048))
+CASES = {"bert": (1, 8), "llama": (2048,)}  # model -> batch sizes (BERT) or tokens (Llama)
 PROFILED = 3
 
 
@@ -78,30 +78,24 @@ def run(tune_budget: float | None, command: str) -> dict:
     import torch
     import transformers
 
-    from pycusparselt import library_version
-
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "cusparselt": ".".join(map(str, library_version())),
-               "date": time.strftime("%Y-%m-%d"), "command": command, "tune_budget_s": tune_budget, "rows": []}
-    built: dict = {}
+    results = {**environment(torch, transformers), "command": command, "tune_budget_s": tune_budget, "rows": []}
     with torch.no_grad():
-        for name, size in CASES:
-            if name not in built:
-                built.clear()  # one model on the GPU at a time
-                dense = sparse = None
-                built[name] = build_models(torch, transformers, name, tune_budget)[:2]
-            dense, sparse = built[name]
-            ids = inputs(torch, name, size)
-            for model in (dense, sparse):
-                for _ in range(3):
-                    model(ids)
-            row = {"model": name, "size": size, "dense": _profile(torch, dense, ids),
-                   "sparse": _profile(torch, sparse, ids)}
-            row["gemm_speedup"] = round(row["dense"]["gemm_ms"] / row["sparse"]["gemm_ms"], 3)
-            row["gpu_speedup"] = round(row["dense"]["gpu_ms"] / row["sparse"]["gpu_ms"], 3)
-            row["bound"] = {str(k): bound(row["dense"], k) for k in (1.5, 1.7, 2.0)}
-            print(json.dumps(row), flush=True)
-            results["rows"].append(row)
+        for name, sizes in CASES.items():
+            dense, sparse = build_models(torch, transformers, name, tune_budget)[:2]
+            for size in sizes:
+                ids = inputs(torch, name, size)
+                for model in (dense, sparse):
+                    for _ in range(3):
+                        model(ids)
+                row = {"model": name, "size": size, "dense": _profile(torch, dense, ids),
+                       "sparse": _profile(torch, sparse, ids)}
+                row["gemm_speedup"] = round(row["dense"]["gemm_ms"] / row["sparse"]["gemm_ms"], 3)
+                row["gpu_speedup"] = round(row["dense"]["gpu_ms"] / row["sparse"]["gpu_ms"], 3)
+                row["bound"] = {str(k): bound(row["dense"], k) for k in (1.5, 1.7, 2.0)}
+                print(json.dumps(row), flush=True)
+                results["rows"].append(row)
+            del dense, sparse  # one model on the GPU at a time
+            torch.cuda.empty_cache()
     return results
 
 
@@ -111,10 +105,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--tune-budget", type=float, default=None, help="tuning seconds per problem")
     args = parser.parse_args(argv)
     command = " ".join(["python", "benchmarks/profile_hf.py", *(sys.argv[1:] if argv is None else argv)])
-    results = run(args.tune_budget, command)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save(run(args.tune_budget, command), args.json)
     return 0
 
 

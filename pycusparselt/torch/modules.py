@@ -342,16 +342,15 @@ class SparseLinear(torch.nn.Module):
     def _forget(self) -> None:
         """Drop what was made from the state (the state was replaced, moved or loaded), and what it holds."""
         self._native = self._small = self._generation = None
+        # (input shape, stream, device) -> a _Prepared, or False: the checked call; the stages of prepared calls
         self._direct, self._stages = {}, {}
 
     def _current(self) -> object:
         """The caches' generation: the caches made from the state are dropped first where the state was
         replaced, moved, loaded or edited in place since."""
         if self._generation is None or self._built_from != _versions(self._watched):
+            self._forget()
             self._watched = tuple(buf for _, buf in self.named_buffers(recurse=False))
-            self._direct = {}  # (input shape, stream, device) -> a _Prepared, or False: the checked call
-            self._stages = {}
-            self._native = self._small = None
             self._generation = object()
             self._built_from = _versions(self._watched)
         return self._generation
@@ -667,7 +666,7 @@ def _input_key(x: torch.Tensor) -> tuple | None:
     if x.is_inference():
         return None
     if x.is_cuda:
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+        stream = _arrays.current_stream(x, x.get_device())
         # a product made outside capture is not in the graph, and one made in capture holds no values yet
         capturing = torch.cuda.is_current_stream_capturing()
     else:
