@@ -235,11 +235,15 @@ class SparseMatmulPlan:
         self.default_config = self.config
 
     def _allocate_workspace(self) -> None:
-        cupy = gpu.cupy()
+        self._set_workspace(*self._new_workspace(self._plan))
 
-        size = bindings.matmul_get_workspace(self._handle.raw, self._plan)
-        self._workspace = cupy.empty(max(size, 1), dtype=cupy.uint8)
-        self._workspace_size = size
+    def _new_workspace(self, plan: bindings.RawPlan) -> tuple[Any, int]:
+        """``(buffer, size)``: the workspace ``plan`` asks for (at least one byte, so it has an address)."""
+        size = bindings.matmul_get_workspace(self._handle.raw, plan)
+        return gpu.cupy().empty(max(size, 1), dtype=np.uint8), size
+
+    def _set_workspace(self, workspace: Any, size: int) -> None:
+        self._workspace, self._workspace_size = workspace, size
         # the per-call path: arguments converted once, for this plan object and workspace
         self.matmul_call = bindings.MatmulCall(self._handle.raw, self._plan, self._workspace.data.ptr)
 
@@ -371,7 +375,9 @@ class SparseMatmulPlan:
         return config
 
     def _use(self, sel: selections.Selection, config: PlanConfig) -> None:
-        """Re-initialise the plan over ``sel`` (a new plan object) and give back the selection it had."""
+        """Re-initialise the plan over ``sel`` (a new plan object) and give back the selection it had. The new
+        plan and its workspace are made before anything is swapped: where either fails, the plan runs on as it
+        was."""
         cupy = gpu.cupy()
 
         plan = bindings.RawPlan()
@@ -382,11 +388,16 @@ class SparseMatmulPlan:
                 if sel is not self._selection:
                     selections.release(sel)
                 raise
+            try:
+                workspace = self._new_workspace(plan)
+            except BaseException:  # the new plan never ran: it goes with its selection, never before
+                selections.retire(sel, plan) if sel is self._selection else selections.release(sel, plan)
+                raise
             old_plan, old_sel = self._plan, self._selection
             self._objects[:2] = self._plan, self._selection = plan, sel  # what the finalizer releases
             self._compressed_size, self._format = None, config.alg_id
             selections.retire(sel, old_plan) if old_sel is sel else selections.release(old_sel, old_plan)
-            self._allocate_workspace()
+            self._set_workspace(*workspace)
 
     def _storage_view(self, arr: Any) -> Any:
         """``arr`` as the plan stores it (CuPy cannot copy float8: its bytes are copied instead)."""

@@ -105,3 +105,36 @@ def test_every_configuration_shared_by_three_plans_gives_each_its_own_product(ma
             _check(plan, w, b, x)
         for plan in plans:
             plan.close()
+
+
+@pytest.mark.parametrize("how", ["config", "try_config"])
+def test_a_configuration_whose_workspace_cannot_be_had_leaves_the_plan_running_as_it_was(monkeypatch, how):
+    """The new plan and its workspace are made before anything is swapped: a failure between them leaves the
+    plan's configuration, selection and product as they were, and nothing held."""
+    from pycusparselt import bindings
+
+    rng = np.random.default_rng(5)
+    w, b, x = _problem(rng)
+    before = selections.held_count()[0]
+    plan = _plan(x, w)
+    running = plan.config
+    other = PlanConfig(1 if plan.max_alg_id > 1 else 0, *plan.default_config[1:])
+    real = bindings.matmul_get_workspace
+
+    def out_of_memory(handle, raw_plan):
+        raise MemoryError("a workspace of the test")
+
+    monkeypatch.setattr(bindings, "matmul_get_workspace", out_of_memory)
+    with pytest.raises(MemoryError, match="of the test"):
+        if how == "config":
+            plan.config = other
+        else:
+            plan.try_config(other)
+    monkeypatch.setattr(bindings, "matmul_get_workspace", real)
+    assert plan.config == running
+    _check(plan, w, b, x)
+    plan.config = other  # and the plan still takes a configuration
+    assert plan.config == other
+    _check(plan, w, b, x)
+    plan.close()
+    assert selections.held_count()[0] == before
