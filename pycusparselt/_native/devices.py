@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from . import gpu
 
 __all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "require_gpu", "nvidia_driver_found",
-           "SPARSE_MIN_CC", "WITHOUT_GPU"]
+           "SPARSE_MIN_CC", "WITHOUT_GPU", "DRIVER_LIBRARIES"]
 
 #: What runs where no GPU is usable.
 WITHOUT_GPU = (
     "without one, the NumPy reference runs: `python -m pycusparselt demo`, pycusparselt.reference, SparseLinear "
     "on NumPy arrays and the distributed host backend"
 )
+
+#: The CUDA driver library, by the names the loader knows it by.
+DRIVER_LIBRARIES = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
 
 #: Sparse Tensor Cores arrived with the Ampere architecture, compute capability 8.0.
 SPARSE_MIN_CC = (8, 0)
@@ -68,8 +71,7 @@ def cuda_devices() -> tuple[list[DeviceInfo], str | None]:
 
 def nvidia_driver_found() -> bool:
     """Whether the NVIDIA driver's CUDA library (``libcuda.so.1``; ``nvcuda.dll`` on Windows) can be loaded."""
-    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
-    for name in names:
+    for name in DRIVER_LIBRARIES:
         try:
             ctypes.CDLL(name)
             return True
