@@ -10,7 +10,7 @@ variable                         kind        meaning
 ``PYCUSPARSELT_DECODE_KERNEL``   choice      ``auto`` (default): layers time the decode kernel against
                                              cuSPARSELt for 1-16 rows; ``on``: use it wherever it can serve;
                                              ``off``: cuSPARSELt only (``pycusparselt.nn.small_batch``)
-``PYCUSPARSELT_DECODE_OVERLAP`` flag        0 launches the decode kernel without programmatic dependent
+``PYCUSPARSELT_DECODE_OVERLAP``  flag        0 launches the decode kernel without programmatic dependent
                                              launch (default 1: where the GPU and driver allow it)
 ================================ =========== ===========================================================
 

@@ -15,7 +15,7 @@ ticket) adds the slices in a fixed order, applies the epilogue and resets its ti
 deterministic and the call needs no memset.
 
 Overlapped launches: on SM 9.0 and newer (and a CUDA 12.3 driver) the kernel is launched with programmatic
-dependent launch (:mod:`pycusparselt._native.kernel_launch`), so that a call's blocks start while the kernel
+dependent launch (``pycusparselt._native.kernel_launch``), so that a call's blocks start while the kernel
 before it on the stream finishes. Until ``griddepcontrol.wait`` they only ask L2 for the first chunks of their
 weight (a prefetch, coherent with any writer of the weight); everything the kernel before may write (x, the
 bias, y, the workspace, the weight's registers) is touched after it. Back-to-back calls (an LLM's decode
