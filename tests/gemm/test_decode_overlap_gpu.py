@@ -28,8 +28,8 @@ def _chain(overlap: bool, seed: int = 1):
     import cupy as cp
 
     rng = np.random.default_rng(seed)
-    shapes = [(1024, 512, dict(activation="relu"), 4), (512, 1024, dict(), 8), (512, 512, dict(activation="gelu"), 2),
-              (1024, 512, dict(), 1), (512, 1024, dict(activation="relu"), 4)]
+    shapes = [(1024, 512, dict(activation="relu"), 2), (512, 1024, dict(), 4), (512, 512, dict(activation="gelu"), 2),
+              (1024, 512, dict(), 1), (512, 1024, dict(activation="relu"), 3)]
     gemms = []
     for n, k, ep, splits in shapes:
         b = cp.asarray((0.1 * rng.standard_normal(n)).astype(np.float16))
