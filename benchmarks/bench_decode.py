@@ -8,9 +8,6 @@ replays divided by the copies. All three backends are captured on one CuPy strea
 ``torch.cuda.ExternalStream`` of it), and every measurement is checked: a time per call under 1 us (an empty
 capture) or an output, written by the replays into a buffer filled with NaN after the capture, more than 1e-2
 (max abs difference / max abs) away from dense cuBLAS (dense itself: from the float32 product) raises.
-Ours runs at each split of K twice: launched to overlap the kernel before it (programmatic dependent launch,
-``overlap: true``, the default where the GPU allows it; ``ours-best`` is its fastest split) and plainly
-(``overlap: false``; ``ours-plain-best``); the stack likewise (``ours_ms``, ``ours_plain_ms``).
 ``gbps`` counts the bytes each backend must read: the packed weight (0.5625 of dense) for ours and cuSPARSELt,
 the dense weight for cuBLAS, plus x and y. ``copy_gbps`` counts a copy's bytes read plus bytes written (a copy
 of B bytes moves 2B).
@@ -29,7 +26,6 @@ rows are cuSPARSELt's.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import platform
@@ -171,8 +167,7 @@ def _torch_on_cupy_stream():
 
 
 def _line(rows: list) -> str:
-    return " ".join(f"{r['backend']}{'/' + str(r['splits']) if 'splits' in r else ''}"
-                    f"{'' if r.get('overlap', True) else '(plain)'}={r['us']:.1f}us,"
+    return " ".join(f"{r['backend']}{'/' + str(r['splits']) if 'splits' in r else ''}={r['us']:.1f}us,"
                     f"{r['gbps']:.0f}GB/s" for r in rows)
 
 
@@ -193,7 +188,6 @@ def bench_shape(n: int, k: int, rows: list, tune_budget: float, sweep: bool, lab
     dense_copies = max(2, math.ceil(ROTATE_BYTES / (n * k * 2)))
     base = decode.DecodeGemm(w)
     choices = sorted(set(decode.DecodeGemm.split_choices(n, k) + [base.splits])) if sweep else [base.splits]
-    launches = (True, False) if base.overlap else (False,)
     gemms = {}
     for s in choices:
         # one object per copy (each packs its own weight): a shallow copy would share the object's cached
@@ -232,22 +226,18 @@ def bench_shape(n: int, k: int, rows: list, tune_budget: float, sweep: bool, lab
         mine.append({"m": m, "n": n, "k": k, "dtype": "float16", "backend": "dense", "us": round(us, 3),
                      "gbps": round((n * k * 2 + io) / us / 1e3, 1), "rel_diff": err})
         out = cp.empty((m, n), cp.float16)
-        best = {}
-        for (s, gs), overlap in itertools.product(gemms.items(), launches):
-            for g in gs:  # the same weight copies, launched each way
-                g.set_overlap(overlap)
-            what = f"{where} ours/{s}{'' if overlap else ' plain'}"
+        best = None
+        for s, gs in gemms.items():
             us = _median_graph_us(lambda gs=gs, x=x, out=out: [g(x, out) for g in gs], len(gs), poison=(out,),
-                                  what=what)
-            err = check_close(out, out_dense, what)
-            row = {"m": m, "n": n, "k": k, "dtype": "float16", "backend": "ours", "splits": s, "overlap": overlap,
+                                  what=f"{where} ours/{s}")
+            err = check_close(out, out_dense, f"{where} ours/{s}")
+            row = {"m": m, "n": n, "k": k, "dtype": "float16", "backend": "ours", "splits": s,
                    "default": s == base.splits, "us": round(us, 3), "gbps": round((packed_bytes + io) / us / 1e3, 1),
                    "rel_diff": err}
-            if overlap not in best or us < best[overlap]["us"]:
-                best[overlap] = row
+            if best is None or us < best["us"]:
+                best = row
             mine.append(row)
-        for overlap, row in best.items():
-            mine.append(dict(row, backend="ours-best" if overlap == base.overlap else "ours-plain-best"))
+        mine.append(dict(best, backend="ours-best"))
         out_sl = cp.empty((m, n), cp.float16)
         for layer_ in layers:  # each layer's product for this m prepared outside any capture
             layer_(x, out=out_sl)
@@ -418,7 +408,6 @@ def bench_stack(blocks: int, distinct: int, tokens: list, tune_budget: float) ->
                    psl.SparseLinear(w2, b2, prune=None, autotune=t)),
             "ours": (decode.DecodeGemm(w1, b1, activation="relu"), decode.DecodeGemm(w2, b2)),
         })
-    overlap = pairs[0]["ours"][0].overlap
     out = []
     for m in tokens:
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
@@ -450,14 +439,7 @@ def bench_stack(blocks: int, distinct: int, tokens: list, tune_budget: float) ->
                 t = y
             return t
 
-        def launch_ours(overlap: bool) -> None:
-            for pair in pairs:
-                for g in pair["ours"]:
-                    g.set_overlap(overlap)
-
-        # ours_plain: the same objects launched plainly (where overlapped launches are the default)
-        variants = [("dense", dense), ("cusparselt", sl), ("ours", ours)] + ([("ours_plain", ours)] if overlap else [])
-        for _, fn in variants:
+        for fn in (dense, sl, ours):
             fn()
         torch.cuda.synchronize()
         ref, got_sl, got = dense().float(), sl().float(), ours().float()
@@ -466,11 +448,7 @@ def bench_stack(blocks: int, distinct: int, tokens: list, tune_budget: float) ->
         stream = torch.cuda.Stream()
         res = {"m": m, "blocks": blocks, "distinct_weights": distinct, "rel_error_ours": err,
                "rel_error_cusparselt": err_sl}
-        if overlap:
-            launch_ours(False)
-            res["ours_plain_bits_equal"] = bool(torch.equal(ours().float(), got))
-        for name, fn in variants:
-            launch_ours(overlap and name == "ours")
+        for name, fn in (("dense", dense), ("cusparselt", sl), ("ours", ours)):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream):
                 fn()
@@ -487,8 +465,6 @@ def bench_stack(blocks: int, distinct: int, tokens: list, tune_budget: float) ->
                 times.append(a.elapsed_time(b))
             res[f"{name}_ms"] = float(np.median(times))
         res["ours_vs_dense"] = res["dense_ms"] / res["ours_ms"]
-        if "ours_plain_ms" in res:
-            res["ours_plain_vs_dense"] = res["dense_ms"] / res["ours_plain_ms"]
         res["cusparselt_vs_dense"] = res["dense_ms"] / res["cusparselt_ms"]
         print(res, flush=True)
         out.append(res)

@@ -239,11 +239,9 @@ def decode_gemm_table(result: dict) -> list[str]:
     names = [_backend_name(label, result) for label in labels]
     by = {(r["n"], r["k"], r["m"], r["backend"]): r for r in rows}
     copy_gbps = result.get("copy_gbps")
-    plain = any(r["backend"] == "ours-plain-best" for r in rows)  # overlapped launches, and plain ones beside
-    lines = ["| N x K | m | ours-best (splits) | ours GB/s | % of copy | " + ("ours, plain launch | " if plain else "")
-             + " | ".join(names) + " | dense (cuBLAS) | ours vs dense | "
-             + " | ".join(f"{name} vs dense" for name in names) + " |",
-             "|---" * (7 + plain + 2 * len(labels)) + "|"]
+    lines = ["| N x K | m | ours-best (splits) | ours GB/s | % of copy | " + " | ".join(names)
+             + " | dense (cuBLAS) | ours vs dense | " + " | ".join(f"{name} vs dense" for name in names) + " |",
+             "|---" * (7 + 2 * len(labels)) + "|"]
     for n, k in dict.fromkeys((r["n"], r["k"]) for r in rows):
         for m in sorted({r["m"] for r in rows if (r["n"], r["k"]) == (n, k)}):
             ours, dense = by.get((n, k, m, "ours-best")), by.get((n, k, m, "dense"))
@@ -254,9 +252,6 @@ def decode_gemm_table(result: dict) -> list[str]:
             else:
                 share = f"{100 * ours['gbps'] / copy_gbps:.0f} %" if copy_gbps else NOT_MEASURED
                 cells += [f"{ours['us']:.1f} us ({ours['splits']})", f"{ours['gbps']:.0f}", share]
-            if plain:
-                row = by.get((n, k, m, "ours-plain-best"))
-                cells.append(_us(row) + ("" if row is None else f" ({row['splits']})"))
             cells += [_us(row) for row in theirs] + [_us(dense), _speedup(dense, ours)]
             cells += [_speedup(dense, row) for row in theirs]
             lines.append("| " + " | ".join(cells) + " |")
@@ -266,19 +261,12 @@ def decode_gemm_table(result: dict) -> list[str]:
 def decode_stack_table(result: dict) -> list[str]:
     """The captured decode stack per m: dense, cuSPARSELt and ours, and the speed-ups."""
     name = _backend_name(result.get("backend_label", "cusparselt"), result)
-    stack = result.get("stack", [])
-    plain = any("ours_plain_ms" in row for row in stack)  # overlapped launches, and plain ones beside
-    backends = ("dense", "cusparselt", "ours") + (("ours_plain",) if plain else ())
-    pairs = (("dense", "ours"), ("dense", "cusparselt"), ("cusparselt", "ours")) + (
-        (("dense", "ours_plain"), ("ours_plain", "ours")) if plain else ())
-    more = " | ours, plain launch" if plain else ""
-    lines = [f"| m | dense | {name} | ours{more} | ours vs dense | {name} vs dense | ours vs {name} |"
-             + (" plain vs dense | ours vs plain |" if plain else ""),
-             "|---" * (7 + 3 * plain) + "|"]
-    for row in stack:
-        ms = {b: row.get(f"{b}_ms") for b in backends}
+    lines = [f"| m | dense | {name} | ours | ours vs dense | {name} vs dense | ours vs {name} |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result.get("stack", []):
+        ms = {b: row.get(f"{b}_ms") for b in ("dense", "cusparselt", "ours")}
         cells = [str(row["m"])] + [NOT_MEASURED if v is None else f"{v:.3f} ms" for v in ms.values()]
-        for slow, fast in pairs:
+        for slow, fast in (("dense", "ours"), ("dense", "cusparselt"), ("cusparselt", "ours")):
             cells.append(NOT_MEASURED if ms[slow] is None or ms[fast] is None else f"{ms[slow] / ms[fast]:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -303,10 +291,7 @@ def decode_region(result: dict, source: str) -> list[str]:
         f"L2. ours-best is the decode kernel at its fastest split of K (in brackets); GB/s counts the packed weight "
         f"(0.5625 of dense) plus x and y, against the device-to-device copy bandwidth of the same run, "
         f"{copy_text} (bytes read + written). cuSPARSELt is `SparseLinear` (tuned; 1-16 rows padded to 16), dense "
-        f"is cuBLAS through `torch.matmul`."
-        + (" Ours is launched to overlap the kernel before it (programmatic dependent launch, the default on SM 9.0); "
-           "'plain launch' is the same kernel and weights launched without it."
-           if any(r["backend"] == "ours-plain-best" for r in result.get("rows", [])) else ""),
+        f"is cuBLAS through `torch.matmul`.",
         "",
         *decode_gemm_table(result),
         "",

@@ -16,8 +16,7 @@ Importing the package loads nothing native: the library is found and loaded on f
   opaque C structures as owned, aligned storage), :mod:`pycusparselt._native.settings`
   (environment variables), ``pycusparselt._native.gpu`` (CuPy, imported there only, on first use),
   :mod:`pycusparselt._native.streams` (every stream helper: handles, current streams, stream contexts),
-  :mod:`pycusparselt._native.devices` (which GPUs are usable), ``pycusparselt._native.kernel_launch``
-  (``cuLaunchKernelEx``: programmatic dependent launch).
+  :mod:`pycusparselt._native.devices` (which GPUs are usable).
 - bindings: :mod:`pycusparselt.bindings` (one checked wrapper per C function), on the native floor.
 - arrays: ``pycusparselt._arrays``, the one module that tells NumPy, CuPy, PyTorch and DLPack arrays apart
   and answers in the caller's framework.
@@ -35,8 +34,7 @@ Importing the package loads nothing native: the library is found and loaded on f
   :mod:`pycusparselt.gemm.dtypes` (type
   combinations), ``pycusparselt.gemm.oneshot`` (:func:`matmul` through a cache of plans),
   ``pycusparselt.gemm.decode`` (a 2:4 decode kernel of our own for 1-16 rows) with
-  ``pycusparselt.gemm.decode_kernel`` (its CUDA C++ source) and ``pycusparselt.gemm.decode_layout`` (its weight
-  layout, NumPy),
+  ``pycusparselt.gemm.decode_layout`` (its weight layout, NumPy),
   ``pycusparselt.gemm.graphs`` (:func:`capture`: a network of layers and CuPy / PyTorch operations as one
   CUDA graph).
 - nn: :mod:`pycusparselt.nn.linear` (:class:`SparseLinear`, an inference layer with a 2:4 weight in FP16,

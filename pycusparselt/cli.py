@@ -92,14 +92,6 @@ def cmd_info(_args: argparse.Namespace) -> int:
     reason = decode.unavailable_reason() if devices else reason
     print(f"decode       {'available' if reason is None else f'not available: {reason}'} "
           f"(2:4 kernel for 1-16 rows, pycusparselt.gemm.decode)")
-    if reason is None:
-        from ._native import settings
-
-        why = decode.overlap_unavailable_reason()
-        if why is None and not settings.flag(settings.DECODE_OVERLAP, True):
-            why = f"{settings.DECODE_OVERLAP}=0"
-        print(f"overlap      {'on' if why is None else f'off: {why}'} (decode calls launched to overlap the "
-              f"kernel before them)")
     return 0
 
 

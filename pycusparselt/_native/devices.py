@@ -10,16 +10,13 @@ from dataclasses import dataclass
 from . import gpu
 
 __all__ = ["DeviceInfo", "cuda_devices", "gpu_unavailable_reason", "require_gpu", "nvidia_driver_found",
-           "SPARSE_MIN_CC", "WITHOUT_GPU", "DRIVER_LIBRARIES"]
+           "SPARSE_MIN_CC", "WITHOUT_GPU"]
 
 #: What runs where no GPU is usable.
 WITHOUT_GPU = (
     "without one, the NumPy reference runs: `python -m pycusparselt demo`, pycusparselt.reference, SparseLinear "
     "on NumPy arrays and the distributed host backend"
 )
-
-#: The CUDA driver library, by the names the loader knows it by.
-DRIVER_LIBRARIES = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
 
 #: Sparse Tensor Cores arrived with the Ampere architecture, compute capability 8.0.
 SPARSE_MIN_CC = (8, 0)
@@ -71,7 +68,8 @@ def cuda_devices() -> tuple[list[DeviceInfo], str | None]:
 
 def nvidia_driver_found() -> bool:
     """Whether the NVIDIA driver's CUDA library (``libcuda.so.1``; ``nvcuda.dll`` on Windows) can be loaded."""
-    for name in DRIVER_LIBRARIES:
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
         try:
             ctypes.CDLL(name)
             return True

@@ -1,18 +1,16 @@
 """The environment variables pycusparselt reads, parsed one way everywhere.
 
-================================ =========== ===========================================================
-variable                         kind        meaning
-================================ =========== ===========================================================
-``PYCUSPARSELT_LIBRARY``         path        the cuSPARSELt shared library to load (else found by cuda-pathfinder)
-``PYCUSPARSELT_CACHE_DIR``       path        the tuning cache's directory (else the user cache directory)
-``PYCUSPARSELT_TUNING_CACHE``    flag        0 disables the tuning cache (default 1)
-``PYCUSPARSELT_FAST_CALL``       flag        0 makes product calls go through cffi's ABI mode (default 1)
-``PYCUSPARSELT_DECODE_KERNEL``   choice      ``auto`` (default): layers time the decode kernel against
-                                             cuSPARSELt for 1-16 rows; ``on``: use it wherever it can serve;
-                                             ``off``: cuSPARSELt only (``pycusparselt.nn.small_batch``)
-``PYCUSPARSELT_DECODE_OVERLAP``  flag        0 launches the decode kernel without programmatic dependent
-                                             launch (default 1: where the GPU and driver allow it)
-================================ =========== ===========================================================
+============================== =========== ===========================================================
+variable                       kind        meaning
+============================== =========== ===========================================================
+``PYCUSPARSELT_LIBRARY``       path        the cuSPARSELt shared library to load (else found by cuda-pathfinder)
+``PYCUSPARSELT_CACHE_DIR``     path        the tuning cache's directory (else the user cache directory)
+``PYCUSPARSELT_TUNING_CACHE``  flag        0 disables the tuning cache (default 1)
+``PYCUSPARSELT_FAST_CALL``     flag        0 makes product calls go through cffi's ABI mode (default 1)
+``PYCUSPARSELT_DECODE_KERNEL`` choice      ``auto`` (default): layers time the decode kernel against
+                                           cuSPARSELt for 1-16 rows; ``on``: use it wherever it can serve;
+                                           ``off``: cuSPARSELt only (``pycusparselt.nn.small_batch``)
+============================== =========== ===========================================================
 
 A *flag* is ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case, blanks around it
 ignored); anything else raises ``ValueError`` naming the variable, instead of being taken for either. A
@@ -25,15 +23,14 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "DECODE_KERNEL", "DECODE_OVERLAP", "flag", "path",
-           "integer", "choice", "parse_flag"]
+__all__ = ["LIBRARY", "CACHE_DIR", "TUNING_CACHE", "FAST_CALL", "DECODE_KERNEL", "flag", "path", "integer", "choice",
+           "parse_flag"]
 
 LIBRARY = "PYCUSPARSELT_LIBRARY"
 CACHE_DIR = "PYCUSPARSELT_CACHE_DIR"
 TUNING_CACHE = "PYCUSPARSELT_TUNING_CACHE"
 FAST_CALL = "PYCUSPARSELT_FAST_CALL"
 DECODE_KERNEL = "PYCUSPARSELT_DECODE_KERNEL"
-DECODE_OVERLAP = "PYCUSPARSELT_DECODE_OVERLAP"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -14,14 +14,6 @@ several, each block writes its FP32 partial sums to a workspace and the last blo
 ticket) adds the slices in a fixed order, applies the epilogue and resets its ticket, so results are
 deterministic and the call needs no memset.
 
-Overlapped launches: on SM 9.0 and newer (and a CUDA 12.3 driver) the kernel is launched with programmatic
-dependent launch (``pycusparselt._native.kernel_launch``), so that a call's blocks start while the kernel
-before it on the stream finishes. Until ``griddepcontrol.wait`` they only ask L2 for the first chunks of their
-weight (a prefetch, coherent with any writer of the weight); everything the kernel before may write (x, the
-bias, y, the workspace, the weight's registers) is touched after it. Back-to-back calls (an LLM's decode
-step) then stream weights across the kernel boundaries instead of draining and refilling the GPU at each.
-``overlap=False`` or ``PYCUSPARSELT_DECODE_OVERLAP=0`` launches plainly.
-
 Epilogue (in FP32, then one rounding to the output type), as :func:`pycusparselt.reference.matmul` defines it
 for ``D^T = W @ x^T`` with a per-output-feature bias: ``v = alpha * acc + bias``; ReLU
 ``v <= relu_threshold ? 0 : min(v, relu_upper_bound)``; GELU (tanh form) ``alpha * gelu(v / alpha) *
@@ -60,16 +52,15 @@ from typing import Any
 
 import numpy as np
 
-from .._native import gpu, kernel_launch, settings
+from .._native import gpu
 from .._native.devices import SPARSE_MIN_CC, cuda_devices
 from .._native.streams import call_stream
 from .. import _arrays
 from ..errors import ClosedError
 from . import decode_layout as layout
-from .decode_kernel import NAMES, SOURCE
 
-__all__ = ["DecodeGemm", "DecodeLauncher", "available", "unavailable_reason", "overlap_unavailable_reason",
-           "time_call", "ACTIVATIONS", "WARPS", "COMPACT_K_MULTIPLE"]
+__all__ = ["DecodeGemm", "DecodeLauncher", "available", "unavailable_reason", "time_call", "ACTIVATIONS", "WARPS",
+           "COMPACT_K_MULTIPLE"]
 
 #: The epilogue activations (None: none).
 ACTIVATIONS = (None, "relu", "gelu")
@@ -88,6 +79,288 @@ _PARAMS = ("w", "x", "ldx", "y", "ldy", "bias", "ws", "tickets", "M", "N", "K", 
 _INT32 = frozenset(("M", "N", "K", "NT", "KB", "KSL", "S", "x_vec", "act"))
 _FLOAT32 = frozenset(("alpha", "p0", "p1"))
 
+_SOURCE = r"""
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define CHUNK_U4 288   // 4608 bytes: 32 uint4 of metadata, 256 of values
+#define WARPS 4
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+template <int BF16> __device__ __forceinline__ float to_f32(u16 h);
+template <> __device__ __forceinline__ float to_f32<0>(u16 h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+template <> __device__ __forceinline__ float to_f32<1>(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+template <int BF16> __device__ __forceinline__ u16 from_f32(float f);
+template <> __device__ __forceinline__ u16 from_f32<0>(float f) {
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+template <> __device__ __forceinline__ u16 from_f32<1>(float f) {
+    u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+
+template <int BF16, int SEL>
+__device__ __forceinline__ void mma_sp(float* c, const uint4& a, const uint4& b, u32 e) {
+    if (BF16) {
+        asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w),
+                       "r"(e), "n"(SEL));
+    } else {
+        asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w),
+                       "r"(e), "n"(SEL));
+    }
+}
+
+// x[0:M, k0 : k0 + nkb * 256] -> xs in B-fragment order: uint4 index (step * MB + mb) * 32 + (lane ^ (step & 7)),
+// word j of lane (g, t) = x[8 mb + g][k0 + 32 step + 2 t + 8 j .. + 1]; zeros past M and K.
+// COMPACT: the weight's columns are read in the order of decode_layout.compact_columns, so x is staged in it:
+// segment sg (8 columns, groups 2 sg and 2 sg + 1 of its 256-column block) is logical step
+// 2 ((sg & 31) >> 3) + (sg & 1), slots t' and t' + 4 (t' = (sg >> 1) & 3).
+template <int MB, int COMPACT>
+__device__ __forceinline__ void stage_x(u32* xs, const u16* __restrict__ x, long long ldx, int M, int K,
+                                        int k0, int nkb, int vec) {
+    const int segs_per_row = nkb * 32;             // 8-element segments per row of the slice
+    const int total = MB * 8 * segs_per_row;
+#pragma unroll 4
+    for (int id = threadIdx.x; id < total; id += WARPS * 32) {
+        const int m = id / segs_per_row, sg = id - m * segs_per_row;
+        const int k = k0 + sg * 8;
+        u32 w[4] = {0u, 0u, 0u, 0u};
+        if (m < M) {
+            const u16* row = x + (long long)m * ldx;
+            if (vec && k + 8 <= K) {
+                const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + k));
+                w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const u32 h = (k + e < K) ? (u32)__ldg(row + k + e) : 0u;
+                    w[e >> 1] |= h << (16 * (e & 1));
+                }
+            }
+        }
+        const int mb = m >> 3, g = m & 7;
+        if (COMPACT) {
+            const int sgb = sg & 31, tp = (sgb >> 1) & 3;
+            const int step = (sg >> 5) * 8 + 2 * (sgb >> 3) + (sgb & 1);
+            const int lane = g * 4 + 2 * (tp & 1), j = tp >> 1;
+            u32* base = xs + ((step * MB + mb) * 32) * 4;
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+                base[((lane + (p & 1)) ^ (step & 7)) * 4 + j + 2 * (p >> 1)] = w[p];
+        } else {
+            const int step = sg >> 2, j = sg & 3;
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int lane = g * 4 + p;
+                xs[(((step * MB + mb) * 32) + (lane ^ (step & 7))) * 4 + j] = w[p];
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One 16-row by 256-column chunk of W as a lane holds it.
+// Packed (decode_layout's chunks): the metadata words and the 8 steps' A fragments, loaded as they are.
+// Compact (pycusparselt.torch.compact's values and indices, row-major): lane (g, t) loads 16-byte pieces
+// 4q + t (q = 0..3) of rows g and g + 8 of the block's values, and 16 of the 64 bytes of both rows' positions
+// (shared by shuffles); step s takes words 2 (s & 1) and 2 (s & 1) + 1 of piece s >> 1 (the column order of
+// decode_layout.compact_columns), and metadata word J takes nibble t of each byte pair of words 2J, 2J + 1.
+template <int COMPACT> struct Chunk;
+
+template <> struct Chunk<0> {
+    uint4 m, v[8];
+    __device__ __forceinline__ void load(const uint4* p) {
+        m = ld_stream(p);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = ld_stream(p + 32 + 32 * i);
+    }
+    __device__ __forceinline__ uint4 frag(int st) const { return v[st]; }
+    __device__ __forceinline__ u32 meta(int j, int) const { return word_of(m, j); }
+};
+
+__device__ __forceinline__ u32 nibbles_of(u32 a, u32 b, int t) {
+    const int s = 4 * t;
+    return ((a >> s) & 0xFu) | (((a >> (16 + s)) & 0xFu) << 4) | (((b >> s) & 0xFu) << 8) |
+           (((b >> (16 + s)) & 0xFu) << 12);
+}
+
+// The 64 bytes of positions of rows g and g + 8 are loaded once by the four lanes of g (lane t: row
+// g + 8 (t >> 1), half t & 1) and handed round by shuffles, so a lane keeps 16 bytes of them, not 64.
+template <> struct Chunk<1> {
+    uint4 v[8], m;
+    __device__ __forceinline__ void load(const uint4* v0, const uint4* v1, const uint4* mi) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) { v[q] = ld_stream(v0 + 4 * q); v[4 + q] = ld_stream(v1 + 4 * q); }
+        m = __ldg(mi);
+    }
+    __device__ __forceinline__ uint4 frag(int st) const {
+        const int q = st >> 1, h = 2 * (st & 1);
+        return make_uint4(word_of(v[q], h), word_of(v[4 + q], h), word_of(v[q], h + 1), word_of(v[4 + q], h + 1));
+    }
+    // word j: words 2j, 2j + 1 of each row (in half j >> 1 of its 32 bytes); call with the whole warp
+    __device__ __forceinline__ u32 meta(int j, int lane) const {
+        const int h = 2 * (j & 1), g0 = (lane & ~3) | (j >> 1), g8 = g0 | 2, t = lane & 3;
+        const u32 a0 = __shfl_sync(~0u, word_of(m, h), g0), a1 = __shfl_sync(~0u, word_of(m, h + 1), g0);
+        const u32 c0 = __shfl_sync(~0u, word_of(m, h), g8), c1 = __shfl_sync(~0u, word_of(m, h + 1), g8);
+        return nibbles_of(a0, a1, t) | (nibbles_of(c0, c1, t) << 16);
+    }
+};
+
+template <int BF16>
+__device__ __forceinline__ float epilogue(float acc, float alpha, const u16* __restrict__ bias, int n, int act,
+                                          float p0, float p1) {
+    float v = alpha * acc;
+    if (bias) v += to_f32<BF16>(bias[n]);
+    if (act == 1) {            // ReLU: p0 threshold, p1 upper bound
+        v = (v <= p0) ? 0.0f : v;
+        v = (v > p1) ? p1 : v;
+    } else if (act == 2) {     // GELU (tanh form): p0 scaling
+        const float z = v / alpha;
+        const float u = 0.7978845608028654f * (z + 0.044715f * z * z * z);
+        v = alpha * (z / (1.0f + expf(-2.0f * u))) * p0;
+    }
+    return v;
+}
+
+template <int BF16, int MB, int COMPACT>
+__global__ void __launch_bounds__(WARPS * 32)
+decode_gemm(const uint4* __restrict__ w, const u16* __restrict__ x, long long ldx, u16* __restrict__ y,
+            long long ldy, const u16* __restrict__ bias, float* __restrict__ ws, u32* __restrict__ tickets,
+            int M, int N, int K, int NT, int KB, int KSL, int S, int x_vec, float alpha, int act, float p0,
+            float p1, const uint4* __restrict__ wi) {
+    extern __shared__ uint4 xs[];
+    __shared__ int s_last;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int group = blockIdx.x, s = blockIdx.y;
+    const int kb0 = s * KSL;
+    const int nkb = min(KB, kb0 + KSL) - kb0;
+    const int nt = group * WARPS + warp;
+    const bool active = nt < NT;
+
+    const int g = lane >> 2, t = lane & 3;
+    // packed: this warp's chunks; compact: its rows g and g + 8 (rows past N read row N - 1, never written)
+    const uint4* wp = w + ((long long)(active ? nt : 0) * KB + kb0) * CHUNK_U4 + lane;
+    const long long r0 = min(nt * 16 + g, N - 1), r1 = min(nt * 16 + g + 8, N - 1);
+    const uint4* v0 = w + r0 * (K >> 4) + kb0 * 16 + t;
+    const uint4* v1 = w + r1 * (K >> 4) + kb0 * 16 + t;
+    const uint4* mi = wi + ((t >> 1) ? r1 : r0) * (K >> 7) + kb0 * 2 + (t & 1);
+    Chunk<COMPACT> cur;
+    if (active) {
+        if constexpr (COMPACT) cur.load(v0, v1, mi); else cur.load(wp);
+    }
+    stage_x<MB, COMPACT>(reinterpret_cast<u32*>(xs), x, ldx, M, K, kb0 * 256, nkb, x_vec);
+    __syncthreads();
+
+    float acc[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.0f;
+
+    if (active) {
+        for (int c = 0; c < nkb; ++c) {
+            Chunk<COMPACT> nxt;
+            const bool more = c + 1 < nkb;
+            if (more) {
+                if constexpr (COMPACT)
+                    nxt.load(v0 + (c + 1) * 16, v1 + (c + 1) * 16, mi + (c + 1) * 2);
+                else
+                    nxt.load(wp + (c + 1) * CHUNK_U4);
+            }
+            const uint4* xc = xs + c * 8 * MB * 32;
+            u32 e4[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) e4[j] = cur.meta(j, lane);
+#pragma unroll
+            for (int st = 0; st < 8; ++st) {
+                const u32 e = e4[st >> 1];
+                const uint4 a = cur.frag(st);
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    const uint4 b = xc[(st * MB + mb) * 32 + (lane ^ st)];
+                    if (st & 1) mma_sp<BF16, 1>(acc[mb], a, b, e);
+                    else        mma_sp<BF16, 0>(acc[mb], a, b, e);
+                }
+            }
+            if (more) cur = nxt;
+        }
+    }
+
+    const int Np = NT * 16;
+    if (S > 1) {
+        // this slice's partial sums -> the workspace; the last slice of the row group finishes
+        if (active) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                const int m = mb * 8 + 2 * t;
+                if (m < M) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int n = nt * 16 + g + 8 * h;
+                        float2 v = make_float2(acc[mb][2 * h], acc[mb][2 * h + 1]);
+                        *reinterpret_cast<float2*>(ws + ((long long)s * Np + n) * 16 + m) = v;
+                    }
+                }
+            }
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) s_last = (atomicAdd(tickets + group, 1u) == (u32)(S - 1));
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+        if (active) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                const int m = mb * 8 + 2 * t;
+                acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.0f;
+                if (m < M) {
+                    for (int ss = 0; ss < S; ++ss) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const int n = nt * 16 + g + 8 * h;
+                            const float2* src = reinterpret_cast<const float2*>(ws + ((long long)ss * Np + n) * 16 + m);
+                            const float2 v = __ldcg(src);
+                            acc[mb][2 * h] += v.x;
+                            acc[mb][2 * h + 1] += v.y;
+                        }
+                    }
+                }
+            }
+        }
+        if (threadIdx.x == 0) tickets[group] = 0u;
+    }
+    if (!active) return;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = nt * 16 + g + 8 * (i >> 1);
+            const int m = mb * 8 + 2 * t + (i & 1);
+            if (n < N && m < M)
+                y[(long long)m * ldy + n] = from_f32<BF16>(epilogue<BF16>(acc[mb][i], alpha, bias, n, act, p0, p1));
+        }
+    }
+}
+"""
+
+_NAMES = [f"decode_gemm<{bf},{mb},{c}>" for bf in (0, 1) for mb in (1, 2) for c in (0, 1)]
 _modules: dict[int, Any] = {}
 
 
@@ -98,7 +371,7 @@ def _module(device: int) -> Any:
         cupy = gpu.cupy()
 
         with cupy.cuda.Device(device):
-            mod = cupy.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=NAMES)
+            mod = cupy.RawModule(code=_SOURCE, options=("-std=c++17",), name_expressions=_NAMES)
             mod.compile()
         _modules[device] = mod
     return mod
@@ -120,15 +393,6 @@ def unavailable_reason(device: int = 0) -> str | None:
 def available(device: int = 0) -> bool:
     """Whether the decode kernel can run on ``device``."""
     return unavailable_reason(device) is None
-
-
-def overlap_unavailable_reason(device: int = 0) -> str | None:
-    """None where the kernel can be launched to overlap the kernel before it on ``device`` (programmatic
-    dependent launch: SM 9.0 or newer, a CUDA 12.3 or newer driver); else why not."""
-    reason = unavailable_reason(device)
-    if reason:
-        return reason
-    return kernel_launch.unavailable_reason(cuda_devices()[0][device].compute_capability)
 
 
 def _view(a: Any, what: str) -> tuple[int, tuple[int, ...], tuple[int, ...], np.dtype, int]:
@@ -187,10 +451,6 @@ class DecodeGemm:
         others (:meth:`split_choices`).
     device : int, optional
         The GPU (default: the weight's for a device array, else the current one).
-    overlap : bool, optional
-        Launch with programmatic dependent launch, so that a call begins (prefetching its weight into L2) while
-        the kernel before it on the stream finishes (:func:`overlap_unavailable_reason` says where it can).
-        Default: wherever it can, unless ``PYCUSPARSELT_DECODE_OVERLAP=0``; True where it cannot raises.
 
     Raises
     ------
@@ -202,7 +462,7 @@ class DecodeGemm:
 
     def __init__(self, weight: Any, bias: Any = None, *, activation: str | None = None, alpha: float = 1.0,
                  relu_threshold: float = 0.0, relu_upper_bound: float = math.inf, gelu_scaling: float = 1.0,
-                 splits: int | None = None, device: int | None = None, overlap: bool | None = None) -> None:
+                 splits: int | None = None, device: int | None = None) -> None:
         cupy = gpu.cupy()
 
         if device is None:
@@ -217,13 +477,12 @@ class DecodeGemm:
         with cupy.cuda.Device(self.device):
             self.packed = layout.pack_bits(_bits_on_device(weight, self.dtype), cupy)
         self.layout, self._weight = "packed", (self.packed,)
-        self._finish(bias, splits, overlap)
+        self._finish(bias, splits)
 
     @classmethod
     def from_compact(cls, values: Any, indices: Any, bias: Any = None, *, activation: str | None = None,
                      alpha: float = 1.0, relu_threshold: float = 0.0, relu_upper_bound: float = math.inf,
-                     gelu_scaling: float = 1.0, splits: int | None = None,
-                     overlap: bool | None = None) -> DecodeGemm:
+                     gelu_scaling: float = 1.0, splits: int | None = None) -> DecodeGemm:
         """The kernel on a weight kept in the compact form of ``pycusparselt.torch.compact`` (a 2:4 weight's
         kept values and their positions, row-major), read where it is: nothing is packed or copied, so the
         weight's GPU memory is that form's alone (0.5625 of the dense bytes).
@@ -235,7 +494,7 @@ class DecodeGemm:
             C-contiguous, 16-byte aligned, on one GPU; ``K`` a multiple of 256 (``COMPACT_K_MULTIPLE``).
             They are read, not validated (the caller's form is valid by construction), and must outlive this
             object unchanged in place: a later edit is read by the next call.
-        bias, activation, alpha, relu_threshold, relu_upper_bound, gelu_scaling, splits, overlap
+        bias, activation, alpha, relu_threshold, relu_upper_bound, gelu_scaling, splits
             As the constructor; the device is the values'.
 
         Raises
@@ -268,7 +527,7 @@ class DecodeGemm:
         self.packed = None
         self.layout, self._weight = "compact", (values, indices)
         self._pointers = (vp, ip)
-        self._finish(bias, splits, overlap)
+        self._finish(bias, splits)
         return self
 
     def _setup(self, shape: tuple, dtype: np.dtype, device: int, activation: str | None, alpha: float,
@@ -292,16 +551,9 @@ class DecodeGemm:
         self.gelu_scaling = float(np.float32(gelu_scaling))
         self.tiles, self.k_blocks = layout.packed_shape(*shape)[:2]
 
-    def _finish(self, bias: Any, splits: int | None, overlap: bool | None) -> None:
-        """The bias, the split-K tickets, the compiled kernels and the way they are launched."""
+    def _finish(self, bias: Any, splits: int | None) -> None:
+        """The bias, the split-K tickets and the compiled kernels."""
         cupy = gpu.cupy()
-
-        self._launchers: dict[tuple, DecodeLauncher] = {}
-        if overlap is None:
-            self.overlap = (settings.flag(settings.DECODE_OVERLAP, True)
-                            and overlap_unavailable_reason(self.device) is None)
-        else:
-            self.set_overlap(overlap)
 
         props = cupy.cuda.runtime.getDeviceProperties(self.device)
         self._sms = int(props["multiProcessorCount"])
@@ -315,6 +567,7 @@ class DecodeGemm:
                     raise ValueError(f"bias: expected shape ({self.out_features},), got {b.shape}")
                 self.bias = cupy.asarray(np.ascontiguousarray(b).view(np.uint16))
             self._tickets = cupy.zeros(-(-self.tiles // WARPS), np.uint32)
+        self._launchers: dict[tuple, DecodeLauncher] = {}
         self._kernels = {}
         mod = _module(self.device)
         compact = int(self.layout == "compact")
@@ -351,16 +604,6 @@ class DecodeGemm:
             with cupy.cuda.Device(self.device):
                 self._workspace = cupy.empty(size, np.float32)
         self._grid = (-(-self.tiles // WARPS), self.splits, 1)
-        self._launchers.clear()
-
-    def set_overlap(self, overlap: bool) -> None:
-        """Launch to overlap the kernel before (programmatic dependent launch) or plainly from now on; True where
-        :func:`overlap_unavailable_reason` gives a reason raises ValueError naming it. Launchers made before keep
-        the launch they were made with."""
-        reason = overlap_unavailable_reason(self.device) if overlap else None
-        if reason:
-            raise ValueError(f"overlap: {reason}")
-        self.overlap = bool(overlap)
         self._launchers.clear()
 
     @property
@@ -487,7 +730,7 @@ class DecodeGemm:
     def __repr__(self) -> str:
         act = f", activation={self.activation!r}" if self.activation else ""
         return (f"DecodeGemm({self.out_features} x {self.in_features}, {self.dtype.name}{act}, {self.layout}, "
-                f"splits={self.splits}, overlap={self.overlap}, {self.nbytes} bytes)")
+                f"splits={self.splits}, {self.nbytes} bytes)")
 
 
 class DecodeLauncher:
@@ -499,7 +742,7 @@ class DecodeLauncher:
     workspace are shared by its calls: one thread and one stream at a time."""
 
     __slots__ = ("gemm", "m", "ldx", "ldy", "device", "_values", "_ints", "_params", "_fn", "_dims", "_get_device",
-                 "_vec_rows", "_keep", "_launch", "_params_at", "_start")
+                 "_vec_rows", "_keep", "_launch", "_params_at")
 
     def __init__(self, gemm: DecodeGemm, m: int, ldx: int, ldy: int) -> None:
         cupy = gpu.cupy()
@@ -537,17 +780,9 @@ class DecodeLauncher:
         self._get_device = cupy.cuda.runtime.getDevice
         # the buffers its arguments point at stay alive with it (a later set_splits may allocate others)
         self._keep = (gemm._weight, gemm.bias, gemm._workspace, gemm._tickets)
-        if gemm.overlap:
-            self._start = kernel_launch.OverlappedLaunch(self._fn, grid, (WARPS * 32, 1, 1), self._dims[-1],
-                                                         self._params_at)
-        else:
-            from cupy_backends.cuda.api import driver
+        from cupy_backends.cuda.api import driver
 
-            self._launch = driver.launchKernel  # cuLaunchKernel; raises on a failed launch
-            self._start = self._plain
-
-    def _plain(self, stream_ptr: int) -> None:
-        self._launch(self._fn, *self._dims, stream_ptr, self._params_at, 0)
+        self._launch = driver.launchKernel  # cuLaunchKernel; raises on a failed launch
 
     def __call__(self, x_ptr: int, y_ptr: int, stream_ptr: int) -> None:
         """Launch on input ``x_ptr`` and output ``y_ptr`` (device addresses) on stream ``stream_ptr``."""
@@ -561,9 +796,9 @@ class DecodeLauncher:
             cupy = gpu.cupy()
 
             with cupy.cuda.Device(self.device):
-                self._start(stream_ptr)
+                self._launch(self._fn, *self._dims, stream_ptr, self._params_at, 0)
         else:
-            self._start(stream_ptr)
+            self._launch(self._fn, *self._dims, stream_ptr, self._params_at, 0)
 
     def __repr__(self) -> str:
         return f"<DecodeLauncher of {self.m} rows on {self.gemm!r}>"

@@ -194,22 +194,6 @@ def test_the_decode_tables_compute_their_ratios():
     assert stack == "| 1 | 2.000 ms | 1.600 ms | 1.250 ms | 1.60x | 1.25x | 1.28x |"
 
 
-def test_plain_launches_get_columns_of_their_own_where_measured():
-    tables = _module(ROOT / "benchmarks" / "tables.py")
-    result = _decode_result()
-    result["rows"].append({"m": 1, "n": 4096, "k": 4096, "dtype": "float16", "backend": "ours-plain-best",
-                           "us": 12.0, "gbps": 800.0, "splits": 4, "default": False})
-    result["stack"][0]["ours_plain_ms"] = 1.5
-    gemm = tables.decode_gemm_table(result)
-    assert _cells(gemm[0])[5] == "ours, plain launch" and len(_cells(gemm[1])) == len(_cells(gemm[0]))
-    assert _cells(gemm[2])[5] == "12.0 us (4)" and _cells(gemm[3])[5] == tables.NOT_MEASURED  # m = 16: none
-    head, rule, stack = tables.decode_stack_table(result)
-    assert len(_cells(head)) == len(_cells(rule)) == len(_cells(stack)) == 10
-    assert _cells(stack)[4] == "1.500 ms" and _cells(stack)[8:] == ["1.33x", "1.20x"]
-    assert "plain launch" in " ".join(tables.decode_region(result, "x.json"))
-    assert "plain launch" not in " ".join(tables.decode_region(_decode_result(), "x.json"))
-
-
 def test_the_decode_tables_cope_with_missing_backends():
     """A JSON without cuSPARSELt or dense rows (or without the stack) gives "not measured" cells, not errors;
     rows of another cuSPARSELt label get columns of their own."""

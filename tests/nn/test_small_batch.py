@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from pycusparselt.gemm import decode, decode_kernel
+from pycusparselt.gemm import decode
 from pycusparselt.nn import small_batch
 from pycusparselt.tuning.cache import TuningCache, TuningCacheWarning
 
@@ -86,7 +86,7 @@ def test_entries_survive_the_tuning_cache(tmp_path):
 
 def test_a_launcher_packs_the_kernel_arguments_in_the_kernel_order():
     """DecodeLauncher writes the arguments by position: the names and C types it packs must be the kernel's."""
-    signature = re.search(r"decode_gemm\((.*?)\)\s*\{", decode_kernel.SOURCE, re.S).group(1)
+    signature = re.search(r"decode_gemm\((.*?)\)\s*\{", decode._SOURCE, re.S).group(1)
     params = [p.split()[-1].lstrip("*") for p in signature.replace("\n", " ").split(",")]
     types = [" ".join(p.split()[:-1]) for p in signature.replace("\n", " ").split(",")]
     assert tuple(params) == decode._PARAMS
