@@ -678,7 +678,6 @@ def _input_key(x: torch.Tensor) -> tuple | None:
 SparseLinearModule = SparseLinear
 
 
-
 def _check_scales(module: SparseLinear, where: str) -> None:
     """Scales read from a state dict, checked by the validators every layer's scales go through (input and
     output scales: 0 means unset)."""
