@@ -159,15 +159,22 @@ def _forward_rows(torch, name: str, dense, sparse, modes: list, repeat: int, kee
             memory(weight_memory(torch, dense, sparse))
 
 
+def generate_options(torch, ids, mode: str) -> dict:
+    """``generate()``'s arguments for a mode: greedy, NEW_TOKENS new tokens; a static cache for
+    ``generate-compiled``."""
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                   attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if mode == "generate-compiled":
+        options["cache_implementation"] = "static"
+    return options
+
+
 def _generate_rows(torch, dense, sparse, modes: list, keep) -> None:
     for mode in [m for m in modes if m.startswith("generate")]:
         for batch in GENERATE_BATCHES:
             row = {"model": "llama-4x4096", "batch": batch, "mode": mode}
             ids = torch.randint(0, LLAMA["vocab_size"], (batch, PROMPT), device="cuda")
-            options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                           attention_mask=torch.ones_like(ids), pad_token_id=0)
-            if mode == "generate-compiled":
-                options["cache_implementation"] = "static"
+            options = generate_options(torch, ids, mode)
             try:
                 samples: dict = {"dense": [], "sparse": []}
                 outs = {}

@@ -2,15 +2,25 @@
 
 Usage::
 
-    python benchmarks/profile_hf.py --json out.json [--tune-budget 0.3]
+    python benchmarks/profile_hf.py --json out.json [--tune-budget 0.3] [--cases bert:eager:1,8 ...]
 
-The models of ``bench_hf.py`` (BERT-large at batch 1 and 8, sequence 384; the Llama-shaped LM at 2048 tokens),
-the pruned model dense and its sparsified copy, each forward run eagerly under ``torch.profiler`` after warm-up.
-Per model, size and side: the kernels' summed GPU time per forward (``gpu_ms``), the part in GEMM kernels
-(``gemm_ms``: cuBLAS, cuSPARSELt and the decode kernel), the rest (``other_ms``), the count of GPU activities
-(``kernels``: kernels, copies and fills), and the host's time to enqueue one forward (``enqueue_ms``, no
-synchronisation; medians of 10). ``bound`` gives the whole forward's speed-up if the sparse GEMMs ran ``k``
+The models of ``bench_hf.py``, the pruned model dense and its sparsified copy, profiled under ``torch.profiler``
+after warm-up. A case is ``model:mode:sizes``; the default cases are BERT-large eager at batch 1 and 8
+(sequence 384), BERT-large under ``torch.compile`` at batch 8 and 32, the Llama-shaped LM eager at 2048 tokens,
+and the Llama's ``generate()`` with a static cache (compiled by ``transformers``) at batch 1.
+
+Forward modes (``eager``, ``compile``: ``torch.compile(dynamic=False)``, compiled for each size), per side: the
+kernels' summed GPU time per forward (``gpu_ms``), the part in GEMM kernels (``gemm_ms``: cuBLAS, cuSPARSELt
+and the decode kernel), the rest (``other_ms``), the count of GPU activities (``kernels``: kernels, copies and
+fills), the host's time to enqueue one forward (``enqueue_ms``, no synchronisation; medians of 10) and the
+kernels that took longest (``top``). ``bound`` gives the whole forward's speed-up if the sparse GEMMs ran ``k``
 times as fast as the dense ones and the rest stayed as dense ran it: what the GEMMs alone can give the model.
+
+``generate-compiled`` (``bench_hf.py``'s mode: 16 prompt tokens, 32 new ones): per side, the wall time of one
+``generate()`` (``wall_ms``, synchronised, median of 3) beside the kernels' summed time in it; ``idle_ms`` is
+the wall time the kernels leave (the host's work in the generation loop, in which the GPU waits), and
+``bound`` is then the wall time's speed-up with GEMMs ``k`` times as fast and the rest, idle time included, as
+dense's.
 """
 
 from __future__ import annotations
@@ -23,13 +33,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
-from bench_hf import build_models, environment, inputs, save  # noqa: E402
+from bench_hf import LLAMA, NEW_TOKENS, PROMPT, build_models, environment, generate_options, inputs, save  # noqa: E402
 
 #: Kernel-name fragments of GEMMs: cuBLAS (nvjet, cutlass, gemm), cuSPARSELt (xmma sparse, nvjet ``_sp_``) and
 #: the decode kernel.
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma")
-CASES = {"bert": (1, 8), "llama": (2048,)}  # model -> batch sizes (BERT) or tokens (Llama)
+#: model:mode:sizes (batch sizes for BERT and generate, tokens for the Llama's forward)
+CASES = ("bert:eager:1,8", "bert:compile:8,32", "llama:eager:2048", "llama:generate-compiled:1")
+MODES = ("eager", "compile", "generate-compiled")
 PROFILED = 3
+TOP = 6
 
 
 def is_gemm(name: str) -> bool:
@@ -37,6 +50,27 @@ def is_gemm(name: str) -> bool:
     if any(part in low for part in ("fmha", "flash", "attention")):  # attention kernels built on CUTLASS
         return False
     return any(part in low for part in GEMM_NAMES)
+
+
+def _kernel_times(torch, prof, runs: int) -> dict:
+    """GPU activities of a profile, per run: summed time, GEMMs' part, the rest, their count, the longest."""
+    gemm = other = 0.0
+    kernels = 0
+    by_name: dict = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kernels += 1
+        by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time
+        if is_gemm(event.name):
+            gemm += event.device_time
+        else:
+            other += event.device_time
+    scale = 1e-3 / runs  # us over the runs -> ms per run
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:TOP]
+    return {"gpu_ms": round((gemm + other) * scale, 4), "gemm_ms": round(gemm * scale, 4),
+            "other_ms": round(other * scale, 4), "kernels": kernels // runs,
+            "top": [[name[:100], round(t * scale, 4)] for name, t in top]}
 
 
 def _profile(torch, model, ids) -> dict:
@@ -53,48 +87,90 @@ def _profile(torch, model, ids) -> dict:
         for _ in range(PROFILED):
             model(ids)
         torch.cuda.synchronize()
-    gemm = other = 0.0
-    kernels = 0
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        kernels += 1
-        if is_gemm(event.name):
-            gemm += event.device_time
-        else:
-            other += event.device_time
-    scale = 1e-3 / PROFILED  # us over PROFILED forwards -> ms per forward
-    return {"gpu_ms": round((gemm + other) * scale, 4), "gemm_ms": round(gemm * scale, 4),
-            "other_ms": round(other * scale, 4), "kernels": kernels // PROFILED,
-            "enqueue_ms": round(statistics.median(hosts), 4)}
+    return {**_kernel_times(torch, prof, PROFILED), "enqueue_ms": round(statistics.median(hosts), 4)}
+
+
+def _profile_generate(torch, model, ids) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    options = generate_options(torch, ids, "generate-compiled")
+    walls = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        model.generate(ids, **options)
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - began) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **options)
+        torch.cuda.synchronize()
+    found = _kernel_times(torch, prof, 1)
+    wall = statistics.median(walls)
+    return {"wall_ms": round(wall, 4), **found, "idle_ms": round(wall - found["gpu_ms"], 4),
+            "ms_per_token": round(wall / NEW_TOKENS, 4)}
 
 
 def bound(dense: dict, k: float) -> float:
-    """The forward's speed-up with GEMMs ``k`` times as fast as dense's and the rest as dense's."""
-    return round(dense["gpu_ms"] / (dense["gemm_ms"] / k + dense["other_ms"]), 3)
+    """The speed-up with GEMMs ``k`` times as fast as dense's and the rest as dense's: of the kernels' time, or
+    of the wall time where ``dense`` has one (``generate()``: the GPU's idle time is part of the rest)."""
+    total = dense.get("wall_ms", dense["gpu_ms"])
+    return round(total / (total - dense["gemm_ms"] + dense["gemm_ms"] / k), 3)
 
 
-def run(tune_budget: float | None, command: str) -> dict:
+def parse_case(case: str) -> tuple:
+    """``"bert:compile:8,32"`` -> ("bert", "compile", (8, 32))."""
+    try:
+        name, mode, sizes = case.split(":")
+        parsed = (name, mode, tuple(int(size) for size in sizes.split(",")))
+    except ValueError:
+        raise ValueError(f"case: expected model:mode:sizes such as bert:eager:1,8, got {case!r}") from None
+    if name not in ("bert", "llama") or mode not in MODES or (mode == "generate-compiled" and name != "llama"):
+        raise ValueError(f"case: expected a model of bert, llama and a mode of {', '.join(MODES)} "
+                         f"(generate-compiled: llama only), got {case!r}")
+    return parsed
+
+
+def _row(torch, name: str, mode: str, size: int, dense, sparse) -> dict:
+    if mode == "generate-compiled":
+        ids = torch.randint(0, LLAMA["vocab_size"], (size, PROMPT), device="cuda")
+        for model in (dense, sparse):  # tuning, compilation and CUDA graph capture
+            for _ in range(2):
+                model.generate(ids, **generate_options(torch, ids, mode))
+        sides = {"dense": _profile_generate(torch, dense, ids), "sparse": _profile_generate(torch, sparse, ids)}
+        speed = {"wall_speedup": round(sides["dense"]["wall_ms"] / sides["sparse"]["wall_ms"], 3)}
+    else:
+        ids = inputs(torch, name, size)
+        if mode == "compile":
+            torch._dynamo.reset()  # each size compiled for itself, as a model serving one shape is
+            dense, sparse = torch.compile(dense, dynamic=False), torch.compile(sparse, dynamic=False)
+        for model in (dense, sparse):
+            for _ in range(3):
+                model(ids)
+        sides = {"dense": _profile(torch, dense, ids), "sparse": _profile(torch, sparse, ids)}
+        speed = {}
+    row = {"model": name, "mode": mode, "size": size, **sides, **speed,
+           "gemm_speedup": round(sides["dense"]["gemm_ms"] / sides["sparse"]["gemm_ms"], 3),
+           "gpu_speedup": round(sides["dense"]["gpu_ms"] / sides["sparse"]["gpu_ms"], 3),
+           "bound": {str(k): bound(sides["dense"], k) for k in (1.5, 1.7, 2.0)}}
+    return row
+
+
+def run(cases: list, tune_budget: float | None, command: str) -> dict:
     import torch
     import transformers
 
     results = {**environment(torch, transformers), "command": command, "tune_budget_s": tune_budget, "rows": []}
+    parsed = [parse_case(case) for case in cases]
     with torch.no_grad():
-        for name, sizes in CASES.items():
+        for name in dict.fromkeys(case[0] for case in parsed):
             dense, sparse = build_models(torch, transformers, name, tune_budget)[:2]
-            for size in sizes:
-                ids = inputs(torch, name, size)
-                for model in (dense, sparse):
-                    for _ in range(3):
-                        model(ids)
-                row = {"model": name, "size": size, "dense": _profile(torch, dense, ids),
-                       "sparse": _profile(torch, sparse, ids)}
-                row["gemm_speedup"] = round(row["dense"]["gemm_ms"] / row["sparse"]["gemm_ms"], 3)
-                row["gpu_speedup"] = round(row["dense"]["gpu_ms"] / row["sparse"]["gpu_ms"], 3)
-                row["bound"] = {str(k): bound(row["dense"], k) for k in (1.5, 1.7, 2.0)}
-                print(json.dumps(row), flush=True)
-                results["rows"].append(row)
+            for _, mode, sizes in [case for case in parsed if case[0] == name]:
+                for size in sizes:
+                    row = _row(torch, name, mode, size, dense, sparse)
+                    print(json.dumps(row), flush=True)
+                    results["rows"].append(row)
             del dense, sparse  # one model on the GPU at a time
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
     return results
 
@@ -103,9 +179,15 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tune-budget", type=float, default=None, help="tuning seconds per problem")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), help="model:mode:sizes (default: %(default)s)")
     args = parser.parse_args(argv)
+    for case in args.cases:
+        try:
+            parse_case(case)
+        except ValueError as exc:
+            parser.error(str(exc))
     command = " ".join(["python", "benchmarks/profile_hf.py", *(sys.argv[1:] if argv is None else argv)])
-    save(run(args.tune_budget, command), args.json)
+    save(run(args.cases, args.tune_budget, command), args.json)
     return 0
 
 

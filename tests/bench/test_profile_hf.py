@@ -38,3 +38,32 @@ def test_the_bound_keeps_the_rest_as_dense_ran_it(profile):
     assert profile.bound(dense, 2.0) == pytest.approx(8.0 / 5.0, abs=1e-3)
     assert profile.bound(dense, 1.0) == 1.0
     assert profile.bound({"gpu_ms": 8.0, "gemm_ms": 0.0, "other_ms": 8.0}, 2.0) == 1.0  # no GEMM: no gain
+
+
+def test_the_bound_of_a_generation_counts_the_idle_time_as_the_rest(profile):
+    # 10 ms of wall time, of which 4 ms GEMMs: GEMMs twice as fast give 10 / 8, whatever the kernels' sum
+    dense = {"wall_ms": 10.0, "gpu_ms": 6.0, "gemm_ms": 4.0, "other_ms": 2.0}
+    assert profile.bound(dense, 2.0) == pytest.approx(1.25, abs=1e-3)
+    assert profile.bound({**dense, "wall_ms": 6.0}, 2.0) == pytest.approx(1.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("case, want", [
+    ("bert:eager:1,8", ("bert", "eager", (1, 8))),
+    ("bert:compile:32", ("bert", "compile", (32,))),
+    ("llama:generate-compiled:1", ("llama", "generate-compiled", (1,))),
+])
+def test_cases_are_read_as_model_mode_and_sizes(profile, case, want):
+    assert profile.parse_case(case) == want
+
+
+@pytest.mark.parametrize("case", ["bert:eager", "gpt:eager:1", "bert:graph:1", "bert:generate-compiled:1",
+                                  "llama:eager:one", "llama:eager:1:2"])
+def test_a_case_that_is_not_model_mode_sizes_names_what_it_expected(profile, case):
+    with pytest.raises(ValueError, match="case: expected") as info:
+        profile.parse_case(case)
+    assert repr(case) in str(info.value)
+
+
+def test_the_default_cases_are_valid(profile):
+    assert [profile.parse_case(case)[:2] for case in profile.CASES] == [
+        ("bert", "eager"), ("bert", "compile"), ("llama", "eager"), ("llama", "generate-compiled")]
