@@ -12,9 +12,10 @@ and the Llama's ``generate()`` with a static cache (compiled by ``transformers``
 Forward modes (``eager``, ``compile``: ``torch.compile(dynamic=False)``, compiled for each size), per side: the
 kernels' summed GPU time per forward (``gpu_ms``), the part in GEMM kernels (``gemm_ms``: cuBLAS, cuSPARSELt
 and the decode kernel), the rest (``other_ms``), the count of GPU activities (``kernels``: kernels, copies and
-fills), the host's time to enqueue one forward (``enqueue_ms``, no synchronisation; medians of 10) and the
-kernels that took longest (``top``). ``bound`` gives the whole forward's speed-up if the sparse GEMMs ran ``k``
-times as fast as the dense ones and the rest stayed as dense ran it: what the GEMMs alone can give the model.
+fills), the host's time to enqueue one forward (``enqueue_ms``, no synchronisation; medians of 30, dense and
+sparse alternating; the results of 2026-12-06 took 10 per side, one side after the other) and the kernels
+that took longest (``top``). ``bound`` gives the whole forward's speed-up if the sparse GEMMs ran ``k`` times
+as fast as the dense ones and the rest stayed as dense ran it: what the GEMMs alone can give the model.
 
 ``generate-compiled`` (``bench_hf.py``'s mode: 16 prompt tokens, 32 new ones): per side, the wall time of one
 ``generate()`` (``wall_ms``, synchronised, median of 3) beside the kernels' summed time in it; ``idle_ms`` is
@@ -42,6 +43,7 @@ GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma")
 CASES = ("bert:eager:1,8", "bert:compile:8,32", "llama:eager:2048", "llama:generate-compiled:1")
 MODES = ("eager", "compile", "generate-compiled")
 PROFILED = 3
+ENQUEUE_SAMPLES = 30
 TOP = 6
 
 
@@ -73,21 +75,29 @@ def _kernel_times(torch, prof, runs: int) -> dict:
             "top": [[name[:100], round(t * scale, 4)] for name, t in top]}
 
 
+def _enqueue_ms(torch, models: dict, ids, samples: int = ENQUEUE_SAMPLES) -> dict:
+    """The host's milliseconds to enqueue one forward (no synchronisation inside), per model: medians of
+    ``samples``, the models alternating (the host's speed drifts; alternation gives both sides the same)."""
+    hosts: dict = {name: [] for name in models}
+    for _ in range(samples):
+        for name, model in models.items():
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            model(ids)
+            hosts[name].append((time.perf_counter() - began) * 1e3)
+    torch.cuda.synchronize()
+    return {name: round(statistics.median(times), 4) for name, times in hosts.items()}
+
+
 def _profile(torch, model, ids) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    hosts = []
-    for _ in range(10):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        model(ids)
-        hosts.append((time.perf_counter() - began) * 1e3)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED):
             model(ids)
         torch.cuda.synchronize()
-    return {**_kernel_times(torch, prof, PROFILED), "enqueue_ms": round(statistics.median(hosts), 4)}
+    return _kernel_times(torch, prof, PROFILED)
 
 
 def _profile_generate(torch, model, ids) -> dict:
@@ -146,7 +156,9 @@ def _row(torch, name: str, mode: str, size: int, dense, sparse) -> dict:
         for model in (dense, sparse):
             for _ in range(3):
                 model(ids)
-        sides = {"dense": _profile(torch, dense, ids), "sparse": _profile(torch, sparse, ids)}
+        enqueue = _enqueue_ms(torch, {"dense": dense, "sparse": sparse}, ids)
+        sides = {side: {**_profile(torch, model, ids), "enqueue_ms": enqueue[side]}
+                 for side, model in (("dense", dense), ("sparse", sparse))}
         speed = {}
     row = {"model": name, "mode": mode, "size": size, **sides, **speed,
            "gemm_speedup": round(sides["dense"]["gemm_ms"] / sides["sparse"]["gemm_ms"], 3),

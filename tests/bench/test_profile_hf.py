@@ -67,3 +67,12 @@ def test_a_case_that_is_not_model_mode_sizes_names_what_it_expected(profile, cas
 def test_the_default_cases_are_valid(profile):
     assert [profile.parse_case(case)[:2] for case in profile.CASES] == [
         ("bert", "eager"), ("bert", "compile"), ("llama", "eager"), ("llama", "generate-compiled")]
+
+
+def test_enqueue_samples_alternate_between_the_models(profile):
+    calls = []
+    fake_torch = type("T", (), {"cuda": type("C", (), {"synchronize": staticmethod(lambda: None)})})
+    models = {"dense": lambda ids: calls.append("dense"), "sparse": lambda ids: calls.append("sparse")}
+    found = profile._enqueue_ms(fake_torch, models, ids=None, samples=3)
+    assert calls == ["dense", "sparse"] * 3
+    assert set(found) == {"dense", "sparse"} and all(ms >= 0 for ms in found.values())
