@@ -13,8 +13,8 @@ next); ``one`` calls the first layer 145 times. Columns: ``dense_module`` (``nn.
 (``F.linear`` on its weight and bias), ``addmm`` (``torch.addmm`` on the 2-D input: what a compiled dense
 graph calls), ``sparse_module`` (:class:`pycusparselt.torch.SparseLinear`) and ``sparse_op`` (the operator
 ``torch.ops.pycusparselt.linear`` on the 2-D input: what a compiled sparse graph calls). ``fast_path_misses``
-counts the sparse layers' calls after warm-up that did not launch a prepared product (0 where every call
-made identity checks only).
+counts, over one call of each sparse layer after warm-up, the lookups of a prepared product that found none
+(0 where every call made identity checks only).
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ import time
 SHAPES = [(1024, 1024)] * 4 + [(1024, 4096), (4096, 1024)]  # (in, out) of one BERT-large block's layers
 BLOCKS = 24
 PASSES = 30
+
+
+def shapes() -> list:
+    """(in, out) of BERT-large's Linear layers in order: 24 blocks, then the pooler."""
+    return SHAPES * BLOCKS + [(1024, 1024)]
 
 
 def _pass_us(calls: list) -> float:
@@ -51,8 +56,7 @@ def layers(torch, tune_budget: float | None) -> tuple:
     import pycusparselt.torch as pst
 
     torch.manual_seed(0)
-    shapes = SHAPES * BLOCKS + [(1024, 1024)]
-    dense = torch.nn.ModuleList([torch.nn.Linear(i, o) for i, o in shapes]).cuda().half().eval()
+    dense = torch.nn.ModuleList([torch.nn.Linear(i, o) for i, o in shapes()]).cuda().half().eval()
     sparse = copy.deepcopy(dense)
     pst.sparsify(sparse, "fp16", autotune=True if tune_budget is None else {"budget_s": tune_budget})
     return list(dense), list(sparse)
@@ -79,7 +83,8 @@ def _calls(torch, chosen: list, kind: str, inputs: dict) -> list:
 
 
 def fast_path_misses(torch, sparse: list, inputs: dict) -> int:
-    """Calls after warm-up that did not launch a prepared product."""
+    """Over one call of each layer, the lookups of a prepared product (``SparseLinear._prepared``) that found
+    none."""
     import pycusparselt.torch as pst
 
     misses = 0
@@ -110,7 +115,8 @@ def run(rows: int, tune_budget: float | None, command: str = "") -> dict:
     inputs = {f: torch.randn(1, rows, f, device="cuda", dtype=torch.half) for f in (1024, 4096)}
     op = torch.ops.pycusparselt.linear.default
     with torch.no_grad():
-        for d, s in zip(dense, sparse, strict=True):  # prepares (and tunes) each sparse layer's product for this shape
+        # prepares (and tunes) each sparse layer's product for this shape
+        for d, s in zip(dense, sparse, strict=True):
             for _ in range(2):
                 d(inputs[d.in_features])
                 s(inputs[s.in_features])

@@ -18,10 +18,12 @@ that took longest (``top``). ``bound`` gives the whole forward's speed-up if the
 as fast as the dense ones and the rest stayed as dense ran it: what the GEMMs alone can give the model.
 
 ``generate-compiled`` (``bench_hf.py``'s mode: 16 prompt tokens, 32 new ones): per side, the wall time of one
-``generate()`` (``wall_ms``, synchronised, median of 3) beside the kernels' summed time in it; ``idle_ms`` is
-the wall time the kernels leave (the host's work in the generation loop, in which the GPU waits), and
-``bound`` is then the wall time's speed-up with GEMMs ``k`` times as fast and the rest, idle time included, as
-dense's.
+``generate()`` (``wall_ms``, synchronised, median of 5, dense and sparse alternating; the results of
+2026-12-06 took 3 per side, one side after the other) beside the kernels' summed time in a profiled one;
+``idle_ms`` estimates the wall time the kernels leave (the host's work in the generation loop, in which the
+GPU waits); ``ms_per_step`` is the wall time per step, one new token for each sequence of the batch, the
+prompt's forward included (``ms_per_token`` in the results of 2026-12-06, at batch 1); ``bound`` is the wall
+time's speed-up with GEMMs ``k`` times as fast and the rest, idle time included, as dense's.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
-from bench_hf import LLAMA, NEW_TOKENS, PROMPT, build_models, environment, generate_options, inputs, save  # noqa: E402
+from bench_hf import (  # noqa: E402
+    LLAMA, NEW_TOKENS, PROMPT, build_models, environment, generate_options, inputs, save)
 
-#: Kernel-name fragments of GEMMs: cuBLAS (nvjet, cutlass, gemm), cuSPARSELt (xmma sparse, nvjet ``_sp_``) and
-#: the decode kernel.
-GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma")
+#: Kernel-name fragments of GEMMs: cuBLAS (nvjet, cutlass, gemm, and its split-K reduction), cuSPARSELt (xmma
+#: sparse, nvjet ``_sp_``) and the decode kernel.
+GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "splitkreduce")
 #: model:mode:sizes (batch sizes for BERT and generate, tokens for the Llama's forward)
 CASES = ("bert:eager:1,8", "bert:compile:8,32", "llama:eager:2048", "llama:generate-compiled:1")
 MODES = ("eager", "compile", "generate-compiled")
 PROFILED = 3
 ENQUEUE_SAMPLES = 30
+GENERATE_SAMPLES = 5
 TOP = 6
 
 
@@ -100,24 +104,36 @@ def _profile(torch, model, ids) -> dict:
     return _kernel_times(torch, prof, PROFILED)
 
 
-def _profile_generate(torch, model, ids) -> dict:
+def _generate_walls(torch, models: dict, ids, options: dict, samples: int = GENERATE_SAMPLES) -> dict:
+    """Milliseconds of one ``generate()`` per model (synchronised): medians of ``samples``, the models
+    alternating."""
+    walls: dict = {name: [] for name in models}
+    for _ in range(samples):
+        for name, model in models.items():
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            model.generate(ids, **options)
+            torch.cuda.synchronize()
+            walls[name].append((time.perf_counter() - began) * 1e3)
+    return {name: statistics.median(times) for name, times in walls.items()}
+
+
+def _profile_generate(torch, model, ids, options: dict, wall: float) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    options = generate_options(torch, ids, "generate-compiled")
-    walls = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        model.generate(ids, **options)
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - began) * 1e3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model.generate(ids, **options)
         torch.cuda.synchronize()
-    found = _kernel_times(torch, prof, 1)
-    wall = statistics.median(walls)
-    return {"wall_ms": round(wall, 4), **found, "idle_ms": round(wall - found["gpu_ms"], 4),
-            "ms_per_token": round(wall / NEW_TOKENS, 4)}
+    return generation_figures(_kernel_times(torch, prof, 1), wall, steps=NEW_TOKENS)
+
+
+def generation_figures(kernels: dict, wall: float, steps: int) -> dict:
+    """A generation's figures from its kernels' times and its wall time: ``idle_ms`` estimates the time the GPU
+    waits on the host as the wall time less the kernels' summed time (of another, profiled generation; the
+    model's kernels run on one stream, one after the other); ``ms_per_step`` is the wall time per step (one
+    new token for each sequence of the batch; the prompt's forward included)."""
+    return {"wall_ms": round(wall, 4), **kernels, "idle_ms": round(wall - kernels["gpu_ms"], 4),
+            "ms_per_step": round(wall / steps, 4)}
 
 
 def bound(dense: dict, k: float) -> float:
@@ -134,6 +150,8 @@ def parse_case(case: str) -> tuple:
         parsed = (name, mode, tuple(int(size) for size in sizes.split(",")))
     except ValueError:
         raise ValueError(f"case: expected model:mode:sizes such as bert:eager:1,8, got {case!r}") from None
+    if min(parsed[2]) <= 0:
+        raise ValueError(f"case: expected positive sizes, got {case!r}")
     if name not in ("bert", "llama") or mode not in MODES or (mode == "generate-compiled" and name != "llama"):
         raise ValueError(f"case: expected a model of bert, llama and a mode of {', '.join(MODES)} "
                          f"(generate-compiled: llama only), got {case!r}")
@@ -143,10 +161,13 @@ def parse_case(case: str) -> tuple:
 def _row(torch, name: str, mode: str, size: int, dense, sparse) -> dict:
     if mode == "generate-compiled":
         ids = torch.randint(0, LLAMA["vocab_size"], (size, PROMPT), device="cuda")
+        options = generate_options(torch, ids, mode)
         for model in (dense, sparse):  # tuning, compilation and CUDA graph capture
             for _ in range(2):
-                model.generate(ids, **generate_options(torch, ids, mode))
-        sides = {"dense": _profile_generate(torch, dense, ids), "sparse": _profile_generate(torch, sparse, ids)}
+                model.generate(ids, **options)
+        walls = _generate_walls(torch, {"dense": dense, "sparse": sparse}, ids, options)
+        sides = {side: _profile_generate(torch, model, ids, options, walls[side])
+                 for side, model in (("dense", dense), ("sparse", sparse))}
         speed = {"wall_speedup": round(sides["dense"]["wall_ms"] / sides["sparse"]["wall_ms"], 3)}
     else:
         ids = inputs(torch, name, size)
@@ -167,7 +188,9 @@ def _row(torch, name: str, mode: str, size: int, dense, sparse) -> dict:
     return row
 
 
-def run(cases: list, tune_budget: float | None, command: str) -> dict:
+def run(cases: list, tune_budget: float | None, command: str, path: str | None = None) -> dict:
+    """The profile; with ``path``, the results so far are written there after each row (a case that fails is a
+    row that says why)."""
     import torch
     import transformers
 
@@ -178,9 +201,14 @@ def run(cases: list, tune_budget: float | None, command: str) -> dict:
             dense, sparse = build_models(torch, transformers, name, tune_budget)[:2]
             for _, mode, sizes in [case for case in parsed if case[0] == name]:
                 for size in sizes:
-                    row = _row(torch, name, mode, size, dense, sparse)
+                    try:
+                        row = _row(torch, name, mode, size, dense, sparse)
+                    except Exception as exc:  # noqa: BLE001 - the other cases still run
+                        row = {"model": name, "mode": mode, "size": size,
+                               "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     print(json.dumps(row), flush=True)
                     results["rows"].append(row)
+                    save(results, path)
             del dense, sparse  # one model on the GPU at a time
             torch._dynamo.reset()
             torch.cuda.empty_cache()
@@ -199,7 +227,7 @@ def main(argv: list | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     command = " ".join(["python", "benchmarks/profile_hf.py", *(sys.argv[1:] if argv is None else argv)])
-    save(run(args.cases, args.tune_budget, command), args.json)
+    run(args.cases, args.tune_budget, command, args.json)
     return 0
 
 

@@ -20,9 +20,10 @@ def bench():
 
 
 def test_the_layers_are_bert_large_s_145(bench):
-    shapes = bench.SHAPES * bench.BLOCKS + [(1024, 1024)]
+    shapes = bench.shapes()
     assert len(shapes) == 145
     assert shapes.count((1024, 4096)) == shapes.count((4096, 1024)) == 24
+    assert shapes[:6] == [(1024, 1024)] * 4 + [(1024, 4096), (4096, 1024)] and shapes[-1] == (1024, 1024)
 
 
 @pytest.mark.parametrize("rows", ["0", "-3"])

@@ -24,6 +24,7 @@ def profile(monkeypatch):
     ("nvjet_hsh_128x256_64x5_2x1_h_bx_coopA_sp_TNT", True),  # cuSPARSELt
     ("sm90_xmma_sparse_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256", True),
     ("void decode_gemm<0, 1, 1>(uint4 const*, unsigned short const*)", True),  # the decode kernel
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __half, float, __half, false, float>", True),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob", False),  # attention
     ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>", False),
     ("Memset (Device)", False),
@@ -57,7 +58,7 @@ def test_cases_are_read_as_model_mode_and_sizes(profile, case, want):
 
 
 @pytest.mark.parametrize("case", ["bert:eager", "gpt:eager:1", "bert:graph:1", "bert:generate-compiled:1",
-                                  "llama:eager:one", "llama:eager:1:2"])
+                                  "llama:eager:one", "llama:eager:1:2", "bert:eager:0", "llama:eager:16,-1"])
 def test_a_case_that_is_not_model_mode_sizes_names_what_it_expected(profile, case):
     with pytest.raises(ValueError, match="case: expected") as info:
         profile.parse_case(case)
@@ -75,4 +76,31 @@ def test_enqueue_samples_alternate_between_the_models(profile):
     models = {"dense": lambda ids: calls.append("dense"), "sparse": lambda ids: calls.append("sparse")}
     found = profile._enqueue_ms(fake_torch, models, ids=None, samples=3)
     assert calls == ["dense", "sparse"] * 3
-    assert set(found) == {"dense", "sparse"} and all(ms >= 0 for ms in found.values())
+    assert set(found) == {"dense", "sparse"}
+
+
+class _Event:
+    def __init__(self, name, us, cuda=True):
+        self.name, self.device_time = name, us
+        self.device_type = "cuda" if cuda else "cpu"
+
+
+def test_kernel_times_split_gemms_from_the_rest_per_run(profile):
+    fake_torch = type("T", (), {"autograd": type("A", (), {"DeviceType": type("D", (), {"CUDA": "cuda"})})})
+    events = [_Event("nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", 3000.0),
+              _Event("void cublasLt::splitKreduce_kernel<32, 16>", 1000.0),
+              _Event("triton_per_fused_add_native_layer_norm", 500.0),
+              _Event("nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", 3000.0),
+              _Event("aten::linear", 99999.0, cuda=False)]  # a host event: not counted
+    prof = type("P", (), {"events": lambda self: events})()
+    found = profile._kernel_times(fake_torch, prof, 2)
+    assert found["gemm_ms"] == pytest.approx(3.5) and found["other_ms"] == pytest.approx(0.25)
+    assert found["gpu_ms"] == pytest.approx(3.75) and found["kernels"] == 2
+    assert found["top"][0] == ["nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", 3.0]
+
+
+def test_a_generation_s_idle_time_is_its_wall_time_less_its_kernels(profile):
+    kernels = {"gpu_ms": 30.0, "gemm_ms": 23.0, "other_ms": 7.0, "kernels": 100, "top": []}
+    found = profile.generation_figures(kernels, wall=58.0, steps=32)
+    assert found["idle_ms"] == pytest.approx(28.0) and found["ms_per_step"] == pytest.approx(58.0 / 32, abs=1e-4)
+    assert found["wall_ms"] == 58.0 and found["gemm_ms"] == 23.0
