@@ -22,10 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
+from bench_hf import save  # noqa: E402
 
 SHAPES = [(1024, 1024)] * 4 + [(1024, 4096), (4096, 1024)]  # (in, out) of one BERT-large block's layers
 BLOCKS = 24
@@ -149,9 +153,7 @@ def main(argv: list | None = None) -> int:
     command = " ".join(["python", "benchmarks/bench_torch_host_layers.py", *(sys.argv[1:] if argv is None else argv)])
     results = run(args.rows, args.tune_budget, command)
     print(json.dumps(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save(results, args.json)
     return 0
 
 

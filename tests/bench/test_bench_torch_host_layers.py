@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def bench():
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports bench_hf
     spec = importlib.util.spec_from_file_location("bench_torch_host_layers",
                                                   ROOT / "benchmarks" / "bench_torch_host_layers.py")
     module = importlib.util.module_from_spec(spec)
