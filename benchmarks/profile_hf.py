@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under pyt
 from bench_hf import (  # noqa: E402
     LLAMA, NEW_TOKENS, PROMPT, build_models, environment, generate_options, inputs, save)
 
-#: Kernel-name fragments of GEMMs: cuBLAS (nvjet, cutlass, gemm, and its split-K reduction), cuSPARSELt (xmma
-#: sparse, nvjet ``_sp_``) and the decode kernel.
+#: Kernel-name fragments of GEMMs: cuBLAS (nvjet, cutlass, gemm, and its split-K reduction, which the results
+#: of 2026-12-06 counted with the rest), cuSPARSELt (xmma sparse, nvjet ``_sp_``) and the decode kernel.
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "splitkreduce")
 #: model:mode:sizes (batch sizes for BERT and generate, tokens for the Llama's forward)
 CASES = ("bert:eager:1,8", "bert:compile:8,32", "llama:eager:2048", "llama:generate-compiled:1")
