@@ -79,18 +79,29 @@ def _kernel_times(torch, prof, runs: int) -> dict:
             "top": [[name[:100], round(t * scale, 4)] for name, t in top]}
 
 
-def _enqueue_ms(torch, models: dict, ids, samples: int = ENQUEUE_SAMPLES) -> dict:
-    """The host's milliseconds to enqueue one forward (no synchronisation inside), per model: medians of
-    ``samples``, the models alternating (the host's speed drifts; alternation gives both sides the same)."""
-    hosts: dict = {name: [] for name in models}
+def _alternating_ms(torch, calls: dict, samples: int, finished: bool) -> dict:
+    """Median host milliseconds of each call, per name: ``samples`` each, the calls alternating (the host's speed
+    drifts; alternation gives every call the same), until the call returns or, where ``finished``, until the
+    GPU has finished its work too."""
+    times: dict = {name: [] for name in calls}
     for _ in range(samples):
-        for name, model in models.items():
+        for name, call in calls.items():
             torch.cuda.synchronize()
             began = time.perf_counter()
-            model(ids)
-            hosts[name].append((time.perf_counter() - began) * 1e3)
+            call()
+            if finished:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - began) * 1e3)
     torch.cuda.synchronize()
-    return {name: round(statistics.median(times), 4) for name, times in hosts.items()}
+    return {name: statistics.median(found) for name, found in times.items()}
+
+
+def _enqueue_ms(torch, models: dict, ids, samples: int = ENQUEUE_SAMPLES) -> dict:
+    """The host's milliseconds to enqueue one forward (no synchronisation inside), per model: medians of
+    ``samples``, the models alternating."""
+    found = _alternating_ms(torch, {name: (lambda m=model: m(ids)) for name, model in models.items()}, samples,
+                            finished=False)
+    return {name: round(ms, 4) for name, ms in found.items()}
 
 
 def _profile(torch, model, ids) -> dict:
@@ -107,15 +118,8 @@ def _profile(torch, model, ids) -> dict:
 def _generate_walls(torch, models: dict, ids, options: dict, samples: int = GENERATE_SAMPLES) -> dict:
     """Milliseconds of one ``generate()`` per model (synchronised): medians of ``samples``, the models
     alternating."""
-    walls: dict = {name: [] for name in models}
-    for _ in range(samples):
-        for name, model in models.items():
-            torch.cuda.synchronize()
-            began = time.perf_counter()
-            model.generate(ids, **options)
-            torch.cuda.synchronize()
-            walls[name].append((time.perf_counter() - began) * 1e3)
-    return {name: statistics.median(times) for name, times in walls.items()}
+    return _alternating_ms(torch, {name: (lambda m=model: m.generate(ids, **options))
+                                   for name, model in models.items()}, samples, finished=True)
 
 
 def _profile_generate(torch, model, ids, options: dict, wall: float) -> dict:
